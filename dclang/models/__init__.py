@@ -1,0 +1,89 @@
+"""Model zoo: every architecture the experiments use, built by name.
+
+All builders share the signature ``(num_classes, in_channels, image_size)`` so
+that configuration files only need a model name plus the data set's shape.
+Names are lowercase. Besides the fixed entries of ``BUILDERS``,
+``build_model`` accepts any ``wrn{d}_{k}`` whose depth is 6m+4.
+
+The ``*_tiny`` aliases build exactly the same networks as their CIFAR
+counterparts: the paper's Tiny-ImageNet models are the CIFAR ones with a
+stride-1 first convolution, which ours already have, and global average
+pooling absorbs the 64x64 input. The aliases exist so that a configuration
+can say which setting it means.
+"""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .cifar_resnet import CifarResNet
+from .small import cnn_small, cnn_tiny, mlp
+from .wide_resnet import WideResNet, parse_wrn_name
+
+Builder = Callable[[int, int, int], nn.Module]
+
+
+def _resnet(depth: int) -> Builder:
+    """Builder for CIFAR ResNet-``depth``; ``image_size`` does not change it."""
+
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+        return CifarResNet(depth, num_classes, in_channels)
+
+    return build
+
+
+def _wrn(depth: int, widen_factor: int) -> Builder:
+    """Builder for WRN-``depth``-``widen_factor``; ``image_size`` does not change it."""
+
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+        return WideResNet(depth, widen_factor, num_classes, in_channels)
+
+    return build
+
+
+BUILDERS: dict[str, Builder] = {
+    **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
+    **{
+        f"wrn{d}_{k}": _wrn(d, k)
+        for d, k in [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (28, 10), (40, 2)]
+    },
+    "resnet32_tiny": _resnet(32),
+    "resnet110_tiny": _resnet(110),
+    "wrn28_2_tiny": _wrn(28, 2),
+    "mlp": mlp,
+    "cnn_tiny": cnn_tiny,
+    "cnn_small": cnn_small,
+}
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
+) -> nn.Module:
+    """Build the model registered as ``name`` (case-insensitive).
+
+    Raises KeyError for names that are neither in ``BUILDERS`` nor a valid
+    ``wrn{d}_{k}``.
+    """
+    key = name.lower()
+    if key in BUILDERS:
+        builder = BUILDERS[key]
+    elif (dk := parse_wrn_name(key)) is not None:
+        builder = _wrn(*dk)
+    else:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(BUILDERS)} or wrn{{d}}_{{k}}")
+    return builder(num_classes, in_channels, image_size)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters (those with ``requires_grad``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "BUILDERS",
+    "CifarResNet",
+    "WideResNet",
+    "build_model",
+    "count_parameters",
+    "parse_wrn_name",
+]
