@@ -1,0 +1,352 @@
+"""The IR: a NetworkX `DiGraph` whose node and edge attributes are typed specs.
+
+`build_graph` lowers an AST to the IR. It resolves what can be resolved (bulk `edges` are
+expanded to one edge per ordered pair, defaults filled in, values converted to Python) and
+reports what cannot, but it judges nothing: the rules of the language are the passes in
+`dclang.passes`. Everything behind this module (drawing, compiling, training, search)
+reads only the IR.
+
+Graph attributes: `name`, `data` (DataSpec), `train` (TrainSpec), `target` (node name or
+None), `sites` (tuple of Site: the `choice(...)` parameters of a template).
+Node attributes: `spec` (NodeSpec). The reserved source `label` is a node too.
+Edge attributes: `spec` (EdgeSpec). Every edge is in the graph, `cutoff` ones included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from dclang import registry
+from dclang.diagnostics import Diagnostic, Span, error
+from dclang.syntax import ast
+
+LABEL = registry.LABEL
+
+
+@dataclass(frozen=True)
+class Open:
+    """A value a template leaves open: `choice(...)` at a named search site."""
+
+    site: str
+    options: tuple[Any, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A search parameter: its stable name, its options as written, where it is."""
+
+    name: str
+    options: tuple[Any, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    model: Any  # str, Open, or tuple of member names for an ensemble
+    target: bool = False
+    declared_frozen: bool = False
+    frozen: bool = False  # declared, or every incoming edge is cutoff (paper 3.4)
+    init: str | None = None
+    span: Span | None = field(default=None, compare=False)
+    model_span: Span | None = field(default=None, compare=False)
+
+    @property
+    def is_label(self) -> bool:
+        return self.name == LABEL
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.model, tuple)
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    source: str
+    target: str
+    gate: Any  # str or Open
+    loss: str  # "ce" from label (eq. 1), "kl" between nodes (eq. 2)
+    T: Any = 1.0  # float or Open
+    weight: Any = 1.0  # float or Open
+    bulk: bool = False
+    span: Span | None = field(default=None, compare=False)
+    gate_span: Span | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: Any  # str or Open
+    val_split: Any = 0.1
+    split_seed: int = 0
+    augment: Any = None  # None: the dataset's default
+    pad: Any = 4
+    path: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: Any = 200
+    batch: Any = 64
+    optimizer: OptimizerSpec = OptimizerSpec("sgd", {})
+    schedule: ScheduleSpec = ScheduleSpec("constant", {})
+    seed: Any = 0
+
+
+def is_open(value: Any) -> bool:
+    return isinstance(value, Open)
+
+
+# ---------------------------------------------------------------- values
+
+
+def _options_text(v: ast.Value) -> Any:
+    """A value as plain Python (for options of a choice and for resolved settings)."""
+    if isinstance(v, (ast.Number, ast.String, ast.Bool)):
+        return v.value
+    if isinstance(v, ast.Ident):
+        return v.name
+    if isinstance(v, ast.ListValue):
+        return tuple(_options_text(i) for i in v.items)
+    if isinstance(v, ast.Call):
+        return (v.name.text, {a.name.text: _options_text(a.value) for a in v.args})
+    if isinstance(v, ast.Choice):
+        return Open("?", tuple(_options_text(o) for o in v.options), v.span)
+    raise TypeError(v)
+
+
+def plain(v: ast.Value, site: str) -> Any:
+    """A value as Python, or an `Open` named `site` when it is a `choice(...)`."""
+    if isinstance(v, ast.Choice):
+        return Open(site, tuple(_options_text(o) for o in v.options), v.span)
+    return _options_text(v)
+
+
+# ---------------------------------------------------------------- edges
+
+
+def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
+    """One `EdgeDecl` per ordered pair, in source order of first mention.
+
+    `edges * -> *` means every ordered pair (s, t), s != t, s any node or `label`, t any
+    trainable node (not `label`, not a node declared `[frozen]`, not an ensemble). An
+    explicit edge for the same pair overrides a bulk one, wherever it is written; two bulk
+    forms covering one pair: the later wins. Duplicate explicit edges are both kept so the
+    duplicate check can point at the second one.
+    """
+    nodes = [n for n in module.of(ast.NodeDecl)]
+    names = [n.name.text for n in nodes]
+    sources = [LABEL] + names
+    targets = [n.name.text for n in nodes
+               if n.attribute("frozen") is None and not isinstance(n.model, ast.Ensemble)]
+    explicit = {(e.source.text, e.target.text) for e in module.of(ast.EdgeDecl) if not e.bulk}
+    out: list[ast.EdgeDecl] = []
+    bulk_index: dict[tuple[str, str], int] = {}
+    for edge in module.of(ast.EdgeDecl):
+        if not edge.bulk:
+            out.append(edge)
+            continue
+        srcs = sources if edge.source.text == "*" else [edge.source.text]
+        tgts = targets if edge.target.text == "*" else [edge.target.text]
+        for s in srcs:
+            for t in tgts:
+                if s == t or (s, t) in explicit:
+                    continue
+                pair = ast.EdgeDecl(ast.Name(s, edge.source.span), ast.Name(t, edge.target.span),
+                                    edge.gate, edge.loss, edge.span, bulk=True)
+                if (s, t) in bulk_index:
+                    out[bulk_index[(s, t)]] = pair
+                else:
+                    bulk_index[(s, t)] = len(out)
+                    out.append(pair)
+    return out
+
+
+# ---------------------------------------------------------------- lowering
+
+
+def build_graph(module: ast.Module) -> tuple[nx.DiGraph, list[Diagnostic]]:
+    """Lower a Module to the IR. Returns the graph and the problems met while lowering."""
+    diags: list[Diagnostic] = []
+    g = nx.DiGraph()
+    graph_decls = module.of(ast.GraphDecl)
+    g.graph["name"] = graph_decls[0].name.text if graph_decls else "graph"
+    g.graph["data"] = _data_spec(module)
+    g.graph["train"] = _train_spec(module)
+    g.graph["target"] = None
+
+    g.add_node(LABEL, spec=NodeSpec(LABEL, None))
+    for decl in module.of(ast.NodeDecl):
+        name = decl.name.text
+        if name in g:
+            continue  # reported by passes.check_names
+        model: Any
+        if isinstance(decl.model, ast.Ensemble):
+            model = tuple(m.text for m in decl.model.members)
+        elif isinstance(decl.model, ast.Choice):
+            model = plain(decl.model, f"{name}.model")
+        else:
+            model = decl.model.text
+        init = decl.attribute("init")
+        g.add_node(name, spec=NodeSpec(
+            name, model,
+            target=decl.attribute("target") is not None,
+            declared_frozen=decl.attribute("frozen") is not None,
+            init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
+            span=decl.name.span, model_span=decl.model.span,
+        ), decl=decl)
+
+    for decl in expand_edges(module):
+        s, t = decl.source.text, decl.target.text
+        if s not in g or t not in g or g.has_edge(s, t):
+            continue  # unknown endpoints and duplicates are reported by passes.check_names
+        key = f"{s}->{t}"
+        gate = plain(decl.gate, f"{key}.gate") if isinstance(decl.gate, ast.Choice) else decl.gate.text
+        loss_name = decl.loss.name.text if decl.loss else ("ce" if s == LABEL else "kl")
+        args = {a.name.text: a for a in decl.loss.args} if decl.loss else {}
+        T = plain(args["T"].value, f"{key}.T") if "T" in args else 1.0
+        weight = plain(args["weight"].value, f"{key}.weight") if "weight" in args else 1.0
+        g.add_edge(s, t, spec=EdgeSpec(s, t, gate, loss_name, _num(T), _num(weight), decl.bulk,
+                                       decl.span, decl.gate.span), decl=decl)
+
+    _derive_frozen_and_target(g)
+    g.graph["sites"] = tuple(collect_sites(g))
+    return g, diags
+
+
+def _num(v: Any) -> Any:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _derive_frozen_and_target(g: nx.DiGraph) -> None:
+    """A node with no incoming edge that could be non-cutoff is a frozen teacher (paper 3.4)."""
+    targets = []
+    for name, attrs in g.nodes(data=True):
+        spec: NodeSpec = attrs["spec"]
+        if spec.is_label:
+            continue
+        live_in = [e for _, _, e in g.in_edges(name, data="spec") if e.gate != "cutoff"]
+        frozen = spec.declared_frozen or (not live_in and not spec.is_ensemble)
+        if frozen != spec.frozen:
+            attrs["spec"] = NodeSpec(**{**spec.__dict__, "frozen": frozen})
+        if spec.target:
+            targets.append(name)
+    g.graph["target"] = targets[0] if len(targets) == 1 else None
+
+
+def _settings(block) -> dict[str, ast.Setting]:
+    out: dict[str, ast.Setting] = {}
+    for s in block.settings if block else ():
+        out.setdefault(s.key.text, s)
+    return out
+
+
+def _data_spec(module: ast.Module) -> DataSpec | None:
+    blocks = module.of(ast.DataBlock)
+    if not blocks:
+        return None
+    block = blocks[0]
+    s = _settings(block)
+    get = lambda key, default: plain(s[key].value, f"data.{key}") if key in s else default  # noqa: E731
+    return DataSpec(
+        dataset=block.dataset.text,
+        val_split=get("val_split", registry.DATA_SETTINGS["val_split"].default),
+        split_seed=get("split_seed", 0),
+        augment=get("augment", None),
+        pad=get("pad", 4),
+        path=get("path", None),
+        span=block.dataset.span,
+    )
+
+
+def _train_spec(module: ast.Module) -> TrainSpec:
+    blocks = module.of(ast.TrainBlock)
+    s = _settings(blocks[0]) if blocks else {}
+    get = lambda key, default: plain(s[key].value, f"train.{key}") if key in s else default  # noqa: E731
+
+    def call_spec(key: str, table: dict, default: str, cls):
+        if key not in s:
+            return cls(default, {k: o.default for k, o in table[default].items()})
+        value = s[key].value
+        if isinstance(value, ast.Ident):
+            name, given = value.name, {}
+        elif isinstance(value, ast.Call):
+            name = value.name.text
+            given = {a.name.text: plain(a.value, f"train.{key}.{a.name.text}") for a in value.args}
+        else:
+            return cls(str(_options_text(value)), {})
+        defaults = {k: o.default for k, o in table.get(name, {}).items()}
+        return cls(name, {**defaults, **given})
+
+    return TrainSpec(
+        epochs=get("epochs", 200),
+        batch=get("batch", 64),
+        optimizer=call_spec("optimizer", registry.OPTIMIZERS, "sgd", OptimizerSpec),
+        schedule=call_spec("schedule", registry.SCHEDULES, "constant", ScheduleSpec),
+        seed=get("seed", 0),
+    )
+
+
+def collect_sites(g: nx.DiGraph) -> list[Site]:
+    """Every `choice(...)` in the IR as a named search parameter, in a stable order."""
+    found: list[Site] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Open):
+            found.append(Site(value.site, value.options, value.span))
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    data: DataSpec | None = g.graph["data"]
+    if data:
+        for v in (data.val_split, data.split_seed, data.augment, data.pad, data.path):
+            visit(v)
+    train: TrainSpec = g.graph["train"]
+    for v in (train.epochs, train.batch, train.seed, train.optimizer.args, train.schedule.args):
+        visit(v)
+    for _, spec in g.nodes(data="spec"):
+        visit(spec.model)
+        visit(spec.init)
+    for _, _, spec in g.edges(data="spec"):
+        for v in (spec.gate, spec.T, spec.weight):
+            visit(v)
+    return sorted(found, key=lambda site: (site.span.line, site.span.column, site.name))
+
+
+def trainable_nodes(g: nx.DiGraph) -> list[str]:
+    return [n for n, s in g.nodes(data="spec") if not s.is_label and not s.frozen and not s.is_ensemble]
+
+
+def frozen_nodes(g: nx.DiGraph) -> list[str]:
+    return [n for n, s in g.nodes(data="spec") if not s.is_label and s.frozen]
+
+
+def model_nodes(g: nx.DiGraph) -> list[str]:
+    """Every node that is a network (not `label`, not an ensemble), in declaration order."""
+    return [n for n, s in g.nodes(data="spec") if not s.is_label and not s.is_ensemble]
+
+
+def live_edges(g: nx.DiGraph) -> list[EdgeSpec]:
+    """Edges that contribute a loss: everything but `cutoff` (which is never computed)."""
+    return [e for _, _, e in g.edges(data="spec") if e.gate != "cutoff"]

@@ -1,0 +1,19 @@
+"""The checks of the language, one module each, run in the order of `PASSES`.
+
+Each pass is a function `(module, graph) -> list[Diagnostic]`: it reads the AST (for exact
+spans) and the IR (for meaning), collects every problem it finds, and never raises. A
+diagnostic from one pass never stops the next, so a user sees every mistake at once.
+"""
+
+from __future__ import annotations
+
+from dclang.passes.check_checkpoints import check_checkpoints
+from dclang.passes.check_names import check_names
+from dclang.passes.check_reachability import check_reachability
+from dclang.passes.check_structure import check_structure
+from dclang.passes.check_values import check_values
+
+PASSES = (check_names, check_values, check_structure, check_reachability, check_checkpoints)
+
+__all__ = ["PASSES", "check_names", "check_values", "check_structure", "check_reachability",
+           "check_checkpoints"]

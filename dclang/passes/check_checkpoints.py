@@ -1,0 +1,44 @@
+"""A node's `init` checkpoint must exist, load safely, and fit the node's model and classes.
+
+Only a file that names `init` pays for importing torch; every other file is checked
+without it. Paths are relative to the `.kt` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dclang.diagnostics import Diagnostic, error
+from dclang.ir import Open
+from dclang.syntax import ast
+
+
+def check_checkpoints(module: ast.Module, graph) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    base = Path(graph.graph.get("path") or ".").parent
+    data = graph.graph.get("data")
+    for decl in module.of(ast.NodeDecl):
+        attr = decl.attribute("init")
+        if attr is None or not isinstance(attr.value, ast.String) or decl.name.text not in graph:
+            continue
+        spec = graph.nodes[decl.name.text]["spec"]
+        path = base / attr.value.value
+        if not path.is_file():
+            out.append(error("E600", f"checkpoint `{attr.value.value}` not found", attr.value.span,
+                             f"looked for {path}", help="give a path relative to this .kt file"))
+            continue
+        from dclang.checkpoints import CheckpointError, read_node_checkpoint
+
+        model = None if isinstance(spec.model, (Open, tuple)) else spec.model
+        classes = None
+        if data is not None and isinstance(data.dataset, str):
+            from dclang.registry import dataset_info
+
+            info = dataset_info(data.dataset)
+            classes = info.num_classes if info is not None and info.num_classes else None
+        try:
+            read_node_checkpoint(path, model=model, num_classes=classes)
+        except CheckpointError as exc:
+            out.append(error(exc.code, f"checkpoint `{attr.value.value}`: {exc}", attr.value.span,
+                             help=exc.help))
+    return out

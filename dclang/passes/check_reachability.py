@@ -1,0 +1,37 @@
+"""A node with no path to the target cannot change the target's result.
+
+It still trains and is still reported, so this is a warning; search trials may drop such
+nodes without building them (dead-node elimination).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from dclang.diagnostics import Diagnostic, warning
+from dclang.ir import LABEL, Open
+
+
+def influencing_nodes(graph: nx.DiGraph) -> set[str]:
+    """Nodes with a path of live (non-cutoff) edges to the target, the target included."""
+    target = graph.graph.get("target")
+    if target is None:
+        return set(graph.nodes)
+    live = nx.DiGraph()
+    live.add_nodes_from(graph.nodes)
+    live.add_edges_from((s, t) for s, t, e in graph.edges(data="spec") if e.gate != "cutoff" or isinstance(e.gate, Open))
+    return nx.ancestors(live, target) | {target}
+
+
+def check_reachability(module, graph: nx.DiGraph) -> list[Diagnostic]:
+    if graph.graph.get("target") is None:
+        return []
+    reach = influencing_nodes(graph)
+    out = []
+    for name, spec in graph.nodes(data="spec"):
+        if name == LABEL or name in reach:
+            continue
+        out.append(warning("W500", f"`{name}` has no path to the target `{graph.graph['target']}`", spec.span,
+                           "cannot affect the target's accuracy",
+                           help="add an edge from it towards the target, or remove it to save its training time"))
+    return out

@@ -1,0 +1,147 @@
+"""Every value must have the right type and a sensible range.
+
+Rules are stated with the values that broke them ("`T` must be > 0, but got 0"). Each option
+of a `choice(...)` is checked as if it had been written alone, so a template cannot hide a
+bad value behind a choice, and an empty `choice()` is an error of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dclang import registry
+from dclang.diagnostics import Diagnostic, did_you_mean, error, warning
+from dclang.syntax import ast
+
+_KIND_WORDS = {
+    "int": "a whole number", "float": "a number", "number": "a number", "bool": "`true` or `false`",
+    "name": "a name", "str": 'a string in double quotes', "int_list": "a list of whole numbers like [60, 120]",
+    "call": "a name or a call like `sgd(lr=0.1)`",
+}
+
+# extra range rules: key -> (predicate, rule text)
+_RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "epochs": (lambda v: v > 0, "must be > 0"),
+    "batch": (lambda v: v > 0, "must be > 0"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "split_seed": (lambda v: v >= 0, "must be >= 0"),
+    "pad": (lambda v: v >= 0, "must be >= 0"),
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "eta_min": (lambda v: v >= 0, "must be >= 0"),
+    "val_split": (lambda v: (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
+                  "must be a count >= 0 or a fraction in [0, 1)"),
+    "T": (lambda v: v > 0, "must be > 0"),
+    "weight": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def _has_kind(value: ast.Value, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, ast.Number) and isinstance(value.value, int)
+    if kind in ("float", "number"):
+        return isinstance(value, ast.Number)
+    if kind == "bool":
+        return isinstance(value, ast.Bool)
+    if kind == "name":
+        return isinstance(value, ast.Ident)
+    if kind == "str":
+        return isinstance(value, ast.String)
+    if kind == "int_list":
+        return isinstance(value, ast.ListValue) and all(
+            isinstance(i, ast.Number) and isinstance(i.value, int) for i in value.items)
+    if kind == "call":
+        return isinstance(value, (ast.Call, ast.Ident))
+    raise ValueError(kind)
+
+
+def check_value(value: ast.Value, kind: str, key: str, where: str) -> list[Diagnostic]:
+    """Check one value (or each option of a choice) against its kind and range."""
+    if isinstance(value, ast.Choice):
+        if not value.options:
+            return [error("E403", f"empty `choice()` for {where}", value.span, "nothing to choose from",
+                          help="list at least one option: `choice(a, b)`")]
+        return [d for option in value.options for d in check_value(option, kind, key, where)]
+    if not _has_kind(value, kind):
+        return [error("E400", f"{where} must be {_KIND_WORDS[kind]}", value.span, "wrong kind of value")]
+    if key in _RANGES and isinstance(value, ast.Number):
+        ok, rule = _RANGES[key]
+        if not ok(value.value):
+            code = {"T": "E401", "weight": "E402"}.get(key, "E404")
+            return [error(code, f"`{key}` {rule}, but got {value.text}", value.span, "out of range")]
+    if key == "augment" and isinstance(value, ast.Ident) and value.name not in registry.AUGMENTS:
+        return [error("E209", f"unknown augmentation `{value.name}`", value.span,
+                      help=did_you_mean(value.name, registry.AUGMENTS, "augmentations"))]
+    return []
+
+
+def _check_call(value: ast.Value, table: dict, key: str) -> list[Diagnostic]:
+    if not isinstance(value, ast.Call) or value.name.text not in table:
+        return []
+    options = table[value.name.text]
+    return [d for arg in value.args if arg.name.text in options
+            for d in check_value(arg.value, options[arg.name.text].type, arg.name.text,
+                                 f"`{value.name.text}` option `{arg.name.text}`")]
+
+
+def check_values(module: ast.Module, graph) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    for block, table in ((module.of(ast.DataBlock)[:1], registry.DATA_SETTINGS),
+                         (module.of(ast.TrainBlock)[:1], registry.TRAIN_SETTINGS)):
+        for b in block:
+            for setting in b.settings:
+                option = table.get(setting.key.text)
+                if option is None:
+                    continue
+                out += check_value(setting.value, option.type, setting.key.text, f"`{setting.key.text}`")
+                if setting.key.text in ("optimizer", "schedule"):
+                    sub = registry.OPTIMIZERS if setting.key.text == "optimizer" else registry.SCHEDULES
+                    out += _check_call(setting.value, sub, setting.key.text)
+    out += _check_milestones(module)
+    for decl in module.of(ast.NodeDecl):
+        if isinstance(decl.model, ast.Choice) and not decl.model.options:
+            out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
+        init = decl.attribute("init")
+        if init is not None:
+            if init.value is None:
+                out.append(error("E400", "`init` needs a checkpoint path", init.span,
+                                 help='write `init="teacher.pt"`'))
+            else:
+                out += check_value(init.value, "str", "init", "`init`")
+        for flag in ("target", "frozen"):
+            attr = decl.attribute(flag)
+            if attr is not None and attr.value is not None:
+                out.append(error("E400", f"`{flag}` takes no value", attr.value.span,
+                                 help=f"write `[{flag}]`"))
+    for edge in module.of(ast.EdgeDecl):
+        if isinstance(edge.gate, ast.Choice) and not edge.gate.options:
+            out += check_value(edge.gate, "name", "gate", "the gate")
+        if edge.loss is not None and edge.loss.name.text in registry.LOSSES:
+            for arg in edge.loss.args:
+                if arg.name.text in registry.LOSSES[edge.loss.name.text]:
+                    out += check_value(arg.value, "float", arg.name.text, f"`{arg.name.text}`")
+    return out
+
+
+def _check_milestones(module: ast.Module) -> list[Diagnostic]:
+    """Milestones past the last epoch never fire: almost always a copy-paste from a longer run."""
+    out: list[Diagnostic] = []
+    for block in module.of(ast.TrainBlock)[:1]:
+        settings = {s.key.text: s.value for s in block.settings}
+        epochs, schedule = settings.get("epochs"), settings.get("schedule")
+        if not (isinstance(epochs, ast.Number) and isinstance(schedule, ast.Call)):
+            continue
+        milestones = schedule.arg("milestones")
+        if milestones is None or not isinstance(milestones.value, ast.ListValue):
+            continue
+        values = [i.value for i in milestones.value.items if isinstance(i, ast.Number)]
+        if values != sorted(values):
+            out.append(error("E404", "`milestones` must increase", milestones.value.span))
+        late = [v for v in values if isinstance(v, int) and v >= epochs.value]
+        if late:
+            out.append(warning("W504", f"milestone {late[0]} is not before the last epoch ({epochs.value})",
+                               milestones.value.span, "never reached",
+                               help="a milestone is the epoch at which the learning rate is multiplied by `gamma`"))
+    return out

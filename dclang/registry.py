@@ -1,0 +1,130 @@
+"""Names the language knows: models, gates, losses, optimizers, schedules, settings.
+
+This module imports nothing heavy, so `dclang check` can validate every name in a file
+without loading torch. The networks themselves live in `dclang.models` and are looked up by
+the same names; `tests/test_registry.py` keeps the two lists in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    description: str
+
+
+_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+
+MODELS: dict[str, ModelInfo] = {
+    **{f"resnet{d}": ModelInfo(f"resnet{d}", "cifar_resnet", f"CIFAR ResNet-{d} (He et al. 2016, option A shortcuts)")
+       for d in _RESNET_DEPTHS},
+    **{f"resnet{d}_tiny": ModelInfo(f"resnet{d}_tiny", "cifar_resnet",
+                                    f"ResNet-{d} for 64x64 Tiny-ImageNet (first conv stride 1)")
+       for d in (32, 110)},
+    **{f"wrn{d}_{k}": ModelInfo(f"wrn{d}_{k}", "wide_resnet", f"WideResNet-{d}-{k}")
+       for d, k in ((16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (28, 10), (40, 2))},
+    "wrn28_2_tiny": ModelInfo("wrn28_2_tiny", "wide_resnet", "WideResNet-28-2 for 64x64 Tiny-ImageNet"),
+    "mlp": ModelInfo("mlp", "small", "one hidden layer of 128 units (tests)"),
+    "cnn_tiny": ModelInfo("cnn_tiny", "small", "two 3x3 conv layers, 8 and 16 channels (tests)"),
+    "cnn_small": ModelInfo("cnn_small", "small", "conv 32-64-128, ~100k parameters (quickstart)"),
+}
+
+_WRN = re.compile(r"^wrn(\d+)_(\d+)$")
+
+
+def is_model(name: str) -> bool:
+    """A registered name, or any WideResNet `wrn{d}_{k}` with (d - 4) divisible by 6."""
+    if name in MODELS:
+        return True
+    m = _WRN.match(name)
+    return bool(m) and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(1)) >= 10 and int(m.group(2)) >= 1
+
+
+# ---------------------------------------------------------------- gates and losses
+
+GATES: dict[str, str] = {
+    "through": "passes every sample's loss unchanged (eq. 4)",
+    "cutoff": "the edge contributes nothing and is never computed (eq. 5)",
+    "linear": "weights the loss by k / k_end, the fraction of training done (eq. 6)",
+    "correct": "keeps only samples whose source top-1 equals the label (eq. 7)",
+}
+
+#: loss name -> its options; `ce` is the loss from `label` (eq. 1), `kl` between nodes (eq. 2)
+LOSSES: dict[str, tuple[str, ...]] = {"ce": ("weight",), "kl": ("T", "weight")}
+LABEL = "label"
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting or argument: its type (for messages and conversion) and default."""
+
+    type: str  # int | float | bool | str | name | int_list | number
+    default: Any = None
+    help: str = ""
+
+
+OPTIMIZERS: dict[str, dict[str, Option]] = {
+    "sgd": {
+        "lr": Option("float", 0.1), "momentum": Option("float", 0.9),
+        "nesterov": Option("bool", True), "weight_decay": Option("float", 5e-4),
+    },
+    "adam": {"lr": Option("float", 1e-3), "weight_decay": Option("float", 0.0)},
+    "adamw": {"lr": Option("float", 1e-3), "weight_decay": Option("float", 1e-2)},
+}
+
+SCHEDULES: dict[str, dict[str, Option]] = {
+    "step": {"milestones": Option("int_list", ()), "gamma": Option("float", 0.1)},
+    "cosine": {"eta_min": Option("float", 0.0)},
+    "constant": {},
+}
+
+AUGMENTS: dict[str, str] = {
+    "pad_crop_flip": "reflect pad, random crop back to size, random horizontal flip (the paper's)",
+    "pad_crop": "reflect pad and random crop, no flip (for digits and text-like images)",
+    "flip": "random horizontal flip only",
+    "none": "no augmentation",
+}
+
+DATA_SETTINGS: dict[str, Option] = {
+    "val_split": Option("number", 0.1, "images held out of train for model selection: a count or a fraction"),
+    "split_seed": Option("int", 0, "seed of the validation split (fixed across runs of a study)"),
+    "augment": Option("name", None, "one of " + ", ".join(AUGMENTS)),
+    "pad": Option("int", 4, "pixels of reflect padding before the random crop"),
+    "path": Option("str", None, "file or folder for `npz` and `imagefolder` data"),
+}
+
+TRAIN_SETTINGS: dict[str, Option] = {
+    "epochs": Option("int", 200),
+    "batch": Option("int", 64),
+    "optimizer": Option("call", "sgd"),
+    "schedule": Option("call", "constant"),
+    "seed": Option("int", 0),
+}
+
+NODE_ATTRIBUTES: dict[str, str] = {
+    "target": "the node whose accuracy is reported first and maximised by search",
+    "frozen": "a pre-trained teacher: loaded or pre-trained on labels, never updated",
+    "init": "a checkpoint (.pt) to initialise the node from",
+}
+
+
+def dataset_names() -> list[str]:
+    from dclang.data.catalog import DATASETS
+
+    return sorted(DATASETS)
+
+
+def dataset_info(name: str):
+    from dclang.data.catalog import DATASETS
+
+    return DATASETS.get(name)

@@ -1,0 +1,180 @@
+"""The abstract syntax tree of a `.kt` file: frozen dataclasses, each with its source span.
+
+The AST says what was written, nothing more: no name is resolved and no rule is checked
+here (that is the job of `dclang.ir` and `dclang.passes`). It is also what the formatter
+prints and what the search samples into, so it keeps every value the way it was written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from dclang.diagnostics import Span
+
+
+@dataclass(frozen=True)
+class Name:
+    """An identifier as written, with where it was written."""
+
+    text: str
+    span: Span = field(compare=False)
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Number:
+    value: int | float
+    text: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class String:
+    value: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Bool:
+    value: bool
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Ident:
+    """A bare word used as a value (`augment = pad_crop_flip`)."""
+
+    name: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class ListValue:
+    items: tuple["Value", ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Argument:
+    name: Name
+    value: "Value"
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    """`sgd(lr=0.1, momentum=0.9)`, `step(milestones=[60, 120])`, `kl(T=2)`."""
+
+    name: Name
+    args: tuple[Argument, ...]
+    span: Span = field(compare=False)
+
+    def arg(self, key: str) -> "Argument | None":
+        return next((a for a in self.args if a.name.text == key), None)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """`choice(a, b, c)`: a value left open for search."""
+
+    options: tuple["Value", ...]
+    span: Span = field(compare=False)
+
+
+Value = Union[Number, String, Bool, Ident, ListValue, Call, Choice]
+
+
+# ---------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: Name
+    value: Value
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class GraphDecl:
+    name: Name
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    dataset: Name
+    settings: tuple[Setting, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class TrainBlock:
+    settings: tuple[Setting, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """`ensemble(a, b)`: the mean of other nodes' outputs (syntax reserved, not trained yet)."""
+
+    members: tuple[Name, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """`target`, `frozen`, `init="teacher.pt"` inside a node's `[...]`."""
+
+    name: Name
+    value: Value | None
+    span: Span = field(compare=False)
+
+
+ModelExpr = Union[Name, Choice, Ensemble]
+GateExpr = Union[Name, Choice]
+
+
+@dataclass(frozen=True)
+class NodeDecl:
+    name: Name
+    model: ModelExpr
+    attributes: tuple[Attribute, ...]
+    span: Span = field(compare=False)
+
+    def attribute(self, key: str) -> Attribute | None:
+        return next((a for a in self.attributes if a.name.text == key), None)
+
+
+@dataclass(frozen=True)
+class EdgeDecl:
+    """`source -> target : gate loss(...)`; for `edges`, either end may be `*`."""
+
+    source: Name
+    target: Name
+    gate: GateExpr
+    loss: Call | None
+    span: Span = field(compare=False)
+    bulk: bool = False
+
+
+Item = Union[GraphDecl, DataBlock, TrainBlock, NodeDecl, EdgeDecl]
+
+
+@dataclass(frozen=True)
+class Comment:
+    text: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Module:
+    """A whole file: its items in source order and its comments (kept for the formatter)."""
+
+    items: tuple[Item, ...]
+    comments: tuple[Comment, ...] = ()
+
+    def of(self, kind: type) -> list:
+        return [item for item in self.items if isinstance(item, kind)]

@@ -1,0 +1,250 @@
+"""Text to AST: the cached Lark LALR parser, the post-lexer, and syntax diagnostics.
+
+The grammar lives in `grammar/dclang.lark` (packed into the wheel as `dclang.grammar`). It is
+loaded once per process. A syntax error becomes a `Diagnostic` in the user's words (never
+`$END` or `__ANON_0`), so `dclang check` prints it like any other mistake.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.lark import PostLex
+
+from dclang.diagnostics import Diagnostic, Span, error
+from dclang.syntax import ast
+
+_OPEN = {"LPAR", "LSQB", "LBRACE"}
+_CLOSE = {"RPAR", "RSQB", "RBRACE"}
+
+
+class _NewlinesInBrackets(PostLex):
+    """Drop newlines inside (), [] and {}: statements end at a newline, values may span lines.
+
+    A newline is what separates `a -> b : through` from a following `kl(T=2)` on the next line,
+    so it cannot be ignored everywhere; inside brackets it never matters.
+    """
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        for token in stream:
+            if token.type in _OPEN:
+                depth += 1
+            elif token.type in _CLOSE:
+                depth = max(0, depth - 1)
+            elif token.type == "_NL" and depth:
+                continue
+            yield token
+
+
+@lru_cache(maxsize=1)
+def grammar_text() -> str:
+    return resources.files("dclang.grammar").joinpath("dclang.lark").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(
+        grammar_text(),
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        postlex=_NewlinesInBrackets(),
+    )
+
+
+def _name(token: Token) -> ast.Name:
+    return ast.Name(str(token), Span.from_token(token))
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Lark tree to AST. Structure only: every rule about meaning belongs to a pass."""
+
+    def start(self, meta, items):
+        return tuple(items)
+
+    def graph_decl(self, meta, children):
+        return ast.GraphDecl(_name(children[0]), Span.from_meta(meta))
+
+    def data_block(self, meta, children):
+        return ast.DataBlock(_name(children[0]), children[1], Span.from_meta(meta))
+
+    def train_block(self, meta, children):
+        return ast.TrainBlock(children[0], Span.from_meta(meta))
+
+    def block(self, meta, settings):
+        return tuple(settings)
+
+    def setting(self, meta, children):
+        return ast.Setting(_name(children[0]), children[1], Span.from_meta(meta))
+
+    def node_decl(self, meta, children):
+        attributes = children[2] if len(children) > 2 else ()
+        return ast.NodeDecl(_name(children[0]), children[1], attributes, Span.from_meta(meta))
+
+    def model_name(self, meta, children):
+        return _name(children[0])
+
+    gate_name = model_name
+
+    def ensemble(self, meta, children):
+        return ast.Ensemble(tuple(_name(c) for c in children), Span.from_meta(meta))
+
+    def attributes(self, meta, children):
+        return tuple(children)
+
+    def attribute(self, meta, children):
+        value = children[1] if len(children) > 1 else None
+        return ast.Attribute(_name(children[0]), value, Span.from_meta(meta))
+
+    def edge_decl(self, meta, children):
+        source, target, gate = children[:3]
+        loss = children[3] if len(children) > 3 else None
+        return ast.EdgeDecl(source, target, gate, loss, Span.from_meta(meta))
+
+    def bulk_edge_decl(self, meta, children):
+        edge = self.edge_decl(meta, children)
+        return ast.EdgeDecl(edge.source, edge.target, edge.gate, edge.loss, edge.span, bulk=True)
+
+    def endpoint(self, meta, children):
+        return _name(children[0])
+
+    bulk_endpoint = endpoint
+
+    def loss(self, meta, children):
+        return ast.Call(_name(children[0]), tuple(children[1:]), Span.from_meta(meta))
+
+    call = loss
+
+    def argument(self, meta, children):
+        return ast.Argument(_name(children[0]), children[1], Span.from_meta(meta))
+
+    def number(self, meta, children):
+        text = str(children[0])
+        is_int = all(ch.isdigit() or ch in "+-" for ch in text)
+        return ast.Number(int(text) if is_int else float(text), text, Span.from_meta(meta))
+
+    def string(self, meta, children):
+        raw = str(children[0])[1:-1]
+        value = raw.replace('\\"', '"').replace("\\\\", "\\")
+        return ast.String(value, Span.from_meta(meta))
+
+    def true(self, meta, children):
+        return ast.Bool(True, Span.from_meta(meta))
+
+    def false(self, meta, children):
+        return ast.Bool(False, Span.from_meta(meta))
+
+    def ident(self, meta, children):
+        return ast.Ident(str(children[0]), Span.from_meta(meta))
+
+    def list(self, meta, children):
+        return ast.ListValue(tuple(children), Span.from_meta(meta))
+
+    def choice(self, meta, children):
+        return ast.Choice(tuple(children), Span.from_meta(meta))
+
+
+# ---------------------------------------------------------------- syntax errors
+
+_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "TRUE": "`true`",
+    "FALSE": "`false`",
+    "STAR": "`*`",
+    "_NL": "the end of the line",
+    "$END": "the end of the file",
+}
+
+
+def _describe(terminal: str) -> str:
+    if terminal in _WORDS:
+        return _WORDS[terminal]
+    for term in _parser().terminals:
+        if term.name == terminal and term.pattern.type == "str":
+            return f"`{term.pattern.value}`"
+    return terminal.lower()
+
+
+def _expected_list(expected) -> str:
+    words = sorted({_describe(t) for t in expected})
+    if len(words) > 6:
+        return ""
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _token_text(token: Token) -> str:
+    if token.type == "_NL":
+        return "end of line"
+    if token.type == "$END":
+        return "end of file"
+    return f"`{token}`"
+
+
+def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
+    if isinstance(exc, UnexpectedCharacters):
+        char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
+        span = Span(exc.line, exc.column, exc.line, exc.column + 1)
+        return error("E101", f"unexpected character `{char}`", span, "not part of the language",
+                     help="names are letters, digits and `_`; strings use double quotes; comments start with `#`")
+    if isinstance(exc, UnexpectedEOF):
+        lines = text.splitlines() or [""]
+        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        expected = _expected_list(exc.expected)
+        return error("E102", "unexpected end of file", span,
+                     f"expected {expected}" if expected else "the file ends too early")
+    assert isinstance(exc, UnexpectedToken)
+    token = exc.token
+    if token.type == "$END":
+        lines = text.splitlines() or [""]
+        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+    elif token.type == "_NL":
+        span = Span(token.line, token.column, token.line, token.column + 1)
+    else:
+        span = Span.from_token(token)
+    expected = _expected_list(exc.expected)
+    help_text = _hint(exc)
+    return error("E100", f"unexpected {_token_text(token)}", span,
+                 f"expected {expected}" if expected else "", help=help_text)
+
+
+def _hint(exc: UnexpectedToken) -> str:
+    """A named cause for the commonest slips, in the words of the language."""
+    expected = set(exc.expected)
+    names = {t.name: t.pattern.value for t in _parser().terminals if t.pattern.type == "str"}
+    arrow = next((k for k, v in names.items() if v == "->"), None)
+    colon = next((k for k, v in names.items() if v == ":"), None)
+    if arrow in expected and exc.token.type == "NAME":
+        return "an edge is written `source -> target : gate`"
+    if colon in expected:
+        return "a gate follows a `:`: `source -> target : through`; a node's model too: `node a : resnet32`"
+    return ""
+
+
+def parse_module(text: str) -> tuple[ast.Module | None, list[Diagnostic]]:
+    """Parse text to a Module, or return a syntax diagnostic (never raise for bad input)."""
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as exc:
+        return None, [_syntax_diagnostic(exc, text)]
+    items = _ToAst().transform(tree)
+    return ast.Module(items, tuple(_scan_comments(text))), []
+
+
+def _scan_comments(text: str) -> list[ast.Comment]:
+    """Every `#` comment with its span, found by the same lexer rules (strings may hold `#`)."""
+    found = []
+    for token in _parser().lex(text, dont_ignore=True):
+        if token.type == "COMMENT":
+            found.append(ast.Comment(str(token), Span.from_token(token)))
+    return found
