@@ -14,6 +14,7 @@ can say which setting it means.
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .cifar_resnet import CifarResNet
@@ -79,8 +80,32 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def parameter_counts(graph) -> list[tuple[str, str, int]]:
+    """(node, model, parameters) for every model node of an IR, built on the meta device.
+
+    The meta device allocates nothing, so `dclang check` can show sizes of ResNet110s
+    instantly. Class count and input shape come from the dataset's catalog entry (10 classes,
+    3x32x32 when the dataset does not fix them).
+    """
+    from dclang.ir import model_nodes
+    from dclang.registry import dataset_info
+
+    data = graph.graph.get("data")
+    info = dataset_info(data.dataset) if data is not None else None
+    classes = (info.num_classes if info else None) or 10
+    channels = (info.channels if info else None) or 3
+    size = (info.image_size if info else None) or 32
+    out = []
+    with torch.device("meta"):
+        for name in model_nodes(graph):
+            model = graph.nodes[name]["spec"].model
+            out.append((name, model, count_parameters(build_model(model, classes, channels, size))))
+    return out
+
+
 __all__ = [
     "BUILDERS",
+    "parameter_counts",
     "CifarResNet",
     "WideResNet",
     "build_model",

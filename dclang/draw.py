@@ -1,0 +1,97 @@
+"""IR to a Graphviz picture that reads like the paper's Fig. 3.
+
+The target is red, frozen (pre-trained) nodes are blue, `label` is the ground-truth source,
+and every edge carries its gate (and its loss options when they are not the default).
+Cutoff edges carry nothing, so they are left out unless `show_cutoff` draws them dashed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import graphviz
+import networkx as nx
+
+from dclang.diagnostics import UserError
+from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
+
+FORMATS = ("svg", "png", "pdf", "dot")
+
+_TARGET = {"style": "filled", "fillcolor": "#e8474b", "fontcolor": "white", "color": "#a32024"}
+_FROZEN = {"style": "filled", "fillcolor": "#3b6fd4", "fontcolor": "white", "color": "#1f4596"}
+_PLAIN = {"style": "filled", "fillcolor": "white", "color": "black"}
+_LABEL = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f2f2f2", "color": "#555555"}
+
+
+def _text(value) -> str:
+    if isinstance(value, Open):
+        return "choice(" + " | ".join(str(o) for o in value.options) + ")"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def edge_label(spec: EdgeSpec) -> str:
+    """The gate, then any loss option that differs from its default (`T`, `weight`)."""
+    parts = [_text(spec.gate)]
+    if spec.T != 1.0:
+        parts.append(f"T={_text(spec.T)}")
+    if spec.weight != 1.0:
+        parts.append(f"×{_text(spec.weight)}")
+    return " ".join(parts)
+
+
+def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
+    if spec.is_label:
+        return "Label"
+    model = ("ensemble(" + ", ".join(spec.model) + ")") if spec.is_ensemble else _text(spec.model)
+    lines = [spec.name, model]
+    if params and spec.name in params:
+        lines.append(f"{params[spec.name] / 1e6:.2f}M params")
+    return "\n".join(lines)
+
+
+def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[str, int] | None = None) -> graphviz.Digraph:
+    dot = graphviz.Digraph(graph.graph.get("name", "graph"))
+    dot.attr(rankdir="TB", nodesep="0.6", ranksep="0.8", fontname="Helvetica", labelloc="t",
+             label=graph.graph.get("name", ""))
+    dot.attr("node", shape="circle", fontname="Helvetica", fontsize="11", width="1.1", fixedsize="false")
+    dot.attr("edge", fontname="Helvetica", fontsize="10", arrowsize="0.8")
+    for name, spec in graph.nodes(data="spec"):
+        style = _LABEL if spec.is_label else _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+        dot.node(name, node_label(spec, params), **style)
+    with dot.subgraph() as top:  # the paper draws the label source above the models
+        top.attr(rank="min")
+        top.node(LABEL)
+    for source, target, spec in graph.edges(data="spec"):
+        if spec.gate == "cutoff":
+            if show_cutoff:
+                dot.edge(source, target, label="cutoff", style="dashed", color="#999999", fontcolor="#999999")
+            continue
+        attrs = {"style": "dashed"} if isinstance(spec.gate, Open) else {}
+        dot.edge(source, target, label=edge_label(spec), **attrs)
+    return dot
+
+
+def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,
+           params: dict[str, int] | None = None) -> Path:
+    """Write the drawing; the suffix of `out` picks the format (svg, png, pdf or dot)."""
+    from dclang.checkpoints import atomic_write_bytes
+
+    out = Path(out)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise UserError(f"cannot draw to `{out.name}`: unknown format `.{fmt}`",
+                        "give the output a suffix of " + ", ".join(f".{f}" for f in FORMATS))
+    dot = to_graphviz(graph, show_cutoff=show_cutoff, params=params)
+    if fmt == "dot":
+        atomic_write_bytes(dot.source.encode("utf-8"), out)
+        return out
+    try:
+        data = dot.pipe(format=fmt)
+    except graphviz.ExecutableNotFound as exc:
+        raise UserError("Graphviz's `dot` program is not installed, so no picture can be drawn",
+                        "install it (Debian/Ubuntu: `apt-get install graphviz`, macOS: `brew install graphviz`), "
+                        f"or draw to `{out.with_suffix('.dot').name}`, which needs no `dot`") from exc
+    atomic_write_bytes(data, out)
+    return out
