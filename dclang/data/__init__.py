@@ -1,0 +1,48 @@
+"""The data layer: datasets held whole in memory as uint8 tensors, split and batched on device.
+
+    >>> from dclang.data import load_dataset
+    >>> ds = load_dataset("digits", data_dir=None, val_split=0.1, split_seed=0)
+    >>> len(ds.train), len(ds.val), len(ds.test)
+    (1293, 144, 360)
+
+Python imports this package before any of its modules, so it must stay light for
+`dclang.data.catalog` (`DATASETS`, `DataError`, `default_data_dir`) to be importable without
+torch by `dclang check` and the front end. The catalogue names are imported here directly;
+the torch-based names are imported on first use (PEP 562 module `__getattr__`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from dclang.data.catalog import DATASETS, DataError, DatasetInfo, default_data_dir
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
+    from dclang.data.augment import BatchAugment, TransformedSplit, normalize, per_sample_transforms
+    from dclang.data.batches import BatchIterator, epoch_generator
+    from dclang.data.dataset import Dataset, Split, channel_stats, split_indices
+    from dclang.data.sources import load_dataset
+
+_LAZY = {
+    "Dataset": "dclang.data.dataset", "Split": "dclang.data.dataset",
+    "split_indices": "dclang.data.dataset", "channel_stats": "dclang.data.dataset",
+    "load_dataset": "dclang.data.sources",
+    "BatchAugment": "dclang.data.augment", "normalize": "dclang.data.augment",
+    "per_sample_transforms": "dclang.data.augment", "TransformedSplit": "dclang.data.augment",
+    "BatchIterator": "dclang.data.batches", "epoch_generator": "dclang.data.batches",
+}
+
+__all__ = ["DATASETS", "DataError", "DatasetInfo", "default_data_dir", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
