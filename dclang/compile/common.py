@@ -1,0 +1,166 @@
+"""What both engines share: the models, one forward of every node, statistics, checkpoints,
+evaluation. The engines differ only in how losses become updates (`step`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
+from dclang.models import build_model
+
+
+@dataclass
+class StepStats:
+    """What one step measured. Tensors stay on the device: the loop reads them once per
+    epoch, because reading one back to the host waits for the whole step to finish."""
+
+    node_loss: dict[str, Tensor]  # L_t (eq. 3) per trainable node, detached
+    node_correct: dict[str, Tensor]  # top-1 correct samples in the batch, every model node
+    edge_loss: dict[str, Tensor]  # "s->t": L_{s,t} (eq. 2), detached, live edges only
+    edge_gate: dict[str, Tensor]  # mean gate weight over the batch
+    edge_pass: dict[str, Tensor]  # fraction of samples whose gate weight is nonzero
+
+
+def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
+                 device: torch.device, init_states: dict[str, dict] | None, seed: int) -> dict[str, nn.Module]:
+    """Every model node, built in declaration order from one seed, so two engines (or two runs)
+    start from identical weights; then `init_states` loaded over them; frozen nodes made
+    frozen (no grad, eval mode: their BatchNorm statistics never change).
+
+    The seed is applied in a forked CPU generator: building models does not move the global
+    random stream that data loading and augmentation draw from.
+    """
+    names = model_nodes(graph)
+    unknown = sorted(set(init_states or {}) - set(names))
+    if unknown:
+        raise ValueError(f"init_states names {unknown}, which are not model nodes; model nodes: {names}")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        models = {n: build_model(graph.nodes[n]["spec"].model, num_classes, in_channels, image_size)
+                  for n in names}
+    for name, state in (init_states or {}).items():
+        models[name].load_state_dict(state)
+    for name in frozen_nodes(graph):
+        models[name].requires_grad_(False).eval()
+    return {name: model.to(device) for name, model in models.items()}
+
+
+class TrainStep:
+    """One training step of a compiled graph, plus what a training loop needs around it.
+
+    Subclasses set `engine`, fill `optimizers` and `schedulers` (keyed by node, or by one
+    name for a shared optimizer) and implement `step`.
+    """
+
+    engine: str
+
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
+                 steps_per_epoch: int, epochs: int):
+        self.models = models
+        self.trainable = trainable_nodes(graph)
+        self.frozen = frozen_nodes(graph)
+        self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
+        self.device = device
+        self.epochs = epochs
+        self.k_end = steps_per_epoch * epochs
+        self.optimizers: dict[str, Optimizer] = {}
+        self.schedulers: dict[str, LRScheduler] = {}
+        self.train()
+
+    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
+        """Update every trainable node once on this batch; `k` is the 1-based update number."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Logits of every model node on the same batch, each node forwarded once (paper 3.4).
+
+        Every node runs, even one that feeds no live edge, because every node's accuracy is
+        reported. Frozen nodes run without autograd: nothing flows back to them.
+        """
+        logits = {}
+        for name, model in self.models.items():
+            if name in self.frozen:
+                with torch.inference_mode():
+                    logits[name] = model(images)
+            else:
+                logits[name] = model(images)
+        return logits
+
+    def edge_inputs(self, edge: EdgeSpec, logits: dict[str, Tensor]) -> tuple[Tensor | None, Tensor]:
+        """(source logits, target logits) of an edge; the source is None for `label`."""
+        return (None if edge.source == LABEL else logits[edge.source]), logits[edge.target]
+
+    def stats(self, logits: dict[str, Tensor], labels: Tensor, node_loss: dict[str, Tensor],
+              edge_results: dict[str, tuple[Tensor, Tensor]]) -> StepStats:
+        """StepStats from the step's logits, node losses and (edge loss, gate weights) pairs."""
+        return StepStats(
+            node_loss={t: loss.detach() for t, loss in node_loss.items()},
+            node_correct={n: (out.argmax(dim=1) == labels).sum() for n, out in logits.items()},
+            edge_loss={key: loss.detach() for key, (loss, _) in edge_results.items()},
+            edge_gate={key: w.mean() for key, (_, w) in edge_results.items()},
+            edge_pass={key: (w != 0).to(w.dtype).mean() for key, (_, w) in edge_results.items()},
+        )
+
+    def end_epoch(self) -> None:
+        """Advance every learning-rate schedule by one epoch."""
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def lr(self) -> float:
+        """The current learning rate of the first trainable node."""
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    def train(self) -> None:
+        """Training mode for trainable nodes; frozen nodes stay in eval mode."""
+        self.training = True
+        for name, model in self.models.items():
+            model.train(name not in self.frozen)
+
+    def eval(self) -> None:
+        self.training = False
+        for model in self.models.values():
+            model.eval()
+
+    @torch.inference_mode()
+    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Tensor]:
+        """Top-1 correct count of every model node over `images`, in eval mode, `batch_size`
+        samples at a time; counts stay on the device. The previous mode is restored."""
+        was_training = self.training
+        self.eval()
+        correct = {name: torch.zeros((), dtype=torch.long, device=self.device) for name in self.models}
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(self.device, non_blocking=True)
+            y = labels[start:start + batch_size].to(self.device, non_blocking=True)
+            for name, model in self.models.items():
+                correct[name] += (model(x).argmax(dim=1) == y).sum()
+        if was_training:
+            self.train()
+        return correct
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: every model (frozen ones too, so a checkpoint
+        stands alone), optimizer and scheduler. Like `nn.Module.state_dict`, the tensors are
+        the live ones: save them or `copy.deepcopy` them to keep a snapshot."""
+        return {
+            "engine": self.engine,
+            "models": {name: model.state_dict() for name, model in self.models.items()},
+            "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()},
+            "schedulers": {key: sched.state_dict() for key, sched in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; optimizer state only fits the same engine."""
+        if state["engine"] != self.engine:
+            raise ValueError(f"a `{state['engine']}` engine state cannot resume the `{self.engine}` engine")
+        for name, model in self.models.items():
+            model.load_state_dict(state["models"][name])
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        for key, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][key])

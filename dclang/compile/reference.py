@@ -1,0 +1,47 @@
+"""The reference engine: the paper's Algorithm 1 as a plain loop, the oracle for `fused`.
+
+Like the authors' code: one forward of every node, then for each trainable node its own
+loss, its own backward and its own optimizer step. All outputs are computed before any
+update, so every node learns from the same predictions (paper 3.4).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+
+from dclang.compile.common import StepStats, TrainStep
+from dclang.compile.optim import build_optimizer, build_scheduler
+from dclang.losses import edge_loss, node_loss
+
+
+class ReferenceStep(TrainStep):
+    engine = "reference"
+
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
+                 steps_per_epoch: int, epochs: int):
+        super().__init__(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        train = graph.graph["train"]
+        for name in self.trainable:
+            self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
+            self.schedulers[name] = build_scheduler(train.schedule, self.optimizers[name], epochs)
+
+    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
+        logits = self.forward(images)
+        edge_results: dict[str, tuple[Tensor, Tensor]] = {}
+        node_losses: dict[str, Tensor] = {}
+        for target in self.trainable:
+            losses = []
+            for edge in self.edges:
+                if edge.target == target:
+                    source_logits, target_logits = self.edge_inputs(edge, logits)
+                    edge_results[edge.key] = edge_loss(edge, source_logits, target_logits, labels,
+                                                       k=k, k_end=self.k_end)
+                    losses.append(edge_results[edge.key][0])
+            node_losses[target] = node_loss(losses)
+            optimizer = self.optimizers[target]
+            optimizer.zero_grad()
+            node_losses[target].backward()
+            optimizer.step()
+        return self.stats(logits, labels, node_losses, edge_results)
