@@ -222,8 +222,14 @@ def build_graph(module: ast.Module) -> tuple[nx.DiGraph, list[Diagnostic]]:
             continue  # unknown endpoints and duplicates are reported by passes.check_names
         key = f"{s}->{t}"
         gate = plain(decl.gate, f"{key}.gate") if isinstance(decl.gate, ast.Choice) else decl.gate.text
-        loss_name = decl.loss.name.text if decl.loss else ("ce" if s == LABEL else "kl")
+        natural = "ce" if s == LABEL else "kl"
+        loss_name = decl.loss.name.text if decl.loss else natural
         args = {a.name.text: a for a in decl.loss.args} if decl.loss else {}
+        if decl.bulk and loss_name != natural and loss_name in ("ce", "kl"):
+            # `edges * -> * : through kl(T=2)` covers label edges too: those stay cross-entropy
+            # (eq. 1) and keep only the options cross-entropy has; node pairs stay KL likewise.
+            loss_name = natural
+            args = {k: a for k, a in args.items() if k in registry.LOSSES[natural]}
         T = plain(args["T"].value, f"{key}.T") if "T" in args else 1.0
         weight = plain(args["weight"].value, f"{key}.weight") if "weight" in args else 1.0
         g.add_edge(s, t, spec=EdgeSpec(s, t, gate, loss_name, _num(T), _num(weight), decl.bulk,
@@ -293,6 +299,8 @@ def _train_spec(module: ast.Module) -> TrainSpec:
         elif isinstance(value, ast.Call):
             name = value.name.text
             given = {a.name.text: plain(a.value, f"train.{key}.{a.name.text}") for a in value.args}
+        elif isinstance(value, ast.Choice):
+            return cls(plain(value, f"train.{key}"), {})  # rejected by check_values (E400)
         else:
             return cls(str(_options_text(value)), {})
         defaults = {k: o.default for k, o in table.get(name, {}).items()}

@@ -6,6 +6,7 @@ without it. Paths are relative to the `.kt` file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dclang.diagnostics import Diagnostic, error
@@ -30,15 +31,26 @@ def check_checkpoints(module: ast.Module, graph) -> list[Diagnostic]:
         from dclang.checkpoints import CheckpointError, read_node_checkpoint
 
         model = None if isinstance(spec.model, (Open, tuple)) else spec.model
-        classes = None
+        classes, shape = None, {}
         if data is not None and isinstance(data.dataset, str):
             from dclang.registry import dataset_info
 
             info = dataset_info(data.dataset)
             classes = info.num_classes if info is not None and info.num_classes else None
+            if info is not None and info.channels and info.image_size:
+                # a bare state_dict is checked by loading it into a model built for these images
+                shape = {"in_channels": info.channels, "image_size": info.image_size}
         try:
-            read_node_checkpoint(path, model=model, num_classes=classes)
+            read_node_checkpoint(path, model=model, num_classes=classes, **shape)
         except CheckpointError as exc:
-            out.append(error(exc.code, f"checkpoint `{attr.value.value}`: {exc}", attr.value.span,
+            out.append(error(exc.code, f"checkpoint `{attr.value.value}`: {_plain(str(exc))}", attr.value.span,
                              help=exc.help))
+        except Exception as exc:  # torch.load raises more kinds than it documents (KeyError on text files)
+            out.append(error("E601", f"checkpoint `{attr.value.value}`: cannot be read ({type(exc).__name__})",
+                             attr.value.span, help="the file is corrupt, truncated, or not a PyTorch checkpoint"))
     return out
+
+
+def _plain(message: str) -> str:
+    """torch's own messages may carry terminal colour codes; a diagnostic is plain text."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", message)

@@ -11,6 +11,7 @@ from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.diagnostics import suggest
 from dclang.ir import LABEL, expand_edges
 from dclang.syntax import ast
+from dclang.syntax.format import format_value
 
 
 def _choice_names(expr) -> list[ast.Ident | ast.Name]:
@@ -87,6 +88,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
                 out.append(error("E203", f"unknown loss `{name}`", edge.loss.name.span, "no loss with this name",
                                  help=did_you_mean(name, registry.LOSSES, "losses")))
             else:
+                out += _check_repeated_args(edge.loss)
                 for arg in edge.loss.args:
                     if arg.name.text not in registry.LOSSES[name]:
                         out.append(error("E206", f"`{name}` has no option `{arg.name.text}`", arg.name.span,
@@ -138,10 +140,24 @@ def _check_blocks(module: ast.Module) -> list[Diagnostic]:
                 out.append(error("E207", f"unknown {key} `{name}`", span, f"no {key} with this name",
                                  help=did_you_mean(name, table, f"{key}s")))
             elif isinstance(value, ast.Call):
+                out += _check_repeated_args(value)
                 for arg in value.args:
                     if arg.name.text not in table[name]:
                         out.append(error("E206", f"`{name}` has no option `{arg.name.text}`", arg.name.span,
                                          help=did_you_mean(arg.name.text, table[name], "options")))
+    return out
+
+
+def _check_repeated_args(call: ast.Call) -> list[Diagnostic]:
+    """`kl(T=2, T=3)`: only one of them could be meant, so neither silently wins."""
+    out: list[Diagnostic] = []
+    seen: dict[str, ast.Argument] = {}
+    for arg in call.args:
+        key = arg.name.text
+        if key in seen:
+            out.append(error("E407", f"`{key}` given twice to `{call.name.text}`", arg.name.span,
+                             help=f"first given as `{key}={format_value(seen[key].value)}`; keep one"))
+        seen.setdefault(key, arg)
     return out
 
 

@@ -20,6 +20,9 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
     live = nx.DiGraph()
     live.add_nodes_from(graph.nodes)
     live.add_edges_from((s, t) for s, t, e in graph.edges(data="spec") if e.gate != "cutoff" or isinstance(e.gate, Open))
+    # an ensemble's members reach whatever the ensemble reaches
+    live.add_edges_from((m, n) for n, spec in graph.nodes(data="spec") if spec.is_ensemble
+                        for m in spec.model if m in live)
     return nx.ancestors(live, target) | {target}
 
 

@@ -95,13 +95,20 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
                 option = table.get(setting.key.text)
                 if option is None:
                     continue
+                if setting.key.text in ("optimizer", "schedule") and isinstance(setting.value, ast.Choice):
+                    out.append(error("E400", f"`{setting.key.text}` cannot be a `choice(...)`", setting.value.span,
+                                     "not a search site",
+                                     help="keep the name fixed and put the choice on its options, for example "
+                                          + ("`sgd(lr=choice(0.1, 0.05))`" if setting.key.text == "optimizer"
+                                             else "`step(milestones=[60, 120, 180], gamma=choice(0.1, 0.2))`")))
+                    continue
                 out += check_value(setting.value, option.type, setting.key.text, f"`{setting.key.text}`")
                 if setting.key.text in ("optimizer", "schedule"):
                     sub = registry.OPTIMIZERS if setting.key.text == "optimizer" else registry.SCHEDULES
                     out += _check_call(setting.value, sub, setting.key.text)
     out += _check_milestones(module)
     for decl in module.of(ast.NodeDecl):
-        if isinstance(decl.model, ast.Choice) and not decl.model.options:
+        if isinstance(decl.model, ast.Choice):  # empty, or an option that is not a model name
             out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
         init = decl.attribute("init")
         if init is not None:
@@ -116,7 +123,7 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
                 out.append(error("E400", f"`{flag}` takes no value", attr.value.span,
                                  help=f"write `[{flag}]`"))
     for edge in module.of(ast.EdgeDecl):
-        if isinstance(edge.gate, ast.Choice) and not edge.gate.options:
+        if isinstance(edge.gate, ast.Choice):  # empty, or an option that is not a gate name
             out += check_value(edge.gate, "name", "gate", "the gate")
         if edge.loss is not None and edge.loss.name.text in registry.LOSSES:
             for arg in edge.loss.args:

@@ -14,7 +14,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 from lark.lark import PostLex
 
-from dclang.diagnostics import Diagnostic, Span, error
+from dclang.diagnostics import Diagnostic, Span, error, suggest
 from dclang.syntax import ast
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
@@ -205,17 +205,121 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
                      f"expected {expected}" if expected else "the file ends too early")
     assert isinstance(exc, UnexpectedToken)
     token = exc.token
-    if token.type == "$END":
+    at_end = token.type == "$END"
+    code = "E102" if at_end else "E100"  # LALR reports the end of the file as a token, not as UnexpectedEOF
+    if at_end:
         lines = text.splitlines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
     elif token.type == "_NL":
         span = Span(token.line, token.column, token.line, token.column + 1)
     else:
         span = Span.from_token(token)
-    expected = _expected_list(exc.expected)
+    tokens = _tokens(text)
+    unclosed = _unclosed_bracket(tokens, token)
+    if unclosed is not None:
+        close = _CLOSING[unclosed.type]
+        where = "the file ends" if at_end else f"line {token.line} is reached"
+        return error(code, f"unclosed `{unclosed}`", Span.from_token(unclosed), f"this `{unclosed}` is never closed",
+                     help=f"{where} while still inside it: add `{close}` where it should end")
+    named = _named_slip(tokens, token)
+    if named is not None:
+        message, where, label, help_text = named
+        return error(code, message, where, label, help=help_text)
+    expected = set(exc.expected)
+    if _open_brackets(tokens, token):
+        expected.discard("_NL")  # inside brackets a line end is never what is missing
+    expected = _expected_list(expected)
     help_text = _hint(exc)
-    return error("E100", f"unexpected {_token_text(token)}", span,
+    return error(code, f"unexpected {_token_text(token)}", span,
                  f"expected {expected}" if expected else "", help=help_text)
+
+
+_CLOSING = {"LPAR": ")", "LSQB": "]", "LBRACE": "}"}
+_MATCH = {"RPAR": "LPAR", "RSQB": "LSQB", "RBRACE": "LBRACE"}
+_KEYWORDS = {"GRAPH": "graph", "DATA": "data", "TRAIN": "train", "NODE": "node", "EDGES": "edges"}
+
+
+def _tokens(text: str) -> list[Token]:
+    """The file's tokens as far as the lexer gets (a stray character ends the list early)."""
+    out: list[Token] = []
+    try:
+        for tok in _parser().lex(text, dont_ignore=False):
+            out.append(tok)
+    except UnexpectedInput:
+        pass
+    return out
+
+
+def _before(tok: Token, error_token: Token) -> bool:
+    if error_token.type == "$END" or error_token.line is None:
+        return True
+    return (tok.line, tok.column) < (error_token.line, error_token.column)
+
+
+def _open_brackets(tokens: list[Token], error_token: Token) -> list[Token]:
+    """The brackets still open just before `error_token`, outermost first."""
+    stack: list[Token] = []
+    for tok in tokens:
+        if not _before(tok, error_token):
+            break
+        if tok.type in _OPEN:
+            stack.append(tok)
+        elif tok.type in _CLOSE and stack:
+            stack.pop()
+    return stack
+
+
+def _unclosed_bracket(tokens: list[Token], error_token: Token) -> Token | None:
+    """The bracket left open where parsing failed, when that, not the token, is the mistake.
+
+    It is: at the end of the file; at a closing bracket of another kind; or, for a bracket
+    opened on an earlier line, at a line that starts a new declaration (a keyword, or an edge).
+    """
+    stack = _open_brackets(tokens, error_token)
+    if not stack:
+        return None
+    top = stack[-1]
+    if error_token.type == "$END":
+        return top
+    if error_token.type in _MATCH:
+        return top if _MATCH[error_token.type] != top.type else None
+    if top.line >= error_token.line:
+        return None
+    line = [t for t in tokens if t.line == error_token.line]
+    starts_declaration = bool(line) and line[0].type in _KEYWORDS
+    is_edge = any(t.value == "->" for t in line)
+    return top if (starts_declaration or is_edge) else None
+
+
+def _named_slip(tokens: list[Token], error_token: Token) -> tuple[str, Span, str, str] | None:
+    """(message, span, label, help) for a declaration missing its `->` or `:`, a misspelt
+    keyword, or a setting outside its block."""
+    if error_token.type in ("_NL", "$END"):
+        return None
+    prior = [t for t in tokens if t.line == error_token.line and _before(t, error_token)]
+    if not prior or any(t.type in _OPEN for t in prior):
+        return None
+    first, values = prior[0], [t.value for t in prior]
+    here = Span.from_token(error_token)
+    if first.type == "NAME" and len(prior) == 1:
+        keyword = suggest(str(first), _KEYWORDS.values())
+        if keyword is not None and keyword != str(first):
+            return (f"unknown declaration `{first}`", Span.from_token(first), "not a keyword",
+                    f"did you mean `{keyword}`? (an edge is written `source -> target : gate`)")
+        if error_token.type == "EQUAL":
+            return (f"the setting `{first}` is outside a block", Span.from_token(first), "",
+                    "settings go inside `data DATASET { ... }` or `train { ... }`")
+    if first.type in ("NAME", "EDGES"):
+        if "->" not in values:
+            return ("missing `->` between source and target", here, "expected `->` before this",
+                    "an edge is written `source -> target : gate`")
+        if ":" not in values:
+            return ("missing `:` before the gate", here, "expected `:` before this",
+                    "an edge is written `source -> target : gate`, for example `label -> a : through`")
+    if first.type == "NODE" and ":" not in values:
+        return ("missing `:` between the node's name and its model", here, "expected `:` before this",
+                "a node is written `node NAME : MODEL`, for example `node a : resnet32 [target]`")
+    return None
 
 
 def _hint(exc: UnexpectedToken) -> str:
