@@ -3,6 +3,10 @@
 The target is red, frozen (pre-trained) nodes are blue, `label` is the ground-truth source,
 and every edge carries its gate (and its loss options when they are not the default).
 Cutoff edges carry nothing, so they are left out unless `show_cutoff` draws them dashed.
+Two edges between the same pair that say the same thing (mutual learning) are drawn as one
+two-headed arrow with one label, as the paper's Fig. 1b does. A value left open by a
+template (`choice(...)`) is drawn dashed with its options listed; each direction of an
+open pair keeps its own arrow, since each is a search site of its own.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ _PLAIN = {"style": "filled", "fillcolor": "white", "color": "black"}
 _LABEL = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f2f2f2", "color": "#555555"}
 
 
-def _text(value) -> str:
+def _text(value, per_line: int = 1) -> str:
     if isinstance(value, Open):
-        return "choice(" + " | ".join(str(o) for o in value.options) + ")"
+        options = [str(o) for o in value.options]
+        rows = [" | ".join(options[i:i + per_line]) for i in range(0, len(options), per_line)]
+        return " |\n".join(rows) if rows else "choice()"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -33,12 +39,17 @@ def _text(value) -> str:
 
 def edge_label(spec: EdgeSpec) -> str:
     """The gate, then any loss option that differs from its default (`T`, `weight`)."""
-    parts = [_text(spec.gate)]
+    parts = [_text(spec.gate, per_line=2)]
     if spec.T != 1.0:
         parts.append(f"T={_text(spec.T)}")
     if spec.weight != 1.0:
         parts.append(f"×{_text(spec.weight)}")
     return " ".join(parts)
+
+
+def _is_open_edge(spec: EdgeSpec) -> bool:
+    """Open edges are never merged: each direction is a search site of its own."""
+    return any(isinstance(v, Open) for v in (spec.gate, spec.T, spec.weight))
 
 
 def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
@@ -59,17 +70,27 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
     dot.attr("edge", fontname="Helvetica", fontsize="10", arrowsize="0.8")
     for name, spec in graph.nodes(data="spec"):
         style = _LABEL if spec.is_label else _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+        if isinstance(spec.model, Open):  # a model left open by a template: dashed outline
+            style = {**style, "style": style["style"] + ",dashed"}
         dot.node(name, node_label(spec, params), **style)
     with dot.subgraph() as top:  # the paper draws the label source above the models
         top.attr(rank="min")
         top.node(LABEL)
+    drawn: dict[tuple[str, str], dict[str, str]] = {}
     for source, target, spec in graph.edges(data="spec"):
         if spec.gate == "cutoff":
-            if show_cutoff:
-                dot.edge(source, target, label="cutoff", style="dashed", color="#999999", fontcolor="#999999")
+            if not show_cutoff:
+                continue
+            attrs = {"label": "cutoff", "style": "dashed", "color": "#999999", "fontcolor": "#999999"}
+        else:
+            attrs = {"label": edge_label(spec), **({"style": "dashed"} if isinstance(spec.gate, Open) else {})}
+        back = drawn.get((target, source))
+        if back is not None and back == attrs and not _is_open_edge(spec):
+            back["dir"] = "both"  # mutual edges that say the same thing: one two-headed arrow
             continue
-        attrs = {"style": "dashed"} if isinstance(spec.gate, Open) else {}
-        dot.edge(source, target, label=edge_label(spec), **attrs)
+        drawn[(source, target)] = attrs
+    for (source, target), attrs in drawn.items():
+        dot.edge(source, target, **attrs)
     return dot
 
 
