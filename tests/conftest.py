@@ -1,0 +1,102 @@
+"""Shared pytest options and fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+# ---------------------------------------------------------------- golden files
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="Rewrite golden files (tests/golden/*, tests/invalid/*.expected) from the current "
+                          "output instead of comparing against them.")
+
+
+@pytest.fixture
+def golden(request):
+    """`golden(path, actual)`: assert `actual` equals the file's text, or rewrite it under --update-golden."""
+    update = request.config.getoption("--update-golden")
+
+    def compare(path: Path, actual: str) -> None:
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists() or path.read_text(encoding="utf-8") != actual:
+                path.write_text(actual, encoding="utf-8")
+            return
+        if not path.exists():
+            pytest.fail(f"no golden file {path}; run `pytest --update-golden` and review the new file")
+        expected = path.read_text(encoding="utf-8")
+        assert actual == expected, f"{path} differs; if the change is intended, run `pytest --update-golden`"
+
+    return compare
+
+
+# ================================================================ dclang search
+# Fixtures of the search tests (tests/test_search*.py). Workers are real processes
+# (`python -m dclang search --worker`), so these run the CLI in a subprocess, with
+# tests/ importable for the cheap deterministic trainer `fake_trainer:train`.
+
+import os as _os
+import shutil as _shutil
+import subprocess as _subprocess
+import sys as _sys
+
+_TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def search_env():
+    """Environment for `dclang search` subprocesses: tests/ on the path (fake_trainer), fast fake epochs."""
+    env = dict(_os.environ)
+    env["PYTHONPATH"] = _os.pathsep.join(p for p in (str(_TESTS), env.get("PYTHONPATH")) if p)
+    env.setdefault("DCLANG_FAKE_SLEEP", "0.05")
+    return env
+
+
+@pytest.fixture
+def run_search(search_env):
+    """`run_search(*args, env=None, timeout=120)`: run `python -m dclang search ARGS`, return the CompletedProcess."""
+
+    def run(*args, env=None, timeout=120):
+        return _subprocess.run([_sys.executable, "-m", "dclang", "search", *map(str, args)], capture_output=True,
+                               text=True, env={**search_env, **(env or {})}, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def study_trials():
+    """`study_trials(storage, name)`: every trial of a study, read from its storage."""
+    from dclang.search.study import load_study, open_storage
+
+    def read(storage, name):
+        study, config = load_study(open_storage(str(storage)), name)
+        return study.get_trials(deepcopy=False), config
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL URL: $DCLANG_TEST_POSTGRES, else a server started by .ci/start-postgres
+    (as root, with PostgreSQL 15 installed) and stopped at the end; else the test skips."""
+    if _os.environ.get("DCLANG_TEST_POSTGRES"):
+        yield _os.environ["DCLANG_TEST_POSTGRES"]
+        return
+    initdb = Path("/usr/lib/postgresql/15/bin/initdb")
+    if _os.geteuid() != 0 or not initdb.exists() or _shutil.which("runuser") is None:
+        pytest.skip("no PostgreSQL: set DCLANG_TEST_POSTGRES=postgresql://..., or run as root with PostgreSQL 15 "
+                    "installed (apt-get install postgresql) so .ci/start-postgres can start one")
+    started = _subprocess.run(["bash", str(_TESTS.parent / ".ci" / "start-postgres")], capture_output=True,
+                              text=True, timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f".ci/start-postgres failed: {started.stderr.strip()[-500:]}")
+    folder = started.stderr.split("server in ", 1)[1].split(" ", 1)[0]
+    yield started.stdout.strip()
+    _subprocess.run(["runuser", "-u", "postgres", "--", str(initdb.parent / "pg_ctl"), "-D", f"{folder}/data",
+                     "-m", "immediate", "stop"], capture_output=True, timeout=60)
+    _shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""The `dclang` command line: help everywhere, check, draw, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dclang.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+INVALID = ROOT / "tests" / "invalid"
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in sorted(group.commands.items()):
+        yield prefix + (name,)
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", [()] + list(_commands(main)), ids=lambda p: " ".join(p) or "dclang")
+def test_help(runner, path):
+    result = runner.invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage:")
+    assert "Traceback" not in result.output
+
+
+def test_the_front_end_commands_exist():
+    assert {"check", "fmt", "draw"} <= set(main.commands)
+
+
+def _dclang(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dclang", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_ok_prints_a_summary(runner):
+    result = runner.invoke(main, ["check", "--no-params", str(EXAMPLES / "kd_dml.kt")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"{EXAMPLES / 'kd_dml.kt'}: ok, 3 nodes, 5 edges (5 live), target `student`, "
+                             "frozen: `teacher`\n")
+
+
+def test_check_names_the_search_sites_of_a_template(runner):
+    result = runner.invoke(main, ["check", str(EXAMPLES / "search3.kt")])
+    assert result.exit_code == 0
+    assert "template with 11 search sites" in result.stdout
+    assert "parameters" not in result.stdout, "a template has no fixed models to count"
+
+
+def test_check_counts_parameters(runner):
+    result = runner.invoke(main, ["check", str(EXAMPLES / "kd.kt")])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert any("student" in line and "resnet32" in line and "parameters" in line for line in lines)
+    assert any("teacher" in line and "resnet110" in line for line in lines)
+
+
+def test_check_errors_exit_1_with_every_diagnostic(runner):
+    path = INVALID / "several_mistakes.kt"
+    result = runner.invoke(main, ["check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.count("error[") == 13
+    assert f"{path}: 13 errors" in result.stderr
+    assert f"--> {path}:4:6" in result.stderr
+    assert "\x1b[" not in result.stderr, "no colour when not on a terminal"
+    assert "Traceback" not in result.output
+
+
+def test_check_several_files(runner):
+    good, bad = EXAMPLES / "single.kt", INVALID / "misspelt_gate.kt"
+    result = runner.invoke(main, ["check", "--no-params", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert f"{good}: ok" in result.stdout
+    assert "did you mean `through`?" in result.stderr
+
+
+def test_check_quiet_prints_only_problems(runner):
+    assert runner.invoke(main, ["check", "-q", str(EXAMPLES / "single.kt")]).output == ""
+    result = runner.invoke(main, ["check", "-q", str(INVALID / "warnings_only.kt")])
+    assert result.exit_code == 0
+    assert "warning[W500]" in result.stderr and result.stdout == ""
+
+
+def test_check_missing_file(runner, tmp_path):
+    result = runner.invoke(main, ["check", str(tmp_path / "nope.kt")])
+    assert result.exit_code == 1
+    assert "error[E001]: cannot read" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_a_traceback_and_its_absence_hides_it(tmp_path):
+    bad = INVALID / "misspelt_gate.kt"
+    plain = _dclang("draw", str(bad), "-o", str(tmp_path / "g.svg"))
+    assert plain.returncode == 1
+    assert "error[E202]: unknown gate `thruogh`" in plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = _dclang("--debug", "draw", str(bad), "-o", str(tmp_path / "g.svg"))
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "DiagnosticError" in debug.stderr
+
+
+# ---------------------------------------------------------------- draw
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF"), (".svg", b"<?xml"),
+                                           (".dot", b"digraph")])
+def test_draw_formats(runner, tmp_path, suffix, magic):
+    out = tmp_path / f"kd_dml{suffix}"
+    result = runner.invoke(main, ["draw", str(EXAMPLES / "kd_dml.kt"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {out}\n"
+    assert out.read_bytes().startswith(magic)
+
+
+def _svg(runner, tmp_path, example: str, *flags: str) -> str:
+    out = tmp_path / f"{example}{'-'.join(flags)}.svg"
+    result = runner.invoke(main, ["draw", str(EXAMPLES / f"{example}.kt"), "-o", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    return out.read_text(encoding="utf-8")
+
+
+def test_draw_svg_reads_like_the_paper(runner, tmp_path):
+    svg = _svg(runner, tmp_path, "kd_dml")
+    for text in ("student", "peer", "teacher", "resnet32", "resnet110", "Label", "through", "linear", "correct",
+                 "correct T=2"):
+        assert f">{text}<" in svg, text
+    assert 'fill="#e8474b"' in svg, "the target is red"
+    assert 'fill="#3b6fd4"' in svg, "the frozen teacher is blue"
+    assert svg.count('fill="#e8474b"') == 1 and svg.count('fill="#3b6fd4"') == 1
+
+
+def test_draw_leaves_cutoff_edges_out_unless_asked(runner, tmp_path):
+    svg = _svg(runner, tmp_path, "fig3c_4nodes")
+    assert ">cutoff<" not in svg
+    assert svg.count('class="edge"') == 10, "only the live edges"
+    shown = _svg(runner, tmp_path, "fig3c_4nodes", "--show-cutoff")
+    assert ">cutoff<" in shown
+    assert shown.count('class="edge"') == 15, "16 edges; n2 -> n4 and n4 -> n2 share one two-headed arrow"
+
+
+def test_draw_merges_mutual_edges_that_say_the_same(runner, tmp_path):
+    svg = _svg(runner, tmp_path, "dml4")
+    assert svg.count('class="edge"') == 4 + 6, "four label edges and six two-headed arrows"
+
+
+def test_draw_unknown_format(runner, tmp_path):
+    result = runner.invoke(main, ["draw", str(EXAMPLES / "kd.kt"), "-o", str(tmp_path / "g.jpg")])
+    assert result.exit_code == 1
+    assert "unknown format `.jpg`" in result.stderr and ".svg" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_draw_without_graphviz_installed(tmp_path):
+    """With no `dot` on PATH, `.dot` output still works and pictures say what to install."""
+    env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
+    dot = _dclang("draw", "examples/kd.kt", "-o", str(tmp_path / "g.dot"), env=env)
+    assert dot.returncode == 0, dot.stderr
+    assert (tmp_path / "g.dot").read_text(encoding="utf-8").startswith("digraph kd {")
+    svg = _dclang("draw", "examples/kd.kt", "-o", str(tmp_path / "g.svg"), env=env)
+    assert svg.returncode == 1
+    assert "Graphviz's `dot` program is not installed" in svg.stderr
+    assert "apt-get install graphviz" in svg.stderr and "g.dot" in svg.stderr
+    assert "Traceback" not in svg.stderr
+    assert not (tmp_path / "g.svg").exists()

@@ -1,0 +1,174 @@
+"""`dclang fmt`: canonical, idempotent, comment-keeping, and never a change to the graph."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dclang.api import check
+from dclang.cli import main
+from dclang.ir import build_graph
+from dclang.syntax.format import format_module
+from dclang.syntax.parser import parse_module
+from test_golden import ir_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+SOURCES = (sorted((ROOT / "examples").glob("*.kt")) + sorted(GOLDEN.glob("*.kt")) + sorted(GOLDEN.glob("*.fmt"))
+           + sorted((ROOT / "tests" / "invalid").glob("*.kt")))
+PARSEABLE = [p for p in SOURCES if parse_module(p.read_text(encoding="utf-8"))[0] is not None]
+
+
+def _fmt(text: str) -> str:
+    module, diags = parse_module(text)
+    assert module is not None, diags
+    return format_module(module)
+
+
+def _ir(text: str) -> str:
+    module, _ = parse_module(text)
+    graph, _ = build_graph(module)
+    return ir_summary(graph, positions=False)
+
+
+def _codes(text: str) -> list[str]:
+    return sorted(d.code for d in check(text).diagnostics)
+
+
+def test_corpus_is_large():
+    assert len(PARSEABLE) >= 50
+
+
+@pytest.mark.parametrize("path", PARSEABLE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_round_trip(path):
+    text = path.read_text(encoding="utf-8")
+    once = _fmt(text)
+    assert _fmt(once) == once, "formatting is idempotent"
+    assert _ir(once) == _ir(text), "formatting never changes the graph"
+    assert _codes(once) == _codes(text), "nor which mistakes are reported"
+    module, _ = parse_module(text)
+    assert sorted(c.text for c in parse_module(once)[0].comments) == sorted(c.text for c in module.comments)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.kt")), ids=lambda p: p.name)
+def test_examples_are_canonical(path):
+    text = path.read_text(encoding="utf-8")
+    assert _fmt(text) == text
+
+
+COMMENTED = """\
+# leading comment of the file
+graph g   # trailing comment after graph
+
+data digits { # after the opening brace
+  # leading comment of a setting
+  val_split = 300    # trailing comment of a setting
+  # comment before the closing brace
+}   # comment after the closing brace
+
+train {
+  epochs = 8
+}
+# leading comment of a node
+node a : cnn_tiny [target]   # trailing comment of a node
+node bb : mlp
+
+# leading comment of an edge
+label -> a : through   # trailing comment of an edge
+label -> bb : through
+bb -> a : through
+# comment at the end of the file
+"""
+
+CANONICAL = """\
+# leading comment of the file
+graph g  # trailing comment after graph
+
+data digits {
+  # after the opening brace
+  # leading comment of a setting
+  val_split = 300  # trailing comment of a setting
+  # comment before the closing brace
+}  # comment after the closing brace
+
+train {
+  epochs = 8
+}
+
+# leading comment of a node
+node a  : cnn_tiny [target]  # trailing comment of a node
+node bb : mlp
+
+# leading comment of an edge
+label -> a  : through  # trailing comment of an edge
+label -> bb : through
+bb    -> a  : through
+
+# comment at the end of the file
+"""
+
+
+def test_comments_are_kept_in_place():
+    """Leading comments stay above their line, trailing ones at its end (two spaces before `#`),
+    a comment after `{` moves to the first line inside the block, one after `}` stays there."""
+    assert _fmt(COMMENTED) == CANONICAL
+    assert _fmt(CANONICAL) == CANONICAL
+
+
+def test_a_hash_inside_a_string_is_not_a_comment():
+    text = 'graph g\n\ndata npz {\n  path = "runs/#1/data.npz"  # the real comment\n}\n'
+    assert _fmt(text) == text
+    assert [c.text for c in parse_module(text)[0].comments] == ["# the real comment"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_fmt_prints_canonical_text(runner):
+    result = runner.invoke(main, ["fmt", str(GOLDEN / "messy.kt")])
+    assert result.exit_code == 0
+    assert result.stdout == (GOLDEN / "messy.fmt").read_text(encoding="utf-8")
+
+
+def test_fmt_check_exit_codes(runner, tmp_path):
+    canonical = ROOT / "examples" / "kd_dml.kt"
+    assert runner.invoke(main, ["fmt", "--check", str(canonical)]).exit_code == 0
+    messy = tmp_path / "messy.kt"
+    shutil.copy(GOLDEN / "messy.kt", messy)
+    result = runner.invoke(main, ["fmt", "--check", str(canonical), str(messy)])
+    assert result.exit_code == 1
+    assert f"{messy}: not in canonical form" in result.stderr
+    assert "kd_dml.kt" not in result.stderr
+    assert messy.read_text(encoding="utf-8") == (GOLDEN / "messy.kt").read_text(encoding="utf-8"), "--check writes nothing"
+
+
+def test_fmt_write_rewrites_only_what_changes(runner, tmp_path):
+    messy, canonical = tmp_path / "messy.kt", tmp_path / "kd_dml.kt"
+    shutil.copy(GOLDEN / "messy.kt", messy)
+    shutil.copy(ROOT / "examples" / "kd_dml.kt", canonical)
+    before = canonical.stat().st_mtime_ns
+    result = runner.invoke(main, ["fmt", "-w", str(messy), str(canonical)])
+    assert result.exit_code == 0
+    assert messy.read_text(encoding="utf-8") == (GOLDEN / "messy.fmt").read_text(encoding="utf-8")
+    assert f"formatted {messy}" in result.stderr and "kd_dml" not in result.stderr
+    assert canonical.stat().st_mtime_ns == before
+    assert runner.invoke(main, ["fmt", "--check", str(messy)]).exit_code == 0
+
+
+def test_fmt_of_a_file_with_a_syntax_error(runner, tmp_path):
+    bad = tmp_path / "bad.kt"
+    bad.write_text("graph g\nlabel a : through\n", encoding="utf-8")
+    for args in (["fmt", str(bad)], ["fmt", "--check", str(bad)], ["fmt", "-w", str(bad)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 1
+        assert "error[E100]: missing `->` between source and target" in result.stderr
+        assert "Traceback" not in result.output
+    assert bad.read_text(encoding="utf-8") == "graph g\nlabel a : through\n"
