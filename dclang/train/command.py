@@ -1,0 +1,207 @@
+"""`dclang run` and `dclang report`, added to the CLI group by `dclang.cli`.
+
+This module is imported when the CLI starts, so torch is imported only inside the commands.
+`--set key=value` edits the file's text (through the AST's spans) and the edited text is
+checked like any file, so a mistake in an override is reported at its place, with a caret.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dclang import registry
+from dclang.diagnostics import DiagnosticError, UserError, render_all
+from dclang.syntax import ast
+from dclang.syntax.parser import parse_module
+
+SET_FORMS = ("data.dataset", "data.KEY", "train.KEY", "train.optimizer.ARG", "train.schedule.ARG",
+             "NODE.model", "SOURCE->TARGET.gate")
+
+
+# ---------------------------------------------------------------- --set
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    """The index in `text` of a 1-based (line, column)."""
+    lines = text.splitlines(keepends=True)
+    return sum(len(s) for s in lines[:line - 1]) + column - 1
+
+
+def _start(text: str, node) -> int:
+    return _offset(text, node.span.line, node.span.column)
+
+
+def _end(text: str, node) -> int:
+    return _offset(text, node.span.end_line, node.span.end_column)
+
+
+def _insert_setting(text: str, block, key: str, value: str) -> str:
+    """`key = value` as the block's last setting: on a line of its own when the block's `}`
+    starts a line, else just before the `}`."""
+    close = _end(text, block) - 1
+    line_start = text.rfind("\n", 0, close) + 1
+    if text[line_start:close].strip() == "":
+        return f"{text[:line_start]}  {key} = {value}\n{text[line_start:]}"
+    return f"{text[:close]} {key} = {value} {text[close:]}"
+
+
+def _set_call_arg(text: str, block, setting_key: str, arg: str, value: str) -> str:
+    """Set `arg` inside the call of `setting_key` (`optimizer = sgd(lr=...)`), adding the
+    argument, the call, or the setting (with the language's default) where missing."""
+    setting = next((s for s in block.settings if s.key.text == setting_key), None)
+    if setting is None:
+        default = registry.TRAIN_SETTINGS[setting_key].default
+        return _insert_setting(text, block, setting_key, f"{default}({arg}={value})")
+    call = setting.value
+    if isinstance(call, ast.Ident):
+        return text[:_end(text, call)] + f"({arg}={value})" + text[_end(text, call):]
+    if not isinstance(call, ast.Call):
+        raise UserError(f"--set train.{setting_key}.{arg}: `{setting_key}` is not a call like `sgd(lr=0.1)`")
+    existing = call.arg(arg)
+    if existing is not None:
+        return text[:_start(text, existing.value)] + value + text[_end(text, existing.value):]
+    close = _end(text, call) - 1
+    return text[:close] + (", " if call.args else "") + f"{arg}={value}" + text[close:]
+
+
+def apply_override(text: str, module: ast.Module, key: str, value: str) -> str:
+    """The source text with one `--set key=value` applied (see `SET_FORMS`)."""
+    head, _, rest = key.partition(".")
+    if head == "data":
+        blocks = module.of(ast.DataBlock)
+        if not blocks:
+            raise UserError(f"--set {key}: the file has no `data` block to change")
+        block = blocks[0]
+        if rest == "dataset":
+            return text[:_start(text, block.dataset)] + value + text[_end(text, block.dataset):]
+        option = registry.DATA_SETTINGS.get(rest)
+        if option is not None and option.type == "str" and not value.startswith('"'):
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        setting = next((s for s in block.settings if s.key.text == rest), None)
+        if setting is None:
+            return _insert_setting(text, block, rest, value)
+        return text[:_start(text, setting.value)] + value + text[_end(text, setting.value):]
+    if head == "train":
+        if not module.of(ast.TrainBlock):  # add an empty one to put the setting in
+            text = text.rstrip("\n") + "\n\ntrain {\n}\n"
+            module, _ = parse_module(text)
+        block = module.of(ast.TrainBlock)[0]
+        setting_key, _, arg = rest.partition(".")
+        if arg:
+            if setting_key not in ("optimizer", "schedule"):
+                raise UserError(f"--set {key}: only `optimizer` and `schedule` take arguments",
+                                "write train.optimizer.lr=0.05 or train.schedule.gamma=0.2")
+            return _set_call_arg(text, block, setting_key, arg, value)
+        setting = next((s for s in block.settings if s.key.text == setting_key), None)
+        if setting is None:
+            return _insert_setting(text, block, setting_key, value)
+        return text[:_start(text, setting.value)] + value + text[_end(text, setting.value):]
+    if "->" in head and rest == "gate":
+        source, _, target = head.partition("->")
+        edge = next((e for e in module.of(ast.EdgeDecl)
+                     if not e.bulk and (e.source.text, e.target.text) == (source, target)), None)
+        if edge is None:  # an explicit edge overrides any `edges` line covering the pair
+            return text.rstrip("\n") + f"\n{source} -> {target} : {value}\n"
+        return text[:_start(text, edge.gate)] + value + text[_end(text, edge.gate):]
+    node = next((n for n in module.of(ast.NodeDecl) if n.name.text == head), None)
+    if node is not None and rest == "model":
+        return text[:_start(text, node.model)] + value + text[_end(text, node.model):]
+    raise UserError(f"--set {key}={value}: cannot tell what `{key}` names",
+                    "the keys are " + ", ".join(f"`{f}`" for f in SET_FORMS))
+
+
+def load_with_overrides(path: Path, overrides: tuple[str, ...]):
+    """Check `path` with every `--set` applied; DiagnosticError when it does not check."""
+    from dclang.api import check, check_file
+
+    checked = check_file(path)
+    text = checked.source
+    if not overrides or checked.module is None:
+        return checked
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        module, diags = parse_module(text)
+        if module is None:
+            raise DiagnosticError(diags, str(path), text)
+        text = apply_override(text, module, key.strip(), value.strip())
+    return check(text, str(path))
+
+
+# ---------------------------------------------------------------- run
+
+
+def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
+    if seed is not None and seeds:
+        raise click.UsageError("give --seed or --seeds, not both")
+    if not seeds:
+        return [seed]
+    try:
+        return [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise click.UsageError(f"--seeds expects comma-separated integers like 0,1,2, got {seeds!r}") from exc
+
+
+@click.command("run")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory [default: runs/<graph name>].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override the train block's epochs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, help="Override the train block's seed.")
+@click.option("--seeds", metavar="0,1,2", help="Several runs in turn, into RUN_DIR/seed0, RUN_DIR/seed1, ...")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where downloadable datasets live "
+              "[default: $DCLANG_DATA or ~/.cache/dclang/data].")
+@click.option("--engine", default="fused", show_default=True, help="fused, or reference (the paper's loop, slower).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting of the file before checking it, e.g. train.epochs=3, data.val_split=100, "
+                   "train.optimizer.lr=0.05, n2.model=cnn_small. Repeatable.")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
+@click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
+def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
+                seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
+                no_progress: bool) -> None:
+    """Train the graph in FILE and write a run directory (metrics, summary, checkpoints)."""
+    checked = load_with_overrides(file, overrides)
+    if not checked.ok:
+        raise DiagnosticError(checked.diagnostics, checked.path, checked.source)
+    if checked.diagnostics:  # warnings
+        click.echo(render_all(checked.diagnostics, checked.source, checked.path), err=True)
+    graph = checked.graph
+    if graph.graph["sites"]:
+        names = ", ".join(f"`{s.name}`" for s in graph.graph["sites"])
+        raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
+                        f"search it with `dclang search {file}`, or fix every choice with --set "
+                        f"(e.g. --set {graph.graph['sites'][0].name}=...)")
+    from dclang.train.loop import train_graph
+
+    root = run_dir or Path("runs") / graph.graph["name"]
+    plan = _seeds(seed, seeds)
+    for s in plan:
+        out = root / f"seed{s}" if seeds else root
+        if len(plan) > 1:
+            click.echo(f"run with seed {s} into {out}", err=True)
+        train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
+                    resume=resume, progress=not no_progress)
+    if len(plan) > 1:
+        click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+@click.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the plots [default: the first RUN_DIR's parent / report].")
+def report_command(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Per-node accuracy (mean ± std over runs of one graph) and plots, from run directories.
+
+    A RUN_DIR may also be a folder of runs (as `dclang run --seeds` writes).
+    """
+    from dclang.report import report
+
+    click.echo(report(list(run_dirs), out or run_dirs[0].resolve().parent / "report"))

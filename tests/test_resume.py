@@ -1,0 +1,92 @@
+"""A run killed with SIGKILL and resumed ends exactly as the uninterrupted run (CPU).
+
+Both runs are real `python -m dclang run` processes. On the CPU every operation is
+deterministic and the batches of an epoch depend only on (seed, epoch), so apart from the
+timing fields the metrics, the summary and the final weights must be identical.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from dclang.checkpoints import load_safely
+from dclang.train import RunDir
+from dclang.train.metrics import TIMING_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRAPH = textwrap.dedent("""\
+    graph resumable
+    data digits { val_split = 100  pad = 1 }
+    train { epochs = 6  batch = 64  optimizer = sgd(lr=0.1)  schedule = cosine }
+    node s : cnn_tiny [target]
+    node p : mlp
+    node t : mlp [frozen]
+    label -> s : through
+    label -> p : through
+    t -> s : linear
+    p -> s : correct
+    s -> p : through kl(T=2)
+    """)
+
+
+def dclang_run(kt: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dclang", "run", str(kt), "-o", str(out), "--device", "cpu",
+                             "--no-progress", *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    kt = tmp_path / "resumable.kt"
+    kt.write_text(GRAPH)
+    # One thread each: results must not depend on it, and two processes share two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DCLANG_CACHE": str(tmp_path / "cache")}
+
+    full = dclang_run(kt, tmp_path / "full", env)
+    killed_dir = RunDir(tmp_path / "killed")
+    killed = dclang_run(kt, killed_dir.root, env)
+    deadline = time.monotonic() + 240
+    while not killed_dir.metrics.is_file() or not killed_dir.metrics.read_text().strip():
+        assert killed.poll() is None, killed.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = len(killed_dir.read_metrics())
+    assert 1 <= done < 6, "the run should have been killed midway"
+
+    finish(dclang_run(kt, killed_dir.root, env, "--resume"))
+    finish(full)
+
+    full_dir = RunDir(tmp_path / "full")
+    assert untimed(killed_dir.read_metrics()) == untimed(full_dir.read_metrics())
+    assert len(full_dir.read_metrics()) == 6
+    timing = {"wall_seconds", "train_seconds", "steps_per_second"}
+    resumed_summary, full_summary = killed_dir.read_summary(), full_dir.read_summary()
+    assert {k: v for k, v in resumed_summary.items() if k not in timing} == \
+        {k: v for k, v in full_summary.items() if k not in timing}
+    for which in ("last", "best"):
+        a, b = load_safely(getattr(killed_dir, which)), load_safely(getattr(full_dir, which))
+        assert a["epoch"] == b["epoch"]
+        models_a = a["train_step"]["models"] if which == "last" else {n: c["state_dict"] for n, c in a["nodes"].items()}
+        models_b = b["train_step"]["models"] if which == "last" else {n: c["state_dict"] for n, c in b["nodes"].items()}
+        for node, state in models_a.items():
+            for name, tensor in state.items():
+                assert torch.equal(tensor, models_b[node][name]), (which, node, name)
