@@ -67,7 +67,10 @@ def load_safely(path: str | os.PathLike) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError("holds Python objects other than tensors, which a safe load refuses", "E601",
+                              "dclang never runs code from a checkpoint; save `model.state_dict()` instead") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot be read ({first})", "E601",
                               "the file is corrupt, truncated, or not a PyTorch checkpoint") from exc
@@ -98,7 +101,9 @@ def read_node_checkpoint(path: str | os.PathLike, *, model: str | None, num_clas
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                detail = str(exc).splitlines()[0]
+                # torch's first line only names the class; the lines after it say what differs
+                lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+                detail = "; ".join(lines[:2]) or str(exc).splitlines()[0]
                 raise CheckpointError(f"does not fit a `{model}` with {num_classes} classes ({detail})", "E602",
                                       "point `init` at a checkpoint of the same architecture and dataset") from exc
         return state

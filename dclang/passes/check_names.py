@@ -168,8 +168,14 @@ def _check_keys(settings, table, block: str) -> list[Diagnostic]:
         key = setting.key.text
         if key not in table:
             other = registry.TRAIN_SETTINGS if block == "data" else registry.DATA_SETTINGS
-            hint = (f"`{key}` belongs in the `{'train' if block == 'data' else 'data'}` block" if key in other
-                    else did_you_mean(key, table, f"{block} settings"))
+            other_block = "train" if block == "data" else "data"
+            near_other = suggest(key, other)
+            if key in other:
+                hint = f"`{key}` belongs in the `{other_block}` block"
+            elif suggest(key, table) is None and near_other is not None:
+                hint = f"did you mean `{near_other}`? it belongs in the `{other_block}` block"
+            else:
+                hint = did_you_mean(key, table, f"{block} settings")
             out.append(error("E205", f"unknown {block} setting `{key}`", setting.key.span, help=hint))
         elif key in seen:
             out.append(error("E407", f"`{key}` set twice", setting.key.span,

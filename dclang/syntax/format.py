@@ -77,11 +77,18 @@ def _anchors(module: ast.Module) -> list[tuple[object, object]]:
 
 
 def _attach(module: ast.Module):
+    """Give each comment a home: the file's header, a declaration, a block's end, or the tail.
+
+    The comment lines that open the file are its header and stay on top when a blank line
+    or the `graph` declaration follows them, even if the canonical order moves the
+    declaration below them down.
+    """
     notes: dict[int, _Notes] = {}
     footers: dict[int, list[str]] = {}  # comments before a block's `}`
     tail: list[str] = []
     anchors = _anchors(module)
-    for comment in module.comments:
+    header, glued = _header(anchors, module.comments)
+    for comment in module.comments[len(header):]:
         line, col = comment.span.line, comment.span.column
         same_line = [(node, c) for node, c in anchors
                      if node.span.end_line == line and node.span.end_column <= col]
@@ -99,7 +106,24 @@ def _attach(module: ast.Module):
             notes.setdefault(id(after[0][0]), _Notes()).leading.append(comment.text)
         else:
             tail.append(comment.text)
-    return notes, footers, tail
+    return notes, footers, ([c.text for c in header], glued), tail
+
+
+def _header(anchors, comments) -> tuple[list[ast.Comment], bool]:
+    """The run of comments on lines 1, 2, ... that a blank line or `graph` ends, and whether
+    the `graph` line follows it directly (then the canonical text keeps them together)."""
+    run: list[ast.Comment] = []
+    for comment in comments:
+        if comment.span.line != len(run) + 1 or comment.span.column != 1:
+            break
+        run.append(comment)
+    if not run:
+        return [], False
+    following = next((node for node, _ in anchors if node.span.line > run[-1].span.line), None)
+    glued = following is not None and following.span.line == run[-1].span.line + 1
+    if glued and not isinstance(following, ast.GraphDecl):
+        return [], False  # it describes the declaration below it, and moves with it
+    return run, glued
 
 
 # ---------------------------------------------------------------- layout
@@ -107,7 +131,7 @@ def _attach(module: ast.Module):
 
 def format_module(module: ast.Module) -> str:
     """The canonical text of a module (ends with one newline)."""
-    notes, footers, tail = _attach(module)
+    notes, footers, header, tail = _attach(module)
 
     def emit(lines: list[str], node, text: str, indent: str = "") -> None:
         note = notes.get(id(node), _Notes())
@@ -159,4 +183,9 @@ def format_module(module: ast.Module) -> str:
 
     if tail:
         sections.append(tail)
-    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+    body = "\n\n".join("\n".join(section) for section in sections)
+    lines, glued = header
+    if lines:
+        return "\n".join(lines) + ("\n" if glued else "\n\n") + body + "\n"
+    return body + "\n"
+
