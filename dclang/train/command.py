@@ -37,6 +37,11 @@ def _end(text: str, node) -> int:
     return _offset(text, node.span.end_line, node.span.end_column)
 
 
+def _replace(text: str, node, value: str) -> str:
+    """`text` with the source of AST `node` replaced by `value`."""
+    return text[:_start(text, node)] + value + text[_end(text, node):]
+
+
 def _insert_setting(text: str, block, key: str, value: str) -> str:
     """`key = value` as the block's last setting: on a line of its own when the block's `}`
     starts a line, else just before the `}`."""
@@ -61,7 +66,7 @@ def _set_call_arg(text: str, block, setting_key: str, arg: str, value: str) -> s
         raise UserError(f"--set train.{setting_key}.{arg}: `{setting_key}` is not a call like `sgd(lr=0.1)`")
     existing = call.arg(arg)
     if existing is not None:
-        return text[:_start(text, existing.value)] + value + text[_end(text, existing.value):]
+        return _replace(text, existing.value, value)
     close = _end(text, call) - 1
     return text[:close] + (", " if call.args else "") + f"{arg}={value}" + text[close:]
 
@@ -75,14 +80,14 @@ def apply_override(text: str, module: ast.Module, key: str, value: str) -> str:
             raise UserError(f"--set {key}: the file has no `data` block to change")
         block = blocks[0]
         if rest == "dataset":
-            return text[:_start(text, block.dataset)] + value + text[_end(text, block.dataset):]
+            return _replace(text, block.dataset, value)
         option = registry.DATA_SETTINGS.get(rest)
         if option is not None and option.type == "str" and not value.startswith('"'):
             value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         setting = next((s for s in block.settings if s.key.text == rest), None)
         if setting is None:
             return _insert_setting(text, block, rest, value)
-        return text[:_start(text, setting.value)] + value + text[_end(text, setting.value):]
+        return _replace(text, setting.value, value)
     if head == "train":
         if not module.of(ast.TrainBlock):  # add an empty one to put the setting in
             text = text.rstrip("\n") + "\n\ntrain {\n}\n"
@@ -97,17 +102,17 @@ def apply_override(text: str, module: ast.Module, key: str, value: str) -> str:
         setting = next((s for s in block.settings if s.key.text == setting_key), None)
         if setting is None:
             return _insert_setting(text, block, setting_key, value)
-        return text[:_start(text, setting.value)] + value + text[_end(text, setting.value):]
+        return _replace(text, setting.value, value)
     if "->" in head and rest == "gate":
         source, _, target = head.partition("->")
         edge = next((e for e in module.of(ast.EdgeDecl)
                      if not e.bulk and (e.source.text, e.target.text) == (source, target)), None)
         if edge is None:  # an explicit edge overrides any `edges` line covering the pair
             return text.rstrip("\n") + f"\n{source} -> {target} : {value}\n"
-        return text[:_start(text, edge.gate)] + value + text[_end(text, edge.gate):]
+        return _replace(text, edge.gate, value)
     node = next((n for n in module.of(ast.NodeDecl) if n.name.text == head), None)
     if node is not None and rest == "model":
-        return text[:_start(text, node.model)] + value + text[_end(text, node.model):]
+        return _replace(text, node.model, value)
     raise UserError(f"--set {key}={value}: cannot tell what `{key}` names",
                     "the keys are " + ", ".join(f"`{f}`" for f in SET_FORMS))
 

@@ -34,7 +34,6 @@ class EpochStats:
         self.sums: torch.Tensor | None = None
         self.first_bad: torch.Tensor | None = None  # 0: finite so far, else the first bad update k
         self.samples = 0
-        self.steps = 0
         self._is_mean: torch.Tensor | None = None
 
     def add(self, stats: StepStats, batch_size: int, k: int) -> None:
@@ -49,7 +48,6 @@ class EpochStats:
         self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
         self.sums += torch.where(self._is_mean, values * batch_size, values)
         self.samples += batch_size
-        self.steps += 1
 
     def read(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
         """(epoch means / accuracies per (field, name), first non-finite update per key):
