@@ -1,0 +1,287 @@
+"""The Optuna study behind a search: its storage, its stored configuration, and its upkeep.
+
+A study is created once, by `dclang search`, and its configuration (the template text,
+sampler, pruner, epochs, seed, the trial budget) goes into the study's user attributes.
+Every worker, also one joining from another machine with `--worker`, rebuilds its sampler and
+pruner from that stored configuration and never from its own flags: a study searched by
+workers that disagree on the pruner or the template would be no single experiment.
+
+Upkeep: a worker that dies (SIGKILL, a lost machine) leaves its trial RUNNING. On the journal
+file there is no heartbeat, so each RUNNING trial records the pid, its start time and the host
+of its worker (user attribute `owner`); any process of the search on that host (the parent
+while it waits, every worker at start and before each trial) fails a trial whose worker is
+gone and enqueues a retry with the same parameters. On an RDB storage (PostgreSQL) Optuna's heartbeat does the
+same for workers on other machines, with the same retry.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from dclang.diagnostics import UserError
+
+#: the study user attribute that holds the configuration
+CONFIG_ATTR = "dclang_search"
+CONFIG_FORMAT = "dclang-search/1"
+#: a trial whose worker died is run again at most this many times (then it stays FAIL)
+MAX_RETRY = 2
+#: RDB heartbeat: a RUNNING trial silent for GRACE_PERIOD seconds is failed and retried
+HEARTBEAT_INTERVAL = 30
+GRACE_PERIOD = 120
+#: the states that count towards the trial budget: trials that were trained (or reused)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What makes a search one experiment; stored in the study when it is created."""
+
+    template: str  # the prepared template (epochs written in, `init` paths absolute)
+    template_path: str
+    sampler: str
+    seed: int
+    pruner: str
+    eta: int
+    min_resource: int
+    epochs: int
+    trials: int
+    format: str = CONFIG_FORMAT
+
+    def to_attr(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_attr(cls, attr: dict[str, Any]) -> "StudyConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in attr.items() if k in names})
+
+    def sampler_for(self, worker: str, joined_at: int = 0) -> optuna.samplers.BaseSampler:
+        """The study's sampler, seeded per worker and per the number of trials the study had
+        when the worker joined: workers seeded alike would draw the same graphs, and so would
+        a worker restarted (after a kill, on --resume) with its old seed. The same search
+        started afresh draws the same graphs again."""
+        seed = zlib.crc32(f"{self.seed}/{worker}/{joined_at}".encode("utf-8"))
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        # constant_liar: a running trial counts as a poor result, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if self.pruner == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_resource,
+                                                          reduction_factor=self.eta, min_early_stopping_rate=0)
+        if self.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=self.min_resource, max_resource=self.epochs,
+                                                  reduction_factor=self.eta)
+        return optuna.pruners.NopPruner()
+
+    def rungs(self) -> list[int]:
+        """The epochs at which the pruner may stop a trial: min_resource × eta^k before the
+        last epoch (paper 3.5: epochs 1, 2, 4, ..., 2^k)."""
+        if self.pruner == "none":
+            return []
+        out, epoch = [], self.min_resource
+        while epoch < self.epochs:
+            out.append(epoch)
+            epoch *= self.eta
+        return out
+
+
+# ---------------------------------------------------------------- storage
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A journal file for a path, an RDB storage for a URL (`postgresql://`, `sqlite:///`).
+
+    The journal file needs no server and is safe for many processes on one machine (and on a
+    shared file system with working locks). PostgreSQL serves many machines; its workers send
+    a heartbeat, and a trial whose worker goes silent is failed and retried.
+    """
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite"):
+        warnings.warn("SQLite locks the whole database on every write: with several workers they wait on each "
+                      "other and may fail with `database is locked`; use the journal file (the default) on one "
+                      "machine, or PostgreSQL for several", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(_with_driver(url), heartbeat_interval=HEARTBEAT_INTERVAL,
+                                              grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=retry)
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise UserError(f"cannot open the storage {redact(url)}: {exc}",
+                            "install the database driver (PostgreSQL: `pip install psycopg2-binary`)") from exc
+        except Exception as exc:  # sqlalchemy's errors: a wrong host, password or database
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open the storage {redact(url)}: {first}",
+                            "check the URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the server "
+                            "accepts connections from this machine") from exc
+
+
+def _with_driver(url: str) -> str:
+    """`postgresql://` with the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3, while dclang's `postgres` extra
+    installs psycopg2 (the driver most machines have): name psycopg2 when it is the one there.
+    """
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and files."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def create_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> optuna.Study:
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                    sampler=config.sampler_for("parent"), pruner=config.make_pruner())
+    except optuna.exceptions.DuplicatedStudyError as exc:
+        raise UserError(f"the storage already holds a study named `{name}`",
+                        "continue it with --resume, or name a new one with --study NAME") from exc
+    study.set_user_attr(CONFIG_ATTR, config.to_attr())
+    return study
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str, *,
+               worker: str = "parent") -> tuple[optuna.Study, StudyConfig]:
+    """The study and its stored configuration, with the stored sampler (seeded for `worker`)
+    and pruner."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        raise UserError(f"the storage holds no study named `{name}`",
+                        "start one with `dclang search --template T.kt --trials N -o OUT`") from None
+    attr = storage.get_study_user_attrs(study_id).get(CONFIG_ATTR)
+    if not attr or attr.get("format") != CONFIG_FORMAT:
+        raise UserError(f"the study `{name}` was not created by `dclang search` (or not yet fully)",
+                        "join a study only after `dclang search` has created it")
+    config = StudyConfig.from_attr(attr)
+    joined_at = len(storage.get_all_trials(study_id, deepcopy=False))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=config.sampler_for(worker, joined_at),
+                              pruner=config.make_pruner())
+    return study, config
+
+
+def set_trial_budget(study: optuna.Study, config: StudyConfig, trials: int) -> StudyConfig:
+    """Raise (or lower) the number of trials of a stopped study when it is resumed."""
+    config = StudyConfig.from_attr({**config.to_attr(), "trials": trials})
+    study.set_user_attr(CONFIG_ATTR, config.to_attr())
+    return config
+
+
+def counted(trials: list[FrozenTrial]) -> int:
+    return sum(t.state in COUNTED for t in trials)
+
+
+# ---------------------------------------------------------------- who runs a trial
+
+
+@lru_cache(maxsize=None)
+def host_id() -> str:
+    """This machine: its host name and boot id (two machines may share a host name, and a
+    pid means something only until the machine restarts)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = "noboot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def process_started(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, from /proc), "" where /proc
+    does not exist, None for no such process. A pid is reused after its process dies: the
+    start time tells the worker from a newcomer with the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else ""
+    except OSError:
+        return None
+    after = stat.rsplit(")", 1)[1].split()
+    return None if after[0] in ("Z", "X") else after[19]  # state, ..., starttime (field 22)
+
+
+def owner(worker: str) -> dict[str, Any]:
+    """What a worker records on the trial it runs (one attribute, written at once, so no
+    process ever sees half of it), so that the trial can be declared dead later."""
+    pid = os.getpid()
+    return {"worker": worker, "host": host_id(), "pid": pid, "started": process_started(pid)}
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    started = process_started(owner["pid"])
+    if started == "":  # no /proc (macOS): ask the kernel whether the pid exists
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return started is not None and started == owner["started"]
+
+
+def reap(study: optuna.Study) -> list[int]:
+    """Fail every RUNNING trial whose worker ran on this host and is gone, and enqueue its
+    retry; returns the numbers failed. Safe to run from many processes at once: failing a
+    trial is atomic in the storage, and only the process that failed it enqueues the retry."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = trial.user_attrs.get("owner")
+        if who is None or who["host"] != host_id() or _alive(who):
+            continue
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "failed", f"its worker {who['worker']} (pid {who['pid']} "
+                                                                    f"on {who['host'].split('/')[0]}) died")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another process failed it first and retries it
+        failed.append(trial.number)
+        retry(study, storage.get_trial(trial._trial_id))
+    return failed
+
+
+def retry(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Enqueue a trial with the parameters of `failed`, whose worker died or was stopped.
+
+    This is also the RDB heartbeat's callback. Optuna's own retry callback copies the failed
+    trial's system attributes, which hold the pruner's rung records, so the retry would skip
+    the rungs its predecessor passed; this one starts the retry afresh and notes `retry_of`.
+    """
+    count = failed.user_attrs.get("retry_count", 0) + 1
+    if count > MAX_RETRY:
+        return
+    study.enqueue_trial(failed.params, user_attrs={"retry_of": failed.number, "retry_count": count})
+
+
+__all__ = ["COUNTED", "CONFIG_ATTR", "MAX_RETRY", "StudyConfig", "counted", "create_study",
+           "host_id", "load_study", "open_storage", "owner", "reap", "redact", "retry", "set_trial_budget"]

@@ -1,0 +1,277 @@
+"""One search worker: ask the study for a trial, sample its graph, train it, report, repeat.
+
+A worker is one process with one dataset in memory. `dclang search` starts D of them on its
+machine (`python -m dclang search --worker ...`); more can join from other machines with the
+same command. A worker stops when the study has its number of trained trials (COMPLETE or
+PRUNED), so with D workers T <= finished <= T + D - 1.
+
+What a trial records (user attributes; the dashboard shows them):
+  owner                            who runs it: worker, host, pid, start time (see `study.reap`)
+  kt                               the sampled graph, as `trials/NNNN.kt` holds it
+  graph, dropped                   the trained graph's key (sha256) and the dead nodes left out
+  metrics                          per epoch: every node's val accuracy and train loss, seconds
+  invalid | error | failed         why it is FAIL: a sample that cannot train, an exception in
+                                   training, a worker that died or was stopped
+  duplicate_of                     the earlier trial of the same graph whose numbers it copied
+  retry_of, retry_count            the trial it runs again after that one's worker died
+Intermediate values are the target's validation accuracy, step = epoch (1-based).
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from dclang.api import parse
+from dclang.diagnostics import UserError
+from dclang.search.space import Realized, realize, search_space
+from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, retry
+
+#: a worker gives up after this many trials in a row raised (a broken setup, not a bad graph)
+MAX_ERRORS_IN_A_ROW = 5
+#: ... or after this many invalid samples in a row (a template that hardly ever gives a graph)
+MAX_INVALID_IN_A_ROW = 200
+#: seconds between looks at an earlier trial of the same graph that is still running
+WAIT_POLL = 1.0
+#: the `failed` note of a trial whose worker was stopped (Ctrl-C, SIGTERM): it is run again
+INTERRUPTED = "interrupted (SIGINT or SIGTERM)"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class InvalidSample(Exception):
+    """The sampled graph cannot be trained (its diagnostics are in the trial's `invalid`)."""
+
+
+def load_trainer(spec: str | None) -> Callable[..., Any]:
+    """`train_graph`, or `module:function` with its signature (the tests' cheap trainer).
+
+    A replacement trainer gets `dataset=None` and loads data itself if it needs any: the
+    dataset a worker holds is there to spare `train_graph` a load per trial, and loading it
+    (torch, scikit-learn) would cost a trainer that needs none more than its trials.
+    """
+    if spec is None:
+        from dclang.train.loop import train_graph
+
+        return train_graph
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"cannot load the trainer `{spec}`: {exc}", "give it as module:function") from exc
+
+
+class Objective:
+    """The function Optuna calls per trial, with what it needs loaded once per process."""
+
+    def __init__(self, study: optuna.Study, config: StudyConfig, *, worker: str, device: str,
+                 data_dir: str | None, teacher_cache: Path, trainer: Callable[..., Any], preload: bool):
+        self.study = study
+        self.config = config
+        self.worker = worker
+        self.device = device
+        self.data_dir = data_dir
+        self.teacher_cache = teacher_cache
+        self.trainer = trainer
+        self.preload = preload
+        self.template = parse(config.template)
+        self.space = search_space(self.template)
+        self.datasets: dict[tuple, Any] = {}
+        self.current: optuna.Trial | None = None
+        self.errors_in_a_row = 0
+        self.invalid_in_a_row = 0
+        self.stopped_because: str | None = None
+
+    def dataset(self, graph) -> Any:
+        """The dataset for a graph's data settings, loaded once per process."""
+        from dclang.data import DataError, load_dataset
+
+        spec = graph.graph["data"]
+        key = (spec.dataset, spec.val_split, spec.split_seed, spec.path)
+        if key not in self.datasets:
+            try:
+                self.datasets[key] = load_dataset(spec.dataset, data_dir=self.data_dir, val_split=spec.val_split,
+                                                  split_seed=spec.split_seed, path=spec.path)
+            except DataError as exc:
+                raise UserError(str(exc)) from exc
+        return self.datasets[key]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial
+        trial.set_user_attr("owner", owner(self.worker))
+        reap(self.study)
+        try:
+            params = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space}
+            sample = realize(self.template, params, space=self.space, path=self.config.template_path)
+            trial.set_user_attr("kt", sample.text)
+            trial.set_user_attr("graph", sample.key)
+            if sample.dropped:
+                trial.set_user_attr("dropped", list(sample.dropped))
+            if not sample.ok:
+                trial.set_user_attr("invalid", sample.problem)
+                raise InvalidSample(sample.problem.splitlines()[0])
+            earlier = self._same_graph(trial, sample.key)
+            if earlier is not None:
+                return self._copy(trial, earlier)
+            return self._train(trial, sample)
+        except (optuna.TrialPruned, InvalidSample, UpdateFinishedTrialError):
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failed", INTERRUPTED)
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _same_graph(self, trial: optuna.Trial, key: str) -> FrozenTrial | None:
+        """The earliest trial that trained this graph, waiting while it is still running.
+
+        Only earlier-numbered trials count, so two workers that draw one graph at the same
+        moment never wait on each other: the later one waits, the earlier one trains.
+        """
+        while True:
+            same = [t for t in self.study.get_trials(deepcopy=False)
+                    if t.number < trial.number and t.user_attrs.get("graph") == key
+                    and "duplicate_of" not in t.user_attrs]
+            done = [t for t in same if t.state in COUNTED]
+            if done:
+                return min(done, key=lambda t: t.number)
+            if not any(t.state == TrialState.RUNNING for t in same):
+                return None
+            time.sleep(WAIT_POLL)
+            reap(self.study)
+
+    def _copy(self, trial: optuna.Trial, earlier: FrozenTrial) -> float:
+        """Record an earlier trial's numbers for this one instead of training again.
+
+        The values are reported but `should_prune` is not asked: the pruner's rungs hold the
+        graph once, from the trial that trained it, so a graph drawn twice does not weigh twice.
+        """
+        trial.set_user_attr("duplicate_of", earlier.number)
+        trial.set_user_attr("metrics", earlier.user_attrs.get("metrics", []))
+        for step, value in sorted(earlier.intermediate_values.items()):
+            trial.report(value, step)
+        if earlier.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(f"the same graph as trial {earlier.number}, which was pruned")
+        return earlier.value
+
+    def _train(self, trial: optuna.Trial, sample: Realized) -> float:
+        graph = sample.checked.graph
+        target = graph.graph["target"]
+        last = self.config.epochs
+        metrics: list[dict] = []
+
+        def on_epoch(epoch: int, record: dict) -> None:
+            nodes = record["nodes"]
+            acc = nodes[target]["val_acc"]
+            if acc is None:
+                raise UserError("the validation split is empty, so search has nothing to score trials on",
+                                "set `val_split` in the template's data block")
+            metrics.append({"epoch": epoch, "val_acc": {n: v["val_acc"] for n, v in nodes.items()},
+                            "train_loss": {n: v.get("train_loss") for n, v in nodes.items()},
+                            "seconds": record.get("seconds")})
+            trial.set_user_attr("metrics", metrics)
+            trial.report(acc, epoch)
+            # a trial that trained to the last epoch is complete, never pruned
+            if epoch < last and trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {acc:.4f} at epoch {epoch} is below its rung's cut")
+
+        self.trainer(graph, run_dir=None, device=self.device, data_dir=self.data_dir, on_epoch=on_epoch,
+                     progress=False, teacher_cache=self.teacher_cache,
+                     dataset=self.dataset(graph) if self.preload else None)
+        if not metrics:
+            raise RuntimeError("the trainer returned without finishing an epoch")
+        return metrics[-1]["val_acc"][target]
+
+    def after(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's per-trial callback: stop a worker whose trials keep failing."""
+        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+            self.errors_in_a_row += 1
+            if self.errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                self.stopped_because = (f"{self.errors_in_a_row} trials in a row failed; the last: "
+                                        f"{trial.user_attrs['error']}")
+                study.stop()
+        elif trial.state == TrialState.FAIL and "invalid" in trial.user_attrs:
+            self.invalid_in_a_row += 1
+            if self.invalid_in_a_row >= MAX_INVALID_IN_A_ROW:
+                self.stopped_because = (f"{self.invalid_in_a_row} samples in a row could not be trained; the "
+                                        f"last:\n{trial.user_attrs['invalid']}")
+                study.stop()
+        else:
+            self.errors_in_a_row = self.invalid_in_a_row = 0
+
+
+def device_for(device: str, slot: int | None) -> str:
+    """The device of local worker `slot`: with several GPUs, `auto` and `cuda` deal the
+    parent's workers out over them (worker k on GPU k mod count)."""
+    if slot is None or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{slot % count}" if count > 1 else device
+
+
+def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
+               teacher_cache: Path, trainer: str | None = None, slot: int | None = None) -> None:
+    """Work on the study until it has its trials; a stopped worker's trial is retried.
+
+    `slot` is this worker's number among the workers `dclang search` started (None for a
+    worker that joined by itself)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
+    study, config = load_study(open_storage(storage_url), study_name, worker=worker)
+    real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
+    objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
+                          data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)
+    from dclang.ir import build_graph, is_open
+
+    template_graph, _ = build_graph(objective.template)
+    data = template_graph.graph["data"]
+    if objective.preload and not any(is_open(v) for v in (data.val_split, data.split_seed, data.path)):
+        objective.dataset(template_graph)  # a missing dataset stops the worker here, not every trial
+    reap(study)
+    if counted(study.get_trials(deepcopy=False)) >= config.trials:
+        say(f"worker {worker}: the study `{study_name}` already has its {config.trials} trials")
+        return
+    say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
+        f"{config.epochs} epochs, {config.trials} trials)")
+    stop = optuna.study.MaxTrialsCallback(config.trials, states=COUNTED)
+    try:
+        while True:
+            try:
+                study.optimize(objective, callbacks=[stop, objective.after], catch=(Exception,), gc_after_trial=True)
+                break
+            except (UpdateFinishedTrialError, ValueError):
+                # Another process failed this worker's trial (a heartbeat missed for longer than
+                # the grace period): Optuna cannot record its end, but the worker is fine.
+                frozen = objective.current and study._storage.get_trial(objective.current._trial_id)
+                if frozen is None or frozen.state != TrialState.FAIL or "failed" not in frozen.user_attrs:
+                    raise
+                say(f"worker {worker}: trial {frozen.number} was failed by another process "
+                    f"({frozen.user_attrs['failed']}); going on")
+                if objective.stopped_because or counted(study.get_trials(deepcopy=False)) >= config.trials:
+                    break
+    except KeyboardInterrupt:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the hand-back short
+            signal.signal(stop_signal, signal.SIG_IGN)
+        if objective.current is not None:
+            frozen = study._storage.get_trial(objective.current._trial_id)
+            if frozen.state == TrialState.FAIL and frozen.user_attrs.get("failed") == INTERRUPTED:
+                retry(study, frozen)
+        say(f"worker {worker}: stopped; its running trial is queued to run again")
+        raise
+    if objective.stopped_because:
+        raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
+
+
+__all__ = ["InvalidSample", "Objective", "load_trainer", "run_worker"]

@@ -1,0 +1,62 @@
+"""`dclang search` on a real PostgreSQL server: the many-machines setup, on one machine.
+
+The parent's workers and a worker that joins by itself (`dclang search --worker`, as on
+another machine) share one study; one worker is killed mid-trial and its trial is retried.
+The server is $DCLANG_TEST_POSTGRES, or one `.ci/start-postgres` starts (see conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from optuna.trial import TrialState
+
+from test_search import COUNTED, FAKE, TEMPLATE, assert_outputs, assert_search_invariants, write
+
+
+def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgres_url, search_env, study_trials):
+    template, out = write(tmp_path, TEMPLATE), tmp_path / "out"
+    name = f"pg-{uuid.uuid4().hex[:8]}"  # a server given by $DCLANG_TEST_POSTGRES may hold other studies
+    env = {**search_env, "DCLANG_FAKE_SLEEP": "0.3"}
+    command = [sys.executable, "-m", "dclang", "search"]
+    parent = subprocess.Popen([*command, "--template", str(template), "--trials", "12", "--workers", "2", "-o",
+                               str(out), "--storage", postgres_url, "--study", name, *FAKE],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    joiner = None
+    try:
+        deadline, victim = time.monotonic() + 90, None
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if joiner is None and (out / "search.json").exists():  # the study exists: join it
+                joiner = subprocess.Popen([*command, "--worker", "--storage", postgres_url, "--study", name, *FAKE],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if joiner is not None:
+                trials, _ = study_trials(postgres_url, name)
+                victim = next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                               and t.user_attrs.get("owner", {}).get("worker", "").startswith("local-")), None)
+        assert victim is not None, "no trial of the parent's workers got to its first epoch"
+        os.kill(victim.user_attrs["owner"]["pid"], signal.SIGKILL)
+        _, stderr = parent.communicate(timeout=120)
+        _, joined = joiner.communicate(timeout=120)
+    finally:
+        for proc in (parent, joiner):
+            if proc is not None:
+                proc.kill()
+    assert parent.returncode == 0, stderr
+    assert joiner.returncode == 0, joined
+    assert "random sampler, asha pruner" in joined  # the joiner took the study's configuration
+
+    trials, config = study_trials(postgres_url, name)
+    assert_search_invariants(trials, config, workers=3)
+    assert_outputs(out, trials, top_k=5)
+    workers = {t.user_attrs["owner"]["worker"] for t in trials if "owner" in t.user_attrs}
+    assert {"local-0", "local-1"} <= workers and any(not w.startswith("local-") for w in workers)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["failed"]
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.params == killed.params and retry.state in COUNTED
