@@ -2,7 +2,8 @@
 
 Two engines compute the same thing: `reference` is the paper's loop written plainly (the
 oracle), `fused` (the default) does one forward, one backward and one optimizer step for the
-whole graph; tests hold them equal.
+whole graph; tests hold them equal. `options` (`StepOptions`, see `dclang.compile.accelerate`)
+executes the fused engine faster (HFTA, torch.compile, bf16, channels-last, CUDA graphs).
 
     >>> step = compile_graph(graph, num_classes=10, in_channels=1, image_size=8,
     ...                      device=torch.device("cpu"), steps_per_epoch=20, epochs=2)
@@ -14,6 +15,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
+from dclang.compile.accelerate import AcceleratedStep, HftaStep, StepOptions, apply_options
 from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.reference import ReferenceStep
@@ -24,15 +26,22 @@ _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": Referen
 
 def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                   device: torch.device, engine: str = "fused", init_states: dict[str, dict] | None = None,
-                  seed: int = 0, steps_per_epoch: int, epochs: int) -> TrainStep:
+                  seed: int = 0, steps_per_epoch: int, epochs: int,
+                  options: StepOptions | None = None) -> TrainStep | AcceleratedStep:
     """A `TrainStep` for a checked, concrete graph (no `choice(...)` left open).
 
     `init_states` maps node names to state_dicts loaded after the seeded construction
     (pre-trained teachers, resumed nodes); `steps_per_epoch * epochs` is k_end, the number
-    of updates the linear gate (eq. 6) counts towards.
+    of updates the linear gate (eq. 6) counts towards. `options` apply to the fused engine
+    only (the reference engine stays the plain oracle); None is `StepOptions()`, the plain
+    fused engine. An accelerated step is an `AcceleratedStep`, which passes every attribute
+    but `step` through to the `TrainStep` it wraps.
     """
+    options = options or StepOptions()
     if engine not in _CLASSES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    if engine != "fused" and not options.plain:
+        raise ValueError(f"step options apply to the fused engine, not {engine!r} (the plain oracle)")
     if graph.graph["sites"]:
         names = ", ".join(site.name for site in graph.graph["sites"])
         raise ValueError(f"the graph is a template with open choices ({names}): sample a trial first")
@@ -44,7 +53,9 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                           device=device, init_states=init_states, seed=seed)
-    return _CLASSES[engine](graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    cls = HftaStep if options.hfta else _CLASSES[engine]
+    step = cls(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    return apply_options(step, options) if engine == "fused" else step
 
 
-__all__ = ["ENGINES", "StepStats", "TrainStep", "compile_graph"]
+__all__ = ["ENGINES", "AcceleratedStep", "StepOptions", "StepStats", "TrainStep", "compile_graph"]

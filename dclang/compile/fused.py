@@ -29,10 +29,14 @@ class FusedStep(TrainStep):
                  steps_per_epoch: int, epochs: int):
         super().__init__(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
         train = graph.graph["train"]
-        params = [p for name in self.trainable for p in models[name].parameters()]
-        self.optimizer = build_optimizer(train.optimizer, params, foreach=True)
+        self.optimizer = build_optimizer(train.optimizer, self.parameters_to_update(), foreach=True)
         self.optimizers["all"] = self.optimizer
         self.schedulers["all"] = build_scheduler(train.schedule, self.optimizer, epochs)
+
+    def parameters_to_update(self) -> list[nn.Parameter]:
+        """What the one optimizer updates: every trainable node's parameters, in node order.
+        The HFTA variant (`dclang.compile.accelerate.HftaStep`) updates fused tensors instead."""
+        return [p for name in self.trainable for p in self.models[name].parameters()]
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         logits = self.forward(images)
