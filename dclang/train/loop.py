@@ -203,10 +203,13 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     data settings (search loads one per process). `on_epoch(epoch, record)` runs after each
     epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
     a run directory that `resume=True` continues. User mistakes raise `UserError`.
+
+    Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
     """
     from dclang.compile import ENGINES, compile_graph
     from dclang.data import BatchAugment, DataError, load_dataset
     from dclang.data.batches import BatchIterator, epoch_generator
+    from dclang.train import distributed
     from dclang.train.teachers import init_states
 
     if graph.graph["sites"]:
@@ -214,7 +217,9 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
                         + ", ".join(s.name for s in graph.graph["sites"]) + ")", "train it with `dclang search`")
     if engine not in ENGINES:
         raise UserError(f"unknown engine `{engine}`", "use " + " or ".join(ENGINES))
-    torch_device = resolve_device(device)
+    dist = distributed.setup(device)  # this process's rank under torchrun; None alone (and for teachers)
+    torch_device = resolve_device(dist.device if dist else device)
+    progress = progress and (dist is None or dist.is_main)
     train_spec = graph.graph["train"]
     seed = train_spec.seed if seed is None else seed
     epochs = train_spec.epochs if epochs is None else epochs
@@ -231,6 +236,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     text = graph_text(g)
     target, names = g.graph["target"], model_nodes(g)
     rundir = RunDir(run_dir) if run_dir is not None else None
+    if dist is not None:
+        rundir = dist.rank_zero(rundir)
 
     checkpoint = None
     if rundir is not None and rundir.last.is_file():
@@ -264,6 +271,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
         step = compile_graph(g, num_classes=dataset.num_classes, in_channels=dataset.channels,
                              image_size=dataset.image_size, device=torch_device, engine=engine,
                              init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        if dist is not None:  # each process trains on its slice of every batch
+            step = dist.wrap(step, train_size=len(train), batch=batch)
         records: list[dict] = []
         best_val = None
         if checkpoint is not None:
@@ -328,6 +337,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
                         "lower `batch` in the train block (or --set train.batch=N), or use --device cpu") from exc
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        distributed.release(dist)
 
     result = RunResult(summary(), records)
     if progress:
