@@ -1,0 +1,81 @@
+"""`dclang bench`: the documented JSON keys, with positive numbers, on a tiny graph.
+
+No timing is asserted here (a test machine's speed says nothing); `benchmarks/README.md`
+holds the measured figures. torch.compile is left out (`--variants`) to keep this fast;
+tests/test_accelerate.py tests it.
+"""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dclang.cli import main
+
+TINY = """
+graph tiny
+data digits { }
+train { epochs = 1  batch = 32  optimizer = sgd(lr=0.05, momentum=0.9) }
+node a : cnn_tiny [target]
+node b : cnn_tiny
+node c : mlp
+node t : mlp [frozen]
+label -> a : through
+label -> b : linear
+label -> c : through
+a -> b : correct kl(T=2)
+b -> a : through
+t -> a : linear
+c -> a : correct
+"""
+
+ENGINE_KEYS = {"s_per_step", "images_per_s", "peak_mem_bytes", "ratio_to_reference"}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.kt"
+    path.write_text(TINY)
+    return path
+
+
+def bench(*args):
+    result = CliRunner().invoke(main, ["bench", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_bench_json_has_the_documented_keys(tiny):
+    result = bench(tiny, "--steps", 2, "--warmup", 1, "--device", "cpu", "--variants", "fused,fused+hfta", "--json")
+    out = json.loads(result.stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused+hfta"}  # a, b share cnn_tiny
+    for name, entry in out["engines"].items():
+        assert ENGINE_KEYS <= set(entry), name
+        assert all(entry[key] > 0 for key in ENGINE_KEYS), (name, entry)
+    assert out["engines"]["reference"]["ratio_to_reference"] == 1.0
+    assert out["floor_s_per_step"] > 0 and out["flops_per_step"] > 0
+    assert out["steps"] == 2 and out["batch"] == 32 and out["device"]
+    assert out["shape"] == {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    assert out["skipped"]["fused+cudagraph"] == "CUDA only"
+
+
+def test_bench_table_and_batch_option(tiny):
+    out = bench(tiny, "--steps", 1, "--warmup", 1, "--device", "cpu", "--variants", "fused", "--batch", 8).stdout
+    assert "batch 8, 1x8x8, 10 classes" in out
+    for name in ("reference", "fused", "floor"):
+        assert f"\n{name} " in out
+
+
+def test_bench_epoch_compares_with_a_dataloader(tiny):
+    result = bench(tiny, "--steps", 1, "--warmup", 1, "--device", "cpu", "--variants", "fused", "--epoch",
+                   "--workers", 0, "--set", "train.batch=256", "--json")
+    epoch = json.loads(result.stdout)["epoch"]
+    assert epoch["dataset"] == "digits" and epoch["steps"] == -(-epoch["train_images"] // 256)
+    assert epoch["dclang"]["variant"] == "fused" and epoch["dataloader"]["workers"] == 0
+    assert epoch["dclang"]["epoch_s"] > 0 and epoch["dataloader"]["epoch_s"] > 0 and epoch["speedup"] > 0
+
+
+def test_bench_refuses_unknown_variants(tiny):
+    result = CliRunner().invoke(main, ["bench", str(tiny), "--device", "cpu", "--variants", "fused+jit"])
+    assert result.exit_code == 1
+    assert "unknown variant(s) fused+jit" in result.output
