@@ -88,7 +88,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
     def name(v: Any, lowered: Any) -> Any:
         """A model or gate: written as a bare name, which the AST holds as `Name`, not `Ident`."""
         picked = value(v, lowered)
-        if isinstance(picked, ast.Name) or isinstance(picked, ast.Choice):
+        if isinstance(picked, (ast.Name, ast.Choice)):
             return picked
         text = picked.name if isinstance(picked, ast.Ident) else format_value(picked)
         return ast.Name(text, picked.span)  # a number here is reported by `check` as an unknown name
@@ -115,7 +115,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             spec = graph.nodes[item.name.text]["spec"]
             attrs = tuple(dataclasses.replace(a, value=value(a.value, spec.init)) if a.name.text == "init" else a
                           for a in item.attributes)
-            model = name(item.model, spec.model)
+            model = name(item.model, spec.model) if isinstance(item.model, ast.Choice) else item.model
             item = dataclasses.replace(item, model=model, attributes=attrs)
         elif isinstance(item, ast.EdgeDecl):
             continue  # written below, one per pair
