@@ -334,3 +334,23 @@ def test_reap_fails_trials_of_dead_workers_and_retries_them(tmp_path):
     retry = study.ask()  # the retry is asked first, with the same parameters
     assert retry.user_attrs["retry_of"] == dead.number
     assert retry.suggest_categorical("n2.model", ["mlp", "cnn_tiny"]) == dead.params["n2.model"]
+
+
+def test_the_heartbeat_retries_a_silent_trial_like_the_reaper(tmp_path):
+    """On an RDB storage a trial whose worker stopped sending heartbeats is failed by the next
+    worker and retried through `study.retry` (here on SQLite, with a 1-second grace period)."""
+    from dclang.search.study import retry
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=1,
+                                         heartbeat_stale_trial_callback=retry)
+    study = optuna.create_study(storage=storage, direction="maximize")
+    silent = study.ask()
+    silent.suggest_categorical("n2.model", ["mlp", "cnn_tiny"])
+    storage.set_trial_system_attr(silent._trial_id, "completed_rung_0", 0.5)  # what ASHA records at a rung
+    storage.record_heartbeat(silent._trial_id)
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[1].state == TrialState.WAITING and trials[1].user_attrs == {"retry_of": 0, "retry_count": 1}
+    assert "completed_rung_0" not in trials[1].system_attrs  # the retry faces every rung afresh
