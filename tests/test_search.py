@@ -163,6 +163,33 @@ def test_duplicates_reuse_numbers_and_invalid_samples_cost_nothing(tmp_path, run
     assert dead and all(t.user_attrs["dropped"] == ["n2"] for t in dead)
 
 
+def in_first_epoch(trial) -> bool:
+    """A trial training its first epoch: with slow fake epochs, still running a moment later."""
+    attrs = trial.user_attrs
+    return (trial.state == TrialState.RUNNING and "kt" in attrs and not trial.intermediate_values
+            and "invalid" not in attrs and "duplicate_of" not in attrs)
+
+
+def wait_for_trial(read, predicate, timeout: float = 90):
+    """Poll `read()` (None until the study exists) for a trial `predicate` accepts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        trials = read()
+        found = next((t for t in trials or () if predicate(t)), None)
+        if found is not None:
+            return found
+    raise AssertionError("no trial came to the expected point in time")
+
+
+def assert_killed_and_retried(trials, pid: int) -> None:
+    """The trial the killed worker was running is FAIL, noted, and retried with its parameters."""
+    killed = [t for t in trials if t.user_attrs.get("owner", {}).get("pid") == pid and "failed" in t.user_attrs]
+    assert len(killed) == 1 and killed[0].state == TrialState.FAIL and "died" in killed[0].user_attrs["failed"]
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retries) == 1 and retries[0].params == killed[0].params and retries[0].state in COUNTED
+
+
 def test_a_killed_worker_loses_only_its_trial_which_is_retried(tmp_path, search_env, study_trials):
     template, out = write(tmp_path, TEMPLATE), tmp_path / "out"
     env = {**search_env, "DCLANG_FAKE_SLEEP": "0.3"}
@@ -170,43 +197,31 @@ def test_a_killed_worker_loses_only_its_trial_which_is_retried(tmp_path, search_
                                "--workers", "3", "-o", str(out), *FAKE], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if (out / "search.json").exists():
-                trials, _ = study_trials(out / "study.journal", "small")
-                victim = next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
-                               and "owner" in t.user_attrs), None)
-        assert victim is not None, "no trial got to its first epoch"
-        os.kill(victim.user_attrs["owner"]["pid"], signal.SIGKILL)
-        stdout, stderr = search.communicate(timeout=120)
+        victim = wait_for_trial(lambda: (out / "search.json").exists() and study_trials(out / "study.journal",
+                                                                                        "small")[0], in_first_epoch)
+        pid = victim.user_attrs["owner"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = search.communicate(timeout=120)
     finally:
         search.kill()
     assert search.returncode == 0, stderr
     trials, config = study_trials(out / "study.journal", "small")
     assert_search_invariants(trials, config, workers=3)
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["failed"]
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim.number)
-    assert retry.params == killed.params and retry.state in COUNTED
+    assert_killed_and_retried(trials, pid)
     assert "was killed (SIGKILL)" in stderr
 
 
 def test_an_interrupted_search_resumes(tmp_path, run_search, search_env, study_trials):
     template, out = write(tmp_path, TEMPLATE), tmp_path / "out"
-    env = {**search_env, "DCLANG_FAKE_SLEEP": "0.2"}
+    env = {**search_env, "DCLANG_FAKE_SLEEP": "0.5"}
     search = subprocess.Popen([sys.executable, "-m", "dclang", "search", "--template", str(template), "--trials", "30",
                                "--workers", "2", "-o", str(out), *FAKE], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            if (out / "search.json").exists():
-                trials, _ = study_trials(out / "study.journal", "small")
-                if sum(t.state in COUNTED for t in trials) >= 2 and any(t.state == TrialState.RUNNING for t in trials):
-                    break
+        # stop it while a trial is half a second from its first report, after at least one has finished
+        wait_for_trial(lambda: (out / "search.json").exists() and study_trials(out / "study.journal", "small")[0],
+                       lambda t: t.state in COUNTED)
+        wait_for_trial(lambda: study_trials(out / "study.journal", "small")[0], in_first_epoch)
         search.send_signal(signal.SIGTERM)
         _, stderr = search.communicate(timeout=60)
     finally:

@@ -11,12 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
-from optuna.trial import TrialState
-
-from test_search import COUNTED, FAKE, TEMPLATE, assert_outputs, assert_search_invariants, write
+from test_search import (FAKE, TEMPLATE, assert_killed_and_retried, assert_outputs, assert_search_invariants,
+                         in_first_epoch, wait_for_trial, write)
 
 
 def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgres_url, search_env, study_trials):
@@ -28,19 +26,22 @@ def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgre
                                str(out), "--storage", postgres_url, "--study", name, *FAKE],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     joiner = None
+
+    def trials_once_joined():
+        """The study's trials, once the study exists and the joiner is started."""
+        nonlocal joiner
+        if not (out / "search.json").exists():
+            return None
+        if joiner is None:
+            joiner = subprocess.Popen([*command, "--worker", "--storage", postgres_url, "--study", name, *FAKE],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return study_trials(postgres_url, name)[0]
+
     try:
-        deadline, victim = time.monotonic() + 90, None
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if joiner is None and (out / "search.json").exists():  # the study exists: join it
-                joiner = subprocess.Popen([*command, "--worker", "--storage", postgres_url, "--study", name, *FAKE],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if joiner is not None:
-                trials, _ = study_trials(postgres_url, name)
-                victim = next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
-                               and t.user_attrs.get("owner", {}).get("worker", "").startswith("local-")), None)
-        assert victim is not None, "no trial of the parent's workers got to its first epoch"
-        os.kill(victim.user_attrs["owner"]["pid"], signal.SIGKILL)
+        victim = wait_for_trial(trials_once_joined, lambda t: in_first_epoch(t)
+                                and t.user_attrs["owner"]["worker"].startswith("local-"))
+        pid = victim.user_attrs["owner"]["pid"]
+        os.kill(pid, signal.SIGKILL)
         _, stderr = parent.communicate(timeout=120)
         _, joined = joiner.communicate(timeout=120)
     finally:
@@ -56,7 +57,4 @@ def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgre
     assert_outputs(out, trials, top_k=5)
     workers = {t.user_attrs["owner"]["worker"] for t in trials if "owner" in t.user_attrs}
     assert {"local-0", "local-1"} <= workers and any(not w.startswith("local-") for w in workers)
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["failed"]
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim.number)
-    assert retry.params == killed.params and retry.state in COUNTED
+    assert_killed_and_retried(trials, pid)
