@@ -10,8 +10,8 @@ Upkeep: a worker that dies (SIGKILL, a lost machine) leaves its trial RUNNING. O
 file there is no heartbeat, so each RUNNING trial records the pid, its start time and the host
 of its worker (user attribute `owner`); any process of the search on that host (the parent
 while it waits, every worker at start and before each trial) fails a trial whose worker is
-gone and enqueues a retry with the same parameters. On an RDB storage (PostgreSQL) Optuna's heartbeat does the
-same for workers on other machines, with the same retry.
+gone and enqueues a retry with the same parameters. On an RDB storage (PostgreSQL) Optuna's
+heartbeat does the same for workers on other machines, with the same retry.
 """
 
 from __future__ import annotations

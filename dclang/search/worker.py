@@ -13,7 +13,7 @@ What a trial records (user attributes; the dashboard shows them):
   invalid | error | failed         why it is FAIL: a sample that cannot train, an exception in
                                    training, a worker that died or was stopped
   duplicate_of                     the earlier trial of the same graph whose numbers it copied
-  retry_of, retry_count            the trial it runs again after that one's worker died
+  retry_of, retry_count            the trial it runs again, whose worker died or was stopped
 Intermediate values are the target's validation accuracy, step = epoch (1-based).
 """
 
@@ -46,6 +46,7 @@ INTERRUPTED = "interrupted (SIGINT or SIGTERM)"
 
 
 def say(message: str) -> None:
+    """A line for the worker's log (stderr): the worker's stdout is not a result anyone reads."""
     print(message, file=sys.stderr, flush=True)
 
 
