@@ -179,7 +179,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
     if graph.graph["sites"]:
         names = ", ".join(f"`{s.name}`" for s in graph.graph["sites"])
         raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
-                        f"search it with `dclang search {file}`, or fix every choice with --set "
+                        f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.train.loop import train_graph
 
