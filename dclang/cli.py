@@ -148,22 +148,10 @@ def draw(file: Path, output: Path, show_cutoff: bool) -> None:
     click.echo(f"wrote {output}")
 
 
-def _add_optional_commands() -> None:
-    """Commands that live with their subsystems (training, search, benchmarks)."""
-    import importlib
+# Commands that live with their subsystems; their modules import torch and optuna lazily.
+from dclang.bench import bench_command  # noqa: E402
+from dclang.search.command import search_command  # noqa: E402
+from dclang.train.command import report_command, run_command  # noqa: E402
 
-    for module, names in (("dclang.train.command", ("run_command", "report_command")),
-                          ("dclang.search.command", ("search_command",)),
-                          ("dclang.bench", ("bench_command",))):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        for name in names:
-            if hasattr(mod, name):
-                main.add_command(getattr(mod, name))
-
-
-_add_optional_commands()
+for _command in (run_command, report_command, search_command, bench_command):
+    main.add_command(_command)
