@@ -157,11 +157,9 @@ class DistributedTrainStep:
         """The optimizer's gradients become the global batch's (scaled by this process's
         share, summed over processes); on the step's first update the running statistics
         are averaged in the same all-reduce."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for p in params:
-            if p.grad is None:  # unused in this step: contributes zero, like in other processes
-                p.grad = torch.zeros_like(p)
-        tensors = [p.grad for p in params]
+        # A parameter without a gradient (unused by this graph's losses) is skipped by the
+        # optimizer, as in one process; every process runs the same graph, so the same ones.
+        tensors = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         scales = [self.share] * len(tensors)
         if self.buffers_pending:
             stats = self._running_stats()
