@@ -302,3 +302,46 @@ def test_cli_run_messages(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "runs" / "tiny" / "seed1" / "summary.json").read_text())["seed"] == 1
 
     assert runner.invoke(main, ["run", "--help"]).exit_code == 0
+
+
+TWIN = """\
+node s : mlp [target]
+node p : mlp
+label -> s : through
+label -> p : through
+p -> s : correct
+s -> p : through kl(T=2)
+"""
+
+
+def test_fast_path_options_reach_the_engine_and_change_no_number(tmp_path, digits, monkeypatch):
+    """`--hfta` fuses the two mlps into one batched model; the metrics must be those of the
+    plain fused engine (equal to 1e-6: fusion reorders no reduction of a node's own loss,
+    only float32 rounding of the batched matmul may differ)."""
+    from dclang.compile import StepOptions, accelerate
+
+    built = []
+    original = accelerate.HftaStep.__init__
+    monkeypatch.setattr(accelerate.HftaStep, "__init__",
+                        lambda self, *a, **kw: (built.append(self), original(self, *a, **kw))[1])
+    graph = graph_of(kt(TWIN))
+    plain = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits)
+    assert not built
+    fused = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits,
+                        options=StepOptions(hfta=True))
+    assert len(built) == 1  # the option reached compile_graph
+    for a, b in zip(untimed(plain.records), untimed(fused.records)):
+        for node in ("s", "p"):
+            assert b["nodes"][node]["val_acc"] == pytest.approx(a["nodes"][node]["val_acc"], abs=1e-6)
+            assert b["nodes"][node]["train_loss"] == pytest.approx(a["nodes"][node]["train_loss"], rel=1e-5)
+
+
+def test_run_refuses_fast_paths_on_the_reference_engine(tmp_path):
+    from dclang.cli import main
+
+    path = tmp_path / "twin.kt"
+    path.write_text(kt(TWIN))
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "run"), "--engine", "reference",
+                                       "--hfta", "--no-progress"])
+    assert result.exit_code == 1
+    assert "fast paths apply to the fused engine" in result.output and "Traceback" not in result.output

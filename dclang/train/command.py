@@ -166,10 +166,21 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
                    "train.optimizer.lr=0.05, n2.model=cnn_small. Repeatable.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 autocast (CUDA).")
+@click.option("--channels-last", is_flag=True, help="Channels-last memory format (CUDA).")
+@click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model.")
+@click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
                 seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
-                no_progress: bool) -> None:
-    """Train the graph in FILE and write a run directory (metrics, summary, checkpoints)."""
+                no_progress: bool, compile_: bool, precision: str, channels_last: bool, hfta: bool,
+                cuda_graph: bool) -> None:
+    """Train the graph in FILE and write a run directory (metrics, summary, checkpoints).
+
+    The fast paths (--compile, --precision, --channels-last, --hfta, --cuda-graph) change how
+    the fused engine computes a step, never what it computes; `dclang bench` says which win.
+    """
     checked = load_with_overrides(file, overrides)
     if not checked.ok:
         raise DiagnosticError(checked.diagnostics, checked.path, checked.source)
@@ -181,7 +192,14 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
         raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
                         f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
+    from dclang.compile import StepOptions
     from dclang.train.loop import train_graph
+
+    options = StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
+                          cuda_graph=cuda_graph)
+    if engine != "fused" and not options.plain:
+        raise UserError(f"the fast paths apply to the fused engine, not `{engine}`",
+                        "the reference engine stays the plain loop it is measured against; drop --engine")
 
     root = run_dir or Path("runs") / graph.graph["name"]
     plan = _seeds(seed, seeds)
@@ -190,7 +208,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
         if len(plan) > 1:
             click.echo(f"run with seed {s} into {out}", err=True)
         train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
-                    resume=resume, progress=not no_progress)
+                    resume=resume, progress=not no_progress, options=options)
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
 

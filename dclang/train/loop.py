@@ -195,7 +195,7 @@ def _epoch_line(record: dict, epochs: int, target: str) -> str:
 def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
                 seed: int | None = None, epochs: int | None = None, data_dir: str | None = None,
                 resume: bool = False, on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                teacher_cache: Path | None = None, dataset=None) -> RunResult:
+                teacher_cache: Path | None = None, dataset=None, options=None) -> RunResult:
     """Train a checked, concrete graph; write the run directory when `run_dir` is given.
 
     `seed` and `epochs` override the train block (the linear gate's k_end and the schedule
@@ -203,6 +203,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     data settings (search loads one per process). `on_epoch(epoch, record)` runs after each
     epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
     a run directory that `resume=True` continues. User mistakes raise `UserError`.
+    `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
 
     Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
     """
@@ -270,7 +271,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
         steps_per_epoch = -(-len(train) // batch)
         step = compile_graph(g, num_classes=dataset.num_classes, in_channels=dataset.channels,
                              image_size=dataset.image_size, device=torch_device, engine=engine,
-                             init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs)
+                             init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                             options=options)
         if dist is not None:  # each process trains on its slice of every batch
             step = dist.wrap(step, train_size=len(train), batch=batch)
         records: list[dict] = []
