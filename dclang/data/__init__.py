@@ -13,8 +13,9 @@ the torch-based names are imported on first use (PEP 562 module `__getattr__`).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dclang.lazy import lazy_exports
 
 from dclang.data.catalog import DATASETS, DataError, DatasetInfo, default_data_dir
 
@@ -36,13 +37,4 @@ _LAZY = {
 __all__ = ["DATASETS", "DataError", "DatasetInfo", "default_data_dir", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -9,8 +9,9 @@ must not import torch: the names below are imported on first use (PEP 562 `__get
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dclang.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
     from dclang.train.loop import RunResult, resolve_device, train_graph
@@ -26,13 +27,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
