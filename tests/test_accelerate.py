@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from tensor_trees import assert_tree_close, float64  # noqa: F401 (float64 is a fixture)
 
 import dclang.compile.accelerate as accelerate
 from dclang.api import check
@@ -56,14 +57,6 @@ a -> c : correct
 ADAM_GRAPH = GRAPH.replace("sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)", "adam(lr=0.01)")
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def build(options=None, text=GRAPH, device="cpu", seed=0, steps=STEPS):
     checked = check(text)
     assert checked.ok, checked.errors
@@ -86,27 +79,12 @@ def train(step, data, first_k=1, steps=STEPS):
     return stats
 
 
-def assert_close_tree(got, want, path="", **tol):
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), path
-        for key in want:
-            assert_close_tree(got[key], want[key], f"{path}.{key}", **tol)
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close_tree(g, w, f"{path}[{i}]", **tol)
-    elif torch.is_tensor(want):
-        torch.testing.assert_close(got.contiguous(), want.contiguous(), **tol, msg=lambda m: f"{path}: {m}")
-    else:
-        assert got == want, path
-
-
 def assert_same_training(got_step, got_stats, want_step, want_stats, **tol):
     """Models, optimizer state (in the fused engine's layout), schedules and every step's stats."""
-    assert_close_tree(got_step.state_dict(), want_step.state_dict(), **tol)
+    assert_tree_close(got_step.state_dict(), want_step.state_dict(), **tol)
     for got, want in zip(got_stats, want_stats):
         for field in FIELDS:
-            assert_close_tree(getattr(got, field), getattr(want, field), field, **tol)
+            assert_tree_close(getattr(got, field), getattr(want, field), field, **tol)
     assert got_step.lr() == want_step.lr()
 
 
@@ -115,7 +93,7 @@ def test_hfta_equals_fused(text, float64):
     data = batches()
     fused, hfta = build(text=text), build(StepOptions(hfta=True), text=text)
     assert isinstance(hfta, HftaStep) and [g.names for g in hfta.groups] == [["a", "b"], ["c", "d"]]
-    assert_close_tree(hfta.state_dict(), fused.state_dict(), rtol=0, atol=0)
+    assert_tree_close(hfta.state_dict(), fused.state_dict(), rtol=0, atol=0)
     want, got = train(fused, data), train(hfta, data)
     assert_same_training(hfta, got, fused, want, **TIGHT)
 
@@ -168,8 +146,8 @@ def test_bf16_autocast_stays_close_to_fp32():
     fp32, bf16 = build(), build(StepOptions(precision="bf16"))
     want, got = train(fp32, data), train(bf16, data)
     for g, w in zip(got, want):
-        assert_close_tree(g.node_loss, w.node_loss, rtol=5e-2, atol=5e-2)
-    assert_close_tree(bf16.state_dict()["models"], fp32.state_dict()["models"], rtol=5e-2, atol=5e-2)
+        assert_tree_close(g.node_loss, w.node_loss, rtol=5e-2, atol=5e-2)
+    assert_tree_close(bf16.state_dict()["models"], fp32.state_dict()["models"], rtol=5e-2, atol=5e-2)
     assert next(bf16.models["a"].parameters()).dtype == torch.float32  # weights stay fp32
 
 
@@ -246,4 +224,4 @@ def test_cuda_bf16_stays_close_to_fp32():
     bf16 = build(StepOptions(precision="bf16", cuda_graph=True), device="cuda", steps=4)
     want, got = train(fp32, data, steps=4), train(bf16, data, steps=4)
     for g, w in zip(got, want):
-        assert_close_tree(g.node_loss, w.node_loss, rtol=5e-2, atol=5e-2)
+        assert_tree_close(g.node_loss, w.node_loss, rtol=5e-2, atol=5e-2)

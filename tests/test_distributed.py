@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensor_trees import assert_tree_close, float64  # noqa: F401 (float64 is a fixture)
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -120,31 +121,6 @@ def two_processes(tmp_path_factory):
     # fork, not spawn: the children inherit the imported torch instead of importing it again
     mp.start_processes(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True, start_method="fork")
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(WORLD)] for name in SCENARIOS}
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def assert_tree_close(got, want, path="", **tol):
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), path
-        for key in want:
-            assert_tree_close(got[key], want[key], f"{path}.{key}", **tol)
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_tree_close(g, w, f"{path}[{i}]", **tol)
-    elif torch.is_tensor(want):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{path}: {m}")
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=tol["rtol"], abs=tol["atol"]), path
-    else:
-        assert got == want, path
 
 
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if not n.startswith("bn")])

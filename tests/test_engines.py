@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tensor_trees import float64  # noqa: F401 (a fixture)
 
 import dclang.compile.fused
 import dclang.compile.reference
@@ -70,14 +71,6 @@ GRAPHS = {
     "adam_mutual": mutual_graph("adam(lr=0.01, weight_decay=1e-4)"),
     "adamw_mutual": mutual_graph("adamw(lr=0.01)"),
 }
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def graph_of(text):
