@@ -83,13 +83,14 @@ def study_trials():
 @pytest.fixture(scope="session")
 def postgres_url():
     """A PostgreSQL URL: $DCLANG_TEST_POSTGRES, else a server started by .ci/start-postgres
-    (as root, with PostgreSQL 15 installed) and stopped at the end; else the test skips."""
+    (as root, with Debian's PostgreSQL installed) and stopped at the end; else the test skips."""
     if _os.environ.get("DCLANG_TEST_POSTGRES"):
         yield _os.environ["DCLANG_TEST_POSTGRES"]
         return
-    initdb = Path("/usr/lib/postgresql/15/bin/initdb")
-    if _os.geteuid() != 0 or not initdb.exists() or _shutil.which("runuser") is None:
-        pytest.skip("no PostgreSQL: set DCLANG_TEST_POSTGRES=postgresql://..., or run as root with PostgreSQL 15 "
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    initdb = installed[-1] if installed else None
+    if _os.geteuid() != 0 or initdb is None or _shutil.which("runuser") is None:
+        pytest.skip("no PostgreSQL: set DCLANG_TEST_POSTGRES=postgresql://..., or run as root with PostgreSQL "
                     "installed (apt-get install postgresql) so .ci/start-postgres can start one")
     started = _subprocess.run(["bash", str(_TESTS.parent / ".ci" / "start-postgres")], capture_output=True,
                               text=True, timeout=120)
