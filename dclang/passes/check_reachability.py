@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 
 from dclang.diagnostics import Diagnostic, warning
-from dclang.ir import LABEL, Open
+from dclang.ir import LABEL, live_edges
 
 
 def influencing_nodes(graph: nx.DiGraph) -> set[str]:
@@ -19,7 +19,7 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
         return set(graph.nodes)
     live = nx.DiGraph()
     live.add_nodes_from(graph.nodes)
-    live.add_edges_from((s, t) for s, t, e in graph.edges(data="spec") if e.gate != "cutoff" or isinstance(e.gate, Open))
+    live.add_edges_from((e.source, e.target) for e in live_edges(graph))  # open gates count as live
     # an ensemble's members reach whatever the ensemble reaches
     live.add_edges_from((m, n) for n, spec in graph.nodes(data="spec") if spec.is_ensemble
                         for m in spec.model if m in live)

@@ -144,16 +144,14 @@ def format_module(module: ast.Module) -> str:
         emit(lines, decl, f"graph {decl.name.text}")
         sections.append(lines)
     for block in module.of(ast.DataBlock) + module.of(ast.TrainBlock):
-        lines = []
+        note = notes.get(id(block), _Notes())
         head = f"data {block.dataset.text} {{" if isinstance(block, ast.DataBlock) else "train {"
-        emit(lines, block, head)
-        trailing = lines.pop() if notes.get(id(block), _Notes()).trailing else None
-        if trailing is not None:
-            lines.append(head)  # a comment after `}` moves to the closing line below
+        lines = [*note.leading, head]
         for setting in block.settings:
             emit(lines, setting, f"{setting.key.text} = {format_value(setting.value)}", "  ")
         lines += ["  " + c for c in footers.get(id(block), [])]
-        lines.append("}" + (("  " + notes[id(block)].trailing) if trailing is not None else ""))
+        # a comment after the block's last line stays after its closing `}`
+        lines.append("}" + (f"  {note.trailing}" if note.trailing else ""))
         sections.append(lines)
 
     nodes = module.of(ast.NodeDecl)
