@@ -508,8 +508,6 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     time to the reference engine's and to the FLOOR (each node's own plain training step,
     summed), and on CUDA the achieved TFLOP/s and MFU.
     """
-    import torch
-
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
     from dclang.train.loop import resolve_device, resolved_graph

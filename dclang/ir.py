@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 
 from dclang import registry
-from dclang.diagnostics import Diagnostic, Span, error
+from dclang.diagnostics import Diagnostic, Span
 from dclang.syntax import ast
 
 LABEL = registry.LABEL
