@@ -193,16 +193,17 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
     from dclang.compile.accelerate import hfta_groups
     from dclang.ir import trainable_nodes
 
-    specs = [("reference", "reference", None), ("fused", "fused", StepOptions()),
-             ("fused+compile", "fused", StepOptions(compile=True))]
+    # `fused` keeps the models' own layout, the floor's, whatever `dclang run` picks by default
+    specs = [("reference", "reference", None), ("fused", "fused", StepOptions(channels_last=False)),
+             ("fused+channels_last", "fused", StepOptions(channels_last=True)),
+             ("fused+compile", "fused", StepOptions(compile=True, channels_last=False))]
     skipped = {}
     if not hfta_groups(graph, trainable_nodes(graph)):
         skipped["fused+hfta"] = "no two trainable nodes share an architecture"
     else:
-        specs.append(("fused+hfta", "fused", StepOptions(hfta=True)))
-    cuda_only = [("fused+bf16", StepOptions(precision="bf16")),
-                 ("fused+channels_last", StepOptions(channels_last=True)),
-                 ("fused+cudagraph", StepOptions(cuda_graph=True))]
+        specs.append(("fused+hfta", "fused", StepOptions(hfta=True, channels_last=False)))
+    cuda_only = [("fused+bf16", StepOptions(precision="bf16", channels_last=False)),
+                 ("fused+cudagraph", StepOptions(cuda_graph=True, channels_last=False))]
     for name, options in cuda_only:
         if device.type == "cuda":
             specs.append((name, "fused", options))
@@ -259,6 +260,8 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     """Time every variant that applies (or those in `only`) and the floor; see the module doc."""
     import torch
 
+    from dclang.compile import StepOptions
+    from dclang.compile.accelerate import convolutional
     from dclang.data import normalize
 
     k_end = warmup + steps + 1  # + the FLOP-counting step
@@ -286,6 +289,9 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
                 variant = _floor(graph, shape, device, images, labels)
             else:
                 variant = _build(name, engine, options, graph, shape, device, k_end, images, labels)
+                if options is not None and options.channels_last and not convolutional(variant.state.models):
+                    skipped[name] = "no convolution in the graph: the same step as fused"
+                    continue
             _warm(variant, warmup, device, before)
         except Exception as exc:  # a fast path that does not work here is reported, not fatal
             if name in ("reference", "fused", "floor"):
@@ -341,6 +347,7 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
         "peak_mem_method": ("cuda max_memory_allocated over build + warm-up" if device.type == "cuda" else
                             "cpu: own tensor bytes + VmHWM growth during one warm step"),
         "skipped": skipped,
+        "run_default": StepOptions().resolve(device, fused.state.models).label,
     }
 
 
@@ -469,6 +476,7 @@ def render(result: dict) -> str:
     lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
                  "   (each node's own plain step, summed)")
     lines.append(f"FLOPs per step: {result['flops_per_step'] / 1e9:,.2f} GFLOP; peak memory: {result['peak_mem_method']}")
+    lines.append(f"`dclang run` without flags uses {result['run_default']} here")
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     if "epoch" in result:

@@ -11,6 +11,7 @@ CUDA graphs, and bf16 and channels-last on a GPU, run only where CUDA is availab
 """
 
 import copy
+import dataclasses
 import shutil
 import warnings
 
@@ -22,6 +23,7 @@ import dclang.compile.accelerate as accelerate
 from dclang.api import check
 from dclang.compile import AcceleratedStep, StepOptions, compile_graph
 from dclang.compile.accelerate import HftaStep, compile_step
+from dclang.compile.common import build_models
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 CLASSES, STEPS, EPOCHS = 3, 2, 2
@@ -58,8 +60,13 @@ ADAM_GRAPH = GRAPH.replace("sgd(lr=0.1, momentum=0.9, nesterov=true, weight_deca
 
 
 def build(options=None, text=GRAPH, device="cpu", seed=0, steps=STEPS):
+    """The step with `options`; the models' own layout where they leave channels-last unset
+    (on the CPU it would be on), so each option is compared with the plain fused engine."""
     checked = check(text)
     assert checked.ok, checked.errors
+    options = options or StepOptions()
+    if options.channels_last is None:
+        options = dataclasses.replace(options, channels_last=False)
     return compile_graph(checked.graph, num_classes=CLASSES, in_channels=1, image_size=8, device=torch.device(device),
                          seed=seed, steps_per_epoch=steps, epochs=EPOCHS, options=options)
 
@@ -198,6 +205,22 @@ def test_options_are_checked():
             build(StepOptions(cuda_graph=True))
     assert StepOptions(hfta=True, compile=True, precision="bf16").label == "fused+hfta+compile+bf16"
     assert type(build(StepOptions())).__name__ == "FusedStep"
+
+
+def test_channels_last_is_on_by_default_for_convolutions_on_the_cpu():
+    mlp_only = check(GRAPH.replace("cnn_tiny", "mlp")).graph
+    for text, device, want in [(GRAPH, "cpu", True), (GRAPH.replace("cnn_tiny", "mlp"), "cpu", False),
+                               (GRAPH, "cuda", False)]:
+        models = build_models(check(text).graph, num_classes=3, in_channels=1, image_size=8,
+                              device=torch.device("cpu"), init_states=None, seed=0)
+        assert StepOptions().resolve(torch.device(device), models).channels_last is want, (text[:20], device)
+        assert StepOptions(channels_last=not want).resolve(torch.device(device), models).channels_last is not want
+    default = compile_graph(check(GRAPH).graph, num_classes=3, in_channels=1, image_size=8,
+                            device=torch.device("cpu"), steps_per_epoch=1, epochs=1)
+    assert isinstance(default, AcceleratedStep) and default.options.label == "fused+channels_last"
+    plain = compile_graph(mlp_only, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
+                          steps_per_epoch=1, epochs=1)
+    assert type(plain).__name__ == "FusedStep"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

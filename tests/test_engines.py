@@ -16,7 +16,7 @@ from tensor_trees import float64  # noqa: F401 (a fixture)
 import dclang.compile.fused
 import dclang.compile.reference
 from dclang.api import check
-from dclang.compile import ENGINES, compile_graph
+from dclang.compile import ENGINES, StepOptions, compile_graph
 from dclang.losses import edge_loss, node_loss
 from dclang.models import build_model
 
@@ -96,10 +96,14 @@ def batches(n=STEPS * EPOCHS, size=16):
 
 
 def compiled(text, engine, seed=0):
+    """The engine itself: the fused engine in the models' own layout (channels-last, its CPU
+    default for convolutions, is held equal to it in test_accelerate.py)."""
     graph = graph_of(text)
     init = {"c": teacher_state()} if "c" in graph else None
+    options = StepOptions(channels_last=False) if engine == "fused" else None
     return compile_graph(graph, num_classes=CLASSES, in_channels=1, image_size=8, device=torch.device("cpu"),
-                         engine=engine, init_states=init, seed=seed, steps_per_epoch=STEPS, epochs=EPOCHS)
+                         engine=engine, init_states=init, seed=seed, steps_per_epoch=STEPS, epochs=EPOCHS,
+                         options=options)
 
 
 def train(step, data, first_k=1):

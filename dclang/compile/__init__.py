@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 
 from dclang.compile.accelerate import AcceleratedStep, HftaStep, StepOptions, apply_options
+from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.reference import ReferenceStep
@@ -51,6 +52,8 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
+    if device.type == "cpu":
+        keep_freed_memory()  # process-wide: every engine's steps reuse their memory (see host_memory)
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                           device=device, init_states=init_states, seed=seed)
     cls = HftaStep if options.hfta else _CLASSES[engine]

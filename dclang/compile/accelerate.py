@@ -7,8 +7,9 @@ engine on the CPU wherever it can run there; `dclang bench` measures which ones 
 - `hfta`: each group of >= 2 trainable nodes of one architecture runs as one horizontally
   fused network (`dclang.models.fused`, HFTA): one kernel per layer for the whole group
   instead of one per node (`HftaStep`). Exact up to the kernels' summation order.
-- `channels_last`: NHWC weights and activations, the layout tensor cores read fastest. Exact
-  up to summation order.
+- `channels_last`: NHWC weights and activations, the layout oneDNN's CPU convolutions and
+  tensor cores read fastest. Exact up to summation order. Left unset it is on where it was
+  measured to win: on the CPU, for graphs with convolutions (`StepOptions.resolve`).
 - `precision="bf16"`: forward and losses under bf16 autocast; weights, gradients and the
   optimizer stay fp32. Rounds, by design: close to fp32, not equal.
 - `compile`: torch.compile of the forward and the losses (AOTAutograd compiles the matching
@@ -59,7 +60,7 @@ class StepOptions:
 
     compile: bool = False
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: decided by `resolve`
     hfta: bool = False
     cuda_graph: bool = False
 
@@ -69,15 +70,29 @@ class StepOptions:
 
     @property
     def plain(self) -> bool:
-        """Nothing differs from the plain fused engine."""
-        return self == StepOptions()
+        """No fast path asked for: the plain fused engine, channels-last left to `resolve`."""
+        return not self.channels_last and dataclasses.replace(self, channels_last=None) == StepOptions()
+
+    def resolve(self, device: torch.device, models: dict[str, nn.Module]) -> StepOptions:
+        """These options with `channels_last` decided where it was left unset: on for a CPU
+        step with a 2-D convolution in any node, where oneDNN's NHWC kernels were measured
+        faster (ResNet32 1.19x, ResNet110, WRN-16-2, cnn_small; benchmarks/README.md); off
+        on CUDA, where it is not measured yet, and for graphs of MLPs, where it means nothing."""
+        if self.channels_last is not None:
+            return self
+        return dataclasses.replace(self, channels_last=device.type == "cpu" and convolutional(models))
 
     @property
     def label(self) -> str:
         """`fused` and every option that is on, e.g. `fused+hfta+compile` (the bench's names)."""
         on = (["hfta"] * self.hfta + ["compile"] * self.compile + ["bf16"] * (self.precision == "bf16")
-              + ["channels_last"] * self.channels_last + ["cudagraph"] * self.cuda_graph)
+              + ["channels_last"] * bool(self.channels_last) + ["cudagraph"] * self.cuda_graph)
         return "+".join(["fused", *on])
+
+
+def convolutional(models: dict[str, nn.Module]) -> bool:
+    """Whether any model has a 2-D convolution, the only layer a memory format changes."""
+    return any(isinstance(m, nn.Conv2d) for model in models.values() for m in model.modules())
 
 
 # ---------------------------------------------------------------- HFTA
@@ -255,6 +270,7 @@ class AcceleratedStep:
     """
 
     def __init__(self, inner: FusedStep, options: StepOptions):
+        options = options.resolve(inner.device, inner.models)
         if options.cuda_graph and inner.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, but the step is on {inner.device}")
         if options.hfta != isinstance(inner, HftaStep):
@@ -422,8 +438,10 @@ _NO_LABELS = torch.empty(0, dtype=torch.long)  # gate_weights' device for the ho
 
 
 def apply_options(step: FusedStep, options: StepOptions) -> FusedStep | AcceleratedStep:
-    """`step` executed with `options` (`hfta` must already be reflected in how it was built)."""
-    if options.plain or options == StepOptions(hfta=True):
+    """`step` executed with `options`, resolved for its device and models (`hfta` must already
+    be reflected in how it was built)."""
+    options = options.resolve(step.device, step.models)
+    if dataclasses.replace(options, hfta=False) == StepOptions(channels_last=False):
         return step
     return AcceleratedStep(step, options)
 

@@ -169,12 +169,13 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 autocast (CUDA).")
-@click.option("--channels-last", is_flag=True, help="Channels-last memory format (CUDA).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on CUDA].")
 @click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model.")
 @click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
                 seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
-                no_progress: bool, compile_: bool, precision: str, channels_last: bool, hfta: bool,
+                no_progress: bool, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
                 cuda_graph: bool) -> None:
     """Train the graph in FILE and write a run directory (metrics, summary, checkpoints).
 

@@ -137,7 +137,7 @@ def _evaluate(step, split, mean, std) -> dict[str, float] | None:
 
 
 def _summary(graph: nx.DiGraph, records: list[dict], *, step, dataset, seed: int, device: torch.device,
-             engine: str, epochs: int, steps_per_epoch: int) -> dict:
+             engine: str, executed: str, epochs: int, steps_per_epoch: int) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
     import dclang
@@ -166,7 +166,7 @@ def _summary(graph: nx.DiGraph, records: list[dict], *, step, dataset, seed: int
         "nodes": nodes,
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
-        "seed": seed, "device": _describe(device), "engine": engine,
+        "seed": seed, "device": _describe(device), "engine": engine, "step": executed,
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,
@@ -273,6 +273,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
                              image_size=dataset.image_size, device=torch_device, engine=engine,
                              init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs,
                              options=options)
+        executed = step.options.label if hasattr(step, "options") else engine  # what runs, fast paths named
         if dist is not None:  # each process trains on its slice of every batch
             step = dist.wrap(step, train_size=len(train), batch=batch)
         records: list[dict] = []
@@ -292,7 +293,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
 
         def summary() -> dict:
             return _summary(g, records, step=step, dataset=dataset, seed=seed, device=torch_device, engine=engine,
-                            epochs=epochs, steps_per_epoch=steps_per_epoch)
+                            executed=executed, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
         show_bar = progress and sys.stderr.isatty()
         for epoch in range(len(records) + 1, epochs + 1):
