@@ -98,3 +98,45 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         for node, state in models_a.items():
             for name, tensor in state.items():
                 assert torch.equal(tensor, models_b[node][name]), (which, node, name)
+
+
+class _Stop(Exception):
+    """Raised after an epoch's files are written: the run stops as a killed one would."""
+
+
+def test_a_compiled_run_resumes_to_the_uninterrupted_result_SLOW(tmp_path):
+    """`--compile` (with channels-last, the CPU default for cnn_tiny): a run stopped after
+    epoch 1 and resumed in a fresh step (compiled again) ends as the uninterrupted compiled
+    run, and within float32 rounding of the eager run."""
+    from dclang.compile import StepOptions
+    from dclang.data import load_dataset
+
+    text = GRAPH.replace("epochs = 4", "epochs = 2").replace("node t : mlp [frozen]\n", "").replace(
+        "t -> s : linear\n", "")
+    graph = load_text(tmp_path, text)
+    dataset = load_dataset("digits", data_dir=None, val_split=600, split_seed=0)
+    compiled = StepOptions(compile=True)
+
+    def run(name, options, **kwargs):
+        return train_graph(graph, run_dir=tmp_path / name, device="cpu", progress=False, dataset=dataset,
+                           options=options, **kwargs)
+
+    full = run("full", compiled)
+    try:
+        run("stopped", compiled, on_epoch=lambda epoch, _: (_ for _ in ()).throw(_Stop()))
+    except _Stop:
+        pass
+    assert len(RunDir(tmp_path / "stopped").read_metrics()) == 1
+    resumed = run("stopped", compiled, resume=True)
+    eager = run("eager", StepOptions())
+    assert full.summary["step"] == "fused+compile+channels_last" and eager.summary["step"] == "fused+channels_last"
+    assert untimed(resumed.records) == untimed(full.records)
+    for got, want in zip(full.records, eager.records):
+        for node in ("s", "p"):
+            assert abs(got["nodes"][node]["train_loss"] - want["nodes"][node]["train_loss"]) < 1e-4, (node, got)
+
+
+def load_text(tmp_path: Path, text: str):
+    kt = tmp_path / "graph.kt"
+    kt.write_text(text)
+    return load(kt)

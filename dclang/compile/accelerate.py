@@ -14,7 +14,10 @@ engine on the CPU wherever it can run there; `dclang bench` measures which ones 
   optimizer stay fp32. Rounds, by design: close to fp32, not equal.
 - `compile`: torch.compile of the forward and the losses (AOTAutograd compiles the matching
   backward); the optimizer step stays eager, already a few multi-tensor kernels. Compilation
-  failing falls back to eager with a warning.
+  failing falls back to eager with a warning. Compiled once, with static shapes, for the
+  first batch's shape; a batch of another shape (an epoch's last, partial one) runs eagerly:
+  recompiling for it cost 25 s on digits, and Dynamo's automatic dynamic shapes would then
+  run every later step with shape-generic kernels.
 - `cuda_graph`: the whole step (forward, backward, optimizer step) captured once in a CUDA
   graph and replayed, so a step costs a handful of launches (CUDA only).
 
@@ -280,8 +283,9 @@ class AcceleratedStep:
             to_channels_last(inner)
         self.has_linear = any(edge.gate == "linear" for edge in inner.edges)
         self.linear_weight = torch.ones((), device=inner.device)
-        self.compiled = torch.compile(self._losses) if options.compile else None
-        self.compiled_shapes: set[tuple] = set()
+        # static shapes: one compilation, for the first batch's shape (see _eager_step)
+        self.compiled = torch.compile(self._losses, dynamic=False) if options.compile else None
+        self.compiled_shape: tuple | None = None
         self.eager_steps = 0
         self.graph: _CapturedStep | None = None
         if options.cuda_graph:
@@ -339,20 +343,21 @@ class AcceleratedStep:
                        for t in inner.trainable}
         return logits, node_losses, edge_results
 
-    def _forward_backward(self, images: Tensor, labels: Tensor):
+    def _forward_backward(self, images: Tensor, labels: Tensor, *, compiled: bool = True):
+        losses = self.compiled if compiled and self.compiled is not None else self._losses
         with self._autocast():
-            logits, node_losses, edge_results = (self.compiled or self._losses)(images, labels, self.linear_weight)
+            logits, node_losses, edge_results = losses(images, labels, self.linear_weight)
         torch.stack(list(node_losses.values())).sum().backward()
         return logits, node_losses, edge_results
 
     def _eager_step(self, images: Tensor, labels: Tensor) -> StepStats:
         self.inner.optimizer.zero_grad()
         shape = (tuple(images.shape), images.dtype, images.stride())
-        if self.compiled is not None and shape not in self.compiled_shapes:
-            out = self._first_compiled(images, labels)  # compiles for this input shape
-            self.compiled_shapes.add(shape)
-        else:
-            out = self._forward_backward(images, labels)
+        if self.compiled is not None and self.compiled_shape is None:
+            out = self._first_compiled(images, labels)  # compiles for this input shape, the only one
+            self.compiled_shape = shape
+        else:  # another shape (an epoch's last, partial batch) runs eagerly
+            out = self._forward_backward(images, labels, compiled=shape == self.compiled_shape)
         self.inner.optimizer.step()
         self.eager_steps += 1
         return self.inner.stats(labels=labels, logits=out[0], node_loss=out[1], edge_results=out[2])
