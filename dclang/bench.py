@@ -13,6 +13,10 @@ way `dclang run` does, with the fastest variant, against the straightforward loo
 researcher writes: the reference engine fed by a `torch.utils.data.DataLoader` over
 `TransformedSplit` with per-sample torchvision transforms. That one needs the dataset.
 
+`ops/step` counts the ATen operations one step dispatches (eager variants and the floor):
+on a GPU each launches at least one kernel, so it shows what fusion (HFTA) saves where
+launches, not arithmetic, bound the step.
+
 Peak memory: on CUDA, `max_memory_allocated` from building the variant through its warm-up
 steps, minus what was allocated before (so it includes a CUDA graph's pool and compile
 workspaces). On the CPU, the bytes of the variant's own tensors (parameters, buffers,
@@ -221,6 +225,28 @@ def _build(name: str, engine: str, options, graph, shape: dict, device, k_end: i
                    precision=getattr(options, "precision", "fp32"))
 
 
+#: the variants whose every operation goes through PyTorch's dispatcher, so `count_ops` sees
+#: each (a compiled step runs inductor's kernels, a CUDA graph replays without dispatching)
+EAGER = ("reference", "fused", "fused+channels_last", "fused+hfta", "fused+bf16", "floor")
+
+
+def count_ops(run: Callable[[int], object], k: int) -> int:
+    """ATen operations `run(k)` dispatches: forward, backward and optimizer step. On a GPU each
+    one launches at least one kernel, so this counts what fusion saves where launches dominate."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        run(k)
+    return Counter.n
+
+
 def _run_noting(variant: Variant, ks: range) -> None:
     """Run updates `ks`, keeping what a fast path warned about (a compile fallback) as its note."""
     with warnings.catch_warnings(record=True) as caught:
@@ -264,7 +290,7 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     from dclang.compile.accelerate import convolutional
     from dclang.data import normalize
 
-    k_end = warmup + steps + 1  # + the FLOP-counting step
+    k_end = warmup + steps + 2  # + the FLOP-counting step (fused) and the op-counting step
     gen = torch.Generator().manual_seed(0)
     channels, size = shape["in_channels"], shape["image_size"]
     raw = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=gen)
@@ -318,8 +344,9 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
 
     fused = next(v for v in variants if v.name == "fused")
     with FlopCounterMode(display=False) as counter:
-        fused.run(k_end)
+        fused.run(k_end - 1)
     flops = counter.get_total_flops()
+    ops = {v.name: count_ops(v.run, k_end) for v in variants if v.name in EAGER}
 
     floor = next(v for v in variants if v.name == "floor")
     floor_s = statistics.median(floor.times)
@@ -336,12 +363,14 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
         peak = peak_tflops(device, v.precision)
         if peak is not None:
             entry["mfu"] = entry["tflops"] / peak
+        if v.name in ops:
+            entry["ops_per_step"] = ops[v.name]
         if v.note:
             entry["note"] = v.note
         engines[v.name] = entry
     return {
         "engines": engines, "floor_s_per_step": floor_s, "floor_s_per_step_min": min(floor.times),
-        "floor_peak_mem_bytes": floor.peak_mem_bytes,
+        "floor_peak_mem_bytes": floor.peak_mem_bytes, "floor_ops_per_step": ops["floor"],
         "device": describe_device(device), "steps": steps, "warmup": warmup, "batch": batch,
         "graph": graph.graph["name"], "shape": shape, "flops_per_step": flops,
         "peak_mem_method": ("cuda max_memory_allocated over build + warm-up" if device.type == "cuda" else
@@ -465,16 +494,17 @@ def render(result: dict) -> str:
              f"{result['steps']} timed steps per variant after {result['warmup']} warm-up, interleaved round-robin; "
              f"medians (and the fastest step: the least disturbed on a busy machine)",
              f"{'variant':<22}{'s/step':>10}{'min':>9}{'images/s':>11}{'peak mem':>12}{'x reference':>13}{'x floor':>9}"
+             f"{'ops/step':>10}"
              + ("  MFU" if any("mfu" in e for e in result["engines"].values()) else "")]
     for name, e in result["engines"].items():
         mfu = f"  {100 * e['mfu']:.1f}%" if "mfu" in e else ""
         lines.append(f"{name:<22}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
                      f"{_mib(e['peak_mem_bytes']):>12}"
-                     f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}{mfu}")
+                     f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}{e.get('ops_per_step', '-'):>10}{mfu}")
         if e.get("note"):
             lines.append(f"{'':<22}note: {e['note']}")
     lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
-                 "   (each node's own plain step, summed)")
+                 f"{'':>44}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
     lines.append(f"FLOPs per step: {result['flops_per_step'] / 1e9:,.2f} GFLOP; peak memory: {result['peak_mem_method']}")
     lines.append(f"`dclang run` without flags uses {result['run_default']} here")
     for name, why in result["skipped"].items():

@@ -57,6 +57,23 @@ def test_bench_json_has_the_documented_keys(tiny):
     assert out["steps"] == 2 and out["batch"] == 32 and out["device"]
     assert out["shape"] == {"num_classes": 10, "in_channels": 1, "image_size": 8}
     assert out["skipped"]["fused+cudagraph"] == "CUDA only"
+    assert out["run_default"] == "fused+channels_last"  # cnn_tiny convolves, on the CPU
+    # a and b (cnn_tiny) run as one grouped network: fewer operations than two
+    ops = {name: entry["ops_per_step"] for name, entry in out["engines"].items()}
+    assert 0 < ops["fused+hfta"] < ops["fused"] and out["floor_ops_per_step"] > 0
+
+
+def test_count_ops_counts_each_dispatched_aten_operation():
+    import torch
+
+    from dclang.bench import count_ops
+
+    def run(k):
+        x = torch.ones(3, requires_grad=True)
+        (x * k).sum().backward()  # the three forward operations, then backward's own
+
+    assert count_ops(lambda k: torch.ones(3).add_(k), 2) == 2
+    assert count_ops(run, 2) > count_ops(lambda k: (torch.ones(3) * k).sum(), 2) == 3
 
 
 def test_bench_table_and_batch_option(tiny):
