@@ -41,12 +41,12 @@ def third_step_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and getrusage page-fault counts")
 def test_freed_activations_are_not_faulted_in_again():
     # glibc's defaults hand freed blocks back to the OS (all of them, or those above the top
-    # chunk a small object still holds) and fault them in again: at least one 20 MiB block,
-    # the check that the measurement can fail (tried thrice: where the small objects land
-    # varies); with the setting the step touches no new page
-    assert any(third_step_faults("plain") > PAGES_OF_A_BLOCK // 2 for _ in range(3))
-    assert third_step_faults("keep") < PAGES_OF_A_BLOCK // 20
-
+    # chunk a small object still holds) and fault them in again, at least one 20 MiB block
+    # each time: the check that the measurement can fail. With the setting the step touches
+    # no new page. Best of three each: now and then a block the heap cannot grow into
+    # contiguously is mapped by itself, and faulted like any fresh mapping.
+    assert min(third_step_faults("plain") for _ in range(3)) > PAGES_OF_A_BLOCK // 2
+    assert min(third_step_faults("keep") for _ in range(3)) < PAGES_OF_A_BLOCK // 20
 
 def test_cpu_engines_keep_freed_memory(monkeypatch):
     import torch
