@@ -54,7 +54,8 @@ CUDA_GRAPH_WARMUP = 3
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How the fused engine executes a step; the defaults are the plain fused engine.
+    """How the fused engine executes a step; the defaults are the plain fused engine, with
+    channels-last where `resolve` finds it a win.
 
     `hfta` is off unless asked for: fusion pays where kernel launches dominate (several
     small models on a GPU) and can lose on a CPU, where one grouped convolution is slower
