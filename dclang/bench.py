@@ -13,7 +13,8 @@ way `dclang run` does, with the fastest variant, against the straightforward loo
 researcher writes: the reference engine fed by a `torch.utils.data.DataLoader` over
 `TransformedSplit` with per-sample torchvision transforms. That one needs the dataset.
 
-`ops/step` counts the ATen operations one step dispatches (eager variants and the floor):
+`ops/step` counts the ATen operations one step dispatches, views aside (eager variants and
+the floor):
 on a GPU each launches at least one kernel, so it shows what fusion (HFTA) saves where
 launches, not arithmetic, bound the step.
 
@@ -231,15 +232,16 @@ EAGER = ("reference", "fused", "fused+channels_last", "fused+hfta", "fused+bf16"
 
 
 def count_ops(run: Callable[[int], object], k: int) -> int:
-    """ATen operations `run(k)` dispatches: forward, backward and optimizer step. On a GPU each
-    one launches at least one kernel, so this counts what fusion saves where launches dominate."""
+    """ATen operations `run(k)` dispatches that compute something (forward, backward and
+    optimizer step; views, which only relabel memory, left out). On a GPU each launches at
+    least one kernel, so this counts what fusion saves where launches dominate."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.n += 1
+            Counter.n += not func.is_view
             return func(*args, **(kwargs or {}))
 
     with Counter():

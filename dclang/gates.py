@@ -13,7 +13,8 @@ from torch import Tensor
 
 def gate_weights(gate: str, *, source_logits: Tensor | None, labels: Tensor, k: int, k_end: int,
                  batch: int, dtype: torch.dtype | None = None) -> Tensor:
-    """The weight each of the `batch` samples' losses gets on an edge with `gate`, shape (B,).
+    """The weight each of the `batch` samples' losses gets on an edge with `gate`, shape (B,),
+    or (E, B) for the `correct` gate given the stacked source logits (E, B, C) of E edges.
 
     - `through` (eq. 4, G(a) = a): ones.
     - `cutoff` (eq. 5, G(a) = 0): zeros. The engines never compute a cutoff edge at all; the
@@ -42,5 +43,5 @@ def gate_weights(gate: str, *, source_logits: Tensor | None, labels: Tensor, k: 
     if gate == "correct":
         if source_logits is None:
             return torch.ones(batch, **kw)
-        return (source_logits.argmax(dim=1) == labels).to(kw["dtype"])
+        return (source_logits.argmax(dim=-1) == labels).to(kw["dtype"])
     raise ValueError(f"unknown gate {gate!r}; known: through, cutoff, linear, correct")

@@ -12,46 +12,76 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dclang.gates import gate_weights
-from dclang.ir import EdgeSpec
+from dclang.ir import LABEL, EdgeSpec
 
 
 def ce_per_sample(logits_t: Tensor, labels: Tensor) -> Tensor:
-    """-log softmax(logits_t)[y] per sample, shape (B,).
+    """-log softmax(logits_t)[y] per sample: shape (B,) for logits (B, C), (E, B) for the
+    stacked logits (E, B, C) of E edges.
 
     Eq. 1: against a one-hot label, cross-entropy equals KL(p_label || p_t), so an edge from
     `label` is the same kind of loss as an edge between nodes.
     """
-    return F.cross_entropy(logits_t, labels, reduction="none")
+    if logits_t.dim() == 2:
+        return F.cross_entropy(logits_t, labels, reduction="none")
+    return F.cross_entropy(logits_t.transpose(1, 2), labels.expand(logits_t.shape[:2]), reduction="none")
 
 
 def kl_per_sample(logits_s: Tensor, logits_t: Tensor, T: float) -> Tensor:
-    """T^2 * KL(p_s || p_t) per sample, shape (B,), with p = softmax(logits / T) (eq. 2).
+    """T^2 * KL(p_s || p_t) per sample, shape (B,), with p = softmax(logits / T) (eq. 2);
+    (E, B) for the stacked logits (E, B, C) of E edges.
 
     Written with log_softmax on both sides, so no probability is logged after it has
     underflowed. The T^2 factor (Hinton et al., 2015) keeps the gradient's scale independent
     of T. The source is detached here, whatever the caller passed.
     """
-    log_p_s = F.log_softmax(logits_s.detach() / T, dim=1)
-    log_p_t = F.log_softmax(logits_t / T, dim=1)
-    return T * T * (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=1)
+    log_p_s = F.log_softmax(logits_s.detach() / T, dim=-1)
+    log_p_t = F.log_softmax(logits_t / T, dim=-1)
+    return T * T * (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1)
 
 
 def edge_loss(edge: EdgeSpec, source_logits: Tensor | None, target_logits: Tensor, labels: Tensor,
               *, k: int, k_end: int) -> tuple[Tensor, Tensor]:
-    """L_{s,t} (eq. 2) and the gate weights it used.
+    """L_{s,t} (eq. 2) and the gate weights it used: `edge_losses` for one edge."""
+    loss, weights = edge_losses([edge], None if source_logits is None else source_logits[None], target_logits[None],
+                                labels, k=k, k_end=k_end)
+    return loss[0], weights[0]
+
+
+def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logits: Tensor, labels: Tensor,
+                *, k: int, k_end: int) -> tuple[Tensor, Tensor]:
+    """L_{s,t} (eq. 2) of E edges at once, shape (E,), and the gate weights they used, (E, B).
+
+    The edges share their loss, temperature and gate (`edge_group_key`); `source_logits` and
+    `target_logits` are their sources' and targets' logits stacked, (E, B, C), the sources
+    None for edges from `label`. Computing a group of edges as one tensor is what keeps a
+    step's operation count from growing with its edges (K(K-1) of them between K nodes).
 
     L_{s,t} = mean over the batch of weight * G_{s,t}(a_n), a_n the sample's loss: `ce` from
-    `label` (where `source_logits` is None), `kl` at temperature `edge.T` between nodes. Eq. 2
-    writes a sum over the batch; like the authors' reference implementation we take the mean,
-    which only rescales the learning rate by the batch size.
+    `label`, `kl` at temperature `edge.T` between nodes. Eq. 2 writes a sum over the batch;
+    like the authors' reference implementation we take the mean, which only rescales the
+    learning rate by the batch size.
     """
-    if edge.loss == "ce":
+    first = edges[0]
+    if any(edge_group_key(e) != edge_group_key(first) for e in edges):
+        raise ValueError(f"edges of one group must share source kind, loss, T and gate: {[e.key for e in edges]}")
+    if first.loss == "ce":
         per_sample = ce_per_sample(target_logits, labels)
     else:
-        per_sample = kl_per_sample(source_logits, target_logits, edge.T)
-    weights = gate_weights(edge.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
-                           batch=labels.shape[0], dtype=per_sample.dtype)
-    return (edge.weight * weights * per_sample).mean(), weights
+        per_sample = kl_per_sample(source_logits, target_logits, first.T)
+    weights = gate_weights(first.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
+                           batch=labels.shape[0], dtype=per_sample.dtype).expand(per_sample.shape)
+    if all(e.weight == first.weight for e in edges):
+        scale = first.weight
+    else:
+        scale = torch.tensor([e.weight for e in edges], dtype=per_sample.dtype, device=per_sample.device)[:, None]
+    return (scale * weights * per_sample).mean(dim=-1), weights
+
+
+def edge_group_key(edge: EdgeSpec) -> tuple:
+    """What edges computed together in `edge_losses` share: whether the source is `label`,
+    the loss, its temperature and the gate (the edges' weights may differ)."""
+    return (edge.source == LABEL, edge.loss, edge.T, edge.gate)
 
 
 def node_loss(edge_losses: list[Tensor]) -> Tensor:

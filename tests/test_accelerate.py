@@ -250,3 +250,25 @@ def test_cuda_bf16_stays_close_to_fp32():
     want, got = train(fp32, data, steps=4), train(bf16, data, steps=4)
     for g, w in zip(got, want):
         assert_tree_close(g.node_loss, w.node_loss, rtol=5e-2, atol=5e-2)
+
+
+def test_an_hfta_step_dispatches_as_many_operations_for_eight_nodes_as_for_two():
+    """The GPU goal's kernel launches, counted on the CPU: with same-architecture nodes fused
+    (HFTA) and each group of edges computed as one tensor, a step of K mutually learning
+    nodes (K(K-1) + K edges) dispatches a constant number of computing operations, plus two
+    per node (its loss is the sum of its edges', eq. 3)."""
+    from dclang.bench import count_ops
+
+    def ops(k, options):
+        nodes = "\n".join(f"node m{i} : cnn_tiny" + (" [target]" if i == 1 else "") for i in range(1, k + 1))
+        graph = check(f"graph g\ndata digits {{ }}\n{nodes}\nedges * -> * : through\n").graph
+        step = compile_graph(graph, num_classes=CLASSES, in_channels=1, image_size=8, device=torch.device("cpu"),
+                             steps_per_epoch=4, epochs=1, options=options)
+        (x, y), = batches(1)
+        step.step(x, y, 1)
+        return count_ops(lambda k: step.step(x, y, k), 2)
+
+    hfta = StepOptions(hfta=True, channels_last=False)
+    assert ops(8, hfta) - ops(2, hfta) <= 2 * 6
+    plain = StepOptions(channels_last=False)
+    assert ops(8, plain) - ops(2, plain) > 6 * 20  # separate models: each node's layers dispatch again

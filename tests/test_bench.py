@@ -73,6 +73,7 @@ def test_count_ops_counts_each_dispatched_aten_operation():
         (x * k).sum().backward()  # the three forward operations, then backward's own
 
     assert count_ops(lambda k: torch.ones(3).add_(k), 2) == 2
+    assert count_ops(lambda k: torch.ones(3, 2).t()[1:].add_(k), 2) == 2  # t() and [1:] are views
     assert count_ops(run, 2) > count_ops(lambda k: (torch.ones(3) * k).sum(), 2) == 3
 
 

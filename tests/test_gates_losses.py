@@ -12,7 +12,7 @@ import torch
 
 from dclang.gates import gate_weights
 from dclang.ir import EdgeSpec
-from dclang.losses import ce_per_sample, edge_loss, kl_per_sample, node_loss
+from dclang.losses import ce_per_sample, edge_loss, edge_losses, kl_per_sample, node_loss
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -144,3 +144,34 @@ def test_gradient_reaches_the_target_only(gate_name):
     loss.backward()
     assert source.grad is None
     assert target.grad is not None and target.grad.abs().sum() > 0
+
+
+def test_edge_losses_of_a_group_equal_each_edge_by_hand():
+    """Three kl edges into stacked targets at once (eq. 2 per edge, correct gate, own weights)
+    against an explicit loop over edges and samples."""
+    T, weights = 2.0, [0.5, 1.0, 2.0]
+    rng = np.random.default_rng(0)
+    sources, targets = rng.normal(size=(3, 4, 3)), rng.normal(size=(3, 4, 3))
+    group = [EdgeSpec(f"s{i}", f"t{i}", "correct", "kl", T, w) for i, w in enumerate(weights)]
+    losses, gates = edge_losses(group, t64(sources.tolist()), t64(targets.tolist()), torch.tensor(LABELS), k=1, k_end=4)
+    for e in range(3):
+        expected, mask = 0.0, []
+        for n, y in enumerate(LABELS):
+            log_p_s, log_p_t = np_log_softmax(sources[e, n] / T), np_log_softmax(targets[e, n] / T)
+            kl = T * T * sum(math.exp(a) * (a - b) for a, b in zip(log_p_s, log_p_t))
+            mask.append(float(np.argmax(sources[e, n]) == y))
+            expected += weights[e] * mask[-1] * kl / len(LABELS)
+        assert gates[e].tolist() == mask
+        torch.testing.assert_close(losses[e], torch.tensor(expected, dtype=torch.float64), **TOL)
+
+
+def test_edge_losses_of_label_edges_and_mixed_groups():
+    targets = t64([TARGET, SOURCE])
+    group = [EdgeSpec("label", t, "through", "ce", 1.0, 1.0) for t in ("a", "b")]
+    losses, _ = edge_losses(group, None, targets, torch.tensor(LABELS), k=1, k_end=4)
+    for e, rows in enumerate((TARGET, SOURCE)):
+        expected = sum(-np_log_softmax(row)[y] for row, y in zip(rows, LABELS)) / 4
+        torch.testing.assert_close(losses[e], torch.tensor(expected, dtype=torch.float64), **TOL)
+    with pytest.raises(ValueError, match="must share source kind, loss, T and gate"):
+        edge_losses([edge("through"), edge("linear")], t64([SOURCE, SOURCE]), t64([TARGET, TARGET]),
+                    torch.tensor(LABELS), k=1, k_end=4)

@@ -24,9 +24,10 @@ engine on the CPU wherever it can run there; `dclang bench` measures which ones 
 Compile and CUDA graphs must not see the update number `k` as a Python number: it changes
 every step, which would recompile (compile) or be frozen into the graph (CUDA graph). Only
 the `linear` gate (eq. 6) reads `k`, and its weight k / k_end is the same for every sample.
-So `AcceleratedStep` computes a linear edge's loss with the gate's weight at k_end (one) and
-multiplies it by the weight `gates.gate_weights` gives for update k, kept in a device tensor
-refilled before each step: `(w * a).mean() == w * a.mean()` for a constant w, to rounding.
+So `AcceleratedStep` has the fused engine compute a linear edge's loss with the gate's weight
+at k_end (one) and multiply it by the weight `gates.gate_weights` gives for update k, kept in
+a device tensor refilled before each step (`FusedStep.losses(linear_weight=...)`):
+`(w * a).mean() == w * a.mean()` for a constant w, to rounding.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from torch import Tensor, nn
 from dclang.compile.common import StepStats
 from dclang.compile.fused import FusedStep
 from dclang.gates import gate_weights
-from dclang.losses import edge_loss, node_loss
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -330,18 +330,8 @@ class AcceleratedStep:
 
     def _losses(self, images: Tensor, labels: Tensor, linear_weight: Tensor):
         """The fused engine's forward and losses, with the linear gates' weight as a tensor."""
-        inner = self.inner
-        logits = inner.forward(images)
-        edge_results = {}
-        for edge in inner.edges:
-            # k = k_end: the gates that read k (only `linear`) pass everything there
-            loss, weights = edge_loss(edge, *inner.edge_inputs(edge, logits), labels, k=inner.k_end, k_end=inner.k_end)
-            if edge.gate == "linear":
-                w = linear_weight.to(loss.dtype)
-                loss, weights = loss * w, weights * w
-            edge_results[edge.key] = (loss, weights)
-        node_losses = {t: node_loss([edge_results[e.key][0] for e in inner.edges if e.target == t])
-                       for t in inner.trainable}
+        logits = self.inner.forward(images)
+        node_losses, edge_results = self.inner.losses(logits, labels, k=self.inner.k_end, linear_weight=linear_weight)
         return logits, node_losses, edge_results
 
     def _forward_backward(self, images: Tensor, labels: Tensor, *, compiled: bool = True):

@@ -98,14 +98,22 @@ class TrainStep:
 
     def stats(self, logits: dict[str, Tensor], labels: Tensor, node_loss: dict[str, Tensor],
               edge_results: dict[str, tuple[Tensor, Tensor]]) -> StepStats:
-        """StepStats from the step's logits, node losses and (edge loss, gate weights) pairs."""
-        return StepStats(
-            node_loss={t: loss.detach() for t, loss in node_loss.items()},
-            node_correct={n: (out.argmax(dim=1) == labels).sum() for n, out in logits.items()},
-            edge_loss={key: loss.detach() for key, (loss, _) in edge_results.items()},
-            edge_gate={key: w.mean() for key, (_, w) in edge_results.items()},
-            edge_pass={key: (w != 0).to(w.dtype).mean() for key, (_, w) in edge_results.items()},
-        )
+        """StepStats from the step's logits, node losses and (edge loss, gate weights) pairs.
+
+        Each statistic is computed for all nodes or all edges at once on stacked tensors, so
+        its operation count does not grow with the graph."""
+        with torch.no_grad():
+            correct = (torch.stack(list(logits.values())).argmax(dim=-1) == labels).sum(dim=-1)
+            losses = torch.stack(list(node_loss.values())).unbind(0)
+            stats = StepStats(node_loss=dict(zip(node_loss, losses)), node_correct=dict(zip(logits, correct.unbind(0))),
+                              edge_loss={}, edge_gate={}, edge_pass={})
+            if edge_results:
+                weights = torch.stack([w for _, w in edge_results.values()])
+                for field, values in (("edge_loss", torch.stack([loss for loss, _ in edge_results.values()])),
+                                      ("edge_gate", weights.mean(dim=-1)),
+                                      ("edge_pass", (weights != 0).to(weights.dtype).mean(dim=-1))):
+                    getattr(stats, field).update(zip(edge_results, values.unbind(0)))
+        return stats
 
     def end_epoch(self) -> None:
         """Advance every learning-rate schedule by one epoch."""

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep
 from dclang.compile.optim import build_optimizer, build_scheduler
-from dclang.losses import edge_loss, node_loss
+from dclang.ir import LABEL
+from dclang.losses import edge_group_key, edge_losses, node_loss
 
 
 class FusedStep(TrainStep):
@@ -32,6 +33,18 @@ class FusedStep(TrainStep):
         self.optimizer = build_optimizer(train.optimizer, self.parameters_to_update(), foreach=True)
         self.optimizers["all"] = self.optimizer
         self.schedulers["all"] = build_scheduler(train.schedule, self.optimizer, epochs)
+        groups: dict[tuple, list] = {}
+        for edge in self.edges:
+            groups.setdefault(edge_group_key(edge), []).append(edge)
+        self.edge_groups = list(groups.values())
+        # each group's rows of the stacked logits: targets, then sources (None from `label`)
+        row = {name: i for i, name in enumerate(models)}
+        self.group_rows = [(self._rows([row[e.target] for e in group]),
+                            None if group[0].source == LABEL else self._rows([row[e.source] for e in group]))
+                           for group in self.edge_groups]
+
+    def _rows(self, rows: list[int]) -> Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def parameters_to_update(self) -> list[nn.Parameter]:
         """What the one optimizer updates: every trainable node's parameters, in node order.
@@ -40,11 +53,35 @@ class FusedStep(TrainStep):
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         logits = self.forward(images)
-        edge_results = {edge.key: edge_loss(edge, *self.edge_inputs(edge, logits), labels, k=k, k_end=self.k_end)
-                        for edge in self.edges}
-        node_losses = {t: node_loss([edge_results[e.key][0] for e in self.edges if e.target == t])
-                       for t in self.trainable}
+        node_losses, edge_results = self.losses(logits, labels, k=k)
         self.optimizer.zero_grad()
         torch.stack(list(node_losses.values())).sum().backward()
         self.optimizer.step()
         return self.stats(logits, labels, node_losses, edge_results)
+
+    def losses(self, logits: dict[str, Tensor], labels: Tensor, *, k: int, linear_weight: Tensor | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """Every trainable node's loss and every live edge's (loss, gate weights), keyed as the
+        reference engine keys them.
+
+        Edges sharing source kind, loss, T and gate are computed as one stacked tensor
+        (`losses.edge_losses`): a handful of operations per group instead of per edge. With
+        `linear_weight` (a 0-d tensor holding k / k_end) every gate is evaluated at k_end and
+        the linear edges are scaled by the tensor: the form torch.compile and CUDA graphs
+        need, where k must not be a Python number (see `dclang.compile.accelerate`).
+        """
+        results: dict[str, tuple[Tensor, Tensor]] = {}
+        stacked = torch.stack([logits[name] for name in self.models])  # (nodes, B, C): one gradient per node
+        for group, (target_rows, source_rows) in zip(self.edge_groups, self.group_rows):
+            targets = stacked.index_select(0, target_rows)
+            sources = None if source_rows is None else stacked.detach().index_select(0, source_rows)
+            loss, weights = edge_losses(group, sources, targets, labels, k=self.k_end if linear_weight is not None
+                                        else k, k_end=self.k_end)
+            if linear_weight is not None and group[0].gate == "linear":
+                w = linear_weight.to(loss.dtype)
+                loss, weights = loss * w, weights * w
+            results.update((e.key, lw) for e, lw in zip(group, zip(loss.unbind(0), weights.unbind(0))))
+        edge_results = {e.key: results[e.key] for e in self.edges}
+        node_losses = {t: node_loss([edge_results[e.key][0] for e in self.edges if e.target == t])
+                       for t in self.trainable}
+        return node_losses, edge_results
