@@ -546,7 +546,8 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
 
     Prints per variant the median seconds per step, images/s, peak memory, the ratio of its
     time to the reference engine's and to the FLOOR (each node's own plain training step,
-    summed), and on CUDA the achieved TFLOP/s and MFU.
+    summed), the computing operations one step dispatches (each a kernel launch on a GPU),
+    on CUDA the achieved TFLOP/s and MFU, and which variant `dclang run` uses here.
     """
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
