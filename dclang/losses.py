@@ -52,7 +52,7 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
                 *, k: int, k_end: int) -> tuple[Tensor, Tensor]:
     """L_{s,t} (eq. 2) of E edges at once, shape (E,), and the gate weights they used, (E, B).
 
-    The edges share their loss, temperature and gate (`edge_group_key`); `source_logits` and
+    The edges share their loss, temperature, gate and weight (`edge_group_key`); `source_logits` and
     `target_logits` are their sources' and targets' logits stacked, (E, B, C), the sources
     None for edges from `label`. Computing a group of edges as one tensor is what keeps a
     step's operation count from growing with its edges (K(K-1) of them between K nodes).
@@ -64,24 +64,22 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     """
     first = edges[0]
     if any(edge_group_key(e) != edge_group_key(first) for e in edges):
-        raise ValueError(f"edges of one group must share source kind, loss, T and gate: {[e.key for e in edges]}")
+        raise ValueError(f"edges of one group must share source kind, loss, T, gate and weight: "
+                         f"{[e.key for e in edges]}")
     if first.loss == "ce":
         per_sample = ce_per_sample(target_logits, labels)
     else:
         per_sample = kl_per_sample(source_logits, target_logits, first.T)
     weights = gate_weights(first.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
                            batch=labels.shape[0], dtype=per_sample.dtype).expand(per_sample.shape)
-    if all(e.weight == first.weight for e in edges):
-        scale = first.weight
-    else:
-        scale = torch.tensor([e.weight for e in edges], dtype=per_sample.dtype, device=per_sample.device)[:, None]
-    return (scale * weights * per_sample).mean(dim=-1), weights
+    return (first.weight * weights * per_sample).mean(dim=-1), weights
 
 
 def edge_group_key(edge: EdgeSpec) -> tuple:
     """What edges computed together in `edge_losses` share: whether the source is `label`,
-    the loss, its temperature and the gate (the edges' weights may differ)."""
-    return (edge.source == LABEL, edge.loss, edge.T, edge.gate)
+    the loss, its temperature, the gate and the weight (a Python number, so that a step
+    creates no tensor from host values: a CUDA graph could not capture that)."""
+    return (edge.source == LABEL, edge.loss, edge.T, edge.gate, edge.weight)
 
 
 def node_loss(edge_losses: list[Tensor]) -> Tensor:

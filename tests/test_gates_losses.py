@@ -147,9 +147,9 @@ def test_gradient_reaches_the_target_only(gate_name):
 
 
 def test_edge_losses_of_a_group_equal_each_edge_by_hand():
-    """Three kl edges into stacked targets at once (eq. 2 per edge, correct gate, own weights)
-    against an explicit loop over edges and samples."""
-    T, weights = 2.0, [0.5, 1.0, 2.0]
+    """Three kl edges into stacked targets at once (eq. 2 per edge, correct gate) against an
+    explicit loop over edges and samples."""
+    T, weights = 2.0, [0.5, 0.5, 0.5]
     rng = np.random.default_rng(0)
     sources, targets = rng.normal(size=(3, 4, 3)), rng.normal(size=(3, 4, 3))
     group = [EdgeSpec(f"s{i}", f"t{i}", "correct", "kl", T, w) for i, w in enumerate(weights)]
@@ -172,6 +172,7 @@ def test_edge_losses_of_label_edges_and_mixed_groups():
     for e, rows in enumerate((TARGET, SOURCE)):
         expected = sum(-np_log_softmax(row)[y] for row, y in zip(rows, LABELS)) / 4
         torch.testing.assert_close(losses[e], torch.tensor(expected, dtype=torch.float64), **TOL)
-    with pytest.raises(ValueError, match="must share source kind, loss, T and gate"):
-        edge_losses([edge("through"), edge("linear")], t64([SOURCE, SOURCE]), t64([TARGET, TARGET]),
-                    torch.tensor(LABELS), k=1, k_end=4)
+    for other in (edge("linear"), edge("through", weight=0.5)):
+        with pytest.raises(ValueError, match="must share source kind, loss, T, gate and weight"):
+            edge_losses([edge("through"), other], t64([SOURCE, SOURCE]), t64([TARGET, TARGET]),
+                        torch.tensor(LABELS), k=1, k_end=4)

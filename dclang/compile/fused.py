@@ -64,7 +64,7 @@ class FusedStep(TrainStep):
         """Every trainable node's loss and every live edge's (loss, gate weights), keyed as the
         reference engine keys them.
 
-        Edges sharing source kind, loss, T and gate are computed as one stacked tensor
+        Edges sharing source kind, loss, T, gate and weight are computed as one stacked tensor
         (`losses.edge_losses`): a handful of operations per group instead of per edge. With
         `linear_weight` (a 0-d tensor holding k / k_end) every gate is evaluated at k_end and
         the linear edges are scaled by the tensor: the form torch.compile and CUDA graphs
@@ -72,9 +72,10 @@ class FusedStep(TrainStep):
         """
         results: dict[str, tuple[Tensor, Tensor]] = {}
         stacked = torch.stack([logits[name] for name in self.models])  # (nodes, B, C): one gradient per node
+        detached = stacked.detach()  # sources (paper 3.1)
         for group, (target_rows, source_rows) in zip(self.edge_groups, self.group_rows):
             targets = stacked.index_select(0, target_rows)
-            sources = None if source_rows is None else stacked.detach().index_select(0, source_rows)
+            sources = None if source_rows is None else detached.index_select(0, source_rows)
             loss, weights = edge_losses(group, sources, targets, labels, k=self.k_end if linear_weight is not None
                                         else k, k_end=self.k_end)
             if linear_weight is not None and group[0].gate == "linear":
