@@ -330,6 +330,7 @@ def test_fast_path_options_reach_the_engine_and_change_no_number(tmp_path, digit
     fused = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits,
                         options=StepOptions(hfta=True))
     assert len(built) == 1  # the option reached compile_graph
+    assert (plain.summary["step"], fused.summary["step"]) == ("fused", "fused+hfta")  # mlps: no channels-last
     for a, b in zip(untimed(plain.records), untimed(fused.records)):
         for node in ("s", "p"):
             assert b["nodes"][node]["val_acc"] == pytest.approx(a["nodes"][node]["val_acc"], abs=1e-6)

@@ -159,6 +159,8 @@ class HftaStep(FusedStep):
                 owner, _, leaf = key.rpartition(".")
                 model.get_submodule(owner)._buffers[leaf] = views[key]
 
+    label = "fused+hfta"
+
     def parameters_to_update(self) -> list[nn.Parameter]:
         """The fused groups' parameters, then those of the trainable nodes left separate."""
         return [p for group in self.groups for p in group.fused.parameters()] + [
@@ -299,6 +301,10 @@ class AcceleratedStep:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    @property
+    def label(self) -> str:
+        return self.options.label
+
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         if self.has_linear:  # eq. 6's weight for update k, from gates.py (which checks 1 <= k <= k_end)
             weight = gate_weights("linear", source_logits=None, labels=_NO_LABELS, k=k, k_end=self.inner.k_end,
@@ -408,12 +414,8 @@ class _CapturedStep:
             logits, node_losses, edge_results = step._forward_backward(self.images, self.labels)
             inner.optimizer.step()
             stats = inner.stats(logits, self.labels, node_losses, edge_results)
-            self.count_keys = list(stats.node_correct)
-            self.counts = torch.stack(list(stats.node_correct.values()))
-            self.mean_keys = [(field, key) for field in ("node_loss", "edge_loss", "edge_gate", "edge_pass")
-                              for key in getattr(stats, field)]
-            values = [getattr(stats, field)[key] for field, key in self.mean_keys]
-            self.means = torch.stack([v.to(values[0].dtype) for v in values])
+            self.keys = stats.keys()
+            self.counts, self.means = stats.vectors()
 
     def fits(self, images: Tensor, labels: Tensor) -> bool:
         return (images.shape == self.images.shape and images.stride() == self.images.stride()
@@ -423,11 +425,7 @@ class _CapturedStep:
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.graph.replay()
-        counts, means = self.counts.clone(), self.means.clone()
-        out: dict[str, dict[str, Tensor]] = {f: {} for f in ("node_loss", "edge_loss", "edge_gate", "edge_pass")}
-        for (field, key), value in zip(self.mean_keys, means):
-            out[field][key] = value
-        return StepStats(node_correct=dict(zip(self.count_keys, counts)), **out)
+        return StepStats.from_vectors(self.keys, self.counts.clone(), self.means.clone())
 
 
 _NO_LABELS = torch.empty(0, dtype=torch.long)  # gate_weights' device for the host-side linear weight
@@ -437,7 +435,7 @@ def apply_options(step: FusedStep, options: StepOptions) -> FusedStep | Accelera
     """`step` executed with `options`, resolved for its device and models (`hfta` must already
     be reflected in how it was built)."""
     options = options.resolve(step.device, step.models)
-    if dataclasses.replace(options, hfta=False) == StepOptions(channels_last=False):
+    if dataclasses.replace(options, hfta=False).plain:
         return step
     return AcceleratedStep(step, options)
 

@@ -26,6 +26,30 @@ class StepStats:
     edge_gate: dict[str, Tensor]  # mean gate weight over the batch
     edge_pass: dict[str, Tensor]  # fraction of samples whose gate weight is nonzero
 
+    def keys(self) -> list[tuple[str, str]]:
+        """(field, name) of every statistic, in the order of `vectors`: the counts, then the
+        batch means."""
+        return [(f, name) for f in ("node_correct", *MEAN_FIELDS) for name in getattr(self, f)]
+
+    def vectors(self) -> tuple[Tensor, Tensor]:
+        """The counts and the batch means, each stacked into one vector: what the epoch sums,
+        data-parallel runs all-reduce and a CUDA graph keeps, in two operations whatever the
+        graph's size."""
+        means = [value for f in MEAN_FIELDS for value in getattr(self, f).values()]
+        return torch.stack(list(self.node_correct.values())), torch.stack(means)
+
+    @classmethod
+    def from_vectors(cls, keys: list[tuple[str, str]], counts: Tensor, means: Tensor) -> StepStats:
+        """The StepStats whose `keys()` and `vectors()` these are."""
+        out: dict[str, dict[str, Tensor]] = {f: {} for f in ("node_correct", *MEAN_FIELDS)}
+        for (f, name), value in zip(keys, [*counts.unbind(0), *means.unbind(0)]):
+            out[f][name] = value
+        return cls(**out)
+
+
+#: StepStats fields that are batch means (weighted by batch size when summed); `node_correct` is a count
+MEAN_FIELDS = ("node_loss", "edge_loss", "edge_gate", "edge_pass")
+
 
 def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                  device: torch.device, init_states: dict[str, dict] | None, seed: int) -> dict[str, nn.Module]:
@@ -59,6 +83,11 @@ class TrainStep:
     """
 
     engine: str
+
+    @property
+    def label(self) -> str:
+        """What executes the step, fast paths named (`summary.json`'s `step`, the bench's names)."""
+        return self.engine
 
     def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
                  steps_per_epoch: int, epochs: int):

@@ -39,6 +39,9 @@ from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_
 MAX_ERRORS_IN_A_ROW = 5
 #: ... or after this many invalid samples in a row (a template that hardly ever gives a graph)
 MAX_INVALID_IN_A_ROW = 200
+#: the failed trials' user attribute -> (how many in a row stop a worker, what the stop says)
+_STREAKS = {"error": (MAX_ERRORS_IN_A_ROW, "{n} trials in a row failed; the last: {why}"),
+            "invalid": (MAX_INVALID_IN_A_ROW, "{n} samples in a row could not be trained; the last:\n{why}")}
 #: seconds between looks at an earlier trial of the same graph that is still running
 WAIT_POLL = 1.0
 #: the `failed` note of a trial whose worker was stopped (Ctrl-C, SIGTERM): it is run again
@@ -89,8 +92,7 @@ class Objective:
         self.space = search_space(self.template)
         self.datasets: dict[tuple, Any] = {}
         self.current: optuna.Trial | None = None
-        self.errors_in_a_row = 0
-        self.invalid_in_a_row = 0
+        self.in_a_row = dict.fromkeys(_STREAKS, 0)  # failed trials in a row, by kind
         self.stopped_because: str | None = None
 
     def dataset(self, graph) -> Any:
@@ -196,20 +198,15 @@ class Objective:
 
     def after(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's per-trial callback: stop a worker whose trials keep failing."""
-        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
-            self.errors_in_a_row += 1
-            if self.errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
-                self.stopped_because = (f"{self.errors_in_a_row} trials in a row failed; the last: "
-                                        f"{trial.user_attrs['error']}")
-                study.stop()
-        elif trial.state == TrialState.FAIL and "invalid" in trial.user_attrs:
-            self.invalid_in_a_row += 1
-            if self.invalid_in_a_row >= MAX_INVALID_IN_A_ROW:
-                self.stopped_because = (f"{self.invalid_in_a_row} samples in a row could not be trained; the "
-                                        f"last:\n{trial.user_attrs['invalid']}")
-                study.stop()
-        else:
-            self.errors_in_a_row = self.invalid_in_a_row = 0
+        kind = next((k for k in _STREAKS if k in trial.user_attrs), None) if trial.state == TrialState.FAIL else None
+        if kind is None:
+            self.in_a_row = dict.fromkeys(_STREAKS, 0)
+            return
+        self.in_a_row[kind] += 1
+        limit, message = _STREAKS[kind]
+        if self.in_a_row[kind] >= limit:
+            self.stopped_because = message.format(n=self.in_a_row[kind], why=trial.user_attrs[kind])
+            study.stop()
 
 
 def device_for(device: str, slot: int | None) -> str:

@@ -44,8 +44,6 @@ from torch import Tensor
 from dclang.compile.common import StepStats
 from dclang.diagnostics import UserError
 
-_MEANS = ("node_loss", "edge_loss", "edge_gate", "edge_pass")
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -188,15 +186,11 @@ class DistributedTrainStep:
     def _combine(self, stats: StepStats) -> StepStats:
         """The global batch's StepStats: batch means weighted by each process's share and
         summed, correct counts summed; one all-reduce."""
-        keys = [(f, name) for f in ("node_correct", *_MEANS) for name in getattr(stats, f)]
-        values = torch.stack([getattr(stats, f)[name].to(torch.float64) * (1.0 if f == "node_correct" else self.share)
-                              for f, name in keys])
+        counts, means = stats.vectors()
+        values = torch.cat([counts.to(torch.float64), means.to(torch.float64) * self.share])
         dist.all_reduce(values)
-        out: dict[str, dict[str, Tensor]] = {f: {} for f in ("node_correct", *_MEANS)}
-        for (f, name), value in zip(keys, values):
-            old = getattr(stats, f)[name]
-            out[f][name] = value.round().to(old.dtype) if f == "node_correct" else value.to(old.dtype)
-        return StepStats(**out)
+        total_counts, mean_values = values.split([len(counts), len(means)])
+        return StepStats.from_vectors(stats.keys(), total_counts.round().to(counts.dtype), mean_values.to(means.dtype))
 
 
 class _ReadOnlyRunDir:

@@ -273,7 +273,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
                              image_size=dataset.image_size, device=torch_device, engine=engine,
                              init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs,
                              options=options)
-        executed = step.options.label if hasattr(step, "options") else engine  # what runs, fast paths named
+        executed = step.label  # what runs, fast paths named
         if dist is not None:  # each process trains on its slice of every batch
             step = dist.wrap(step, train_size=len(train), batch=batch)
         records: list[dict] = []

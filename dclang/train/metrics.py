@@ -16,10 +16,6 @@ import torch
 from dclang.compile import StepStats
 from dclang.diagnostics import UserError
 
-#: StepStats fields that are batch means (weighted by batch size when summed); the rest are counts
-_MEANS = ("node_loss", "edge_loss", "edge_gate", "edge_pass")
-_FIELDS = ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass")
-
 
 def say(message: str) -> None:
     """Messages for the person running dclang go to stderr, keeping stdout for results."""
@@ -38,13 +34,13 @@ class EpochStats:
 
     def add(self, stats: StepStats, batch_size: int, k: int) -> None:
         """Add one step's statistics (no host sync)."""
+        counts, means = stats.vectors()
         if self.sums is None:
-            self.keys = [(f, name) for f in _FIELDS for name in getattr(stats, f)]
-            device = next(iter(stats.node_correct.values())).device
-            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
-            self.first_bad = torch.zeros(len(self.keys), dtype=torch.long, device=device)
-            self._is_mean = torch.tensor([f in _MEANS for f, _ in self.keys], device=device)
-        values = torch.stack([getattr(stats, f)[name].to(torch.float64) for f, name in self.keys])
+            self.keys = stats.keys()
+            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=counts.device)
+            self.first_bad = torch.zeros(len(self.keys), dtype=torch.long, device=counts.device)
+            self._is_mean = torch.arange(len(self.keys), device=counts.device) >= len(counts)
+        values = torch.cat([counts.to(torch.float64), means.to(torch.float64)])
         self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
         self.sums += torch.where(self._is_mean, values * batch_size, values)
         self.samples += batch_size
