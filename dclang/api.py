@@ -51,9 +51,9 @@ def check(text: str, path: str = "<input>") -> Checked:
     module, diags = parse_module(text)
     if module is None:
         return Checked(path, text, None, None, tuple(diags))
-    graph, lower_diags = build_graph(module)
+    graph = build_graph(module)
     graph.graph["path"] = path
-    found = list(lower_diags)
+    found = []
     for run_pass in PASSES:
         found += run_pass(module, graph)
     found.sort(key=sort_key)

@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 
 from dclang import registry
-from dclang.diagnostics import Diagnostic, Span
+from dclang.diagnostics import Span
 from dclang.syntax import ast
 
 LABEL = registry.LABEL
@@ -185,9 +185,9 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
 # ---------------------------------------------------------------- lowering
 
 
-def build_graph(module: ast.Module) -> tuple[nx.DiGraph, list[Diagnostic]]:
-    """Lower a Module to the IR. Returns the graph and the problems met while lowering."""
-    diags: list[Diagnostic] = []
+def build_graph(module: ast.Module) -> nx.DiGraph:
+    """Lower a Module to the IR. Lowering judges nothing: every problem is a pass's
+    (`dclang.passes`), run on the Module and this graph."""
     g = nx.DiGraph()
     graph_decls = module.of(ast.GraphDecl)
     g.graph["name"] = graph_decls[0].name.text if graph_decls else "graph"
@@ -237,7 +237,7 @@ def build_graph(module: ast.Module) -> tuple[nx.DiGraph, list[Diagnostic]]:
 
     _derive_frozen_and_target(g)
     g.graph["sites"] = tuple(collect_sites(g))
-    return g, diags
+    return g
 
 
 def _num(v: Any) -> Any:

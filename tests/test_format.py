@@ -30,7 +30,7 @@ def _fmt(text: str) -> str:
 
 def _ir(text: str) -> str:
     module, _ = parse_module(text)
-    graph, _ = build_graph(module)
+    graph = build_graph(module)
     return ir_summary(graph, positions=False)
 
 

@@ -158,7 +158,7 @@ def search_space(module: ast.Module) -> list[Parameter]:
     Raises UserError for a `choice(...)` where search cannot pick (a whole optimizer, a
     choice inside a list): the template says something the search would silently ignore.
     """
-    graph, _ = build_graph(module)
+    graph = build_graph(module)
     found: dict[str, Parameter] = {}
 
     def record(choice: ast.Choice, site: Open) -> ast.Value:
@@ -183,7 +183,7 @@ def sample(module: ast.Module, params: dict[str, Any], space: list[Parameter] | 
     missing = [name for name in by_name if name not in params]
     if missing:
         raise KeyError(f"no value for the search parameter(s) {', '.join(missing)}")
-    graph, _ = build_graph(module)
+    graph = build_graph(module)
     return _substitute(module, graph, lambda choice, site: by_name[site.site].option(params[site.site]))
 
 

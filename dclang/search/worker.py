@@ -233,7 +233,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
                           data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)
     from dclang.ir import build_graph, is_open
 
-    template_graph, _ = build_graph(objective.template)
+    template_graph = build_graph(objective.template)
     data = template_graph.graph["data"]
     if objective.preload and not any(is_open(v) for v in (data.val_split, data.split_seed, data.path)):
         objective.dataset(template_graph)  # a missing dataset stops the worker here, not every trial
