@@ -203,7 +203,9 @@ def test_debug_shows_a_traceback_and_its_absence_hides_it(tmp_path):
 # ---------------------------------------------------------------- draw
 
 
-@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF"), (".svg", b"<?xml"),
+@pytest.mark.parametrize("suffix, magic", [pytest.param(".png", b"\x89PNG\r\n\x1a\n", marks=pytest.mark.needs_dot),
+                                           pytest.param(".pdf", b"%PDF", marks=pytest.mark.needs_dot),
+                                           pytest.param(".svg", b"<?xml", marks=pytest.mark.needs_dot),
                                            (".dot", b"digraph")])
 def test_draw_formats(runner, tmp_path, suffix, magic):
     out = tmp_path / f"kd_dml{suffix}"
@@ -220,6 +222,7 @@ def _svg(runner, tmp_path, example: str, *flags: str) -> str:
     return out.read_text(encoding="utf-8")
 
 
+@pytest.mark.needs_dot
 def test_draw_svg_reads_like_the_paper(runner, tmp_path):
     svg = _svg(runner, tmp_path, "kd_dml")
     for text in ("student", "peer", "teacher", "resnet32", "resnet110", "Label", "through", "linear", "correct",
@@ -230,6 +233,7 @@ def test_draw_svg_reads_like_the_paper(runner, tmp_path):
     assert svg.count('fill="#e8474b"') == 1 and svg.count('fill="#3b6fd4"') == 1
 
 
+@pytest.mark.needs_dot
 def test_draw_leaves_cutoff_edges_out_unless_asked(runner, tmp_path):
     svg = _svg(runner, tmp_path, "fig3c_4nodes")
     assert ">cutoff<" not in svg
@@ -239,9 +243,20 @@ def test_draw_leaves_cutoff_edges_out_unless_asked(runner, tmp_path):
     assert shown.count('class="edge"') == 15, "16 edges; n2 -> n4 and n4 -> n2 share one two-headed arrow"
 
 
+@pytest.mark.needs_dot
 def test_draw_merges_mutual_edges_that_say_the_same(runner, tmp_path):
     svg = _svg(runner, tmp_path, "dml4")
     assert svg.count('class="edge"') == 4 + 6, "four label edges and six two-headed arrows"
+
+
+def test_graphviz_tests_skip_with_a_reason_where_dot_is_missing(tmp_path):
+    """Every test that needs `dot` carries the `needs_dot` mark (tests/conftest.py)."""
+    env = {**os.environ, "PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
+                           "-k", "draw and not without_graphviz"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "6 skipped" in done.stdout and "Graphviz's `dot` is not installed" in done.stdout, done.stdout[-3000:]
 
 
 def test_draw_unknown_format(runner, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,10 @@ def test_journal_search_with_more_workers_than_cores(tmp_path, run_search, study
     summary = json.loads((out / "summary.json").read_text())
     assert summary["budget"]["trials_x_epochs"] == 24 * 8
     assert summary["budget"]["epochs_trained"] < 24 * 8  # ASHA stopped most graphs early
-    assert (out / "best.svg").read_text().startswith("<?xml")
+    if shutil.which("dot"):
+        assert (out / "best.svg").read_text().startswith("<?xml")
+    else:
+        assert not (out / "best.svg").exists() and "`dot` is not installed" in summary["notes"][0]
     # each best graph is one that `dclang check` accepts from the command line too
     best = sorted((out / "best").glob("*.kt"))
     checked = subprocess.run([sys.executable, "-m", "dclang", "check", "--no-params", *best], capture_output=True,
