@@ -319,7 +319,7 @@ def test_workers_rebuild_sampler_and_pruner_from_the_study(tmp_path):
     config = StudyConfig(template=TEMPLATE, template_path="t.kt", sampler="tpe", seed=3, pruner="hyperband",
                          eta=3, min_resource=1, epochs=9, trials=5)
     storage = str(tmp_path / "s.journal")
-    create_study(open_storage(storage), "s", config)
+    create_study(open_storage(storage, create=True), "s", config)
     from dclang.search.study import load_study
 
     study, loaded = load_study(open_storage(storage), "s", worker="local-1")
@@ -340,7 +340,7 @@ def test_workers_rebuild_sampler_and_pruner_from_the_study(tmp_path):
 def test_reap_fails_trials_of_dead_workers_and_retries_them(tmp_path):
     config = StudyConfig(template=TEMPLATE, template_path="t.kt", sampler="random", seed=0, pruner="asha",
                          eta=2, min_resource=1, epochs=8, trials=5)
-    study = create_study(open_storage(str(tmp_path / "s.journal")), "s", config)
+    study = create_study(open_storage(str(tmp_path / "s.journal"), create=True), "s", config)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead, alive = study.ask(), study.ask()
