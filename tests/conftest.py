@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="Rewrite golden files (tests/golden/*, tests/invalid/*.expected) from the current "
                           "output instead of comparing against them.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_dot: the test draws with Graphviz's `dot`; skipped where it is missing")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_dot") is not None and shutil.which("dot") is None:
+        pytest.skip("Graphviz's `dot` is not installed (apt-get install graphviz, brew install graphviz)")
 
 
 @pytest.fixture

@@ -101,19 +101,17 @@ class StudyConfig:
 # ---------------------------------------------------------------- storage
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
     """A journal file for a path, an RDB storage for a URL (`postgresql://`, `sqlite:///`).
 
     The journal file needs no server and is safe for many processes on one machine (and on a
     shared file system with working locks). PostgreSQL serves many machines; its workers send
-    a heartbeat, and a trial whose worker goes silent is failed and retried.
+    a heartbeat, and a trial whose worker goes silent is failed and retried. A journal is made
+    only with `create` (a new search): resuming or joining one that is not there is an error,
+    and leaves no empty journal behind.
     """
     if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return _open_journal(Path(url), create)
     if url.startswith("sqlite"):
         warnings.warn("SQLite locks the whole database on every write: with several workers they wait on each "
                       "other and may fail with `database is locked`; use the journal file (the default) on one "
@@ -131,6 +129,33 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise UserError(f"cannot open the storage {redact(url)}: {first}",
                             "check the URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the server "
                             "accepts connections from this machine") from exc
+
+
+def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
+    """The journal at `path`, read through once so that a damaged one is refused here, with
+    its name, and not by a traceback from deep inside Optuna later."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if not create and not path.is_file():
+        raise UserError(f"no study journal at {path}",
+                        "give the search folder that holds it (-o OUT, whose journal is OUT/study.journal) or its "
+                        "path with --storage; a new search starts with `dclang search --template T.kt --trials N "
+                        "-o OUT`")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        storage.get_all_studies()
+    except OSError as exc:
+        raise UserError(f"cannot open the study journal {path}: {exc.strerror or exc}",
+                        "check that the folder exists and is writable") from None
+    except Exception as exc:  # noqa: BLE001 (Optuna replays the file: any record may break it differently)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the study journal {path} is damaged: a record cannot be replayed "
+                        f"({type(exc).__name__}: {first})",
+                        "restore the journal from a copy; a journal cut short by a crash loses only its last "
+                        "record, but changed or inserted bytes cannot be repaired: start a new search with "
+                        "another -o") from None
+    return storage
 
 
 def _with_driver(url: str) -> str:
