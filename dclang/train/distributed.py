@@ -194,8 +194,8 @@ class DistributedTrainStep:
 
 
 class _ReadOnlyRunDir:
-    """A RunDir whose writing methods (`claim` too: rank 0 claims the folder) do nothing
-    (ranks other than 0)."""
+    """A RunDir whose writing methods do nothing (ranks other than 0). `claim` is one: rank 0
+    alone checks and marks the folder (another rank could see the folder half-claimed)."""
 
     def __init__(self, rundir):
         self._rundir = rundir

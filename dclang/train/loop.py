@@ -241,7 +241,7 @@ def _prepare(graph: nx.DiGraph, *, dist, run_dir: Path | None, device: str, engi
     if dist is not None:
         rundir = dist.rank_zero(rundir)
     if rundir is not None:
-        rundir.claim(g.graph["name"])
+        rundir.claim(g.graph["name"])  # rank 0 alone, under torchrun
     if dataset is None:
         dataset = _load_dataset(g.graph["data"], data_dir)
     run = _Run(g, graph_text(g), dataset, rundir, torch_device, dist, engine, seed, epochs,

@@ -192,9 +192,9 @@ class RunDir:
     # ------------------------------------------------------------ claiming the folder
 
     def claim(self, graph_name: str) -> None:
-        """Make `root` this run's folder, before any work: refuse a folder that holds files
-        dclang did not write, and a path that cannot be written (under a file, read-only,
-        unwritable); then write the manifest, which also proves the folder writable."""
+        """Make `root` this run's folder, before any work: refuse a path that is a file or
+        under one, and a folder that holds files dclang did not write (not empty, and no
+        manifest); then write the manifest, which also proves the folder writable."""
         for folder in (self.root, *self.root.parents):
             if folder.exists() and not folder.is_dir():
                 where = "is a file" if folder == self.root else f"is under {folder}, which is a file"
@@ -208,14 +208,14 @@ class RunDir:
                                 "into a new or empty folder, or a run folder of its own, so it never overwrites "
                                 "your files", "choose a new folder for the run, e.g. dclang run FILE -o runs/NAME")
         if self.manifest.is_file():
-            self._read_manifest()
+            self._check_manifest()
         import dclang
 
         self._write(self.manifest, lambda: atomic_write_text(json.dumps(
             {"format": RUN_FORMAT, "graph": graph_name, "dclang": dclang.__version__}, indent=2) + "\n",
             self.manifest), before_work=True)
 
-    def _read_manifest(self) -> dict:
+    def _check_manifest(self) -> None:
         try:
             manifest = json.loads(self.manifest.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -225,7 +225,6 @@ class RunDir:
                             f'{{"format": "{RUN_FORMAT}", ...}}), so {self.root} may not be a dclang run folder',
                             "choose a new folder for the run (dclang run -o DIR), or delete that folder if it is "
                             "a damaged run of yours")
-        return manifest
 
     # ------------------------------------------------------------ writing
 
@@ -243,8 +242,8 @@ class RunDir:
             raise UserError(f"cannot write {path}: {reason}", hint) from exc
 
     def write_graph(self, graph: nx.DiGraph, text: str) -> None:
-        """graph.kt, and graph.svg when `dot` can draw it (a picture is a convenience, never
-        a reason to fail a run)."""
+        """graph.kt, and graph.svg when Graphviz's `dot` is installed (a missing `dot` is no
+        reason to fail a run)."""
         self._write(self.graph_kt, lambda: atomic_write_text(text, self.graph_kt))
         if shutil.which("dot") is None:
             return
