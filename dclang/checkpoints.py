@@ -74,15 +74,18 @@ def _hash_state(data: bytes) -> bool | None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it back, once)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return _UMASK
-
-
-_UMASK: int | None = None
+    """The process's umask: from /proc on Linux (no window in which another thread would
+    create files under a wrong one), else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
@@ -144,11 +147,8 @@ def load_safely(path: str | os.PathLike, *, require_hash: bool = False) -> Any:
     if verified is False:
         raise CheckpointError("does not match the content hash it was written with: it was changed or damaged "
                               "after dclang wrote it", "E603", "the file cannot be trusted; use an intact copy")
-    if verified is None and require_hash:
-        raise CheckpointError("carries no content hash, so dclang did not write it", "E603",
-                              "only a checkpoint dclang wrote can be resumed or used from the cache")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError("holds Python objects other than tensors, which a safe load refuses", "E601",
                               "dclang never runs code from a checkpoint; save `model.state_dict()` instead") from exc
@@ -156,6 +156,10 @@ def load_safely(path: str | os.PathLike, *, require_hash: bool = False) -> Any:
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         what = "is truncated or damaged" if data.startswith(b"PK") else "cannot be read"
         raise CheckpointError(f"{what} ({first})", "E601", damaged) from exc
+    if verified is None and require_hash:  # checked after the load: a truncated file has lost its hash too
+        raise CheckpointError("carries no content hash, so dclang did not write it", "E603",
+                              "only a checkpoint dclang wrote can be resumed or used from the cache")
+    return obj
 
 
 def node_checkpoint(model_name: str, num_classes: int, state_dict: dict) -> dict:
