@@ -43,7 +43,7 @@ def draw_line(ax, epochs, values, label: str, k: int, std=None) -> None:
 def save(fig, path: Path) -> Path:
     """Write the figure whole or not at all (a temporary file renamed over `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # processes of one run may race
     fig.savefig(partial, dpi=110, format=path.suffix.lstrip("."))
     os.replace(partial, path)
     return path

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dclang.diagnostics import UserError
+from dclang.diagnostics import DiagnosticError, UserError
 from dclang.plots import draw_line, pyplot, save
 from dclang.train.metrics import best_epoch
 from dclang.train.rundir import RunDir, graph_key
@@ -74,8 +74,8 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
                 continue
             records = run_dir.read_metrics()
             key = graph_key(run_dir.graph_kt.read_text(encoding="utf-8"))
-        except (UserError, OSError, ValueError) as exc:  # ValueError: JSON, UTF-8, a graph.kt that does not parse
-            why = exc.message if isinstance(exc, UserError) else str(exc).splitlines()[0]
+        except (UserError, DiagnosticError, OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+            why = exc.message if isinstance(exc, UserError) else (str(exc).splitlines() or [type(exc).__name__])[0]
             notes.append(f"{path}: left out, its files cannot be read: {why}")
             continue
         problem = _problem(summary, records)
@@ -91,20 +91,33 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
 
 
 def _problem(summary, records) -> str:
-    """What keeps a run's summary and metrics from being reported ("" when nothing does)."""
-    if not isinstance(summary, dict) or not isinstance(summary.get("nodes"), dict) or not all(
-            k in summary for k in ("graph", "target", "epochs", "epochs_done", "complete", "seed")):
-        return "summary.json lacks the run's nodes or settings"
-    if len(records) != summary["epochs_done"] or not records and summary["complete"]:
+    """What keeps a run's summary and metrics from being reported ("" when nothing does):
+    every value the report reads is checked, so a damaged file is a note, not a traceback."""
+    if not isinstance(summary, dict) or not all(k in summary for k in ("graph", "target", "epochs", "epochs_done",
+                                                                       "complete", "seed", "nodes")):
+        return "summary.json lacks the run's settings or nodes"
+    nodes = summary["nodes"]
+    if not isinstance(nodes, dict) or not nodes or not all(
+            isinstance(n, dict) and isinstance(n.get("model"), str) and "frozen" in n for n in nodes.values()):
+        return "summary.json does not describe the run's nodes"
+    if not isinstance(summary["epochs_done"], int) or len(records) != summary["epochs_done"] or (
+            summary["complete"] and summary["epochs_done"] != summary["epochs"]) or not records:
         return f"metrics.jsonl holds {len(records)} epochs where summary.json says {summary['epochs_done']}"
-    for record in records:
-        nodes = record.get("nodes") if isinstance(record, dict) else None
-        if not isinstance(nodes, dict) or not isinstance(record.get("edges"), dict) or set(nodes) != set(
-                summary["nodes"]) or not all(isinstance(n, dict) and all(
-                    k in n for k in ("val_acc", "test_acc", "train_loss")) for n in nodes.values()):
-            return f"metrics.jsonl's epoch {record.get('epoch') if isinstance(record, dict) else '?'} " \
-                   "does not list every node's accuracies"
+    for i, record in enumerate(records, start=1):
+        if not (isinstance(record, dict) and record.get("epoch") == i and _scores(record.get("nodes"), set(nodes),
+                                                                                ("val_acc", "test_acc", "train_loss"))
+                and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))):
+            return f"line {i} of metrics.jsonl is not the record of epoch {i} with every node's accuracies"
     return ""
+
+
+def _scores(table, names: set | None, keys: tuple[str, ...]) -> bool:
+    """`table` maps names (exactly `names`, when given) to dicts whose `keys` are numbers or null."""
+    if not isinstance(table, dict) or (names is not None and set(table) != names):
+        return False
+    return all(isinstance(entry, dict) and all(
+        k in entry and (entry[k] is None or isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool))
+        for k in keys) for entry in table.values())
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

@@ -13,37 +13,11 @@ import pytest
 from dclang.api import check_file
 
 FAKE = ("--trainer", "fake_trainer:train")
-TEMPLATE = """\
-graph tiny
-data digits { val_split = 300 }
-train { epochs = 2 }
-
-node n1 : mlp [target]
-node n2 : choice(mlp, cnn_tiny)
-
-label -> n1 : through
-n2    -> n1 : choice(through, linear)
-label -> n2 : through
-"""
 
 
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> Path:
-    """A finished search of 4 trials, none pruned, in made/out (made/template.kt beside it); tests copy it."""
-    import os
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("made")
-    (root / "template.kt").write_text(TEMPLATE, encoding="utf-8")
-    tests = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
-           "DCLANG_FAKE_SLEEP": "0"}
-    done = subprocess.run([sys.executable, "-m", "dclang", "search", "--template", "template.kt", "--trials", "4",
-                           "--pruner", "none", "-o", "out", *FAKE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    return root / "out"
+@pytest.fixture
+def searched(finished_search) -> Path:
+    return finished_search
 
 
 def _copy(searched: Path, tmp_path: Path, name: str = "copy") -> Path:
