@@ -158,10 +158,25 @@ def draw(file: Path, output: Path, show_cutoff: bool) -> None:
     click.echo(f"wrote {output}")
 
 
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the table (report.csv, report.md) and the plots "
+                   "[default: report/ in the folder the RUN_DIRs share].")
+def report_command(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Per-node accuracy (mean ± std over runs of one graph): a table and plots, from run directories.
+
+    A RUN_DIR may also be a folder of runs (as `dclang run --seeds` writes).
+    """
+    from dclang.report import default_out, report
+
+    click.echo(report(list(run_dirs), out or default_out(list(run_dirs))))
+
+
 # Commands that live with their subsystems; their modules import torch and optuna lazily.
 from dclang.bench import bench_command  # noqa: E402
 from dclang.search.command import search_command  # noqa: E402
-from dclang.train.command import report_command, run_command  # noqa: E402
+from dclang.train.command import run_command  # noqa: E402
 
-for _command in (run_command, report_command, search_command, bench_command):
+for _command in (run_command, search_command, bench_command):
     main.add_command(_command)

@@ -67,6 +67,25 @@ def search_env():
     return env
 
 
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory) -> Path:
+    """A finished search of 4 trials (none pruned, the cheap trainer) in made/out, made once by
+    a real `dclang search` from made/template.kt; tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("made")
+    (root / "template.kt").write_text(
+        "graph tiny\ndata digits { val_split = 300 }\ntrain { epochs = 2 }\n\n"
+        "node n1 : mlp [target]\nnode n2 : choice(mlp, cnn_tiny)\n\n"
+        "label -> n1 : through\nn2    -> n1 : choice(through, linear)\nlabel -> n2 : through\n", encoding="utf-8")
+    env = dict(_os.environ)
+    env["PYTHONPATH"] = _os.pathsep.join(p for p in (str(_TESTS), env.get("PYTHONPATH")) if p)
+    env["DCLANG_FAKE_SLEEP"] = "0"
+    done = _subprocess.run([_sys.executable, "-m", "dclang", "search", "--template", "template.kt", "--trials", "4",
+                            "--pruner", "none", "-o", "out", "--trainer", "fake_trainer:train"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root / "out"
+
+
 @pytest.fixture
 def run_search(search_env):
     """`run_search(*args, env=None, timeout=120)`: run `python -m dclang search ARGS`, return the CompletedProcess."""

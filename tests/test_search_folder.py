@@ -13,41 +13,10 @@ import pytest
 from dclang.api import check_file
 
 FAKE = ("--trainer", "fake_trainer:train")
-TEMPLATE = """\
-graph tiny
-data digits { val_split = 300 }
-train { epochs = 2 }
-
-node n1 : mlp [target]
-node n2 : choice(mlp, cnn_tiny)
-
-label -> n1 : through
-n2    -> n1 : choice(through, linear)
-label -> n2 : through
-"""
 
 
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> Path:
-    """A finished search of 4 trials, none pruned, in made/out (made/template.kt beside it); tests copy it."""
-    import os
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("made")
-    (root / "template.kt").write_text(TEMPLATE, encoding="utf-8")
-    tests = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
-           "DCLANG_FAKE_SLEEP": "0"}
-    done = subprocess.run([sys.executable, "-m", "dclang", "search", "--template", "template.kt", "--trials", "4",
-                           "--pruner", "none", "-o", "out", *FAKE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    return root / "out"
-
-
-def _copy(searched: Path, tmp_path: Path, name: str = "copy") -> Path:
-    return Path(shutil.copytree(searched, tmp_path / name))
+def _copy(folder: Path, tmp_path: Path, name: str = "copy") -> Path:
+    return Path(shutil.copytree(folder, tmp_path / name))
 
 
 def _trials(folder: Path) -> int:
@@ -57,22 +26,22 @@ def _trials(folder: Path) -> int:
     return len(study.get_trials(deepcopy=False))
 
 
-def test_search_json_holds_paths_relative_to_the_folder(searched):
-    record = json.loads((searched / "search.json").read_text(encoding="utf-8"))
+def test_search_json_holds_paths_relative_to_the_folder(finished_search):
+    record = json.loads((finished_search / "search.json").read_text(encoding="utf-8"))
     assert record == {"study": "tiny", "storage": "study.journal", "template": "../template.kt"}
 
 
-def test_a_copied_folder_resumes_its_own_study(searched, tmp_path, run_search):
-    copy = _copy(searched, tmp_path)
-    before = _trials(searched)
+def test_a_copied_folder_resumes_its_own_study(finished_search, tmp_path, run_search):
+    copy = _copy(finished_search, tmp_path)
+    before = _trials(finished_search)
     resumed = run_search("--resume", "-o", copy, "--trials", 6, *FAKE)
     assert resumed.returncode == 0, resumed.stderr
-    assert _trials(searched) == before, "the original study is untouched"
+    assert _trials(finished_search) == before, "the original study is untouched"
     assert _trials(copy) > before
 
 
-def test_a_moved_folder_resumes_and_leaves_nothing_behind(searched, tmp_path, run_search):
-    old = _copy(searched, tmp_path, "old")
+def test_a_moved_folder_resumes_and_leaves_nothing_behind(finished_search, tmp_path, run_search):
+    old = _copy(finished_search, tmp_path, "old")
     new = tmp_path / "elsewhere" / "new"
     new.parent.mkdir()
     shutil.move(old, new)
@@ -82,13 +51,26 @@ def test_a_moved_folder_resumes_and_leaves_nothing_behind(searched, tmp_path, ru
     assert not old.exists(), "no empty journal is left where the folder was"
 
 
-def test_resuming_a_folder_without_its_journal_creates_none(searched, tmp_path, run_search):
-    copy = _copy(searched, tmp_path)
+def test_resuming_a_folder_without_its_journal_creates_none(finished_search, tmp_path, run_search):
+    copy = _copy(finished_search, tmp_path)
     (copy / "study.journal").unlink()
     refused = run_search("--resume", "-o", copy)
     assert refused.returncode == 1
     assert f"no study journal at {copy / 'study.journal'}" in refused.stderr and "Traceback" not in refused.stderr
     assert not (copy / "study.journal").exists()
+
+
+def test_a_record_cut_short_by_a_crash_is_cut_off_before_the_next_is_appended(finished_search, tmp_path,
+                                                                               run_search):
+    copy = _copy(finished_search, tmp_path)
+    journal = copy / "study.journal"
+    data = journal.read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    journal.write_bytes(data[:last + (len(data) - last) // 2])  # the last record, half written
+    resumed = run_search("--resume", "-o", copy, "--trials", 6, *FAKE)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "ended in a record cut short" in resumed.stderr
+    assert _trials(copy) >= 6, "the journal stays readable after new records"
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -98,12 +80,12 @@ def test_resuming_a_folder_without_its_journal_creates_none(searched, tmp_path, 
     (b"{\"study\": \"tiny\"}", "`storage` is missing"),
     (b"{\"study\": 3, \"storage\": \"study.journal\"}", "`study` is missing or not a non-empty string"),
 ])
-def test_a_damaged_search_json_is_refused_with_its_name(searched, tmp_path, content, problem):
+def test_a_damaged_search_json_is_refused_with_its_name(finished_search, tmp_path, content, problem):
     from click.testing import CliRunner
 
     from dclang.cli import main
 
-    copy = _copy(searched, tmp_path)
+    copy = _copy(finished_search, tmp_path)
     (copy / "search.json").write_bytes(content)
     result = CliRunner().invoke(main, ["search", "--resume", "-o", str(copy)])
     assert result.exit_code == 1, result.output
@@ -112,12 +94,12 @@ def test_a_damaged_search_json_is_refused_with_its_name(searched, tmp_path, cont
 
 
 @pytest.mark.parametrize("damage", ["flip", "garbage line", "not utf-8", "wrong record"])
-def test_a_damaged_journal_is_refused_with_its_name(searched, tmp_path, damage):
+def test_a_damaged_journal_is_refused_with_its_name(finished_search, tmp_path, damage):
     from click.testing import CliRunner
 
     from dclang.cli import main
 
-    copy = _copy(searched, tmp_path)
+    copy = _copy(finished_search, tmp_path)
     journal = copy / "study.journal"
     data = journal.read_bytes()
     middle = data.index(b"\n", len(data) // 2) + 1  # the start of a record in the middle
@@ -131,8 +113,8 @@ def test_a_damaged_journal_is_refused_with_its_name(searched, tmp_path, damage):
     assert f"error: the study journal {journal} is damaged" in result.output and "Traceback" not in result.output
 
 
-def test_each_best_graph_trains_into_a_folder_of_its_own(searched):
-    best = sorted((searched / "best").glob("*.kt"))
+def test_each_best_graph_trains_into_a_folder_of_its_own(finished_search):
+    best = sorted((finished_search / "best").glob("*.kt"))
     assert len(best) >= 2
     names = [check_file(p).graph.graph["name"] for p in best]
     assert names == [f"tiny_trial{p.stem.split('_trial')[1]}" for p in best]

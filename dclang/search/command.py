@@ -111,7 +111,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         study_name = study_name or (stored.study if stored else None)
         if study_name is None:
             raise UserError(f"{output} holds no search (no {RECORD})", "give --storage and --study")
-        study, config = load_study(open_storage(storage), study_name)
+        study, config = load_study(open_storage(storage), study_name, where=redact(storage))
         if trials is not None and trials != config.trials:
             config = set_trial_budget(study, config, trials)
     else:
