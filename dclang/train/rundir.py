@@ -10,6 +10,7 @@ RUN_DIR/
   checkpoints/last.pt   everything needed to resume at the end of the last finished epoch
   checkpoints/previous.pt  last.pt of the epoch before (the fallback if last.pt is damaged)
   checkpoints/best.pt   the models at the epoch of the target's best validation accuracy
+  curves/NODE.png       per node accuracy and loss over the epochs (`dclang run`, at its end: dclang.plots)
 ```
 
 dclang never overwrites what it did not write: it writes a run only into a new or empty
