@@ -3,7 +3,11 @@
 Whatever a user types, `dclang.api.check` answers with diagnostics whose spans lie inside
 the text, or with a valid graph; it never raises. Mutations are the slips people make:
 characters, tokens or lines deleted, duplicated or swapped; a name replaced by another
-word; stray punctuation. The search is derandomised so CI sees the same 300 cases each run.
+word; stray punctuation. The search is derandomised so CI sees the same cases each run.
+
+The second half drives the command line (click's CliRunner) with mutated files, `--set`
+values, and damaged run and search folders (flipped bytes, truncation, inserted bytes,
+garbage JSON), made once by real tiny runs and searches.
 """
 
 from __future__ import annotations
