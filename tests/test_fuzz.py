@@ -3,7 +3,11 @@
 Whatever a user types, `dclang.api.check` answers with diagnostics whose spans lie inside
 the text, or with a valid graph; it never raises. Mutations are the slips people make:
 characters, tokens or lines deleted, duplicated or swapped; a name replaced by another
-word; stray punctuation. The search is derandomised so CI sees the same 300 cases each run.
+word; stray punctuation. The search is derandomised so CI sees the same cases each run.
+
+The second half drives the command line (click's CliRunner) with mutated files, `--set`
+values, and damaged run and search folders (flipped bytes, truncation, inserted bytes,
+garbage JSON), made once by real tiny runs and searches.
 """
 
 from __future__ import annotations
@@ -237,8 +241,15 @@ def run_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     (root / "g.kt").write_text("graph tiny\ndata digits { val_split = 100 }\ntrain { epochs = 2 }\n"
                                "node s : mlp [target]\nlabel -> s : through\n", encoding="utf-8")
-    result = CliRunner().invoke(main, ["run", str(root / "g.kt"), "-o", str(root / "run"), "--device", "cpu",
-                                       "--no-progress"])
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["run", str(root / "g.kt"), "-o", str(root / "run"), "--device", "cpu",
+                                           "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return root / "run"
 
@@ -250,4 +261,21 @@ def test_report_answers_a_damaged_run(run_folder, tmp_path_factory, name: str, h
     target = folder / name
     target.write_bytes(_damage(target.read_bytes(), how))
     result = CliRunner().invoke(main, ["report", str(folder), "-o", str(folder.parent / "report")])
+    _answered(result, str(folder))
+
+
+RUN_FILES = ["checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "summary.json", "graph.kt",
+             "dclang-run.json"]
+
+
+@FAST
+@given(st.sampled_from(RUN_FILES), _bytes_damage())
+def test_resume_answers_a_damaged_run(run_folder, tmp_path_factory, name: str, how) -> None:
+    """`dclang run --resume` of a finished run whose files were damaged: refused naming the
+    file, or (damage it cannot see, such as a changed best.pt) told the run is complete."""
+    folder = Path(shutil.copytree(run_folder, tmp_path_factory.mktemp("r") / "run"))
+    target = folder / name
+    target.write_bytes(_damage(target.read_bytes(), how))
+    result = CliRunner().invoke(main, ["run", str(run_folder.parent / "g.kt"), "-o", str(folder), "--resume",
+                                       "--device", "cpu", "--no-progress"])
     _answered(result, str(folder))

@@ -193,9 +193,15 @@ def test_dclang_run_writes_each_nodes_curves(tmp_path):
     from dclang.cli import main
 
     graph = tmp_path / "pair.kt"
-    graph.write_text(HEAD.format(name="pair").replace("epochs = 3", "epochs = 2") + DML, encoding="utf-8")
-    result = CliRunner().invoke(main, ["run", str(graph), "-o", str(tmp_path / "run"), "--device", "cpu",
-                                       "--no-progress"])
+    graph.write_text(HEAD.format(name="pair").replace("epochs = 3", "epochs = 2")
+                     + DML.replace("cnn_tiny", "mlp"), encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["run", str(graph), "-o", str(tmp_path / "run"), "--device", "cpu",
+                                           "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "run" / "curves").iterdir()) == ["p.png", "s.png"]
     for png in (tmp_path / "run" / "curves").iterdir():
