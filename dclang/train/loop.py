@@ -27,7 +27,7 @@ import torch
 
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
-from dclang.ir import model_nodes
+from dclang.ir import model_nodes, reported_nodes
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, check_finite, epoch_record, percent, say
 from dclang.train.rundir import RunDir, graph_text
 
@@ -144,13 +144,13 @@ def _summary(graph: nx.DiGraph, records: list[dict], *, step, dataset, seed: int
 
     target = graph.graph["target"]
     nodes = {}
-    for name in model_nodes(graph):
+    for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
         spec = graph.nodes[name]["spec"]
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
-            "model": spec.model, "frozen": spec.frozen,
-            "params": sum(p.numel() for p in step.models[name].parameters()),
+            "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
+            "params": sum(p.numel() for p in step.models[name].parameters()) if name in step.models else 0,
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,
             "best_val_acc": best["nodes"][name]["val_acc"] if best else None,
@@ -316,7 +316,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
             step.end_epoch()
             val_acc = _evaluate(step, val, dataset.mean, dataset.std)
             test_acc = _evaluate(step, test, dataset.mean, dataset.std)
-            record = epoch_record(epoch, lr, means, names, val_acc, test_acc, time.perf_counter() - started,
+            record = epoch_record(epoch, lr, means, reported_nodes(g), val_acc, test_acc, time.perf_counter() - started,
                                   train_seconds)
             records.append(record)
             improved = val_acc is None or best_val is None or val_acc[target] > best_val
