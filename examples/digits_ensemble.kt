@@ -21,7 +21,7 @@ train {
 node p1  : cnn_tiny
 node p2  : cnn_tiny
 node p3  : cnn_small
-node ens : ensemble(p1, p2, p3)  [target]
+node ens : ensemble(p1, p2, p3) [target]
 
 label -> p1 : through
 label -> p2 : through
