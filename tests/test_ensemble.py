@@ -273,6 +273,21 @@ def test_an_unknown_member_gets_a_suggestion():
     assert diag.code == "E201" and diag.help == "did you mean `b`?" and diag.span.line == 13
 
 
+def test_a_target_ensemble_of_frozen_nodes_is_a_frozen_target():
+    text = textwrap.dedent("""\
+        graph g
+        data digits { }
+        node a : cnn_tiny [frozen]
+        node b : mlp
+        node e : ensemble(a, b) [target]
+        node f : ensemble(a, e)
+        """)
+    (diag,) = check(text).errors
+    assert (diag.code, diag.span.line, diag.span.column) == ("E304", 5, 10)
+    assert "frozen nodes" in diag.message
+    assert check(text + "label -> b : through\n").ok
+
+
 def test_search_picks_members_or_leaves_the_ensemble_out():
     template = parse(textwrap.dedent("""\
         graph t

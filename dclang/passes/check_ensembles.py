@@ -47,8 +47,33 @@ def check_ensembles(module: ast.Module, graph) -> list[Diagnostic]:
         out += _check_attributes(decl)
         for option in _options(decl):
             out += _check_members(decl, option, declared)
-    out += _check_cycles(declared)
+    cycles = _check_cycles(declared)
+    out += cycles
+    if not cycles:
+        out += _check_frozen_target(declared, graph)
     return out
+
+
+def _check_frozen_target(declared: dict[str, ast.NodeDecl], graph) -> list[Diagnostic]:
+    """A target ensemble whose members are all frozen never changes, like a frozen target."""
+    target = graph.graph.get("target")
+    decl = declared.get(target) if target else None
+    if decl is None or not isinstance(decl.model, ast.Ensemble):
+        return []
+
+    def networks(name: str) -> set[str]:
+        spec = graph.nodes[name]["spec"] if name in graph else None
+        if spec is None:
+            return set()
+        return set().union(*(networks(m) for m in spec.members)) if spec.is_ensemble else {name}
+
+    members = networks(target)
+    if not members or any(not graph.nodes[m]["spec"].frozen for m in members):
+        return []
+    return [error("E304", f"the target `{target}` is an ensemble of frozen nodes", decl.model.span,
+                  "none of its members ever learns",
+                  help="train at least one member (an edge such as `label -> NODE : through`), "
+                       "or make a trained node the target")]
 
 
 def _check_members(decl: ast.NodeDecl, option: ast.Ensemble, declared: dict[str, ast.NodeDecl]) -> list[Diagnostic]:
