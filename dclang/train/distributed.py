@@ -194,13 +194,14 @@ class DistributedTrainStep:
 
 
 class _ReadOnlyRunDir:
-    """A RunDir whose writing methods do nothing (ranks other than 0)."""
+    """A RunDir whose writing methods (`claim` too: rank 0 claims the folder) do nothing
+    (ranks other than 0)."""
 
     def __init__(self, rundir):
         self._rundir = rundir
 
     def __getattr__(self, name: str):
-        if name.startswith(("write_", "save_")):
+        if name.startswith(("write_", "save_", "claim")):
             return lambda *args, **kwargs: None
         return getattr(self._rundir, name)
 
