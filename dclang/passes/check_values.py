@@ -123,7 +123,7 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
     out += _check_milestones(module)
     out += _check_pad(module, graph)
     for decl in module.of(ast.NodeDecl):
-        if isinstance(decl.model, ast.Choice):  # empty, or an option that is not a model name
+        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble:  # empty, or an option not a model name
             out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
         init = decl.attribute("init")
         if init is not None:

@@ -163,6 +163,8 @@ class _ToAst(Transformer):
     def choice(self, meta, children):
         return ast.Choice(tuple(children), Span.from_meta(meta))
 
+    model_choice = choice  # its options may be `ensemble(...)` too
+
 
 # ---------------------------------------------------------------- syntax errors
 

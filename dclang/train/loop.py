@@ -36,7 +36,7 @@ import torch
 
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
-from dclang.ir import model_nodes
+from dclang.ir import model_nodes, reported_nodes
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, check_finite, epoch_record, percent, say
 from dclang.train.rundir import RunDir, graph_text, setting_changes
 from dclang.train.teachers import init_states
@@ -378,7 +378,7 @@ def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
     mean, std = run.dataset.mean, run.dataset.std
     val_acc = _evaluate(step, training.val, mean, std)
     test_acc = _evaluate(step, training.test, mean, std)
-    return epoch_record(epoch, lr, means, run.names, val_acc, test_acc, time.perf_counter() - started,
+    return epoch_record(epoch, lr, means, reported_nodes(run.graph), val_acc, test_acc, time.perf_counter() - started,
                         train_seconds)
 
 
@@ -427,13 +427,13 @@ def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
 
     graph, dataset, step, epochs, target = run.graph, run.dataset, training.step, run.epochs, run.target
     nodes = {}
-    for name in run.names:
+    for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
         spec = graph.nodes[name]["spec"]
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
-            "model": spec.model, "frozen": spec.frozen,
-            "params": sum(p.numel() for p in step.models[name].parameters()),
+            "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
+            "params": sum(p.numel() for p in step.models[name].parameters()) if name in step.models else 0,
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,
             "best_val_acc": best["nodes"][name]["val_acc"] if best else None,

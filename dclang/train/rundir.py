@@ -109,6 +109,8 @@ def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
                  for key, on in (("target", spec.target), ("frozen", spec.declared_frozen)) if on]
         if spec.init is not None:
             attrs.append(ast.Attribute(_name("init"), ast.String(spec.init, _NOWHERE), _NOWHERE))
+        if spec.is_ensemble:
+            attrs.append(ast.Attribute(_name("combine"), ast.Ident(spec.combine, _NOWHERE), _NOWHERE))
         items.append(ast.NodeDecl(_name(name), model, tuple(attrs), _NOWHERE))
     for source, target, spec in graph.edges(data="spec"):
         args = {k: v for k, v in (("T", spec.T), ("weight", spec.weight)) if v != 1.0}
