@@ -126,6 +126,10 @@ def test_metrics_and_summary_of_a_folder_that_is_not_dclangs_are_never_clobbered
     assert (folder / "summary.json").read_text() == '{"mine": 2}\n'
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "summary.json"]
 
+    (folder / "checkpoints").mkdir()  # as a run of a dclang without manifests left it
+    with pytest.raises(UserError, match=r"holds a run of an earlier dclang \(it has no dclang-run\.json\)"):
+        train_graph(graph_of(kt(ALONE)), run_dir=folder, device="cpu", progress=False, dataset=digits)
+
     # a new folder, or an empty one, becomes dclang's: its manifest is written first
     (tmp_path / "empty").mkdir()
     train_graph(graph_of(kt(ALONE)), run_dir=tmp_path / "empty", device="cpu", progress=False, dataset=digits)

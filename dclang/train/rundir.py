@@ -41,6 +41,8 @@ from dclang.syntax.format import format_module, format_value
 
 RUN_FORMAT = "dclang-run/1"
 MANIFEST = "dclang-run.json"
+#: what a run folder of a dclang without manifests held
+_RUN_FILES = {"graph.kt", "graph.svg", "metrics.jsonl", "summary.json", "checkpoints", "curves"}
 _NOWHERE = Span(0, 0, 0, 0)
 
 
@@ -205,6 +207,10 @@ class RunDir:
                                 "choose a folder for the run (dclang run -o DIR)")
         if self.root.is_dir() and not self.manifest.is_file():
             others = sorted(p.name for p in self.root.iterdir())
+            if "checkpoints" in others and set(others) <= _RUN_FILES:
+                raise UserError(f"{self.root} holds a run of an earlier dclang (it has no {MANIFEST}): its checkpoints "
+                                "carry no content hash, so it can be neither resumed nor overwritten",
+                                f"choose a new folder for the run (dclang run -o DIR), or delete {self.root}")
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
                 raise UserError(f"{self.root} holds files dclang did not write ({shown}); dclang writes a run only "
