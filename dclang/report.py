@@ -104,20 +104,21 @@ def _problem(summary, records) -> str:
             summary["complete"] and summary["epochs_done"] != summary["epochs"]) or not records:
         return f"metrics.jsonl holds {len(records)} epochs where summary.json says {summary['epochs_done']}"
     for i, record in enumerate(records, start=1):
-        if not (isinstance(record, dict) and record.get("epoch") == i and _scores(record.get("nodes"), set(nodes),
-                                                                                ("val_acc", "test_acc", "train_loss"))
+        if not (isinstance(record, dict) and record.get("epoch") == i
+                and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss"), nullable=True)
+                and _scores(record["nodes"], set(nodes), ("test_acc",))
                 and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))):
             return f"line {i} of metrics.jsonl is not the record of epoch {i} with every node's accuracies"
     return ""
 
 
-def _scores(table, names: set | None, keys: tuple[str, ...]) -> bool:
-    """`table` maps names (exactly `names`, when given) to dicts whose `keys` are numbers or null."""
-    if not isinstance(table, dict) or (names is not None and set(table) != names):
-        return False
-    return all(isinstance(entry, dict) and all(
-        k in entry and (entry[k] is None or isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool))
-        for k in keys) for entry in table.values())
+def _scores(table, names: set, keys: tuple[str, ...], nullable: bool = False) -> bool:
+    """`table` maps exactly `names` to dicts whose `keys` are numbers (or null, when `nullable`)."""
+    def number(v) -> bool:
+        return (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    return isinstance(table, dict) and set(table) == names and all(
+        isinstance(entry, dict) and all(number(entry.get(k, ...)) for k in keys) for entry in table.values())
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

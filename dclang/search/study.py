@@ -154,9 +154,8 @@ def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the study journal {path} is damaged: a record cannot be replayed "
                         f"({type(exc).__name__}: {first})",
-                        "restore the journal from a copy; a journal cut short by a crash loses only its last "
-                        "record, but changed or inserted bytes cannot be repaired: start a new search with "
-                        "another -o") from None
+                        "dclang and Optuna only ever append whole records to it, so something else changed it: "
+                        "restore it from a copy, or start a new search with another -o") from None
     return storage
 
 
@@ -245,19 +244,19 @@ def _config_problem(attr) -> str:
     """What is wrong with a study's stored configuration ("" when nothing is)."""
     if not isinstance(attr, dict) or attr.get("format") != CONFIG_FORMAT:
         return f"no `{CONFIG_FORMAT}` configuration"
-    from dclang.api import check
     from dclang.search import PRUNERS, SAMPLERS
+    from dclang.syntax.parser import parse_module
 
-    types = {f.name: f.type for f in fields(StudyConfig)}
-    wrong = [name for name, kind in types.items()
-             if not isinstance(attr.get(name), int if kind in ("int", int) else str) or isinstance(attr.get(name), bool)]
+    wrong = [name for name in ("template", "template_path", "sampler", "pruner") if not isinstance(attr.get(name), str)]
+    wrong += [name for name in ("seed", "eta", "min_resource", "epochs", "trials")
+              if not isinstance(attr.get(name), int) or isinstance(attr.get(name), bool)]
     if wrong:
         return f"{', '.join(wrong)} missing or of the wrong type"
     if attr["sampler"] not in SAMPLERS or attr["pruner"] not in PRUNERS or attr["eta"] < 2 or min(
             attr["min_resource"], attr["epochs"], attr["trials"]) < 1:
         return "a sampler, pruner, eta, min_resource, epochs or trials that `dclang search` never writes"
-    if not check(attr["template"]).ok:
-        return "its template does not check"
+    if parse_module(attr["template"])[0] is None:
+        return "its template does not parse"
     return ""
 
 
