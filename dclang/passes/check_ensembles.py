@@ -83,12 +83,12 @@ def _check_members(decl: ast.NodeDecl, option: ast.Ensemble, declared: dict[str,
     for member in option.members:
         text = member.text
         if text in seen:
-            out.append(error("E322", f"`{text}` is a member of `{name}` twice", member.span, "listed again here",
+            out.append(error("E332", f"`{text}` is a member of `{name}` twice", member.span, "listed again here",
                              help=f"list each member once; to weight `{text}` more, add another node"))
             continue
         seen[text] = member
         if text == name:
-            out.append(error("E320", f"the ensemble `{name}` contains itself", member.span, "this is the ensemble itself",
+            out.append(error("E330", f"the ensemble `{name}` contains itself", member.span, "this is the ensemble itself",
                              help="an ensemble's output is the mean of its members' outputs: it cannot be one of them"))
         elif text == LABEL:
             out.append(error("E201", "`label` cannot be an ensemble member", member.span, "not a network's output",
@@ -98,18 +98,18 @@ def _check_members(decl: ast.NodeDecl, option: ast.Ensemble, declared: dict[str,
                              help=did_you_mean(text, [n for n in declared if n != name], "nodes")
                              or "declare it first: `node NAME : MODEL`"))
         elif _may_be_absent(declared[text]) is not None:
-            out.append(error("E325", f"the member `{text}` may be left out of a trial", member.span,
+            out.append(error("E335", f"the member `{text}` may be left out of a trial", member.span,
                              f"`{text}` has the option `none`",
                              help=f"drop `none` from `{text}`'s choice, or make `{name}` a choice of member lists"))
     if len(option.members) == 1:
-        out.append(error("E321", f"the ensemble `{name}` has one member", option.span, "an ensemble of one",
+        out.append(error("E331", f"the ensemble `{name}` has one member", option.span, "an ensemble of one",
                          help=f"an ensemble of one node is that node: use `{option.members[0].text}` itself, "
                               "or add members"))
     return out
 
 
 def _check_cycles(declared: dict[str, ast.NodeDecl]) -> list[Diagnostic]:
-    """An ensemble reaching itself through other ensembles (its direct self-membership is E320)."""
+    """An ensemble reaching itself through other ensembles (its direct self-membership is E330)."""
     joins = nx.DiGraph()
     for name, decl in declared.items():
         for option in _options(decl):
@@ -123,7 +123,7 @@ def _check_cycles(declared: dict[str, ast.NodeDecl]) -> list[Diagnostic]:
         at = cycle.index(first)
         cycle = cycle[at:] + cycle[:at]
         path = " -> ".join(cycle + [first])
-        out.append(error("E320", f"the ensemble `{first}` contains itself through `{cycle[1]}`",
+        out.append(error("E330", f"the ensemble `{first}` contains itself through `{cycle[1]}`",
                          joins.edges[first, cycle[1]]["span"], f"membership cycle {path}",
                          help="ensembles may contain ensembles, but the members must not lead back to it"))
     return out
@@ -138,18 +138,18 @@ def _check_options(decl: ast.NodeDecl) -> list[Diagnostic]:
     if decl.is_ensemble:
         for option in decl.model.options:
             if not (isinstance(option, ast.Ensemble) or (isinstance(option, ast.Ident) and option.name == NO_NODE)):
-                out.append(error("E325", f"the choice for `{name}` mixes ensembles and other options", option.span,
+                out.append(error("E335", f"the choice for `{name}` mixes ensembles and other options", option.span,
                                  "not an `ensemble(...)` or `none`",
                                  help="a node is a network or an ensemble in every trial: offer ensembles and "
                                       "`none` here, and choose the model in a node of its own"))
         absent = _may_be_absent(decl)
         if absent is not None and decl.attribute("target") is not None:
-            out.append(error("E325", f"the target `{name}` may be left out of a trial", absent.span,
+            out.append(error("E335", f"the target `{name}` may be left out of a trial", absent.span,
                              "`none` leaves no target", help="drop `none`, or make another node the target"))
     else:
         for option in decl.model.options:
             if isinstance(option, ast.Ident) and option.name == NO_NODE:
-                out.append(error("E325", f"`none` in the choice of models for `{name}`", option.span,
+                out.append(error("E335", f"`none` in the choice of models for `{name}`", option.span,
                                  "only an ensemble may be left out",
                                  help="`none` is an option of an ensemble's choice: "
                                       "`node e : choice(none, ensemble(a, b))`"))
@@ -162,19 +162,19 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
     if decl.is_ensemble:
         frozen = decl.attribute("frozen")
         if frozen is not None:
-            out.append(error("E323", f"the ensemble `{name}` is marked `frozen`", frozen.name.span,
+            out.append(error("E333", f"the ensemble `{name}` is marked `frozen`", frozen.name.span,
                              "an ensemble has no weights to freeze",
                              help="it follows its members: mark the members `[frozen]` instead"))
         init = decl.attribute("init")
         if init is not None:
-            out.append(error("E324", f"`init` on the ensemble `{name}`", init.name.span,
+            out.append(error("E334", f"`init` on the ensemble `{name}`", init.name.span,
                              "an ensemble has no weights to load",
                              help="give `init` to its members instead"))
     combine = decl.attribute("combine")
     if combine is None:
         return out
     if not decl.is_ensemble:
-        out.append(error("E324", f"`combine` on `{name}`, which is not an ensemble", combine.name.span,
+        out.append(error("E334", f"`combine` on `{name}`, which is not an ensemble", combine.name.span,
                          "only an ensemble combines outputs", help="drop it, or write `node NAME : ensemble(a, b)`"))
         return out
     if combine.value is None:

@@ -1,5 +1,5 @@
 # ensemble_choice_options.kt: choices of ensembles: mixed with a model, none for a model, the target or a member
-# expect: E306 E325 E325 E325 E325
+# expect: E306 E335 E335 E335 E335
 graph ensemble_choice_options
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

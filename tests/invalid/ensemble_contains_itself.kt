@@ -1,5 +1,5 @@
 # ensemble_contains_itself.kt: an ensemble listing itself as a member
-# expect: E320
+# expect: E330
 graph ensemble_contains_itself
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

@@ -1,5 +1,5 @@
 # ensemble_cycle.kt: two ensembles that contain each other
-# expect: E320
+# expect: E330
 graph ensemble_cycle
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

@@ -1,5 +1,5 @@
 # ensemble_duplicate_member.kt: a member listed twice
-# expect: E322
+# expect: E332
 graph ensemble_duplicate_member
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

@@ -1,5 +1,5 @@
 # ensemble_frozen.kt: an ensemble marked frozen (it has no weights)
-# expect: E323
+# expect: E333
 graph ensemble_frozen
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

@@ -1,5 +1,5 @@
 # ensemble_misplaced_attributes.kt: init on an ensemble, combine on a network
-# expect: E324 E324
+# expect: E334 E334
 graph ensemble_misplaced_attributes
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

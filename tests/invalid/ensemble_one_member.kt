@@ -1,5 +1,5 @@
 # ensemble_one_member.kt: an ensemble of a single node
-# expect: E321
+# expect: E331
 graph ensemble_one_member
 data digits { val_split = 300 }
 node a : cnn_tiny [target]
