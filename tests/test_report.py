@@ -228,3 +228,12 @@ def test_node_curves_plot_what_metrics_jsonl_holds(runs, monkeypatch, tmp_path):
 def test_no_runs_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no finished runs"):
         report([tmp_path], tmp_path / "out")
+
+
+def test_curves_that_cannot_be_written_are_a_note_not_a_failure(runs, tmp_path, capsys):
+    from dclang.plots import write_node_curves
+
+    run = Path(shutil.copytree(runs / "single", tmp_path / "run"))
+    (run / "curves").write_text("a file where the folder would go", encoding="utf-8")
+    assert write_node_curves(run) == []
+    assert f"note: curves not drawn: cannot write {run / 'curves' / 's.png'}" in capsys.readouterr().err
