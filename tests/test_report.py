@@ -237,3 +237,13 @@ def test_curves_that_cannot_be_written_are_a_note_not_a_failure(runs, tmp_path, 
     (run / "curves").write_text("a file where the folder would go", encoding="utf-8")
     assert write_node_curves(run) == []
     assert f"note: curves not drawn: cannot write {run / 'curves' / 's.png'}" in capsys.readouterr().err
+
+
+def test_an_unwritable_report_folder_is_a_message(runs, tmp_path):
+    from dclang.cli import main
+
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    result = CliRunner().invoke(main, ["report", str(runs / "single"), "-o", str(tmp_path / "file" / "report")])
+    assert result.exit_code == 1
+    assert f"error: cannot write the report into {tmp_path / 'file' / 'report'}" in result.output
+    assert "Traceback" not in result.output
