@@ -22,6 +22,7 @@ import networkx as nx
 from dclang import registry
 from dclang.diagnostics import Span
 from dclang.syntax import ast
+from dclang.syntax.format import format_call
 
 LABEL = registry.LABEL
 
@@ -47,7 +48,7 @@ class Site:
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
-    model: Any  # str, Open, or tuple of member names for an ensemble
+    model: Any  # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
     target: bool = False
     declared_frozen: bool = False
     frozen: bool = False  # declared, or every incoming edge is cutoff (paper 3.4)
@@ -205,6 +206,8 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             model = tuple(m.text for m in decl.model.members)
         elif isinstance(decl.model, ast.Choice):
             model = plain(decl.model, f"{name}.model")
+        elif isinstance(decl.model, ast.Call):  # the canonical text is the model's identity
+            model = format_call(decl.model)
         else:
             model = decl.model.text
         init = decl.attribute("init")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import library, plugins
 from .cifar_resnet import CifarResNet
 from .small import cnn_small, cnn_tiny, mlp
 from .wide_resnet import WideResNet, parse_wrn_name
@@ -60,18 +61,30 @@ BUILDERS: dict[str, Builder] = {
 def build_model(
     name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
 ) -> nn.Module:
-    """Build the model registered as ``name`` (case-insensitive).
+    """Build the model a node names: ``name`` is the IR's canonical text of it.
 
-    Raises KeyError for names that are neither in ``BUILDERS`` nor a valid
-    ``wrn{d}_{k}``.
+    Built-in names (case-insensitive) come first, then a library's models
+    (``torchvision.resnet18(weights="DEFAULT")``, see ``library``), then the models
+    installed packages register (``plugins``). Raises KeyError for a name that is none of
+    these, ValueError for arguments given to a built-in model.
     """
-    key = name.lower()
+    from dclang.registry import model_ref
+
+    base, args = model_ref(name)
+    key = base.lower()
     if key in BUILDERS:
         builder = BUILDERS[key]
     elif (dk := parse_wrn_name(key)) is not None:
         builder = _wrn(*dk)
+    elif library.split(base) is not None and library.split(base)[0] in library.LIBRARIES:
+        return library.build(base, args, num_classes, in_channels, image_size)
+    elif base in plugins.registered():
+        return plugins.build(base, args, num_classes, in_channels, image_size)
     else:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(BUILDERS)} or wrn{{d}}_{{k}}")
+        raise KeyError(f"unknown model {name!r}; known: {sorted(BUILDERS)} or wrn{{d}}_{{k}}, "
+                       "torchvision.NAME, timm.NAME, or a registered plugin")
+    if args:
+        raise ValueError(f"the built-in model {base!r} takes no arguments")
     return builder(num_classes, in_channels, image_size)
 
 

@@ -10,6 +10,7 @@ from dclang import registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.diagnostics import suggest
 from dclang.ir import LABEL, expand_edges
+from dclang.passes.check_models import check_model
 from dclang.syntax import ast
 from dclang.syntax.format import format_value
 
@@ -44,10 +45,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
             declared[name] = decl
 
     for decl in nodes:
-        for word in _choice_names(decl.model):
-            if not registry.is_model(_text(word)):
-                out.append(error("E200", f"unknown model `{_text(word)}`", word.span, "no model with this name",
-                                 help=did_you_mean(_text(word), registry.MODELS, "models")))
+        out += check_model(decl)
         if isinstance(decl.model, ast.Ensemble):
             for member in decl.model.members:
                 if member.text not in declared:
