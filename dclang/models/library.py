@@ -174,7 +174,10 @@ def adaptations(name: str, num_classes: int, in_channels: int, image_size: int) 
     from dclang.registry import model_ref
 
     base, args = model_ref(name)
-    library, model = split(base)
+    parts = split(base)
+    if parts is None or parts[0] not in LIBRARIES:
+        return []
+    library, model = parts
     classes = pretrained_classes(library, model, args)
     if classes is None:
         return []
@@ -186,6 +189,18 @@ def adaptations(name: str, num_classes: int, in_channels: int, image_size: int) 
     elif library == "torchvision" and _small_stem(model, image_size):
         out.append(f"the stem (3x3 stride 1, no max-pool, for {image_size}x{image_size} images)")
     return out
+
+
+def pretrained_fits(name: str, num_classes: int, in_channels: int, image_size: int) -> bool:
+    """Whether `name` is a library model whose pre-trained weights fit the data as they are:
+    then a frozen node uses them directly instead of being (pre- or fine-)trained first."""
+    from dclang.registry import model_ref
+
+    base, args = model_ref(name)
+    parts = split(base)
+    if parts is None or parts[0] not in LIBRARIES or pretrained_classes(*parts, args) is None:
+        return False
+    return not adaptations(name, num_classes, in_channels, image_size)
 
 
 # ---------------------------------------------------------------- building

@@ -1,9 +1,13 @@
 """Initial weights of the nodes: `init` checkpoints, and pre-trained teachers, cached.
 
 A frozen node is a teacher trained on labels only, on the same data with the same training
-settings (paper 3.4). With `init` it is loaded from that checkpoint; without, dclang trains
-it itself as the 1-node graph `label -> node : through` and caches the final weights, so a
-search whose trials share a teacher pre-trains it once. The cache key is the sha256 of that
+settings (paper 3.4). With `init` it is loaded from that checkpoint. With a library's
+pre-trained weights that fit the data (`torchvision.resnet18(weights=...)` on ImageNet-shaped
+data) it uses them as they are; weights whose head or stem had to be replaced
+(`dclang.models.library.adaptations`) are fine-tuned exactly as a teacher without weights is
+trained, starting from them (the weights' name is in the model's text, so in the cache key).
+Otherwise dclang trains it itself as the 1-node graph `label -> node : through` and caches
+the final weights, so a search whose trials share a teacher pre-trains it once. The cache key is the sha256 of that
 1-node graph's canonical text, which holds exactly what determines the weights: the model,
 the dataset and its settings, the train block, the epochs and the seed.
 
@@ -59,6 +63,8 @@ def init_states(graph: nx.DiGraph, *, dataset, device: str, engine: str, cache: 
     `graph` is resolved (absolute `init` paths, epochs and seed of this run filled in), so
     the teacher inherits exactly this run's settings.
     """
+    from dclang.models import library
+
     states: dict[str, dict] = {}
     for name in model_nodes(graph):
         spec = graph.nodes[name]["spec"]
@@ -68,7 +74,12 @@ def init_states(graph: nx.DiGraph, *, dataset, device: str, engine: str, cache: 
                                                     in_channels=dataset.channels, image_size=dataset.image_size)
             except CheckpointError as exc:
                 raise UserError(f"node `{name}`: checkpoint {spec.init} {exc}", exc.help) from exc
-        elif spec.frozen:
+        elif spec.frozen and not library.pretrained_fits(spec.model, dataset.num_classes, dataset.channels,
+                                                         dataset.image_size):
+            changes = library.adaptations(spec.model, dataset.num_classes, dataset.channels, dataset.image_size)
+            if changes:
+                say(f"teacher `{name}`: {', '.join(changes)} of its pre-trained weights start fresh for "
+                    f"{dataset.name}; fine-tuning it on labels first")
             states[name] = pretrained(graph, name, dataset=dataset, device=device, engine=engine,
                                       cache=cache or default_cache(), data_dir=data_dir, progress=progress)
     return states
