@@ -206,11 +206,15 @@ def pretrained_fits(name: str, num_classes: int, in_channels: int, image_size: i
 # ---------------------------------------------------------------- building
 
 
-def build(name: str, args: dict[str, Any], num_classes: int, in_channels: int, image_size: int):
-    """The library's `name` (`torchvision.resnet18`) with `args`, fitted to the data."""
+def build(name: str, args: dict[str, Any], num_classes: int, in_channels: int, image_size: int, *,
+          pretrained: bool = True):
+    """The library's `name` (`torchvision.resnet18`) with `args`, fitted to the data; without
+    its pre-trained weights when `pretrained` is False (shapes and sizes need none)."""
     library, model = split(name)
     if not installed(library):
         raise UserError(f"`{name}` needs {library}, which is not installed", LIBRARIES[library].install)
+    if not pretrained:
+        args = {k: v for k, v in args.items() if k not in ("weights", "pretrained")}
     if library == "torchvision":
         return _torchvision(model, dict(args), num_classes, in_channels, image_size)
     return _timm(model, dict(args), num_classes, in_channels)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -48,7 +49,8 @@ def teacher_graph(graph: nx.DiGraph, model: str) -> nx.DiGraph:
     """The 1-node graph `label -> teacher : through` with `graph`'s (resolved) data and train
     settings. The node is always called `teacher`, so the cache key depends on the model, not
     on what the node is called in the graph that needs it."""
-    g = nx.DiGraph(name=f"pretrain_{model}", data=graph.graph["data"], train=graph.graph["train"],
+    name = re.sub(r"\W+", "_", model).strip("_")  # a graph's name is one word: `torchvision.x(weights=...)`
+    g = nx.DiGraph(name=f"pretrain_{name}", data=graph.graph["data"], train=graph.graph["train"],
                    target=TEACHER_NAME, sites=(), path=graph.graph.get("path", "<pretrain>"))
     g.add_node(LABEL, spec=NodeSpec(LABEL, None))
     g.add_node(TEACHER_NAME, spec=NodeSpec(TEACHER_NAME, model, target=True))
