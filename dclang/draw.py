@@ -56,7 +56,9 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     if spec.is_label:
         return "Label"
     model = ("ensemble(" + ", ".join(spec.model) + ")") if spec.is_ensemble else _text(spec.model)
-    lines = [spec.name, model]
+    # a model's arguments one per line under its name, so a circle stays small
+    name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
+    lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
     if params and spec.name in params:
         lines.append(f"{params[spec.name] / 1e6:.2f}M params")
     return "\n".join(lines)
