@@ -185,6 +185,21 @@ def tiny_digits(path) -> None:
     np.savez(path, x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
 
 
+def test_the_teacher_cache_key_holds_the_weights_name_and_file(torch_home):
+    from torchvision import models
+
+    from dclang.train.loop import resolved_graph
+    from dclang.train.teachers import teacher_graph, teacher_key
+
+    graph = resolved_graph(graph_of(graph_text(SHUFFLE_WEIGHTS)), epochs=1, seed=0)
+    state = fake_imagenet_weights(torch_home)
+    key = teacher_key(teacher_graph(graph, SHUFFLE_WEIGHTS))
+    assert key != teacher_key(teacher_graph(graph, SHUFFLE))
+    state["fc.bias"] = state["fc.bias"] + 1  # another file under the same name: another teacher
+    torch.save(state, weights_file(models.ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1))
+    assert teacher_key(teacher_graph(graph, SHUFFLE_WEIGHTS)) != key
+
+
 def test_a_frozen_teacher_with_replaced_head_is_fine_tuned_through_the_cache(torch_home, tmp_path, monkeypatch):
     tiny_digits(tmp_path / "tiny.npz")
     teacher = f"node t : {SHUFFLE_WEIGHTS} [frozen]\nt -> a : through"

@@ -203,6 +203,21 @@ def pretrained_fits(name: str, num_classes: int, in_channels: int, image_size: i
     return not adaptations(name, num_classes, in_channels, image_size)
 
 
+def pretrained_file(name: str) -> Path | None:
+    """The file of pre-trained weights a model's text asks for, where the library keeps it
+    (whether it is there or not); None without weights."""
+    from dclang.registry import model_ref
+
+    base, args = model_ref(name)
+    parts = split(base)
+    if parts is None or parts[0] not in LIBRARIES or pretrained_classes(*parts, args) is None:
+        return None
+    library, model = parts
+    if library == "torchvision":
+        return weights_file(_torchvision_weights(model, args["weights"]))
+    return _timm_weights_file(model)
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -318,29 +333,46 @@ def _timm(model: str, args: dict, num_classes: int, in_channels: int):
     return _call(timm.create_model, name, model_name=model, num_classes=num_classes, in_chans=in_channels, **args)
 
 
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _timm_weights_file(model: str) -> Path | None:
+    """timm's weights: a file in Hugging Face's cache, or in torch hub's for old URLs."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(model)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = "/".join(cfg.hf_hub_id.split("/", 2)[:2])
+        found = [try_to_load_from_cache(repo_id, f) for f in _HF_FILES]
+        return next((Path(f) for f in found if isinstance(f, str)), None)
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url or "")
+
+
 def _check_timm_cache(model: str) -> None:
-    """timm's weights are a file in Hugging Face's cache (or torch hub's, for old URLs)."""
+    """The weights `timm.create_model(pretrained=True)` loads must be in a cache already."""
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(model)
     if cfg is None:
         raise UserError(f"`timm.{model}` has no pre-trained weights", "leave out `pretrained=true`")
     if cfg.hf_hub_id:
-        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub import constants
 
-        repo = cfg.hf_hub_id.split("/", 2)
-        repo_id = "/".join(repo[:2])
-        files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-        if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files):
+        repo_id = "/".join(cfg.hf_hub_id.split("/", 2)[:2])
+        if _timm_weights_file(model) is None:
             raise WeightsMissing(
                 f"`timm.{model}(pretrained=true)` needs the weights of {repo_id}, which are not on this machine "
                 "(dclang never downloads)",
                 f"fetch them on a machine with network access (`huggingface-cli download {repo_id}`) and copy "
                 f"the cache folder models--{repo_id.replace('/', '--')} into {constants.HF_HUB_CACHE}")
         return
-    import torch
-
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url or "")
+    path = _timm_weights_file(model)
     if not path.is_file():
         raise WeightsMissing(f"`timm.{model}(pretrained=true)` needs the file {path.name}, which is not on this "
                              "machine (dclang never downloads)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dclang import registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error
+from dclang.ir import NO_NODE
 from dclang.syntax import ast
 
 
@@ -30,9 +31,13 @@ def check_model(decl: ast.NodeDecl) -> list[Diagnostic]:
     """Every problem with the model of one node declaration."""
     from dclang.models import library, plugins
 
+    if decl.is_ensemble:
+        return []  # an ensemble, or a choice offering ensembles: check_ensembles
     out: list[Diagnostic] = []
     for word, call in _words(decl.model):
         text = word.text if isinstance(word, ast.Name) else word.name
+        if text == NO_NODE:
+            continue  # `choice(resnet32, none)`: search may leave the node out
         args = call.args if call is not None else ()
         opened = [a for a in args if isinstance(a.value, ast.Choice)]
         for arg in opened:

@@ -46,11 +46,6 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
 
     for decl in nodes:
         out += check_model(decl)
-        if isinstance(decl.model, ast.Ensemble):
-            for member in decl.model.members:
-                if member.text not in declared:
-                    out.append(error("E201", f"unknown node `{member.text}`", member.span, "no node with this name",
-                                     help=did_you_mean(member.text, declared, "nodes")))
         seen_attrs: set[str] = set()
         for attr in decl.attributes:
             key = attr.name.text
