@@ -140,3 +140,77 @@ def test_a_packed_worker_trains_its_trials_at_once_and_says_which_are_the_same(t
         if "duplicate_of" in t.user_attrs:
             assert rows[t.number]["same_as"] == str(t.user_attrs["duplicate_of"])
             assert trained_epochs(t) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_a_packed_trial_matches_the_trial_alone(digits):
+    """On CUDA the kernels are not deterministic (atomics in convolution backward): the packed
+    trial is held to the lone one within what two lone runs differ by, not bitwise."""
+    alone = train_graph(graph(TRIAL), run_dir=None, device="cuda", dataset=digits, progress=False).records
+    seen: list[dict] = []
+    pack = Pack(2)
+    pack.add("mate", TrialRun(graph(MATE), dataset=digits, device=torch.device("cuda"), on_epoch=lambda e, r: None))
+    pack.add("trial", TrialRun(graph(TRIAL), dataset=digits, device=torch.device("cuda"),
+                               on_epoch=lambda e, r: seen.append(r)))
+    while pack.runs:
+        pack.step(on_error=lambda key, exc: pytest.fail(f"{key}: {exc}"), on_done=lambda key, r: None)
+    for packed, single in zip(seen, alone, strict=True):
+        for node, figures in single["nodes"].items():
+            assert packed["nodes"][node]["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-3)
+            assert packed["nodes"][node]["val_acc"] == pytest.approx(figures["val_acc"], abs=0.02)
+
+
+# ---------------------------------------------------------------- benchmarks/gpu.sh, its CPU-safe parts
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_throughput_template_checks_and_its_figures_add_up(tmp_path):
+    bench = load_script("pack_throughput")
+    for data in ("digits", "npz"):
+        text = bench.template("resnet32", data=data, npz=tmp_path / "x.npz", epochs=2, batch=64)
+        checked = check(text, str(tmp_path / "t.kt"))
+        assert checked.ok, checked.errors
+        assert len(checked.graph.graph["sites"]) == 9  # every ordered pair's gate, label included
+    assert bench.parse_runs("2:1,1:2") == [(2, 1), (1, 2)]
+    summary = {"trials": {"finished": 6}, "budget": {"epochs_trained": 15}}
+    rows = bench.with_ratios([{**bench.figures(summary, 60.0)}, {**bench.figures(summary, 30.0)}, {"error": "x"}])
+    assert rows[0]["trials_per_hour"] == 360 and rows[0]["epochs_per_hour"] == 900
+    assert rows[1]["trials_per_hour_ratio"] == 2 and "trials_per_hour_ratio" not in rows[2]
+
+
+def test_the_gpu_report_gathers_every_part(tmp_path):
+    report = load_script("gpu_report")
+    (tmp_path / "tests.rc").write_text("0 41\n")
+    (tmp_path / "tests.out").write_text("12 passed\n")
+    (tmp_path / "bench_kd_dml.rc").write_text("124 90\n")
+    (tmp_path / "bench_kd_dml.out").write_text("")
+    (tmp_path / "pack.rc").write_text("0 170\n")
+    (tmp_path / "pack.out").write_text(json.dumps({"runs": [{"pack": 1}]}))
+    out = report.report(tmp_path, 300)
+    assert out["tests"] == {"ran": True, "exit_code": 0, "seconds": 41, "timed_out": False,
+                            "output_tail": "12 passed\n"}
+    assert out["bench_kd_dml"]["timed_out"] and out["bench_dml4"] == {"ran": False}
+    assert out["pack"]["result"] == {"runs": [{"pack": 1}]} and out["ok"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.sh does without a GPU")
+def test_gpu_sh_says_so_without_a_gpu(tmp_path):
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "gpu.json")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}, cwd=BENCHMARKS.parent, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
