@@ -259,7 +259,7 @@ def renaming(sample: Realized, earlier: FrozenTrial) -> dict[str, str]:
     if text == sample.trained_text:
         return {}
     mapping = same_up_to_names(sample.checked.graph, check(text).graph) or {}
-    return {a: b for a, b in mapping.items() if a != b}
+    return {a: b for a, b in sorted(mapping.items()) if a != b}
 
 
 def device_for(device: str, slot: int | None) -> str:
