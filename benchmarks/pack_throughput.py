@@ -101,7 +101,8 @@ def run_search(kt: Path, out: Path, *, workers: int, pack: int, trials: int, dev
             try:
                 proc.wait(timeout=window)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)  # the workers hand back their trials, the outputs are written
+                proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the workers hand back their trials, the outputs are written
+                # (not SIGINT: a shell starting this in the background ignores SIGINT for its children)
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
