@@ -46,9 +46,6 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     if graph.graph["sites"]:
         names = ", ".join(site.name for site in graph.graph["sites"])
         raise ValueError(f"the graph is a template with open choices ({names}): sample a trial first")
-    ensembles = [n for n, spec in graph.nodes(data="spec") if spec.is_ensemble]
-    if ensembles:
-        raise NotImplementedError(f"ensemble nodes are not compiled yet: {', '.join(ensembles)}")
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")

@@ -33,7 +33,7 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
                 out.append(error("E312", "an edge between nodes uses `kl`, not `ce`", edge.loss.name.span,
                                  help="write `kl(T=2)` or leave the loss out for KL at T = 1"))
         target = nodes.get(t)
-        if target is not None and isinstance(target.model, ast.Ensemble):
+        if target is not None and target.is_ensemble:
             out.append(error("E313", f"an edge into the ensemble `{t}`", edge.target.span,
                              "an ensemble is only a source",
                              help="an ensemble is the mean of its members' outputs; it has no weights to train"))
@@ -52,10 +52,8 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
         spec = graph.nodes[name]["spec"] if name in graph else None
         if spec is None:
             continue
-        if isinstance(decl.model, ast.Ensemble):
-            out.append(error("E311", "ensemble nodes are not trained yet", decl.model.span,
-                             "reserved syntax", help="write the members as separate nodes for now"))
-            continue
+        if decl.is_ensemble:
+            continue  # no weights, never frozen: its own rules are check_ensembles'
         frozen_attr = decl.attribute("frozen")
         live = [graph.edges[e]["spec"] for e in graph.in_edges(name) if graph.edges[e]["spec"].gate != "cutoff"]
         if frozen_attr is not None:

@@ -110,6 +110,22 @@ def trained_text(kt: str) -> tuple[str, list[str]]:
     return (format_module(module) if dropped else kt), dropped
 
 
+def renamed(text: str, suffix: str) -> str:
+    """`text` with `suffix` added to its graph's name: `dclang run` puts a graph into
+    runs/<its name>, so each best graph, named after its trial, gets a run folder of its own."""
+    from dataclasses import replace
+
+    from dclang.api import parse
+    from dclang.syntax import ast
+    from dclang.syntax.format import format_module
+
+    module = parse(text)
+    items = tuple(replace(item, name=replace(item.name, text=item.name.text + suffix))
+                  if isinstance(item, ast.GraphDecl) else item
+                  for item in module.items)
+    return format_module(replace(module, items=items))
+
+
 def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -216,6 +232,7 @@ def write_outputs(trials: list[FrozenTrial], config: StudyConfig, out: Path, *, 
     best_graph = None
     for rank, t in enumerate(top_graphs(trials, top_k), start=1):
         text, dropped = trained_text(t.user_attrs["kt"])
+        text = renamed(text, f"_trial{t.number:04d}")
         head = [f"# best {rank} of study `{study}`: trial {t.number}, target val accuracy {_percent(t.value)} "
                 f"after {epochs_reported(t)} epochs",
                 f"# sampled graph: trials/{t.number:04d}.kt"

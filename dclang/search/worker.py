@@ -39,7 +39,8 @@ from dclang.api import parse
 from dclang.diagnostics import UserError
 from dclang.search.equivalence import canonical_key, same_up_to_names
 from dclang.search.space import Realized, realize, search_space
-from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, retry
+from dclang.search.study import (COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, redact,
+                                 retry)
 
 #: a worker gives up after this many trials in a row raised (a broken setup, not a bad graph)
 MAX_ERRORS_IN_A_ROW = 5
@@ -282,7 +283,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
     (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
-    study, config = load_study(open_storage(storage_url), study_name, worker=worker)
+    study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
                           data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)
