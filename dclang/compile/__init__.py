@@ -20,6 +20,7 @@ from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.reference import ReferenceStep
+from dclang.ir import live_edges
 
 ENGINES = ("fused", "reference")
 _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": ReferenceStep}
@@ -49,6 +50,9 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     ensembles = [n for n, spec in graph.nodes(data="spec") if spec.is_ensemble]
     if ensembles:
         raise NotImplementedError(f"ensemble nodes are not compiled yet: {', '.join(ensembles)}")
+    if options.hfta and any(e.on_layers for e in live_edges(graph)):
+        raise ValueError("HFTA runs a group of nodes as one fused network, whose layers edges between layers "
+                         "cannot name: run this graph without `hfta`")
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
