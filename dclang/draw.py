@@ -6,7 +6,9 @@ Cutoff edges carry nothing, so they are left out unless `show_cutoff` draws them
 Two edges between the same pair that say the same thing (mutual learning) are drawn as one
 two-headed arrow with one label, as the paper's Fig. 1b does. A value left open by a
 template (`choice(...)`) is drawn dashed with its options listed; each direction of an
-open pair keeps its own arrow, since each is a search site of its own.
+open pair keeps its own arrow, since each is a search site of its own. An edge between layers
+is teal and dashed with an open arrowhead, labelled with its two layers and its loss; a
+legend explains the two kinds whenever a graph has one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import graphviz
 import networkx as nx
 
+from dclang import loss_catalogue
 from dclang.diagnostics import UserError
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
@@ -38,18 +41,30 @@ def _text(value, per_line: int = 1) -> str:
 
 
 def edge_label(spec: EdgeSpec) -> str:
-    """The gate, then any loss option that differs from its default (`T`, `weight`)."""
+    """The gate, the loss when it is not the paper's (`ce` from label, `kl` between nodes),
+    then any loss option that differs from its default (`T`, `weight`, ...)."""
     parts = [_text(spec.gate, per_line=2)]
-    if spec.T != 1.0:
-        parts.append(f"T={_text(spec.T)}")
+    if isinstance(spec.loss, Open):
+        parts.append(" | ".join(_loss_text(o) for o in spec.loss.options))
+    elif spec.loss not in ("ce", "kl"):
+        parts.append(spec.loss)
+    if isinstance(spec.loss, str):
+        defaults = loss_catalogue.defaults(spec.loss) if spec.loss in loss_catalogue.LOSSES else {}
+        parts += [f"{k}={_text(v)}" for k, v in spec.loss_args().items() if v != defaults.get(k, 1.0)]
     if spec.weight != 1.0:
         parts.append(f"×{_text(spec.weight)}")
     return " ".join(parts)
 
 
+def _loss_text(option) -> str:
+    name, args = option if isinstance(option, tuple) else (str(option), {})
+    return name + "(" + ", ".join(f"{k}={_text(v)}" for k, v in args.items()) + ")"
+
+
 def _is_open_edge(spec: EdgeSpec) -> bool:
     """Open edges are never merged: each direction is a search site of its own."""
-    return any(isinstance(v, Open) for v in (spec.gate, spec.T, spec.weight))
+    return any(isinstance(v, Open) for v in (spec.gate, spec.T, spec.weight, spec.loss, spec.source_layer,
+                                             spec.target_layer, *(v for _, v in spec.args)))
 
 
 def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
@@ -77,6 +92,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
         top.attr(rank="min")
         top.node(LABEL)
     drawn: dict[tuple[str, str], dict[str, str]] = {}
+    layer_edges = []
     for source, target, spec in graph.edges(data="spec"):
         if spec.gate == "cutoff":
             if not show_cutoff:
@@ -84,6 +100,9 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
             attrs = {"label": "cutoff", "style": "dashed", "color": "#999999", "fontcolor": "#999999"}
         else:
             attrs = {"label": edge_label(spec), **({"style": "dashed"} if isinstance(spec.gate, Open) else {})}
+        if spec.on_layers:
+            layer_edges.append((source, target, {**attrs, **_layer_edge_style(spec, attrs)}))
+            continue
         back = drawn.get((target, source))
         if back is not None and back == attrs and not _is_open_edge(spec):
             back["dir"] = "both"  # mutual edges that say the same thing: one two-headed arrow
@@ -91,7 +110,27 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
         drawn[(source, target)] = attrs
     for (source, target), attrs in drawn.items():
         dot.edge(source, target, **attrs)
+    for source, target, attrs in layer_edges:
+        dot.edge(source, target, **attrs)
+    if layer_edges:
+        dot.node("legend", _LEGEND, shape="plaintext", fontsize="9")
     return dot
+
+
+_LAYER_COLOR = "#1b7f79"
+_LEGEND = ('<<table border="0" cellborder="0" cellspacing="2"><tr><td align="left">&#8594; outputs: label CE, '
+           'logit losses (kl, dkd, lskd)</td></tr><tr><td align="left"><font color="' + _LAYER_COLOR + '">'
+           '&#8674; layers: source layer &#8594; target layer, feature loss (at, hint, sp)</font></td></tr>'
+           '</table>>')
+
+
+def _layer_edge_style(spec: EdgeSpec, attrs: dict[str, str]) -> dict[str, str]:
+    """An edge between layers: teal and dashed (dotted when a value is left open), labelled
+    `layer3 → layer3` above the gate and loss, so it never reads as an edge between outputs."""
+    layers = f"{_text(spec.source_layer)} → {_text(spec.target_layer)}"
+    style = "dotted" if attrs.get("style") == "dashed" or _is_open_edge(spec) else "dashed"
+    return {"label": f"{layers}\n{attrs['label']}", "style": style, "color": _LAYER_COLOR,
+            "fontcolor": _LAYER_COLOR, "arrowhead": "onormal"}
 
 
 def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,

@@ -66,9 +66,12 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
                                               names[graph.nodes[node]["spec"].model]))
             ends.append([(node, o, span, known.get(o)) for o, span in options])
         losses = [o[0] for o in spec.loss.options if isinstance(o, tuple)] if isinstance(spec.loss, Open) else [spec.loss]
-        if len(ends) == 2:
-            out += [d for loss in losses for s_end in ends[0] for t_end in ends[1] if s_end[3] and t_end[3]
-                    for d in _check_shapes(loss, s_end, t_end, decl)]
+        if len(ends) < 2:
+            continue
+        found = [_check_shapes(loss, s_end, t_end, decl) for loss in losses for s_end in ends[0]
+                 for t_end in ends[1] if s_end[3] and t_end[3]]
+        if found and all(found):  # an open edge is checked per trial, here only when none of its options fits
+            out += found[0]
     return out
 
 
