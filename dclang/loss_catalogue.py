@@ -122,8 +122,9 @@ def catalogue_table() -> str:
     """The Markdown table `docs/training.md` holds (kept in step by tests/test_loss_catalogue.py)."""
     rows = ["| loss | endpoints | arguments (default, range) | per-sample a_n | reduction | scaling | reference |",
             "|---|---|---|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a `|` would end the cell)
     for info in LOSSES.values():
         args = ", ".join(f"`{k}`={a.default:g} ({a.rule.removeprefix('must be ')})" for k, a in info.args.items())
-        rows.append(f"| `{info.name}` | {info.endpoints} | {args} | {info.formula} | {info.reduction} "
-                    f"| {info.scaling} | {info.reference} |")
+        rows.append(f"| `{info.name}` | {info.endpoints} | {args} | {cell(info.formula)} | {info.reduction} "
+                    f"| {cell(info.scaling)} | {info.reference} |")
     return "\n".join(rows)
