@@ -8,6 +8,7 @@ checked without it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from dclang import registry
@@ -28,28 +29,17 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
     edges = [(a["spec"], a["decl"]) for _, _, a in graph.edges(data=True) if a["spec"].on_layers]
     if not edges:
         return []
-    import torch
-
-    from dclang.models import build_model
-    from dclang.models.taps import graph_input, layer_names, layer_shapes
+    from dclang.models.taps import graph_input
 
     classes, input_shape = graph_input(graph)
-    shapes: dict[str, dict[str, tuple[int, ...]] | None] = {}
     names: dict[str, list[str]] = {}
 
     def layers_of(node: str) -> dict[str, tuple[int, ...]] | None:
         model = graph.nodes[node]["spec"].model
         if not isinstance(model, str) or not registry.is_model(model):
             return None  # an open or unknown model: checked per trial, or reported by check_names
-        if model not in shapes:
-            with torch.device("meta"):
-                net = build_model(model, classes, input_shape[0], input_shape[1])
-            names[model] = layer_names(net)
-            try:
-                shapes[model] = layer_shapes(net, input_shape)
-            except Exception:  # a model that cannot run on these images: training says so, with its words
-                shapes[model] = None
-        return shapes[model]
+        names[model], shapes = _model_layers(model, classes, input_shape)
+        return shapes
 
     out: list[Diagnostic] = []
     for spec, decl in edges:
@@ -73,6 +63,25 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
         if found and all(found):  # an open edge is checked per trial, here only when none of its options fits
             out += found[0]
     return out
+
+
+@lru_cache(maxsize=64)
+def _model_layers(model: str, classes: int, input_shape: tuple[int, int, int]
+                  ) -> tuple[list[str], dict[str, tuple[int, ...]] | None]:
+    """A model's layer names and their shapes for these images, built on the meta device.
+    Cached: a meta forward dispatches every operation through Python (a second or two for a
+    WideResNet), and a search checks the same models for every trial."""
+    import torch
+
+    from dclang.models import build_model
+    from dclang.models.taps import layer_names, layer_shapes
+
+    with torch.device("meta"):
+        net = build_model(model, classes, input_shape[0], input_shape[1])
+    try:
+        return layer_names(net), layer_shapes(net, input_shape)
+    except Exception:  # a model that cannot run on these images: training says so, in torch's words
+        return layer_names(net), None
 
 
 def _layer_options(layer: Any, expr: ast.LayerExpr) -> list[tuple[str, Any]]:
