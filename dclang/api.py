@@ -60,15 +60,29 @@ def check(text: str, path: str = "<input>") -> Checked:
     return Checked(path, text, module, graph, tuple(found))
 
 
-def check_file(path: str | Path) -> Checked:
+def read_source(path: str | Path) -> str:
+    """The text of a `.kt` file (UTF-8; a leading byte order mark is dropped, as editors on
+    Windows write one); DiagnosticError E001 when it cannot be read or decoded."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         from dclang.diagnostics import error
 
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return Checked(str(path), "", None, None, (error("E001", f"cannot read {path}: {reason}", None),))
+        if isinstance(exc, UnicodeDecodeError):
+            line = exc.object[:exc.start].count(b"\n") + 1
+            reason = (f"byte {exc.object[exc.start]:#04x} on line {line} is not UTF-8; save the file as UTF-8 "
+                      "(text editors offer it under Save As / Encoding)")
+        else:
+            reason = exc.strerror or str(exc)
+        raise DiagnosticError([error("E001", f"cannot read {path}: {reason}", None)], str(path), "") from None
+
+
+def check_file(path: str | Path) -> Checked:
+    try:
+        text = read_source(path)
+    except DiagnosticError as exc:
+        return Checked(str(path), "", None, None, tuple(exc.diagnostics))
     return check(text, str(path))
 
 

@@ -67,7 +67,16 @@ def _summary(checked) -> str:
 
 
 def _param_lines(graph) -> list[str]:
-    """Each node's parameter count, built on torch's meta device (no memory, no time)."""
+    """Each node's parameter count, built on torch's meta device (no memory, but torch's
+    import takes seconds: hence behind `--params`). Datasets whose image shape is known only
+    from the user's file (`npz`) get a note instead of counts for a guessed shape."""
+    from dclang.registry import dataset_info
+
+    data = graph.graph["data"]
+    info = dataset_info(data.dataset)
+    if info is None or info.channels is None or info.image_size is None:
+        return [f"    parameter counts need the image shape of `{data.dataset}` data, known once it is loaded "
+                f"(`dclang run` shows them in its final table)"]
     from dclang.models import parameter_counts
 
     counts = parameter_counts(graph)
@@ -76,8 +85,8 @@ def _param_lines(graph) -> list[str]:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--params/--no-params", default=True, show_default=True,
-              help="Show each node's parameter count (imports torch).")
+@click.option("--params/--no-params", default=False, show_default=True,
+              help="Show each node's parameter count (imports torch, which takes a few seconds).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
 def check(files: tuple[Path, ...], params: bool, quiet: bool) -> None:
     """Check .kt files: every mistake with file:line:col, or a one-line summary per file."""
@@ -108,13 +117,14 @@ def check(files: tuple[Path, ...], params: bool, quiet: bool) -> None:
 @click.option("-w", "--write", is_flag=True, help="Rewrite the files in place.")
 def fmt(files: tuple[Path, ...], check_only: bool, write: bool) -> None:
     """Print .kt files in canonical form (comments kept; the graph never changes)."""
+    from dclang.api import read_source
     from dclang.checkpoints import atomic_write_text
     from dclang.syntax.format import format_module
     from dclang.syntax.parser import parse_module
 
     unformatted = []
     for path in files:
-        text = path.read_text(encoding="utf-8")
+        text = read_source(path)
         module, diags = parse_module(text)
         if module is None:
             raise DiagnosticError(diags, str(path), text)
@@ -148,10 +158,25 @@ def draw(file: Path, output: Path, show_cutoff: bool) -> None:
     click.echo(f"wrote {output}")
 
 
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the table (report.csv, report.md) and the plots "
+                   "[default: report/ in the folder the RUN_DIRs share].")
+def report_command(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Per-node accuracy (mean ± std over runs of one graph): a table and plots, from run directories.
+
+    A RUN_DIR may also be a folder of runs (as `dclang run --seeds` writes).
+    """
+    from dclang.report import default_out, report
+
+    click.echo(report(list(run_dirs), out or default_out(list(run_dirs))))
+
+
 # Commands that live with their subsystems; their modules import torch and optuna lazily.
 from dclang.bench import bench_command  # noqa: E402
 from dclang.search.command import search_command  # noqa: E402
-from dclang.train.command import report_command, run_command  # noqa: E402
+from dclang.train.command import run_command  # noqa: E402
 
-for _command in (run_command, report_command, search_command, bench_command):
+for _command in (run_command, search_command, bench_command):
     main.add_command(_command)

@@ -7,8 +7,11 @@ Two edges between the same pair that say the same thing (mutual learning) are dr
 two-headed arrow with one label, as the paper's Fig. 1b does. A value left open by a
 template (`choice(...)`) is drawn dashed with its options listed; each direction of an
 open pair keeps its own arrow, since each is a search site of its own. An edge between layers
-is teal and dashed with an open arrowhead, labelled with its two layers and its loss; a
-legend explains the two kinds whenever a graph has one.
+is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
+
+An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
+from each member. A graph with an ensemble or an edge between layers carries a legend of the
+shapes, colours and arrows it uses.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ _TARGET = {"style": "filled", "fillcolor": "#e8474b", "fontcolor": "white", "col
 _FROZEN = {"style": "filled", "fillcolor": "#3b6fd4", "fontcolor": "white", "color": "#1f4596"}
 _PLAIN = {"style": "filled", "fillcolor": "white", "color": "black"}
 _LABEL = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f2f2f2", "color": "#555555"}
+_ENSEMBLE = {"shape": "hexagon", "style": "filled", "fillcolor": "#5aa469", "fontcolor": "white", "color": "#2f6b3a"}
+_MEMBER = {"style": "dotted", "color": "#777777", "arrowhead": "empty", "arrowsize": "0.6"}
+
+
+def _node_style(spec: NodeSpec) -> dict[str, str]:
+    if spec.is_label:
+        return _LABEL
+    if spec.is_ensemble:  # a hexagon whatever its role; the target's is red
+        return {**_ENSEMBLE, **({k: _TARGET[k] for k in ("fillcolor", "fontcolor", "color")} if spec.target else {})}
+    return _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
 
 
 def _text(value, per_line: int = 1) -> str:
@@ -70,8 +83,15 @@ def _is_open_edge(spec: EdgeSpec) -> bool:
 def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     if spec.is_label:
         return "Label"
-    model = ("ensemble(" + ", ".join(spec.model) + ")") if spec.is_ensemble else _text(spec.model)
+    if isinstance(spec.model, tuple):
+        model = "ensemble(" + ", ".join(spec.model) + ")"
+    else:  # a name, or a template's options (ensembles written as such)
+        model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple) else o
+                                                   for o in spec.model.options), spec.model.span)
+                      if isinstance(spec.model, Open) else spec.model)
     lines = [spec.name, model]
+    if spec.is_ensemble:
+        lines.append(_text(spec.combine).replace("\n", " "))
     if params and spec.name in params:
         lines.append(f"{params[spec.name] / 1e6:.2f}M params")
     return "\n".join(lines)
@@ -84,7 +104,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
     dot.attr("node", shape="circle", fontname="Helvetica", fontsize="11", width="1.1", fixedsize="false")
     dot.attr("edge", fontname="Helvetica", fontsize="10", arrowsize="0.8")
     for name, spec in graph.nodes(data="spec"):
-        style = _LABEL if spec.is_label else _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+        style = _node_style(spec)
         if isinstance(spec.model, Open):  # a model left open by a template: dashed outline
             style = {**style, "style": style["style"] + ",dashed"}
         dot.node(name, node_label(spec, params), **style)
@@ -112,16 +132,17 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
         dot.edge(source, target, **attrs)
     for source, target, attrs in layer_edges:
         dot.edge(source, target, **attrs)
-    if layer_edges:
-        dot.node("legend", _LEGEND, shape="plaintext", fontsize="9")
+    ensembles = [spec for _, spec in graph.nodes(data="spec") if spec.is_ensemble]
+    for spec in ensembles:  # membership: what each ensemble averages (every option's members)
+        for member in spec.members:
+            if member in graph:
+                dot.edge(member, spec.name, **_MEMBER)
+    if ensembles or layer_edges:
+        _legend(dot, graph, ensembles=bool(ensembles), layers=bool(layer_edges))
     return dot
 
 
 _LAYER_COLOR = "#1b7f79"
-_LEGEND = ('<<table border="0" cellborder="0" cellspacing="2"><tr><td align="left">&#8594; outputs: label CE, '
-           'logit losses (kl, dkd, lskd)</td></tr><tr><td align="left"><font color="' + _LAYER_COLOR + '">'
-           '&#8674; layers: source layer &#8594; target layer, feature loss (at, hint, sp)</font></td></tr>'
-           '</table>>')
 
 
 def _layer_edge_style(spec: EdgeSpec, attrs: dict[str, str]) -> dict[str, str]:
@@ -131,6 +152,32 @@ def _layer_edge_style(spec: EdgeSpec, attrs: dict[str, str]) -> dict[str, str]:
     style = "dotted" if attrs.get("style") == "dashed" or _is_open_edge(spec) else "dashed"
     return {"label": f"{layers}\n{attrs['label']}", "style": style, "color": _LAYER_COLOR,
             "fontcolor": _LAYER_COLOR, "arrowhead": "onormal"}
+
+
+def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, *, ensembles: bool, layers: bool) -> None:
+    """A key (one HTML-table node) of the node kinds the graph has, of the membership arrow
+    when it has an ensemble and of the two kinds of edges when it has an edge between layers."""
+    specs = [spec for _, spec in graph.nodes(data="spec") if not spec.is_label]
+    kinds = [("target", _TARGET, any(s.target for s in specs)),
+             ("trained", _PLAIN, any(not (s.target or s.frozen or s.is_ensemble) for s in specs)),
+             ("frozen", _FROZEN, any(s.frozen for s in specs)),
+             ("ensemble (hexagon)", _ENSEMBLE, ensembles)]
+    rows = [f'<tr><td bgcolor="{style["fillcolor"]}" border="1" width="18"> </td><td align="left">{word}</td></tr>'
+            for word, style, present in kinds if present]
+    if ensembles:
+        rows.append('<tr><td><font color="#777777">&#8943;&#9655;</font></td><td align="left">member of an ensemble'
+                    '</td></tr>')
+    if layers:
+        rows.append('<tr><td>&#8594;</td><td align="left">between outputs: label CE, logit losses (kl, dkd, lskd)'
+                    '</td></tr>')
+        rows.append(f'<tr><td><font color="{_LAYER_COLOR}">&#8674;</font></td><td align="left"><font color="'
+                    f'{_LAYER_COLOR}">between layers: source layer &#8594; target layer, feature loss (at, hint, sp)'
+                    '</font></td></tr>')
+    table = ('<<table border="1" cellborder="0" cellspacing="2" color="#bbbbbb">'
+             '<tr><td colspan="2"><b>legend</b></td></tr>' + "".join(rows) + "</table>>")
+    with dot.subgraph() as bottom:
+        bottom.attr(rank="sink")
+        bottom.node("legend", table, shape="plaintext", fontsize="9")
 
 
 def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,

@@ -23,9 +23,12 @@ import networkx as nx
 
 from dclang import loss_catalogue, registry
 from dclang.diagnostics import Span
+from dclang.ensembles import DEFAULT_COMBINE
 from dclang.syntax import ast
 
 LABEL = registry.LABEL
+#: the option of an ensemble node's `choice(...)` that leaves the node out of the trial
+NO_NODE = "none"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class NodeSpec:
     name: str
     model: Any  # str, Open, or tuple of member names for an ensemble
     target: bool = False
+    combine: Any = None  # an ensemble's `combine` (str or Open); None for other nodes
     declared_frozen: bool = False
     frozen: bool = False  # declared, or every incoming edge is cutoff (paper 3.4)
     init: str | None = None
@@ -63,7 +67,17 @@ class NodeSpec:
 
     @property
     def is_ensemble(self) -> bool:
+        """An ensemble node, or a template's node whose `choice(...)` offers ensembles."""
+        if isinstance(self.model, Open):
+            return any(isinstance(o, tuple) for o in self.model.options)
         return isinstance(self.model, tuple)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """An ensemble's members; for a template's choice, every node any option joins."""
+        if isinstance(self.model, Open):
+            return tuple(dict.fromkeys(m for o in self.model.options if isinstance(o, tuple) for m in o))
+        return self.model if isinstance(self.model, tuple) else ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,8 @@ def _options_text(v: ast.Value) -> Any:
         return (v.name.text, {a.name.text: _options_text(a.value) for a in v.args})
     if isinstance(v, ast.Choice):
         return Open("?", tuple(_options_text(o) for o in v.options), v.span)
+    if isinstance(v, ast.Ensemble):  # an option of a node's choice: its members
+        return tuple(m.text for m in v.members)
     raise TypeError(v)
 
 
@@ -184,8 +200,7 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
     nodes = [n for n in module.of(ast.NodeDecl)]
     names = [n.name.text for n in nodes]
     sources = [LABEL] + names
-    targets = [n.name.text for n in nodes
-               if n.attribute("frozen") is None and not isinstance(n.model, ast.Ensemble)]
+    targets = [n.name.text for n in nodes if n.attribute("frozen") is None and not n.is_ensemble]
     # a layer edge never overrides the bulk edge between the same nodes' outputs
     explicit = {(e.source.text, e.target.text) for e in module.of(ast.EdgeDecl) if not e.bulk and not e.on_layers}
     out: list[ast.EdgeDecl] = []
@@ -239,6 +254,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
         g.add_node(name, spec=NodeSpec(
             name, model,
             target=decl.attribute("target") is not None,
+            combine=_combine(decl),
             declared_frozen=decl.attribute("frozen") is not None,
             init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
             span=decl.name.span, model_span=decl.model.span,
@@ -256,6 +272,16 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
     _derive_frozen_and_target(g)
     g.graph["sites"] = tuple(collect_sites(g))
     return g
+
+
+def _combine(decl: ast.NodeDecl) -> Any:
+    """An ensemble's `combine` (the default when not written); None for other nodes."""
+    if not decl.is_ensemble:
+        return None
+    attr = decl.attribute("combine")
+    if attr is None or attr.value is None:
+        return DEFAULT_COMBINE
+    return plain(attr.value, f"{decl.name.text}.combine")
 
 
 def _layer(expr: ast.LayerExpr | None, site: str) -> Any:
@@ -392,6 +418,7 @@ def collect_sites(g: nx.DiGraph) -> list[Site]:
     for _, spec in g.nodes(data="spec"):
         visit(spec.model)
         visit(spec.init)
+        visit(spec.combine)
     for _, _, spec in g.edges(data="spec"):
         for v in (spec.source_layer, spec.target_layer, spec.gate, spec.loss, spec.T, spec.weight,
                   *(value for _, value in spec.args)):
@@ -410,6 +437,16 @@ def frozen_nodes(g: nx.DiGraph) -> list[str]:
 def model_nodes(g: nx.DiGraph) -> list[str]:
     """Every node that is a network (not `label`, not an ensemble), in declaration order."""
     return [n for n, s in g.nodes(data="spec") if not s.is_label and not s.is_ensemble]
+
+
+def ensemble_nodes(g: nx.DiGraph) -> list[str]:
+    """Every ensemble node, in declaration order."""
+    return [n for n, s in g.nodes(data="spec") if s.is_ensemble]
+
+
+def reported_nodes(g: nx.DiGraph) -> list[str]:
+    """Every node whose accuracy is evaluated and reported: the networks, then the ensembles."""
+    return model_nodes(g) + ensemble_nodes(g)
 
 
 def live_edges(g: nx.DiGraph) -> list[EdgeSpec]:

@@ -118,6 +118,7 @@ NODE_ATTRIBUTES: dict[str, str] = {
     "target": "the node whose accuracy is reported first and maximised by search",
     "frozen": "a pre-trained teacher: loaded or pre-trained on labels, never updated",
     "init": "a checkpoint (.pt) to initialise the node from",
+    "combine": "how an ensemble averages its members: `mean_logits` (default) or `mean_probs`",
 }
 
 

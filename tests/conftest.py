@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="Rewrite golden files (tests/golden/*, tests/invalid/*.expected) from the current "
                           "output instead of comparing against them.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_dot: the test draws with Graphviz's `dot`; skipped where it is missing")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_dot") is not None and shutil.which("dot") is None:
+        pytest.skip("Graphviz's `dot` is not installed (apt-get install graphviz, brew install graphviz)")
 
 
 @pytest.fixture
@@ -55,6 +65,25 @@ def search_env():
     env["PYTHONPATH"] = _os.pathsep.join(p for p in (str(_TESTS), env.get("PYTHONPATH")) if p)
     env.setdefault("DCLANG_FAKE_SLEEP", "0.05")
     return env
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory) -> Path:
+    """A finished search of 4 trials (none pruned, the cheap trainer) in made/out, made once by
+    a real `dclang search` from made/template.kt; tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("made")
+    (root / "template.kt").write_text(
+        "graph tiny\ndata digits { val_split = 300 }\ntrain { epochs = 2 }\n\n"
+        "node n1 : mlp [target]\nnode n2 : choice(mlp, cnn_tiny)\n\n"
+        "label -> n1 : through\nn2    -> n1 : choice(through, linear)\nlabel -> n2 : through\n", encoding="utf-8")
+    env = dict(_os.environ)
+    env["PYTHONPATH"] = _os.pathsep.join(p for p in (str(_TESTS), env.get("PYTHONPATH")) if p)
+    env["DCLANG_FAKE_SLEEP"] = "0"
+    done = _subprocess.run([_sys.executable, "-m", "dclang", "search", "--template", "template.kt", "--trials", "4",
+                            "--pruner", "none", "-o", "out", "--trainer", "fake_trainer:train"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root / "out"
 
 
 @pytest.fixture

@@ -274,9 +274,9 @@ def test_cifar_partial_or_damaged_folder(tmp_path):
 
 
 def test_path_is_refused_where_it_means_nothing(tmp_path):
-    with pytest.raises(DataError, match="--path is only used by"):
+    with pytest.raises(DataError, match="the data block's `path` is only used by"):
         load_dataset("cifar10", data_dir=tmp_path, val_split=0, split_seed=0, path=str(tmp_path))
-    with pytest.raises(DataError, match="--path"):
+    with pytest.raises(DataError, match=r'reads your own data: give its location with `path = "..."` in the data block'):
         load_dataset("npz", data_dir=None, val_split=0, split_seed=0)
 
 

@@ -120,7 +120,9 @@ def ir_summary(graph, positions: bool = True) -> str:
         flags = [f for f, on in (("target", spec.target), ("declared_frozen", spec.declared_frozen),
                                  ("frozen", spec.frozen)) if on]
         init = f" init={_v(spec.init)}" if spec.init is not None else ""
-        lines.append(f"  {name}: model={_v(spec.model)}{init} " + (" ".join(flags) or "trainable"))
+        init += f" combine={_v(spec.combine)}" if spec.combine is not None else ""
+        lines.append(f"  {name}: model={_v(spec.model)}{init} "
+                     + (" ".join(flags) or ("no weights" if spec.is_ensemble else "trainable")))
     lines.append("edges:")
     for _, _, e in graph.edges(data="spec"):
         lines.append(f"  {e.key}: gate={_v(e.gate)} loss={e.loss} T={_v(e.T)} weight={_v(e.weight)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,10 @@ def test_journal_search_with_more_workers_than_cores(tmp_path, run_search, study
     summary = json.loads((out / "summary.json").read_text())
     assert summary["budget"]["trials_x_epochs"] == 24 * 8
     assert summary["budget"]["epochs_trained"] < 24 * 8  # ASHA stopped most graphs early
-    assert (out / "best.svg").read_text().startswith("<?xml")
+    if shutil.which("dot"):
+        assert (out / "best.svg").read_text().startswith("<?xml")
+    else:
+        assert not (out / "best.svg").exists() and "`dot` is not installed" in summary["notes"][0]
     # each best graph is one that `dclang check` accepts from the command line too
     best = sorted((out / "best").glob("*.kt"))
     checked = subprocess.run([sys.executable, "-m", "dclang", "check", "--no-params", *best], capture_output=True,
@@ -315,7 +319,7 @@ def test_workers_rebuild_sampler_and_pruner_from_the_study(tmp_path):
     config = StudyConfig(template=TEMPLATE, template_path="t.kt", sampler="tpe", seed=3, pruner="hyperband",
                          eta=3, min_resource=1, epochs=9, trials=5)
     storage = str(tmp_path / "s.journal")
-    create_study(open_storage(storage), "s", config)
+    create_study(open_storage(storage, create=True), "s", config)
     from dclang.search.study import load_study
 
     study, loaded = load_study(open_storage(storage), "s", worker="local-1")
@@ -336,7 +340,7 @@ def test_workers_rebuild_sampler_and_pruner_from_the_study(tmp_path):
 def test_reap_fails_trials_of_dead_workers_and_retries_them(tmp_path):
     config = StudyConfig(template=TEMPLATE, template_path="t.kt", sampler="random", seed=0, pruner="asha",
                          eta=2, min_resource=1, epochs=8, trials=5)
-    study = create_study(open_storage(str(tmp_path / "s.journal")), "s", config)
+    study = create_study(open_storage(str(tmp_path / "s.journal"), create=True), "s", config)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead, alive = study.ask(), study.ask()

@@ -217,8 +217,9 @@ def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path, digits):
     with pytest.raises(UserError, match="already holds a run") as caught:
         train_graph(graph, run_dir=tmp_path, device="cpu", progress=False, dataset=digits)
     assert "--resume" in caught.value.hint
-    with pytest.raises(UserError, match="another graph or other settings"):
-        train_graph(graph, run_dir=tmp_path, device="cpu", progress=False, dataset=digits, resume=True, epochs=2)
+    with pytest.raises(UserError, match=r"other settings \(train\.epochs: was 1, now 2; train\.seed: was 0, now 3\)"):
+        train_graph(graph, run_dir=tmp_path, device="cpu", progress=False, dataset=digits, resume=True, epochs=2,
+                    seed=3)
     RunDir(tmp_path).last.write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="cannot resume from .*last.pt"):
         train_graph(graph, run_dir=tmp_path, device="cpu", progress=False, dataset=digits, resume=True)

@@ -47,9 +47,6 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     if graph.graph["sites"]:
         names = ", ".join(site.name for site in graph.graph["sites"])
         raise ValueError(f"the graph is a template with open choices ({names}): sample a trial first")
-    ensembles = [n for n, spec in graph.nodes(data="spec") if spec.is_ensemble]
-    if ensembles:
-        raise NotImplementedError(f"ensemble nodes are not compiled yet: {', '.join(ensembles)}")
     if options.hfta and any(e.on_layers for e in live_edges(graph)):
         raise ValueError("HFTA runs a group of nodes as one fused network, whose layers edges between layers "
                          "cannot name: run this graph without `hfta`")

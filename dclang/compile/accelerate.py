@@ -336,7 +336,7 @@ class AcceleratedStep:
 
     def _losses(self, images: Tensor, labels: Tensor, linear_weight: Tensor):
         """The fused engine's forward and losses, with the linear gates' weight as a tensor."""
-        logits = self.inner.forward(images)
+        logits = self.inner.outputs(images)
         node_losses, edge_results = self.inner.losses(logits, labels, k=self.inner.k_end, linear_weight=linear_weight)
         return logits, node_losses, edge_results
 

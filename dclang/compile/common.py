@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from dclang.ensembles import ensemble_order, ensemble_outputs
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
 from dclang.feature_losses import layer_edge_loss
 from dclang.models import build_model
@@ -24,7 +25,7 @@ class StepStats:
     epoch, because reading one back to the host waits for the whole step to finish."""
 
     node_loss: dict[str, Tensor]  # L_t (eq. 3) per trainable node, detached
-    node_correct: dict[str, Tensor]  # top-1 correct samples in the batch, every model node
+    node_correct: dict[str, Tensor]  # top-1 correct samples in the batch, every model and ensemble node
     edge_loss: dict[str, Tensor]  # "s->t": L_{s,t} (eq. 2), detached, live edges only
     edge_gate: dict[str, Tensor]  # mean gate weight over the batch
     edge_pass: dict[str, Tensor]  # fraction of samples whose gate weight is nonzero
@@ -99,6 +100,7 @@ class TrainStep:
         self.trainable = trainable_nodes(graph)
         self.frozen = frozen_nodes(graph)
         self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
+        self.ensembles = ensemble_order(graph)  # (name, members, combine), members first
         self.device = device
         self.epochs = epochs
         self.k_end = steps_per_epoch * epochs
@@ -127,6 +129,11 @@ class TrainStep:
             else:
                 logits[name] = model(images)
         return logits
+
+    def outputs(self, images: Tensor) -> dict[str, Tensor]:
+        """`forward`'s logits, then every ensemble node's output computed from them
+        (`dclang.ensembles`): what edges, gates and accuracies read, all from one forward."""
+        return ensemble_outputs(self.forward(images), self.ensembles)
 
     def edge_inputs(self, edge: EdgeSpec, logits: dict[str, Tensor]) -> tuple[Tensor | None, Tensor]:
         """(source logits, target logits) of an edge; the source is None for `label`."""
@@ -181,16 +188,19 @@ class TrainStep:
 
     @torch.inference_mode()
     def evaluate(self, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Tensor]:
-        """Top-1 correct count of every model node over `images`, in eval mode, `batch_size`
-        samples at a time; counts stay on the device. The previous mode is restored."""
+        """Top-1 correct count of every model node, then every ensemble (from the same
+        forward), over `images`, in eval mode, `batch_size` samples at a time; counts stay on
+        the device. The previous mode is restored."""
         was_training = self.training
         self.eval()
-        correct = {name: torch.zeros((), dtype=torch.long, device=self.device) for name in self.models}
+        names = [*self.models, *(name for name, _, _ in self.ensembles)]
+        correct = {name: torch.zeros((), dtype=torch.long, device=self.device) for name in names}
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(self.device, non_blocking=True)
             y = labels[start:start + batch_size].to(self.device, non_blocking=True)
-            for name, model in self.models.items():
-                correct[name] += (model(x).argmax(dim=1) == y).sum()
+            logits = ensemble_outputs({name: model(x) for name, model in self.models.items()}, self.ensembles)
+            for name in names:
+                correct[name] += (logits[name].argmax(dim=1) == y).sum()
         if was_training:
             self.train()
         return correct

@@ -38,8 +38,10 @@ class FusedStep(TrainStep):
             if not edge.on_layers:  # an edge between layers is computed alone (`layer_edge_result`)
                 groups.setdefault(edge_group_key(edge), []).append(edge)
         self.edge_groups = list(groups.values())
-        # each group's rows of the stacked logits: targets, then sources (None from `label`)
-        row = {name: i for i, name in enumerate(models)}
+        # each group's rows of the stacked logits (networks, then ensembles): targets, then
+        # sources (None from `label`)
+        self.stacked_names = [*models, *(name for name, _, _ in self.ensembles)]
+        row = {name: i for i, name in enumerate(self.stacked_names)}
         self.group_rows = [(self._rows([row[e.target] for e in group]),
                             None if group[0].source == LABEL else self._rows([row[e.source] for e in group]))
                            for group in self.edge_groups]
@@ -53,7 +55,7 @@ class FusedStep(TrainStep):
         return [p for name in self.trainable for p in self.models[name].parameters()]
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
-        logits = self.forward(images)
+        logits = self.outputs(images)
         node_losses, edge_results = self.losses(logits, labels, k=k)
         self.optimizer.zero_grad()
         torch.stack(list(node_losses.values())).sum().backward()
@@ -74,7 +76,7 @@ class FusedStep(TrainStep):
         """
         results: dict[str, tuple[Tensor, Tensor]] = {}
         gate_k = self.k_end if linear_weight is not None else k
-        stacked = torch.stack([logits[name] for name in self.models])  # (nodes, B, C): one gradient per node
+        stacked = torch.stack([logits[name] for name in self.stacked_names])  # (nodes, B, C): one gradient per node
         detached = stacked.detach()  # sources (paper 3.1)
         for group, (target_rows, source_rows) in zip(self.edge_groups, self.group_rows):
             targets = stacked.index_select(0, target_rows)

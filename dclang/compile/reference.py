@@ -28,7 +28,7 @@ class ReferenceStep(TrainStep):
             self.schedulers[name] = build_scheduler(train.schedule, self.optimizers[name], epochs)
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
-        logits = self.forward(images)
+        logits = self.outputs(images)  # every node's logits, then every ensemble's output
         edge_results: dict[str, tuple[Tensor, Tensor]] = {}
         node_losses: dict[str, Tensor] = {}
         for target in self.trainable:

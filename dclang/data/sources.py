@@ -49,19 +49,19 @@ def load_dataset(name: str, *, data_dir: str | Path | None, val_split: int | flo
 
     `data_dir` holds the downloadable datasets (None: `default_data_dir()`); `path` is the
     user's file or folder for `imagefolder` and `npz` and is refused for the others, so a
-    misplaced `--path` is not silently ignored. `download=False` never touches the network.
+    misplaced data `path` is not silently ignored. `download=False` never touches the network.
     Problems with the files are raised as `DataError`.
     """
     if name not in _READERS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     if name in _PATH_READERS:
         if path is None:
-            raise DataError(f"dataset {name!r} reads your own data: give its location with --path "
-                            f"({DATASETS[name].description})")
+            raise DataError(f"dataset {name!r} reads your own data: give its location with `path = \"...\"` in the "
+                            f"data block ({DATASETS[name].description})")
         official = _PATH_READERS[name](Path(path).expanduser())
     else:
         if path is not None:
-            raise DataError(f"--path is only used by the imagefolder and npz datasets, not {name!r}; "
+            raise DataError(f"the data block's `path` is only used by the imagefolder and npz datasets, not {name!r}; "
                             f"use --data-dir to say where {name} is stored")
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         official = _DIR_READERS[name](root, download)
@@ -313,7 +313,7 @@ def _read_npz(path: Path) -> _Official:
     num_classes is max(y_train) + 1; every label must be in [0, num_classes).
     """
     if not path.is_file():
-        raise DataError(f"npz: no file {path}; --path must name an .npz with arrays x_train, y_train, "
+        raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, y_train, "
                         f"x_test, y_test")
     try:
         with np.load(path, allow_pickle=False) as archive:

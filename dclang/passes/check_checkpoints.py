@@ -20,8 +20,8 @@ def check_checkpoints(module: ast.Module, graph) -> list[Diagnostic]:
     data = graph.graph.get("data")
     for decl in module.of(ast.NodeDecl):
         attr = decl.attribute("init")
-        if attr is None or not isinstance(attr.value, ast.String) or decl.name.text not in graph:
-            continue
+        if attr is None or not isinstance(attr.value, ast.String) or decl.name.text not in graph or decl.is_ensemble:
+            continue  # (an ensemble has no weights: check_ensembles says so)
         spec = graph.nodes[decl.name.text]["spec"]
         path = base / attr.value.value
         if not path.is_file():

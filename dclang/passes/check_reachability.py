@@ -20,9 +20,10 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
     live = nx.DiGraph()
     live.add_nodes_from(graph.nodes)
     live.add_edges_from((e.source, e.target) for e in live_edges(graph))  # open gates count as live
-    # an ensemble's members reach whatever the ensemble reaches
+    # an ensemble's members reach whatever the ensemble reaches: an ensemble is live when it
+    # teaches a live node or is the target, and then so are its members (of every option)
     live.add_edges_from((m, n) for n, spec in graph.nodes(data="spec") if spec.is_ensemble
-                        for m in spec.model if m in live)
+                        for m in spec.members if m in live)
     return nx.ancestors(live, target) | {target}
 
 

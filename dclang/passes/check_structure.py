@@ -27,7 +27,7 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
             out.append(error("E303", f"self-edge `{s} -> {s}`", edge.span, "a node cannot teach itself",
                              help="the KL divergence of a node with itself is always zero"))
         target = nodes.get(t)
-        if target is not None and isinstance(target.model, ast.Ensemble):
+        if target is not None and target.is_ensemble:
             out.append(error("E313", f"an edge into the ensemble `{t}`", edge.target.span,
                              "an ensemble is only a source",
                              help="an ensemble is the mean of its members' outputs; it has no weights to train"))
@@ -49,10 +49,8 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
         spec = graph.nodes[name]["spec"] if name in graph else None
         if spec is None:
             continue
-        if isinstance(decl.model, ast.Ensemble):
-            out.append(error("E311", "ensemble nodes are not trained yet", decl.model.span,
-                             "reserved syntax", help="write the members as separate nodes for now"))
-            continue
+        if decl.is_ensemble:
+            continue  # no weights, never frozen: its own rules are check_ensembles'
         frozen_attr = decl.attribute("frozen")
         live = [e for _, _, e in graph.in_edges(name, data="spec") if e.gate != "cutoff"]
         if frozen_attr is not None:

@@ -7,6 +7,7 @@ bad value behind a choice, and an empty `choice()` is an error of its own.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from dclang import loss_catalogue, registry
@@ -38,6 +39,15 @@ _RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
+#: whole numbers beyond this overflow the 64-bit integers of torch and NumPy
+_INT_LIMIT = 2 ** 63 - 1
+
+
+def _representable(number: int | float) -> bool:
+    """Finite (`1e309` reads as infinity) and, for a whole number, within 64 bits."""
+    return abs(number) <= _INT_LIMIT if isinstance(number, int) else math.isfinite(number)
+
+
 def _has_kind(value: ast.Value, kind: str) -> bool:
     if kind == "int":
         return isinstance(value, ast.Number) and isinstance(value.value, int)
@@ -66,6 +76,10 @@ def check_value(value: ast.Value, kind: str, key: str, where: str) -> list[Diagn
         return [d for option in value.options for d in check_value(option, kind, key, where)]
     if not _has_kind(value, kind):
         return [error("E400", f"{where} must be {_KIND_WORDS[kind]}", value.span, "wrong kind of value")]
+    if isinstance(value, ast.Number) and not _representable(value.value):
+        return [error("E404", f"{where} must be a finite number of sensible size, but got {value.text}",
+                      value.span, "too large to compute with",
+                      help=f"floating point numbers end near 1.8e308 and whole numbers at {_INT_LIMIT:.1e}")]
     if key in _RANGES and isinstance(value, ast.Number):
         ok, rule = _RANGES[key]
         if not ok(value.value):
@@ -107,8 +121,9 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
                     sub = registry.OPTIMIZERS if setting.key.text == "optimizer" else registry.SCHEDULES
                     out += _check_call(setting.value, sub, setting.key.text)
     out += _check_milestones(module)
+    out += _check_pad(module, graph)
     for decl in module.of(ast.NodeDecl):
-        if isinstance(decl.model, ast.Choice):  # empty, or an option that is not a model name
+        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble:  # empty, or an option not a model name
             out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
         init = decl.attribute("init")
         if init is not None:
@@ -198,3 +213,27 @@ def _check_milestones(module: ast.Module) -> list[Diagnostic]:
                                milestones.value.span, "never reached",
                                help="a milestone is the epoch at which the learning rate is multiplied by `gamma`"))
     return out
+
+
+def _check_pad(module: ast.Module, graph) -> list[Diagnostic]:
+    """Reflect padding needs images larger than the padding: where the dataset fixes the image
+    size (8x8 digits), a `pad` as large is an error here, not in the first training step.
+    `flip` and `none` do not crop, so their `pad` is never used."""
+    from dclang.ir import is_open
+
+    data = graph.graph.get("data") if graph is not None else None
+    if data is None or is_open(data.dataset) or data.augment in ("flip", "none"):
+        return []
+    info = registry.dataset_info(data.dataset)
+    size = info.image_size if info is not None else None
+    setting = next((s for b in module.of(ast.DataBlock)[:1] for s in b.settings if s.key.text == "pad"), None)
+    if size is None or setting is None:
+        return []
+    options = setting.value.options if isinstance(setting.value, ast.Choice) else (setting.value,)
+    return [error("E404", f"`pad` must be smaller than the images of `{data.dataset}` ({size}x{size} pixels), "
+                          f"but got {option.text}", option.span, "as large as the image",
+                  help=f"reflect padding mirrors the image inside its border: use a `pad` of at most {size - 1} "
+                       f"(a crop of {size}x{size} then shifts by up to that many pixels), or `augment = flip` or "
+                       "`none`")
+            for option in options if isinstance(option, ast.Number) and isinstance(option.value, int)
+            and option.value >= size]

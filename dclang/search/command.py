@@ -13,7 +13,6 @@ This module imports neither torch nor optuna at import time: `dclang --help` sta
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -96,39 +95,36 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         return
     if output is None:
         raise click.UsageError("give the output folder with -o OUT")
+    from dclang.search.folder import RECORD, read_record, write_record
     from dclang.search.study import load_study, open_storage, redact, set_trial_budget
 
-    record = output / "search.json"
     if resume:
         given = _flags_given(ctx, _STUDY_FLAGS)
         if given:
             raise UserError(f"{', '.join(given)} cannot change a study: it keeps the configuration it was "
                             "created with", "leave them out with --resume, or start a new search in another -o")
-        stored = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
-        storage = storage or stored.get("storage") or str(output / "study.journal")
+        stored = read_record(output)
+        storage = storage or (stored.storage if stored else str(output / "study.journal"))
         if "***" in storage:
             raise UserError("the study's storage URL holds a password, which dclang did not write to disk",
                             "give it again with --storage")
-        study_name = study_name or stored.get("study")
+        study_name = study_name or (stored.study if stored else None)
         if study_name is None:
-            raise UserError(f"{output} holds no search (no search.json)", "give --storage and --study")
-        study, config = load_study(open_storage(storage), study_name)
+            raise UserError(f"{output} holds no search (no {RECORD})", "give --storage and --study")
+        study, config = load_study(open_storage(storage), study_name, where=redact(storage))
         if trials is not None and trials != config.trials:
             config = set_trial_budget(study, config, trials)
     else:
         if template is None or trials is None:
             raise click.UsageError("a new search needs --template T.kt and --trials N (or --resume -o OUT)")
-        if record.is_file():
+        if (output / RECORD).exists():
             raise UserError(f"{output} already holds a search", f"continue it with `dclang search --resume -o "
                                                                  f"{output}`, or choose another -o")
         storage = storage or str(output / "study.journal")
         study, config = _create(template, trials, storage, study_name, epochs=epochs, sampler=sampler, seed=seed,
                                 pruner=pruner, eta=eta, min_resource=min_resource)
         study_name = study.study_name
-        from dclang.checkpoints import atomic_write_text
-
-        atomic_write_text(json.dumps({"study": study_name, "storage": redact(storage),
-                                      "template": config.template_path}, indent=2) + "\n", record)
+        write_record(output, study=study_name, storage=storage, template=template)
 
     from dclang.search.output import summary_lines, write_outputs
 
@@ -175,13 +171,13 @@ def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer
 
 def _create(template: Path, trials: int, storage: str, study_name: str | None, **flags):
     """Check the template, store the prepared one in a new study with its configuration."""
-    from dclang.api import check
+    from dclang.api import check, read_source
     from dclang.ir import is_open
     from dclang.search.space import prepare_template, search_space
     from dclang.search.study import StudyConfig, create_study, open_storage
     from dclang.syntax.format import format_module
 
-    text = template.read_text(encoding="utf-8")
+    text = read_source(template)
     checked = check(text, str(template))
     if not checked.ok:
         raise DiagnosticError(checked.diagnostics, str(template), text)
@@ -203,7 +199,7 @@ def _create(template: Path, trials: int, storage: str, study_name: str | None, *
                          sampler=flags["sampler"] or "random", seed=0 if flags["seed"] is None else flags["seed"],
                          pruner=flags["pruner"] or "asha", eta=flags["eta"] or 2,
                          min_resource=flags["min_resource"] or 1, epochs=epochs, trials=trials)
-    study = create_study(open_storage(storage), study_name or graph.graph["name"], config)
+    study = create_study(open_storage(storage, create=True), study_name or graph.graph["name"], config)
     _say(f"study `{study.study_name}`: {len(space)} parameters ({', '.join(p.name for p in space)}), "
          f"{config.sampler} sampler, {config.pruner} pruner (eta {config.eta}, rungs at epochs "
          f"{', '.join(map(str, config.rungs())) or 'none'}), {epochs} epochs, {trials} trials")

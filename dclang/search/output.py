@@ -55,7 +55,9 @@ def note(trial: FrozenTrial) -> str:
     if "retry_of" in attrs:
         parts.append(f"retry of trial {attrs['retry_of']}")
     if "duplicate_of" in attrs:
-        parts.append(f"same graph as trial {attrs['duplicate_of']}, not trained again")
+        renamed = ", ".join(f"{a} as {b}" for a, b in attrs.get("renamed", {}).items())
+        parts.append(f"same graph as trial {attrs['duplicate_of']}" + (f" with {renamed}" if renamed else "")
+                     + ", not trained again")
     if "invalid" in attrs:
         parts.append("invalid: " + attrs["invalid"].splitlines()[0])
     if "error" in attrs:
@@ -106,6 +108,22 @@ def trained_text(kt: str) -> tuple[str, list[str]]:
     checked = check(kt)
     module, dropped = drop_dead_nodes(checked.module, checked.graph)
     return (format_module(module) if dropped else kt), dropped
+
+
+def renamed(text: str, suffix: str) -> str:
+    """`text` with `suffix` added to its graph's name: `dclang run` puts a graph into
+    runs/<its name>, so each best graph, named after its trial, gets a run folder of its own."""
+    from dataclasses import replace
+
+    from dclang.api import parse
+    from dclang.syntax import ast
+    from dclang.syntax.format import format_module
+
+    module = parse(text)
+    items = tuple(replace(item, name=replace(item.name, text=item.name.text + suffix))
+                  if isinstance(item, ast.GraphDecl) else item
+                  for item in module.items)
+    return format_module(replace(module, items=items))
 
 
 def _percent(x: float | None) -> str:
@@ -214,6 +232,7 @@ def write_outputs(trials: list[FrozenTrial], config: StudyConfig, out: Path, *, 
     best_graph = None
     for rank, t in enumerate(top_graphs(trials, top_k), start=1):
         text, dropped = trained_text(t.user_attrs["kt"])
+        text = renamed(text, f"_trial{t.number:04d}")
         head = [f"# best {rank} of study `{study}`: trial {t.number}, target val accuracy {_percent(t.value)} "
                 f"after {epochs_reported(t)} epochs",
                 f"# sampled graph: trials/{t.number:04d}.kt"
@@ -227,14 +246,16 @@ def write_outputs(trials: list[FrozenTrial], config: StudyConfig, out: Path, *, 
     params = [p.name for p in search_space(parse(config.template))]  # the template's order
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["rank", "trial", "state", "val_acc", "epochs", "trained_epochs", "graph", *params, "note"])
+    writer.writerow(["rank", "trial", "state", "val_acc", "epochs", "trained_epochs", "graph", "same_as", *params,
+                     "note"])
     rank = 0
     for t in leaderboard(trials):
         acc = val_accuracy(t)
         rank += t.state == TrialState.COMPLETE
         writer.writerow([rank if t.state == TrialState.COMPLETE else "", t.number, t.state.name,
                          "" if acc is None else f"{acc:.4f}", epochs_reported(t), trained_epochs(t),
-                         t.user_attrs.get("graph", "")[:12], *[t.params.get(p, "") for p in params], note(t)])
+                         t.user_attrs.get("graph", "")[:12], t.user_attrs.get("duplicate_of", ""),
+                         *[t.params.get(p, "") for p in params], note(t)])
     atomic_write_text(buffer.getvalue(), out / "leaderboard.csv")
 
     summary = summarize(trials, config, study=study)

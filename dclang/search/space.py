@@ -30,7 +30,7 @@ import networkx as nx
 from dclang import registry
 from dclang.api import Checked, check
 from dclang.diagnostics import Span, UserError, render_all
-from dclang.ir import DataSpec, Open, TrainSpec, build_graph
+from dclang.ir import NO_NODE, DataSpec, Open, TrainSpec, build_graph
 from dclang.passes.check_reachability import influencing_nodes
 from dclang.syntax import ast
 from dclang.syntax.format import format_module, format_value
@@ -86,9 +86,10 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         return pick(v, lowered) if isinstance(v, ast.Choice) and isinstance(lowered, Open) else v
 
     def name(v: Any, lowered: Any) -> Any:
-        """A model or gate: written as a bare name, which the AST holds as `Name`, not `Ident`."""
+        """A model or gate: written as a bare name, which the AST holds as `Name`, not `Ident`
+        (an `ensemble(...)` picked for a node stays one)."""
         picked = value(v, lowered)
-        if isinstance(picked, (ast.Name, ast.Choice)):
+        if isinstance(picked, (ast.Name, ast.Choice, ast.Ensemble)):
             return picked
         text = picked.name if isinstance(picked, ast.Ident) else format_value(picked)
         return ast.Name(text, picked.span)  # a number here is reported by `check` as an unknown name
@@ -106,6 +107,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         return dataclasses.replace(s, value=value(s.value, getattr(spec, key, None)))
 
     items: list[ast.Item] = []
+    absent: set[str] = set()  # ensembles whose choice picked `none`: left out with their edges
     for item in module.items:
         if isinstance(item, ast.DataBlock) and data is not None:
             item = dataclasses.replace(item, settings=tuple(setting(s, data) for s in item.settings))
@@ -113,9 +115,13 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             item = dataclasses.replace(item, settings=tuple(setting(s, train) for s in item.settings))
         elif isinstance(item, ast.NodeDecl):
             spec = graph.nodes[item.name.text]["spec"]
-            attrs = tuple(dataclasses.replace(a, value=value(a.value, spec.init)) if a.name.text == "init" else a
-                          for a in item.attributes)
+            lowered = {"init": spec.init, "combine": spec.combine}
+            attrs = tuple(dataclasses.replace(a, value=value(a.value, lowered[a.name.text]))
+                          if a.name.text in lowered and a.value is not None else a for a in item.attributes)
             model = name(item.model, spec.model) if isinstance(item.model, ast.Choice) else item.model
+            if isinstance(model, ast.Name) and model.text == NO_NODE and spec.is_ensemble:
+                absent.add(item.name.text)
+                continue
             item = dataclasses.replace(item, model=model, attributes=attrs)
         elif isinstance(item, ast.EdgeDecl):
             continue  # written below, one per pair
@@ -124,10 +130,14 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         decl: ast.EdgeDecl = attrs["decl"]
         spec = attrs["spec"]
         gate = name(decl.gate, spec.gate)
+        loss = _edge_loss(decl, spec, value, call_args)
+        source_layer = _layer(decl.source_layer, spec.source_layer, value)
+        target_layer = _layer(decl.target_layer, spec.target_layer, value)
+        if source in absent or target in absent:
+            continue  # picked all the same: every site is met whatever the others picked
         items.append(ast.EdgeDecl(ast.Name(source, decl.source.span), ast.Name(target, decl.target.span),
-                                  gate, _edge_loss(decl, spec, value, call_args), decl.span, bulk=False,
-                                  source_layer=_layer(decl.source_layer, spec.source_layer, value),
-                                  target_layer=_layer(decl.target_layer, spec.target_layer, value)))
+                                  gate, loss, decl.span, bulk=False, source_layer=source_layer,
+                                  target_layer=target_layer))
     return ast.Module(tuple(items), module.comments)
 
 
@@ -187,9 +197,9 @@ def search_space(module: ast.Module) -> list[Parameter]:
     left = next(_choices_in(first.items), None)
     if left is not None:
         raise UserError(f"line {left.span.line}, column {left.span.column}: search cannot pick this `choice(...)`",
-                        "a choice can stand for a node's model or `init`, an edge's gate, its loss or one "
-                        "argument of the loss, a layer of an edge's end, a setting's value, or one argument of "
-                        "the optimizer or schedule")
+                        "a choice can stand for a node's model, ensemble (or `none`), `init` or `combine`, an "
+                        "edge's gate, its loss or one argument of the loss, a layer of an edge's end, a setting's "
+                        "value, or one argument of the optimizer or schedule")
     order = [site.name for site in graph.graph["sites"]]
     return [found[name] for name in order if name in found]
 
@@ -223,6 +233,7 @@ def prepare_template(module: ast.Module, *, epochs: int | None, base: Path) -> a
         return v
 
     items: list[ast.Item] = []
+    absent: set[str] = set()  # ensembles whose choice picked `none`: left out with their edges
     for item in module.items:
         if isinstance(item, ast.NodeDecl):
             attrs = tuple(dataclasses.replace(a, value=absolute(a.value)) if a.name.text == "init" and a.value else a

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -101,19 +102,17 @@ class StudyConfig:
 # ---------------------------------------------------------------- storage
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
     """A journal file for a path, an RDB storage for a URL (`postgresql://`, `sqlite:///`).
 
     The journal file needs no server and is safe for many processes on one machine (and on a
     shared file system with working locks). PostgreSQL serves many machines; its workers send
-    a heartbeat, and a trial whose worker goes silent is failed and retried.
+    a heartbeat, and a trial whose worker goes silent is failed and retried. A journal is made
+    only with `create` (a new search): resuming or joining one that is not there is an error,
+    and leaves no empty journal behind.
     """
     if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return _open_journal(Path(url), create)
     if url.startswith("sqlite"):
         warnings.warn("SQLite locks the whole database on every write: with several workers they wait on each "
                       "other and may fail with `database is locked`; use the journal file (the default) on one "
@@ -131,6 +130,56 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise UserError(f"cannot open the storage {redact(url)}: {first}",
                             "check the URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the server "
                             "accepts connections from this machine") from exc
+
+
+def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
+    """The journal at `path`, read through once so that a damaged one is refused here, with
+    its name, and not by a traceback from deep inside Optuna later."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if not create and not path.is_file():
+        raise UserError(f"no study journal at {path}",
+                        "give the search folder that holds it (-o OUT, whose journal is OUT/study.journal) or its "
+                        "path with --storage; a new search starts with `dclang search --template T.kt --trials N "
+                        "-o OUT`")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _mend_torn_end(path)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        storage.get_all_studies()
+    except OSError as exc:
+        raise UserError(f"cannot open the study journal {path}: {exc.strerror or exc}",
+                        "check that the folder exists and is writable") from None
+    except Exception as exc:  # noqa: BLE001 (Optuna replays the file: any record may break it differently)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the study journal {path} is damaged: a record cannot be replayed "
+                        f"({type(exc).__name__}: {first})",
+                        "dclang and Optuna only ever append whole records to it, so something else changed it: "
+                        "restore it from a copy, or start a new search with another -o") from None
+    return storage
+
+
+def _mend_torn_end(path: Path) -> None:
+    """Cut off a last record that a killed process left half written. Optuna skips it when
+    reading, but the next record appended would be glued to it, and the journal could no
+    longer be read at all. Done under the journal's own lock, so no writer is mid-record."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        kept = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(kept)
+        print(f"note: the study journal {path} ended in a record cut short ({len(data) - kept} bytes, from a "
+              "process killed while writing it); it was never read and is removed", file=sys.stderr)
+    finally:
+        lock.release()
 
 
 def _with_driver(url: str) -> str:
@@ -170,24 +219,45 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, config: StudyC
     return study
 
 
-def load_study(storage: optuna.storages.BaseStorage, name: str, *,
-               worker: str = "parent") -> tuple[optuna.Study, StudyConfig]:
+def load_study(storage: optuna.storages.BaseStorage, name: str, *, worker: str = "parent",
+               where: str = "the storage") -> tuple[optuna.Study, StudyConfig]:
     """The study and its stored configuration, with the stored sampler (seeded for `worker`)
-    and pruner."""
+    and pruner. `where` names the storage in messages (a path, or a URL without password)."""
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
-        raise UserError(f"the storage holds no study named `{name}`",
+        raise UserError(f"{where} holds no study named `{name}`",
                         "start one with `dclang search --template T.kt --trials N -o OUT`") from None
     attr = storage.get_study_user_attrs(study_id).get(CONFIG_ATTR)
-    if not attr or attr.get("format") != CONFIG_FORMAT:
-        raise UserError(f"the study `{name}` was not created by `dclang search` (or not yet fully)",
-                        "join a study only after `dclang search` has created it")
+    problem = _config_problem(attr)
+    if problem:
+        raise UserError(f"the study `{name}` in {where} was not created by `dclang search` (or not yet fully, or "
+                        f"its record is damaged: {problem})", "join a study only after `dclang search` has created it")
     config = StudyConfig.from_attr(attr)
     joined_at = len(storage.get_all_trials(study_id, deepcopy=False))
     study = optuna.load_study(study_name=name, storage=storage, sampler=config.sampler_for(worker, joined_at),
                               pruner=config.make_pruner())
     return study, config
+
+
+def _config_problem(attr) -> str:
+    """What is wrong with a study's stored configuration ("" when nothing is)."""
+    if not isinstance(attr, dict) or attr.get("format") != CONFIG_FORMAT:
+        return f"no `{CONFIG_FORMAT}` configuration"
+    from dclang.search import PRUNERS, SAMPLERS
+    from dclang.syntax.parser import parse_module
+
+    wrong = [name for name in ("template", "template_path", "sampler", "pruner") if not isinstance(attr.get(name), str)]
+    wrong += [name for name in ("seed", "eta", "min_resource", "epochs", "trials")
+              if not isinstance(attr.get(name), int) or isinstance(attr.get(name), bool)]
+    if wrong:
+        return f"{', '.join(wrong)} missing or of the wrong type"
+    if attr["sampler"] not in SAMPLERS or attr["pruner"] not in PRUNERS or attr["eta"] < 2 or min(
+            attr["min_resource"], attr["epochs"], attr["trials"]) < 1:
+        return "a sampler, pruner, eta, min_resource, epochs or trials that `dclang search` never writes"
+    if parse_module(attr["template"])[0] is None:
+        return "its template does not parse"
+    return ""
 
 
 def set_trial_budget(study: optuna.Study, config: StudyConfig, trials: int) -> StudyConfig:

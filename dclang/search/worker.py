@@ -8,11 +8,15 @@ PRUNED), so with D workers T <= finished <= T + D - 1.
 What a trial records (user attributes; the dashboard shows them):
   owner                            who runs it: worker, host, pid, start time (see `study.reap`)
   kt                               the sampled graph, as `trials/NNNN.kt` holds it
-  graph, dropped                   the trained graph's key (sha256) and the dead nodes left out
+  graph, dropped                   the trained graph's key (`equivalence.canonical_key`: one key for
+                                   graphs that differ only in the names of non-target nodes) and
+                                   the dead nodes left out
   metrics                          per epoch: every node's val accuracy and train loss, seconds
   invalid | error | failed         why it is FAIL: a sample that cannot train, an exception in
                                    training, a worker that died or was stopped
   duplicate_of                     the earlier trial of the same graph whose numbers it copied
+  renamed                          ... when that graph is this one under other node names: this
+                                   trial's node -> the earlier trial's node
   retry_of, retry_count            the trial it runs again, whose worker died or was stopped
 Intermediate values are the target's validation accuracy, step = epoch (1-based).
 """
@@ -32,8 +36,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dclang.api import parse
 from dclang.diagnostics import UserError
+from dclang.search.equivalence import canonical_key, same_up_to_names
 from dclang.search.space import Realized, realize, search_space
-from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, retry
+from dclang.search.study import (COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, redact,
+                                 retry)
 
 #: a worker gives up after this many trials in a row raised (a broken setup, not a bad graph)
 MAX_ERRORS_IN_A_ROW = 5
@@ -116,16 +122,17 @@ class Objective:
         try:
             params = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space}
             sample = realize(self.template, params, space=self.space, path=self.config.template_path)
+            key = canonical_key(sample.checked.graph) if sample.ok else sample.key
             trial.set_user_attr("kt", sample.text)
-            trial.set_user_attr("graph", sample.key)
+            trial.set_user_attr("graph", key)
             if sample.dropped:
                 trial.set_user_attr("dropped", list(sample.dropped))
             if not sample.ok:
                 trial.set_user_attr("invalid", sample.problem)
                 raise InvalidSample(sample.problem.splitlines()[0])
-            earlier = self._same_graph(trial, sample.key)
+            earlier = self._same_graph(trial, key)
             if earlier is not None:
-                return self._copy(trial, earlier)
+                return self._copy(trial, earlier, sample)
             return self._train(trial, sample)
         except (optuna.TrialPruned, InvalidSample, UpdateFinishedTrialError):
             raise
@@ -154,13 +161,16 @@ class Objective:
             time.sleep(WAIT_POLL)
             reap(self.study)
 
-    def _copy(self, trial: optuna.Trial, earlier: FrozenTrial) -> float:
+    def _copy(self, trial: optuna.Trial, earlier: FrozenTrial, sample: Realized) -> float:
         """Record an earlier trial's numbers for this one instead of training again.
 
         The values are reported but `should_prune` is not asked: the pruner's rungs hold the
         graph once, from the trial that trained it, so a graph drawn twice does not weigh twice.
         """
         trial.set_user_attr("duplicate_of", earlier.number)
+        renamed = renaming(sample, earlier)
+        if renamed:
+            trial.set_user_attr("renamed", renamed)
         trial.set_user_attr("metrics", earlier.user_attrs.get("metrics", []))
         for step, value in sorted(earlier.intermediate_values.items()):
             trial.report(value, step)
@@ -209,6 +219,19 @@ class Objective:
             study.stop()
 
 
+def renaming(sample: Realized, earlier: FrozenTrial) -> dict[str, str]:
+    """The node names of `sample`'s trained graph that are other names in the earlier
+    trial's (this node -> that node); empty when the two graphs are written alike."""
+    from dclang.api import check
+    from dclang.search.output import trained_text
+
+    text, _ = trained_text(earlier.user_attrs["kt"])
+    if text == sample.trained_text:
+        return {}
+    mapping = same_up_to_names(sample.checked.graph, check(text).graph) or {}
+    return {a: b for a, b in mapping.items() if a != b}
+
+
 def device_for(device: str, slot: int | None) -> str:
     """The device of local worker `slot`: with several GPUs, `auto` and `cuda` deal the
     parent's workers out over them (worker k on GPU k mod count)."""
@@ -227,7 +250,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
-    study, config = load_study(open_storage(storage_url), study_name, worker=worker)
+    study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
                           data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)

@@ -118,7 +118,8 @@ class TrainBlock:
 
 @dataclass(frozen=True)
 class Ensemble:
-    """`ensemble(a, b)`: the mean of other nodes' outputs (syntax reserved, not trained yet)."""
+    """`ensemble(a, b)`: a node whose output is the mean of its members' outputs; it has no
+    weights. As an option of a node's `choice(...)` it is one of the values search picks."""
 
     members: tuple[Name, ...]
     span: Span = field(compare=False)
@@ -150,6 +151,13 @@ class NodeDecl:
 
     def attribute(self, key: str) -> Attribute | None:
         return next((a for a in self.attributes if a.name.text == key), None)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """An `ensemble(...)` node, or a node whose `choice(...)` offers ensembles (a template)."""
+        if isinstance(self.model, Choice):
+            return any(isinstance(o, Ensemble) for o in self.model.options)
+        return isinstance(self.model, Ensemble)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ def format_value(v: ast.Value) -> str:
         return format_call(v)
     if isinstance(v, ast.Choice):
         return "choice(" + ", ".join(format_value(o) for o in v.options) + ")"
+    if isinstance(v, ast.Ensemble):  # an option of a node's choice
+        return _model(v)
     raise TypeError(f"not a value: {v!r}")
 
 

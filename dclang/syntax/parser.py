@@ -19,6 +19,17 @@ from dclang.syntax import ast
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
+#: brackets may nest this deep; no value of the language needs more, and the tree walks
+#: after parsing are recursive, so a deeper text would exhaust Python's stack
+MAX_NESTING = 32
+
+
+class _TooDeep(Exception):
+    """Raised by the post-lexer at the bracket that opens one level too many."""
+
+    def __init__(self, token: Token):
+        super().__init__(str(token))
+        self.token = token
 
 
 class _NewlinesInBrackets(PostLex):
@@ -35,6 +46,8 @@ class _NewlinesInBrackets(PostLex):
         for token in stream:
             if token.type in _OPEN:
                 depth += 1
+                if depth > MAX_NESTING:
+                    raise _TooDeep(token)
             elif token.type in _CLOSE:
                 depth = max(0, depth - 1)
             elif token.type == "_NL" and depth:
@@ -158,6 +171,8 @@ class _ToAst(Transformer):
     def choice(self, meta, children):
         return ast.Choice(tuple(children), Span.from_meta(meta))
 
+    model_choice = choice  # its options may be `ensemble(...)` too
+
 
 # ---------------------------------------------------------------- syntax errors
 
@@ -254,7 +269,7 @@ def _tokens(text: str) -> list[Token]:
     try:
         for tok in _parser().lex(text, dont_ignore=False):
             out.append(tok)
-    except UnexpectedInput:
+    except (UnexpectedInput, _TooDeep):
         pass
     return out
 
@@ -350,6 +365,11 @@ def parse_module(text: str) -> tuple[ast.Module | None, list[Diagnostic]]:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
         return None, [_syntax_diagnostic(exc, text)]
+    except _TooDeep as exc:
+        return None, [error("E103", f"brackets nested more than {MAX_NESTING} deep", Span.from_token(exc.token),
+                            f"level {MAX_NESTING + 1} opens here",
+                            help="no setting needs values nested this deep: a list holds numbers, "
+                                 "like `milestones = [60, 120]`")]
     items = _ToAst().transform(tree)
     return ast.Module(items, tuple(_scan_comments(text))), []
 

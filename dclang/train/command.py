@@ -1,4 +1,4 @@
-"""`dclang run` and `dclang report`, added to the CLI group by `dclang.cli`.
+"""`dclang run`, added to the CLI group by `dclang.cli`.
 
 This module is imported when the CLI starts, so torch is imported only inside the commands.
 `--set key=value` edits the file's text (through the AST's spans) and the edited text is
@@ -194,6 +194,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
                         f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.compile import StepOptions
+    from dclang.plots import write_node_curves
     from dclang.train.loop import train_graph
 
     options = StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
@@ -210,22 +211,6 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
             click.echo(f"run with seed {s} into {out}", err=True)
         train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
                     resume=resume, progress=not no_progress, options=options)
+        write_node_curves(out)
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
-
-
-# ---------------------------------------------------------------- report
-
-
-@click.command("report")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the plots [default: the first RUN_DIR's parent / report].")
-def report_command(run_dirs: tuple[Path, ...], out: Path | None) -> None:
-    """Per-node accuracy (mean ± std over runs of one graph) and plots, from run directories.
-
-    A RUN_DIR may also be a folder of runs (as `dclang run --seeds` writes).
-    """
-    from dclang.report import report
-
-    click.echo(report(list(run_dirs), out or run_dirs[0].resolve().parent / "report"))

@@ -194,13 +194,14 @@ class DistributedTrainStep:
 
 
 class _ReadOnlyRunDir:
-    """A RunDir whose writing methods do nothing (ranks other than 0)."""
+    """A RunDir whose writing methods do nothing (ranks other than 0). `claim` is one: rank 0
+    alone checks and marks the folder (another rank could see the folder half-claimed)."""
 
     def __init__(self, rundir):
         self._rundir = rundir
 
     def __getattr__(self, name: str):
-        if name.startswith(("write_", "save_")):
+        if name.startswith(("write_", "save_", "claim")):
             return lambda *args, **kwargs: None
         return getattr(self._rundir, name)
 

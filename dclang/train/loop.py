@@ -8,17 +8,26 @@ Each epoch: a permutation and the batch augmentation drawn from one generator se
 `TrainStep.step` per batch with statistics summed on the device; one host sync to read them;
 then every model node is evaluated on val and test. Val alone selects (`best.pt` is the
 epoch of the target's best val accuracy); test is reported, never used to choose anything.
+
+`train_graph` reads as the run goes: prepare (check the settings, claim the run folder,
+load the data: everything that can be refused is refused before any work), find the
+checkpoint to resume, the teachers' weights, compile, restore, then per epoch train,
+evaluate and write. Teachers are pre-trained by `train_graph` itself, handed to
+`teachers.init_states` as its `pretrain`: this module imports the teacher cache, not the
+other way round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import networkx as nx
@@ -27,9 +36,10 @@ import torch
 
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
-from dclang.ir import model_nodes
+from dclang.ir import model_nodes, reported_nodes
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, check_finite, epoch_record, percent, say
-from dclang.train.rundir import RunDir, graph_text
+from dclang.train.rundir import RunDir, graph_text, setting_changes
+from dclang.train.teachers import init_states
 
 #: images normalised and evaluated at a time: bounds the float copy of val/test on the device
 EVAL_CHUNK = 1024
@@ -121,6 +131,280 @@ def _describe(device: torch.device) -> str:
     return str(device)
 
 
+@dataclass
+class _Run:
+    """What a run settled before training: its resolved graph (and canonical text), data,
+    run folder, device and the process group under torchrun."""
+
+    graph: nx.DiGraph
+    text: str
+    dataset: object
+    rundir: RunDir | None
+    device: torch.device
+    dist: object | None
+    engine: str
+    seed: int
+    epochs: int
+    progress: bool
+
+    @property
+    def target(self) -> str:
+        return self.graph.graph["target"]
+
+    @property
+    def names(self) -> list[str]:
+        return model_nodes(self.graph)
+
+    @property
+    def batch(self) -> int:
+        return self.graph.graph["train"].batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.dataset.train) // self.batch)
+
+
+@dataclass
+class _Training:
+    """The compiled step and the splits on the device."""
+
+    step: object
+    label: str  # what runs, fast paths named (summary.json's `step`)
+    train: object
+    val: object
+    test: object
+    augment: object
+
+
+def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
+                seed: int | None = None, epochs: int | None = None, data_dir: str | None = None,
+                resume: bool = False, on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
+                teacher_cache: Path | None = None, dataset=None, options=None) -> RunResult:
+    """Train a checked, concrete graph; write the run directory when `run_dir` is given.
+
+    `seed` and `epochs` override the train block (the linear gate's k_end and the schedule
+    follow the overridden epochs). `dataset` is an already loaded `Dataset` for this graph's
+    data settings (search loads one per process). `on_epoch(epoch, record)` runs after each
+    epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
+    a run directory that `resume=True` continues. User mistakes raise `UserError`.
+    `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
+
+    Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
+    """
+    from dclang.train import distributed
+
+    dist = distributed.setup(device)  # this process's rank under torchrun; None alone (and for teachers)
+    try:
+        run = _prepare(graph, dist=dist, run_dir=run_dir, device=device, engine=engine, seed=seed, epochs=epochs,
+                       data_dir=data_dir, dataset=dataset, progress=progress)
+        checkpoint, records = _to_resume(run, resume)
+        # A resumed run's checkpoint holds every model, teachers included: no need to load them.
+        pretrain = partial(train_graph, device=device, engine=engine, data_dir=data_dir, progress=run.progress,
+                           dataset=run.dataset)
+        states = None if checkpoint else init_states(run.graph, dataset=run.dataset, cache=teacher_cache,
+                                                     pretrain=pretrain)
+        with _training_mode(run):
+            training = _compile(run, states, options)
+            best_val = _restore(run, training, checkpoint, records)
+            for epoch in range(len(records) + 1, run.epochs + 1):
+                records.append(_train_epoch(run, training, epoch))
+                best_val = _write_epoch(run, training, records, best_val)
+                if on_epoch is not None:
+                    on_epoch(epoch, records[-1])
+    finally:
+        distributed.release(dist)
+    result = RunResult(_summary(run, training, records), records)
+    if run.progress:
+        print(accuracy_table(result.summary), flush=True)
+    return result
+
+
+def _prepare(graph: nx.DiGraph, *, dist, run_dir: Path | None, device: str, engine: str, seed: int | None,
+             epochs: int | None, data_dir: str | None, dataset, progress: bool) -> _Run:
+    """Check the settings, claim the run folder and load the data: whatever a run refuses,
+    it refuses here, before a teacher is pre-trained or a step compiled."""
+    from dclang.compile import ENGINES
+
+    if graph.graph["sites"]:
+        raise UserError(f"`{graph.graph['name']}` is a search template (open choices: "
+                        + ", ".join(s.name for s in graph.graph["sites"]) + ")", "train it with `dclang search`")
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine `{engine}`", "use " + " or ".join(ENGINES))
+    torch_device = resolve_device(dist.device if dist else device)
+    train_spec = graph.graph["train"]
+    seed = train_spec.seed if seed is None else seed
+    epochs = train_spec.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise UserError(f"epochs must be at least 1, got {epochs}")
+    g = resolved_graph(graph, epochs=epochs, seed=seed)
+    rundir = RunDir(run_dir) if run_dir is not None else None
+    if dist is not None:
+        rundir = dist.rank_zero(rundir)
+    if rundir is not None:
+        rundir.claim(g.graph["name"])  # rank 0 alone, under torchrun
+    if dataset is None:
+        dataset = _load_dataset(g.graph["data"], data_dir)
+    run = _Run(g, graph_text(g), dataset, rundir, torch_device, dist, engine, seed, epochs,
+               progress and (dist is None or dist.is_main))
+    if run.batch > len(dataset.train):
+        raise UserError(f"batch = {run.batch} is larger than the training split ({len(dataset.train)} images of "
+                        f"{dataset.name}): every epoch would be a single step",
+                        "lower `batch` in the train block (or --set train.batch=N), or train on more images "
+                        "(a smaller val_split)")
+    if len(dataset.val) == 0:
+        say("warning: the validation split is empty (val_split = 0), so best.pt is the last epoch; "
+            "test accuracy is never used to select")
+    return run
+
+
+def _load_dataset(data_spec, data_dir: str | None):
+    from dclang.data import DataError, load_dataset
+
+    try:
+        return load_dataset(data_spec.dataset, data_dir=data_dir, val_split=data_spec.val_split,
+                            split_seed=data_spec.split_seed, path=data_spec.path)
+    except DataError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _to_resume(run: _Run, resume: bool) -> tuple[dict | None, list[dict]]:
+    """(last.pt, the metrics up to its epoch) of the run to continue, or (None, []) to start
+    one; every file read back is checked, and a run that differs says which settings do."""
+    rundir = run.rundir
+    if rundir is None:
+        return None, []
+    if not rundir.last.is_file():
+        if resume:
+            say(f"nothing to resume in {rundir.root} (no checkpoints/last.pt): starting the run")
+        return None, []
+    if not resume:
+        raise UserError(f"{rundir.root} already holds a run", f"pass --resume to continue it, or choose "
+                        f"another output folder (-o), or delete {rundir.root}")
+    checkpoint = rundir.load_last()
+    if checkpoint.get("graph") != run.text:
+        changes = setting_changes(checkpoint.get("graph"), run.text)
+        raise UserError(f"cannot resume {rundir.root}: it was trained with other settings ("
+                        + ("; ".join(changes) if changes else f"another graph, see {rundir.graph_kt}") + ")",
+                        "resume with the same file, --set, --epochs and --seed, or start a new run folder (-o)")
+    done = checkpoint["epoch"]
+    records = rundir.read_metrics()
+    if len(records) < done:
+        raise UserError(f"{rundir.metrics} holds {len(records)} epoch record(s), but {rundir.last} is at epoch "
+                        f"{done}", f"it was changed after dclang wrote it; delete {rundir.root} to start afresh")
+    if done >= run.epochs:
+        say(f"the run in {rundir.root} is already complete ({done} of {run.epochs} epochs): nothing to train")
+    else:
+        say(f"resuming the run in {rundir.root} from epoch {done + 1} of {run.epochs} (epochs 1-{done} are done)")
+    return checkpoint, records[:done]
+
+
+@contextlib.contextmanager
+def _training_mode(run: _Run) -> Iterator[None]:
+    """Deterministic algorithms on the CPU (the previous setting restored after), and a CUDA
+    out-of-memory error as a UserError saying what to lower."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(run.device.type == "cpu")
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(f"CUDA ran out of memory on {_describe(run.device)} training `{run.graph.graph['name']}`",
+                        "lower `batch` in the train block (or --set train.batch=N), or use --device cpu") from exc
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _compile(run: _Run, states: dict | None, options) -> _Training:
+    """The seeded step, and the splits on the device."""
+    from dclang.compile import compile_graph
+    from dclang.data import BatchAugment
+
+    seed_everything(run.seed)
+    dataset = run.dataset
+    train, val, test = (s.to(run.device) for s in (dataset.train, dataset.val, dataset.test))
+    data = run.graph.graph["data"]
+    crop, flip = _AUGMENTS[data.augment]
+    augment = BatchAugment(data.pad, crop, flip, dataset.mean, dataset.std)
+    step = compile_graph(run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
+                         image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
+                         seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options)
+    label = step.label
+    if run.dist is not None:  # each process trains on its slice of every batch
+        step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
+    return _Training(step, label, train, val, test, augment)
+
+
+def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: list[dict]) -> float | None:
+    """Load the checkpoint's models, optimizers and RNG states into the compiled step; write
+    graph.kt and metrics.jsonl (`records`: cut back to the checkpoint). Returns the best val
+    so far."""
+    best_val = None
+    if checkpoint is not None:
+        try:
+            training.step.load_state_dict(checkpoint["train_step"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"cannot resume from {run.rundir.last}: {str(exc).splitlines()[0]}",
+                            f"resume with the same --engine, or delete {run.rundir.root} to start afresh") from exc
+        _set_rng_state(checkpoint["rng"], run.device)
+        best_val = checkpoint["best_val"]
+    if run.rundir is not None:
+        run.rundir.write_graph(run.graph, run.text)
+        run.rundir.write_metrics(records)
+    return best_val
+
+
+def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
+    """One epoch: the seeded batches through the step, then val and test; its record."""
+    from dclang.data.batches import BatchIterator, epoch_generator
+
+    started = time.perf_counter()
+    step, steps_per_epoch = training.step, run.steps_per_epoch
+    lr = step.lr()
+    generator = epoch_generator(run.seed, epoch, run.device)
+    batches = BatchIterator(training.train, run.batch, generator)
+    stats, shown = EpochStats(), time.monotonic()
+    show_bar = run.progress and sys.stderr.isatty()
+    with _bar(len(batches), f"epoch {epoch}/{run.epochs}", show_bar) as bar:
+        for i, (images, labels) in enumerate(batches):
+            k = (epoch - 1) * steps_per_epoch + i + 1
+            stats.add(step.step(training.augment(images, generator), labels, k), len(labels), k)
+            bar.update()
+            if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
+                bar.set_postfix_str(_postfix(stats, run.target), refresh=False)
+                shown = time.monotonic()
+    means, first_bad = stats.read()
+    train_seconds = time.perf_counter() - started
+    check_finite(first_bad, epoch)
+    step.end_epoch()
+    mean, std = run.dataset.mean, run.dataset.std
+    val_acc = _evaluate(step, training.val, mean, std)
+    test_acc = _evaluate(step, training.test, mean, std)
+    return epoch_record(epoch, lr, means, reported_nodes(run.graph), val_acc, test_acc, time.perf_counter() - started,
+                        train_seconds)
+
+
+def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: float | None) -> float | None:
+    """The epoch's files (metrics, summary, best.pt when the target's val improved, last.pt
+    last: the commit point) and its progress line. Returns the best val so far."""
+    record = records[-1]
+    epoch, val = record["epoch"], record["nodes"][run.target]["val_acc"]
+    improved = val is None or best_val is None or val > best_val
+    if improved:
+        best_val = val
+    rundir, step, classes = run.rundir, training.step, run.dataset.num_classes
+    if rundir is not None:
+        rundir.write_metrics(records)
+        rundir.write_summary(_summary(run, training, records))
+        if improved:
+            rundir.save_best({"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
+                              "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
+                                                           step.models[n].state_dict()) for n in run.names}})
+        rundir.save_last({"graph": run.text, "epoch": epoch, "train_step": step.state_dict(),
+                          "rng": _rng_state(run.device), "best_val": best_val})
+    if run.progress:
+        say(_epoch_line(record, run.epochs, run.target))
+    return best_val
+
+
 def _evaluate(step, split, mean, std) -> dict[str, float] | None:
     """Accuracy of every model node on `split` (None when the split is empty); one host sync."""
     from dclang.data import normalize
@@ -136,28 +420,27 @@ def _evaluate(step, split, mean, std) -> dict[str, float] | None:
     return dict(zip(names, (c / len(split) for c in torch.stack([totals[n] for n in names]).tolist())))
 
 
-def _summary(graph: nx.DiGraph, records: list[dict], *, step, dataset, seed: int, device: torch.device,
-             engine: str, executed: str, epochs: int, steps_per_epoch: int) -> dict:
+def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
     import dclang
 
-    target = graph.graph["target"]
+    graph, dataset, step, epochs, target = run.graph, run.dataset, training.step, run.epochs, run.target
     nodes = {}
-    for name in model_nodes(graph):
+    for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
         spec = graph.nodes[name]["spec"]
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
-            "model": spec.model, "frozen": spec.frozen,
-            "params": sum(p.numel() for p in step.models[name].parameters()),
+            "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
+            "params": sum(p.numel() for p in step.models[name].parameters()) if name in step.models else 0,
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,
             "best_val_acc": best["nodes"][name]["val_acc"] if best else None,
             "test_at_best_val": best["nodes"][name]["test_acc"] if best else None,
         }
     train_seconds = sum(r["train_seconds"] for r in records)
-    steps = steps_per_epoch * len(records)
+    steps = run.steps_per_epoch * len(records)
     return {
         "graph": graph.graph["name"], "target": target,
         "epochs": epochs, "epochs_done": len(records), "complete": len(records) == epochs,
@@ -166,7 +449,7 @@ def _summary(graph: nx.DiGraph, records: list[dict], *, step, dataset, seed: int
         "nodes": nodes,
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
-        "seed": seed, "device": _describe(device), "engine": engine, "step": executed,
+        "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": training.label,
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,
@@ -190,162 +473,6 @@ def _epoch_line(record: dict, epochs: int, target: str) -> str:
     nodes = " | ".join(f"{n}{'*' if n == target else ''} val {percent(r['val_acc'])} test {percent(r['test_acc'])}"
                        for n, r in record["nodes"].items())
     return f"epoch {record['epoch']}/{epochs}  {nodes}  ({record['seconds']:.1f}s)"
-
-
-def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
-                seed: int | None = None, epochs: int | None = None, data_dir: str | None = None,
-                resume: bool = False, on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                teacher_cache: Path | None = None, dataset=None, options=None) -> RunResult:
-    """Train a checked, concrete graph; write the run directory when `run_dir` is given.
-
-    `seed` and `epochs` override the train block (the linear gate's k_end and the schedule
-    follow the overridden epochs). `dataset` is an already loaded `Dataset` for this graph's
-    data settings (search loads one per process). `on_epoch(epoch, record)` runs after each
-    epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
-    a run directory that `resume=True` continues. User mistakes raise `UserError`.
-    `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
-
-    Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
-    """
-    from dclang.compile import ENGINES, compile_graph
-    from dclang.data import BatchAugment, DataError, load_dataset
-    from dclang.data.batches import BatchIterator, epoch_generator
-    from dclang.train import distributed
-    from dclang.train.teachers import init_states
-
-    if graph.graph["sites"]:
-        raise UserError(f"`{graph.graph['name']}` is a search template (open choices: "
-                        + ", ".join(s.name for s in graph.graph["sites"]) + ")", "train it with `dclang search`")
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine `{engine}`", "use " + " or ".join(ENGINES))
-    dist = distributed.setup(device)  # this process's rank under torchrun; None alone (and for teachers)
-    torch_device = resolve_device(dist.device if dist else device)
-    progress = progress and (dist is None or dist.is_main)
-    train_spec = graph.graph["train"]
-    seed = train_spec.seed if seed is None else seed
-    epochs = train_spec.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise UserError(f"epochs must be at least 1, got {epochs}")
-    g = resolved_graph(graph, epochs=epochs, seed=seed)
-    data_spec = g.graph["data"]
-    if dataset is None:
-        try:
-            dataset = load_dataset(data_spec.dataset, data_dir=data_dir, val_split=data_spec.val_split,
-                                   split_seed=data_spec.split_seed, path=data_spec.path)
-        except DataError as exc:
-            raise UserError(str(exc)) from exc
-    text = graph_text(g)
-    target, names = g.graph["target"], model_nodes(g)
-    rundir = RunDir(run_dir) if run_dir is not None else None
-    if dist is not None:
-        rundir = dist.rank_zero(rundir)
-
-    checkpoint = None
-    if rundir is not None and rundir.last.is_file():
-        if not resume:
-            raise UserError(f"{rundir.root} already holds a run", f"pass --resume to continue it, or choose "
-                            f"another output folder (-o), or delete {rundir.root}")
-        checkpoint = rundir.load_last()
-        if checkpoint.get("graph") != text:
-            raise UserError(f"cannot resume {rundir.root}: its checkpoint was written for another graph or other "
-                            f"settings (see {rundir.graph_kt})",
-                            "resume with the same file, --set, --epochs and --seed, or start a new run directory")
-    elif resume and rundir is not None:
-        say(f"nothing to resume in {rundir.root} (no checkpoints/last.pt): starting the run")
-
-    # A resumed run's checkpoint holds every model, teachers included: no need to load them.
-    states = None if checkpoint else init_states(g, dataset=dataset, device=device, engine=engine,
-                                                 cache=teacher_cache, data_dir=data_dir, progress=progress)
-    if len(dataset.val) == 0:
-        say("warning: the validation split is empty (val_split = 0), so best.pt is the last epoch; "
-            "test accuracy is never used to select")
-
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(torch_device.type == "cpu")
-    try:
-        seed_everything(seed)
-        train, val, test = (s.to(torch_device) for s in (dataset.train, dataset.val, dataset.test))
-        crop, flip = _AUGMENTS[g.graph["data"].augment]
-        augment = BatchAugment(g.graph["data"].pad, crop, flip, dataset.mean, dataset.std)
-        batch = g.graph["train"].batch
-        steps_per_epoch = -(-len(train) // batch)
-        step = compile_graph(g, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                             image_size=dataset.image_size, device=torch_device, engine=engine,
-                             init_states=states, seed=seed, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                             options=options)
-        executed = step.label  # what runs, fast paths named
-        if dist is not None:  # each process trains on its slice of every batch
-            step = dist.wrap(step, train_size=len(train), batch=batch)
-        records: list[dict] = []
-        best_val = None
-        if checkpoint is not None:
-            try:
-                step.load_state_dict(checkpoint["train_step"])
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise UserError(f"cannot resume from {rundir.last}: {str(exc).splitlines()[0]}",
-                                f"resume with the same --engine, or delete {rundir.root} to start afresh") from exc
-            _set_rng_state(checkpoint["rng"], torch_device)
-            records = rundir.read_metrics()[:checkpoint["epoch"]]
-            best_val = checkpoint["best_val"]
-        if rundir is not None:
-            rundir.write_graph(g, text)
-            rundir.write_metrics(records)  # truncated to the checkpoint on resume
-
-        def summary() -> dict:
-            return _summary(g, records, step=step, dataset=dataset, seed=seed, device=torch_device, engine=engine,
-                            executed=executed, epochs=epochs, steps_per_epoch=steps_per_epoch)
-
-        show_bar = progress and sys.stderr.isatty()
-        for epoch in range(len(records) + 1, epochs + 1):
-            started = time.perf_counter()
-            lr = step.lr()
-            generator = epoch_generator(seed, epoch, torch_device)
-            batches = BatchIterator(train, batch, generator)
-            stats, shown = EpochStats(), time.monotonic()
-            with _bar(len(batches), f"epoch {epoch}/{epochs}", show_bar) as bar:
-                for i, (images, labels) in enumerate(batches):
-                    k = (epoch - 1) * steps_per_epoch + i + 1
-                    stats.add(step.step(augment(images, generator), labels, k), len(labels), k)
-                    bar.update()
-                    if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
-                        bar.set_postfix_str(_postfix(stats, target), refresh=False)
-                        shown = time.monotonic()
-            means, first_bad = stats.read()
-            train_seconds = time.perf_counter() - started
-            check_finite(first_bad, epoch)
-            step.end_epoch()
-            val_acc = _evaluate(step, val, dataset.mean, dataset.std)
-            test_acc = _evaluate(step, test, dataset.mean, dataset.std)
-            record = epoch_record(epoch, lr, means, names, val_acc, test_acc, time.perf_counter() - started,
-                                  train_seconds)
-            records.append(record)
-            improved = val_acc is None or best_val is None or val_acc[target] > best_val
-            if improved:
-                best_val = None if val_acc is None else val_acc[target]
-            if rundir is not None:
-                rundir.write_metrics(records)
-                rundir.write_summary(summary())
-                if improved:
-                    rundir.save_best({"graph": text, "epoch": epoch, "target": target, "val_acc": best_val,
-                                      "nodes": {n: node_checkpoint(g.nodes[n]["spec"].model, dataset.num_classes,
-                                                                   step.models[n].state_dict()) for n in names}})
-                rundir.save_last({"graph": text, "epoch": epoch, "train_step": step.state_dict(),
-                                  "rng": _rng_state(torch_device), "best_val": best_val})
-            if progress:
-                say(_epoch_line(record, epochs, target))
-            if on_epoch is not None:
-                on_epoch(epoch, record)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(f"CUDA ran out of memory on {_describe(torch_device)} training `{g.graph['name']}`",
-                        "lower `batch` in the train block (or --set train.batch=N), or use --device cpu") from exc
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        distributed.release(dist)
-
-    result = RunResult(summary(), records)
-    if progress:
-        print(accuracy_table(result.summary), flush=True)
-    return result
 
 
 def _bar(total: int, description: str, enabled: bool):

@@ -2,34 +2,47 @@
 
 ```
 RUN_DIR/
+  dclang-run.json       the manifest: marks the folder as a dclang run folder (written first)
   graph.kt              the resolved graph in canonical form (defaults, overrides, epochs and seed filled in)
   graph.svg             its drawing (when Graphviz's `dot` is installed)
   metrics.jsonl         one JSON record per finished epoch
   summary.json          the run so far: per-node accuracies, timings, versions (rewritten each epoch)
   checkpoints/last.pt   everything needed to resume at the end of the last finished epoch
+  checkpoints/previous.pt  last.pt of the epoch before (the fallback if last.pt is damaged)
   checkpoints/best.pt   the models at the epoch of the target's best validation accuracy
+  curves/NODE.png       per node accuracy and loss over the epochs (`dclang run`, at its end: dclang.plots)
 ```
+
+dclang never overwrites what it did not write: it writes a run only into a new or empty
+folder, or one its manifest marks as a dclang run folder (`claim`, before any work), so
+`-o .` beside the user's own files is refused rather than clobbering their `graph.kt`.
 
 A kill at any moment leaves each file whole (old or new). Within an epoch the files are
 written in the order metrics, summary, best, last: `last.pt` is the commit point, and a
 resume truncates `metrics.jsonl` back to the epoch `last.pt` holds, so the two always agree.
+Every file read back is validated: a damaged one is a `UserError` naming it, what is wrong
+and what to do.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from dclang.checkpoints import CheckpointError, atomic_save, atomic_write_text, load_safely
+from dclang.checkpoints import CheckpointError, atomic_save, atomic_write_bytes, atomic_write_text, load_safely
 from dclang.diagnostics import Span, UserError
 from dclang.syntax import ast
-from dclang.syntax.format import format_module
+from dclang.syntax.format import format_module, format_value
 
 RUN_FORMAT = "dclang-run/1"
+MANIFEST = "dclang-run.json"
+#: what a run folder of a dclang without manifests held
+_RUN_FILES = {"graph.kt", "graph.svg", "metrics.jsonl", "summary.json", "checkpoints", "curves"}
 _NOWHERE = Span(0, 0, 0, 0)
 
 
@@ -98,6 +111,8 @@ def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
                  for key, on in (("target", spec.target), ("frozen", spec.declared_frozen)) if on]
         if spec.init is not None:
             attrs.append(ast.Attribute(_name("init"), ast.String(spec.init, _NOWHERE), _NOWHERE))
+        if spec.is_ensemble:
+            attrs.append(ast.Attribute(_name("combine"), ast.Ident(spec.combine, _NOWHERE), _NOWHERE))
         items.append(ast.NodeDecl(_name(name), model, tuple(attrs), _NOWHERE))
     for source, target, spec in graph.edges(data="spec"):
         args = {k: v for k, v in (*spec.loss_args().items(), ("weight", spec.weight)) if v != 1.0}
@@ -126,6 +141,45 @@ def graph_key(text: str) -> str:
     return format_module(ast.Module(items, module.comments))
 
 
+def graph_settings(text: str) -> dict[str, str]:
+    """Every setting, node and edge of a canonical `.kt` text by name (`train.epochs`,
+    `node s`, `edge t->s`), each as written: what a refused resume compares."""
+    from dclang.api import parse
+
+    out: dict[str, str] = {}
+    for item in parse(text).items:
+        if isinstance(item, ast.GraphDecl):
+            out["graph"] = item.name.text
+        elif isinstance(item, ast.DataBlock):
+            out["data"] = item.dataset.text
+            out.update({f"data.{s.key.text}": format_value(s.value) for s in item.settings})
+        elif isinstance(item, ast.TrainBlock):
+            out.update({f"train.{s.key.text}": format_value(s.value) for s in item.settings})
+        elif isinstance(item, ast.NodeDecl):
+            out[f"node {item.name.text}"] = _declared(item)
+        elif isinstance(item, ast.EdgeDecl):
+            out[f"edge {item.source.text}->{item.target.text}"] = _declared(item)
+    return out
+
+
+def _declared(item: ast.Item) -> str:
+    """What a node or edge line says after its `:` (`cnn_tiny [target]`, `through kl(T=2)`)."""
+    return " ".join(format_module(ast.Module((item,))).partition(" : ")[2].split())
+
+
+def setting_changes(old: object, new: str) -> list[str]:
+    """What differs between two canonical texts, one `name: was X, now Y` per setting ([]
+    when `old` is not a graph text at all)."""
+    from dclang.diagnostics import DiagnosticError
+
+    try:
+        before, after = graph_settings(old), graph_settings(new)
+    except (DiagnosticError, TypeError, AttributeError):
+        return []
+    return [f"{key}: was {before.get(key, '(none)')}, now {after.get(key, '(none)')}"
+            for key in [*before, *(k for k in after if k not in before)] if before.get(key) != after.get(key)]
+
+
 # ---------------------------------------------------------------- the folder
 
 
@@ -134,55 +188,186 @@ class RunDir:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.manifest = self.root / MANIFEST
         self.graph_kt = self.root / "graph.kt"
         self.graph_svg = self.root / "graph.svg"
         self.metrics = self.root / "metrics.jsonl"
         self.summary = self.root / "summary.json"
         self.last = self.root / "checkpoints" / "last.pt"
+        self.previous = self.root / "checkpoints" / "previous.pt"
         self.best = self.root / "checkpoints" / "best.pt"
 
+    # ------------------------------------------------------------ claiming the folder
+
+    def claim(self, graph_name: str) -> None:
+        """Make `root` this run's folder, before any work: refuse a path that is a file or
+        under one, and a folder that holds files dclang did not write (not empty, and no
+        manifest); then write the manifest, which also proves the folder writable."""
+        for folder in (self.root, *self.root.parents):
+            if folder.exists() and not folder.is_dir():
+                where = "is a file" if folder == self.root else f"is under {folder}, which is a file"
+                raise UserError(f"cannot write the run folder {self.root}: it {where}",
+                                "choose a folder for the run (dclang run -o DIR)")
+        if self.root.is_dir() and not self.manifest.is_file():
+            others = sorted(p.name for p in self.root.iterdir())
+            if "checkpoints" in others and set(others) <= _RUN_FILES:
+                raise UserError(f"{self.root} holds a run of an earlier dclang (it has no {MANIFEST}): its checkpoints "
+                                "carry no content hash, so it can be neither resumed nor overwritten",
+                                f"choose a new folder for the run (dclang run -o DIR), or delete {self.root}")
+            if others:
+                shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                raise UserError(f"{self.root} holds files dclang did not write ({shown}); dclang writes a run only "
+                                "into a new or empty folder, or a run folder of its own, so it never overwrites "
+                                "your files", "choose a new folder for the run, e.g. dclang run FILE -o runs/NAME")
+        if self.manifest.is_file():
+            self._check_manifest()
+        import dclang
+
+        self._write(self.manifest, lambda: atomic_write_text(json.dumps(
+            {"format": RUN_FORMAT, "graph": graph_name, "dclang": dclang.__version__}, indent=2) + "\n",
+            self.manifest), before_work=True)
+
+    def _check_manifest(self) -> None:
+        try:
+            manifest = json.loads(self.manifest.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            manifest = exc
+        if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
+            raise UserError(f"{self.manifest} is not a dclang run manifest (it should hold "
+                            f'{{"format": "{RUN_FORMAT}", ...}}), so {self.root} may not be a dclang run folder',
+                            "choose a new folder for the run (dclang run -o DIR), or delete that folder if it is "
+                            "a damaged run of yours")
+
+    # ------------------------------------------------------------ writing
+
+    def _write(self, path: Path, write, *, before_work: bool = False) -> None:
+        """Run `write` (an atomic write of `path`); an OSError (a full disk, a folder turned
+        read-only) becomes a UserError. The atomic write left the old file in place, so every
+        file of the last finished epoch is intact."""
+        try:
+            write()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            hint = ("choose a folder you can write to (dclang run -o DIR)" if before_work else
+                    "the files of the last finished epoch are intact: fix the cause (free some space), then "
+                    "continue the run with --resume")
+            raise UserError(f"cannot write {path}: {reason}", hint) from exc
+
     def write_graph(self, graph: nx.DiGraph, text: str) -> None:
-        """graph.kt, and graph.svg when `dot` can draw it (a picture is a convenience, never
-        a reason to fail a run)."""
-        atomic_write_text(text, self.graph_kt)
+        """graph.kt, and graph.svg when Graphviz's `dot` is installed (a missing `dot` is no
+        reason to fail a run)."""
+        self._write(self.graph_kt, lambda: atomic_write_text(text, self.graph_kt))
         if shutil.which("dot") is None:
             return
         try:
             from dclang.draw import render
         except ImportError:
             return
-        render(graph, self.graph_svg)
+        self._write(self.graph_svg, lambda: render(graph, self.graph_svg))
 
     def write_metrics(self, records: list[dict]) -> None:
         """The whole file each epoch (a few hundred lines at most): an append could tear."""
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in records), self.metrics)
-
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        self._write(self.metrics, lambda: atomic_write_text(text, self.metrics))
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.summary)
-
-    def read_summary(self) -> dict | None:
-        return json.loads(self.summary.read_text(encoding="utf-8")) if self.summary.is_file() else None
+        self._write(self.summary, lambda: atomic_write_text(json.dumps(summary, indent=2) + "\n", self.summary))
 
     def save_last(self, state: dict) -> None:
-        atomic_save({"format": RUN_FORMAT, **state}, self.last)
+        """last.pt, the one before kept as previous.pt (a hard link: no copy)."""
+        def save() -> None:
+            if self.last.is_file():
+                _link_over(self.last, self.previous)
+            atomic_save({"format": RUN_FORMAT, **state}, self.last)
+
+        self._write(self.last, save)
 
     def save_best(self, state: dict) -> None:
-        atomic_save({"format": RUN_FORMAT, **state}, self.best)
+        self._write(self.best, lambda: atomic_save({"format": RUN_FORMAT, **state}, self.best))
+
+    # ------------------------------------------------------------ reading back
+
+    def _damaged(self, path: Path, what: str) -> UserError:
+        return UserError(f"{path}: {what}", f"dclang writes this file whole, so something else changed it; restore "
+                         f"it, or delete the run folder {self.root} and run again")
+
+    def read_metrics(self) -> list[dict]:
+        """The records of metrics.jsonl, each checked: a JSON object, epochs 1, 2, ... in turn."""
+        if not self.metrics.is_file():
+            return []
+        try:
+            lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._damaged(self.metrics, f"cannot be read ({exc})") from exc
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise self._damaged(self.metrics, f"line {number} is not a JSON record ({exc.msg} at column "
+                                    f"{exc.colno})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("nodes"), dict):
+                raise self._damaged(self.metrics, f"line {number} is not an epoch record (a JSON object with "
+                                    f"`epoch` and `nodes`)")
+            if record.get("epoch") != len(records) + 1:
+                raise self._damaged(self.metrics, f"line {number} is epoch {record.get('epoch')!r}, expected "
+                                    f"epoch {len(records) + 1}")
+            records.append(record)
+        return records
+
+    def read_summary(self) -> dict | None:
+        """summary.json (None when there is none yet), checked to be a run summary."""
+        if not self.summary.is_file():
+            return None
+        try:
+            summary = json.loads(self.summary.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._damaged(self.summary, f"is not valid JSON ({exc})") from exc
+        if not isinstance(summary, dict) or not isinstance(summary.get("nodes"), dict):
+            raise self._damaged(self.summary, "is not a run summary (a JSON object with `nodes`)")
+        return summary
 
     def load_last(self) -> dict:
-        """`checkpoints/last.pt`, or a UserError saying why it cannot resume this run."""
+        """`checkpoints/last.pt`, or a UserError saying why it cannot resume this run and,
+        when previous.pt is intact, that it can resume from there."""
         try:
-            state = load_safely(self.last)
+            state = _run_checkpoint(self.last)
         except CheckpointError as exc:
-            raise UserError(f"cannot resume from {self.last}: it {exc}",
-                            f"{exc.help}; delete {self.root} to start the run afresh") from exc
-        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
-            raise UserError(f"cannot resume from {self.last}: it is not a dclang run checkpoint",
-                            f"delete {self.root} to start the run afresh")
+            fallback = self._intact_previous()
+            hint = (f"{self.previous} (epoch {fallback}) is intact: copy it over {self.last} to resume from "
+                    f"epoch {fallback}, or delete {self.root} to start the run afresh" if fallback else
+                    f"{exc.help}; delete {self.root} to start the run afresh")
+            raise UserError(f"cannot resume from {self.last}: it {exc}", hint) from exc
         return state
 
+    def _intact_previous(self) -> int | None:
+        """The epoch of previous.pt when it is intact, else None."""
+        if not self.previous.is_file():
+            return None
+        try:
+            return _run_checkpoint(self.previous).get("epoch")
+        except CheckpointError:
+            return None
+
+
+def _run_checkpoint(path: Path) -> dict:
+    """A run checkpoint: its content hash checked, its format dclang's."""
+    state = load_safely(path, require_hash=True)
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise CheckpointError("is not a dclang run checkpoint", "E601", "it was not written by dclang run")
+    return state
+
+
+def _link_over(source: Path, target: Path) -> None:
+    """`target` becomes the file `source` is now, atomically (a hard link renamed over it;
+    a copy where the file system has no hard links)."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write_bytes(source.read_bytes(), target)
+        return
+    os.replace(tmp, target)

@@ -1,5 +1,5 @@
 # edge_into_ensemble.kt: an ensemble is only a source (and not trained yet at all)
-# expect: E311 E313
+# expect: E313
 graph edge_into_ensemble
 data digits { val_split = 300 }
 node a : cnn_tiny [target]

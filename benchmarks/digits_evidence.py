@@ -1,0 +1,150 @@
+"""Does knowledge transfer help on digits? The target's test accuracy at its best validation
+epoch, mean +/- sample std over seeds, for the graphs dclang can now write:
+
+    solo           the student alone, from the labels
+    KD             + a frozen cnn_small teacher at T = 2 (pre-trained on labels, cached)
+    KD + AT        + attention transfer from the teacher's last convolutional stage (only
+                   when the `at` loss and layer endpoints exist in this dclang)
+    DML            the student and a cnn_small peer learning mutually
+    DML + ensemble DML with both taught by their ensemble (mean of logits) at T = 2
+    ensemble       that ensemble itself (its own best validation epoch)
+
+The student is `cnn_tiny` throughout (1,442 parameters), every graph has the same data
+split, training settings and seeds, and nothing is selected on the test set.
+
+    OMP_NUM_THREADS=1 python benchmarks/digits_evidence.py --epochs 10 --seeds 0 1 2
+
+Runs in-process with `dclang.train.train_graph` (the library `dclang run` calls), one thread,
+teachers cached in a temporary folder; it prints a markdown table and, with `--json`, writes
+every run's summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEADER = """\
+graph {name}
+data digits {{ augment = pad_crop  pad = 1  val_split = 800 }}
+train {{
+  epochs = {epochs}
+  batch = 64
+  optimizer = sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)
+  schedule = cosine
+}}
+"""
+
+SOLO = """\
+node student : cnn_tiny [target]
+label -> student : through
+"""
+
+KD = """\
+node student : cnn_tiny [target]
+node teacher : cnn_small [frozen]
+label   -> student : through
+teacher -> student : through kl(T=2)
+"""
+
+DML = """\
+node student : cnn_tiny [target]
+node peer    : cnn_small
+label   -> student : through
+label   -> peer    : through
+peer    -> student : through
+student -> peer    : through
+"""
+
+DML_ENSEMBLE = DML.replace("node peer    : cnn_small\n", "node peer    : cnn_small\nnode ens     : ensemble(student, peer)\n") + """\
+ens -> student : through kl(T=2)
+ens -> peer    : through kl(T=2)
+"""
+
+
+def kd_at() -> str | None:
+    """KD plus `at` between the two networks' last convolutional stages, if this dclang has
+    the `at` loss and layer endpoints; else None."""
+    from dclang import registry
+    from dclang.api import check
+
+    if "at" not in getattr(registry, "LOSSES", {}):
+        return None
+    text = KD + "teacher.{tap} -> student.{tap} : through at(p=2)\n"
+    for tap in ("conv2", "layer2", "features", "pool"):
+        candidate = text.format(tap=tap)
+        if check(HEADER.format(name="probe", epochs=1) + candidate).ok:
+            return candidate
+    return None
+
+
+def run(graphs: dict[str, tuple[str, dict[str, str]]], *, epochs: int, seeds: list[int], out: Path | None) -> dict:
+    """Train each graph once per seed; each of its rows reads one node's test accuracy at
+    that node's best validation epoch."""
+    import torch
+
+    from dclang.api import check
+    from dclang.data import load_dataset
+    from dclang.train import train_graph
+
+    torch.set_num_threads(1)
+    dataset = load_dataset("digits", data_dir=None, val_split=800, split_seed=0)
+    results: dict[str, list[float]] = {}
+    summaries = []
+    with tempfile.TemporaryDirectory() as cache:
+        for graph, (body, rows) in graphs.items():
+            name = graph.lower().replace(" + ", "_").replace(" ", "_")
+            checked = check(HEADER.format(name=name, epochs=epochs) + body)
+            if not checked.ok:
+                raise SystemExit(f"{graph}: the graph does not check:\n{checked.diagnostics}")
+            for seed in seeds:
+                started = time.perf_counter()
+                summary = train_graph(checked.graph, run_dir=None, device="cpu", seed=seed, progress=False,
+                                      dataset=dataset, teacher_cache=Path(cache)).summary
+                summaries.append({"graph": graph, "seed": seed, "summary": summary})
+                for row, node in rows.items():
+                    acc = summary["nodes"][node]["test_at_best_val"]
+                    results.setdefault(row, []).append(acc)
+                    print(f"{row:30s} seed {seed}: {100 * acc:.2f} ({time.perf_counter() - started:.0f}s)",
+                          file=sys.stderr, flush=True)
+    if out is not None:
+        out.write_text(json.dumps(summaries, indent=1, default=str), encoding="utf-8")
+    return results
+
+
+def table(results: dict[str, list[float]]) -> str:
+    lines = ["| graph | target test % at best val (mean ± std) | per seed |", "|---|---|---|"]
+    for row, accs in results.items():
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {row} | {100 * statistics.mean(accs):.2f} ± {100 * std:.2f} | "
+                     + ", ".join(f"{100 * a:.2f}" for a in accs) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json", type=Path, default=None, help="write every run's summary here")
+    args = parser.parse_args()
+    graphs = {"solo": (SOLO, {"solo": "student"}), "KD": (KD, {"KD": "student"})}
+    at = kd_at()
+    if at is None:
+        print("KD + AT skipped: this dclang has no `at` loss with layer endpoints", file=sys.stderr)
+    else:
+        graphs["KD + AT"] = (at, {"KD + AT": "student"})
+    graphs["DML"] = (DML, {"DML": "student"})
+    graphs["DML + ensemble"] = (DML_ENSEMBLE, {"DML + ensemble": "student",
+                                               "ensemble (of DML + ensemble)": "ens"})
+    results = run(graphs, epochs=args.epochs, seeds=args.seeds, out=args.json)
+    print(f"digits, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}:")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Curves over epochs, drawn with matplotlib (Agg, no display): one run's per-node curves,
+written into its run folder at the end of `dclang run`, and the line style `dclang report`
+shares with them.
+
+Lines of several nodes or edges often lie on top of each other (two edges whose gates pass
+every sample both read 1.0): each line gets its own marker and dash pattern and is drawn
+half-transparent, so a line under another still shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", "-.", ":")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; works without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_line(ax, epochs, values, label: str, k: int, std=None) -> None:
+    """Line number `k` of a panel: its own marker and dashes, 0.75 opaque, with a band of
+    ± `std` when given (several runs); a None value (a frozen node's loss) leaves a gap."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ys = [float("nan") if v is None else v for v in values]
+    line, = ax.plot(epochs, ys, label=label, marker=MARKERS[k % len(MARKERS)], markersize=4,
+                    linestyle=DASHES[(k // len(MARKERS) + k) % len(DASHES)], alpha=0.75)
+    if std is not None:
+        ax.fill_between(epochs, [y - s for y, s in zip(ys, std)], [y + s for y, s in zip(ys, std)],
+                        color=line.get_color(), alpha=0.15)
+
+
+def save(fig, path: Path) -> Path:
+    """Write the figure whole or not at all (a temporary file renamed over `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # processes of one run may race
+    fig.savefig(partial, dpi=110, format=path.suffix.lstrip("."))
+    os.replace(partial, path)
+    return path
+
+
+def _percent(values):
+    return [None if v is None else 100 * v for v in values]
+
+
+def write_node_curves(run_dir: Path) -> list[Path]:
+    """RUN_DIR/curves/NODE.png for every node of a run: its train, val and test accuracy,
+    and its train loss, over the epochs of metrics.jsonl. Returns the files written."""
+    from dclang.train.rundir import RunDir
+
+    records = RunDir(run_dir).read_metrics()
+    if not records:
+        return []
+    plt = pyplot()
+    epochs = [r["epoch"] for r in records]
+    written = []
+    for node in records[-1]["nodes"]:
+        stats = [r["nodes"][node] for r in records]
+        fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        for k, (key, label) in enumerate((("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test"))):
+            values = [s[key] for s in stats]
+            if any(v is not None for v in values):
+                draw_line(acc_ax, epochs, _percent(values), label, k)
+        acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{node}: accuracy")
+        acc_ax.legend()
+        losses = [s["train_loss"] for s in stats]
+        if any(v is not None for v in losses):
+            draw_line(loss_ax, epochs, losses, "train", 0)
+            loss_ax.legend()
+            loss_ax.set(title=f"{node}: loss")
+        else:
+            loss_ax.set(title=f"{node}: frozen, no training loss")
+        loss_ax.set(xlabel="epoch", ylabel="loss")
+        for ax in (acc_ax, loss_ax):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(save(fig, Path(run_dir) / "curves" / f"{_file_name(node)}.png"))
+        plt.close(fig)
+    return written
+
+
+def _file_name(name: str) -> str:
+    """A node name is a .kt name (letters, digits, `_`); anything else becomes `_`."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+
+
+__all__ = ["draw_line", "pyplot", "save", "write_node_curves"]
