@@ -120,7 +120,7 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     """
     first = edges[0]
     if any(edge_group_key(e) != edge_group_key(first) for e in edges):
-        raise ValueError(f"edges of one group must share source kind, loss, T, gate and weight: "
+        raise ValueError(f"edges of one group must share source kind, loss and its arguments, gate and weight: "
                          f"{[e.key for e in edges]}")
     per_sample = logit_per_sample(first, source_logits, target_logits, labels)
     weights = gate_weights(first.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
