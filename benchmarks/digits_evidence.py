@@ -69,13 +69,13 @@ ens -> peer    : through kl(T=2)
 
 
 KD_AT = KD + """\
-teacher.conv1 -> student.conv1 : through at(p=2, weight=500)
-teacher.conv2 -> student.conv2 : through at(p=2, weight=500)
+teacher.conv1 -> student.conv1 : through at(p=2, weight=30)
+teacher.conv2 -> student.conv2 : through at(p=2, weight=30)
 """
 
 
 def kd_at() -> str | None:
-    """KD plus attention transfer at both full-resolution conv blocks (8x8 on digits, like
+    """KD plus attention transfer at both full-resolution conv blocks (8x8 on digits, with
     examples/digits_attention.kt's weight), when this dclang has the `at` loss and layer
     endpoints (the graph then checks); else None."""
     from dclang.api import check
