@@ -154,6 +154,37 @@ def test_fused_equals_reference_with_ensembles(float64):
     assert set(ref_stats[0].node_correct) == set("abdcef") and set(ref_stats[0].node_loss) == set("abd")
 
 
+# ensembles beside edges between layers: a FitNets connector (b's 64 channels onto a's 16),
+# attention transfer from the frozen c, similarity-preserving from a to b, each gated
+MIXED = GRAPH.split("node a :")[0] + """
+node a : cnn_tiny [target]
+node b : cnn_small
+node c : cnn_tiny [frozen]
+node e : ensemble(a, b, c) [combine=mean_probs]
+label -> a : through
+label -> b : linear
+b -> a : through kl(T=3)
+a -> b : correct
+e -> a : correct kl(T=2)
+e -> b : through
+b.conv2 -> a.conv2 : correct hint()
+c.conv1 -> a.conv1 : through at(p=2, weight=30)
+a.conv2 -> b.conv2 : linear sp()
+"""
+
+
+def test_fused_equals_reference_with_ensembles_and_layer_edges(float64):
+    data = batches()
+    reference, fused = compiled(MIXED, engine="reference"), compiled(MIXED, engine="fused")
+    assert any(n.startswith("dclang_connectors") for n, _ in fused.models["a"].named_parameters())
+    ref_stats, fused_stats = train(reference, data), train(fused, data)
+    assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)
+    for ref, fus in zip(ref_stats, fused_stats):
+        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
+            assert_tree_close(getattr(fus, field), getattr(ref, field), field, **TIGHT)
+    assert set(ref_stats[0].node_correct) == set("abce")
+
+
 def test_hfta_with_ensembles_equals_fused(float64):
     text = GRAPH.replace("node b : mlp", "node b : cnn_tiny")  # a, b, d: one HFTA group
     data = batches()
