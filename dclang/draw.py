@@ -74,7 +74,9 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
         model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple) else o
                                                    for o in spec.model.options), spec.model.span)
                       if isinstance(spec.model, Open) else spec.model)
-    lines = [spec.name, model]
+    # a model's arguments one per line under its name, so a circle stays small
+    name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
+    lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
     if params and spec.name in params:

@@ -23,6 +23,7 @@ from dclang import registry
 from dclang.diagnostics import Span
 from dclang.ensembles import DEFAULT_COMBINE
 from dclang.syntax import ast
+from dclang.syntax.format import format_call
 
 LABEL = registry.LABEL
 #: the option of an ensemble node's `choice(...)` that leaves the node out of the trial
@@ -50,7 +51,7 @@ class Site:
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
-    model: Any  # str, Open, or tuple of member names for an ensemble
+    model: Any  # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
     target: bool = False
     combine: Any = None  # an ensemble's `combine` (str or Open); None for other nodes
     declared_frozen: bool = False
@@ -220,6 +221,8 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             model = tuple(m.text for m in decl.model.members)
         elif isinstance(decl.model, ast.Choice):
             model = plain(decl.model, f"{name}.model")
+        elif isinstance(decl.model, ast.Call):  # the canonical text is the model's identity
+            model = format_call(decl.model)
         else:
             model = decl.model.text
         init = decl.attribute("init")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dclang import registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.diagnostics import suggest
-from dclang.ir import LABEL, NO_NODE, expand_edges
+from dclang.ir import LABEL, expand_edges
+from dclang.passes.check_models import check_model
 from dclang.syntax import ast
 from dclang.syntax.format import format_value
 
@@ -44,12 +45,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
             declared[name] = decl
 
     for decl in nodes:
-        for word in _choice_names(decl.model):
-            if decl.is_ensemble or _text(word) == NO_NODE:
-                continue  # the options of an ensemble's choice: check_ensembles
-            if not registry.is_model(_text(word)):
-                out.append(error("E200", f"unknown model `{_text(word)}`", word.span, "no model with this name",
-                                 help=did_you_mean(_text(word), registry.MODELS, "models")))
+        out += check_model(decl)
         seen_attrs: set[str] = set()
         for attr in decl.attributes:
             key = attr.name.text

@@ -134,7 +134,10 @@ class Attribute:
     span: Span = field(compare=False)
 
 
-ModelExpr = Union[Name, Choice, Ensemble]
+#: a model by name (`resnet32`, `torchvision.resnet18`: the Name's text is the dotted path),
+#: with the constructor's arguments (a Call: `torchvision.resnet18(weights="DEFAULT")`), a
+#: choice of names, or an ensemble
+ModelExpr = Union[Name, Call, Choice, Ensemble]
 GateExpr = Union[Name, Choice]
 
 

@@ -41,7 +41,7 @@ def format_call(call: ast.Call) -> str:
 def _model(expr: ast.ModelExpr) -> str:
     if isinstance(expr, ast.Ensemble):
         return "ensemble(" + ", ".join(m.text for m in expr.members) + ")"
-    if isinstance(expr, ast.Choice):
+    if isinstance(expr, (ast.Choice, ast.Call)):
         return format_value(expr)
     return expr.text
 

@@ -101,10 +101,18 @@ class _ToAst(Transformer):
         attributes = children[2] if len(children) > 2 else ()
         return ast.NodeDecl(_name(children[0]), children[1], attributes, Span.from_meta(meta))
 
-    def model_name(self, meta, children):
-        return _name(children[0])
+    def model_path(self, meta, children):
+        """`resnet32` or `torchvision.resnet18`: one Name whose text is the dotted path."""
+        return ast.Name(".".join(str(c) for c in children), Span.from_meta(meta))
 
-    gate_name = model_name
+    def model_name(self, meta, children):
+        return children[0]
+
+    def model_call(self, meta, children):
+        return ast.Call(children[0], tuple(children[1:]), Span.from_meta(meta))
+
+    def gate_name(self, meta, children):
+        return _name(children[0])
 
     def ensemble(self, meta, children):
         return ast.Ensemble(tuple(_name(c) for c in children), Span.from_meta(meta))
