@@ -170,3 +170,46 @@ def test_counts_agree_with_a_brute_force_over_realized_samples():
 def test_count_refuses_a_space_over_its_limit():
     with pytest.raises(ValueError, match="128 samples"):
         count_distinct(graph_of(TEMPLATE), limit=100)
+
+
+#: four samples, three graphs: (mlp, cnn_tiny) and (cnn_tiny, mlp) are mirrors
+MIRRORED = HEAD + """\
+node n1 : mlp [target]
+node n2 : choice(mlp, cnn_tiny)
+node n3 : choice(mlp, cnn_tiny)
+label -> n1 : through
+n2 -> n1 : through
+n3 -> n1 : through
+label -> n2 : through
+label -> n3 : through
+"""
+
+
+def test_a_search_trains_a_mirror_once_and_says_so(tmp_path, run_search, study_trials):
+    import csv
+
+    from optuna.trial import TrialState
+
+    template, out = tmp_path / "mirrored.kt", tmp_path / "out"
+    template.write_text(MIRRORED.replace("graph g", "graph mirrored"))
+    # 30 draws of 4 samples: both mirrors are drawn but with probability 2 × 0.75^30 < 4e-4
+    done = run_search("--template", template, "--trials", 30, "--workers", 1, "-o", out, "--trainer",
+                      "fake_trainer:train")
+    assert done.returncode == 0, done.stderr
+    trials, _ = study_trials(out / "study.journal", "mirrored")
+    trained = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               and "duplicate_of" not in t.user_attrs]
+    assert len(trained) == 3  # three distinct graphs, each trained once (to completion or a rung)
+    renamed = [t for t in trials if "renamed" in t.user_attrs]
+    assert renamed
+    by_number = {t.number: t for t in trials}
+    rows = {int(r["trial"]): r for r in csv.DictReader((out / "leaderboard.csv").open())}
+    for t in renamed:
+        original = by_number[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["renamed"] == {"n2": "n3", "n3": "n2"}
+        assert {t.params["n2.model"], t.params["n3.model"]} == {"mlp", "cnn_tiny"}
+        assert (t.params["n2.model"], t.params["n3.model"]) == (original.params["n3.model"],
+                                                              original.params["n2.model"])
+        assert t.user_attrs["graph"] == original.user_attrs["graph"] and t.value == original.value
+        assert rows[t.number]["same_as"] == str(original.number)
+        assert "with n2 as n3, n3 as n2" in rows[t.number]["note"]

@@ -53,6 +53,13 @@ def _teacher_checkpoint(case: str, folder: Path) -> None:
     if case in ("ckpt_wrong_model", "ckpt_wrong_classes"):
         state = build_model("cnn_tiny", 10, 1, 8).state_dict()
         torch.save(node_checkpoint("cnn_tiny", 10, state), path)
+    elif case == "ckpt_tampered":  # written by dclang, then one byte of the weights changed
+        from dclang.checkpoints import atomic_save
+
+        atomic_save(node_checkpoint("cnn_small", 10, build_model("cnn_small", 10, 1, 8).state_dict()), path)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
     elif case == "ckpt_bare_state_dict_mismatch":
         torch.save(build_model("mlp", 10, 1, 8).state_dict(), path)
     else:

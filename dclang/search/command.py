@@ -75,6 +75,13 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
               help="Epoch of the first rung; rungs at min_resource × eta^k (default 1).")
 @click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Pre-trained frozen teachers, shared by the workers (default OUT/teachers).")
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="K: trials each worker trains at once, in one process (see docs/search.md).")
+@click.option("--hfta", is_flag=True,
+              help="Fuse each trial's nodes of one architecture (HFTA); implies the packed worker loop.")
+@click.option("--plan", is_flag=True,
+              help="Print the search's cost plan (space, distinct graphs, ASHA's epochs, time for D workers and "
+                   "pack K), measured on synthetic batches; trains nothing and needs no data.")
 @click.option("--trainer", hidden=True, help="module:function replacing dclang's train_graph (tests).")
 @click.option("--slot", type=int, hidden=True, help="This worker's number among the parent's workers.")
 @click.pass_context
@@ -82,20 +89,28 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                    output: Path | None, epochs: int | None, device: str, data_dir: Path | None,
                    storage: str | None, study_name: str | None, resume: bool, as_worker: bool, top_k: int,
                    sampler: str | None, seed: int | None, pruner: str | None, eta: int | None,
-                   min_resource: int | None, teacher_cache: Path | None, trainer: str | None,
-                   slot: int | None) -> None:
+                   min_resource: int | None, teacher_cache: Path | None, pack: int, hfta: bool, plan: bool,
+                   trainer: str | None, slot: int | None) -> None:
     """Search a template's choice(...) sites for the graph whose target is most accurate
     on the validation split: random sampling (or TPE) with ASHA early stopping (paper 3.5)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = str(data_dir) if data_dir else None
+    if plan:
+        if template is None:
+            raise click.UsageError("--plan needs --template T.kt")
+        from dclang.search.plan import print_plan
+
+        print_plan(template, trials=trials or 100, workers=max(workers, 1), pack=pack, epochs=epochs, device=device,
+                   eta=eta or 2, min_resource=min_resource or 1, pruner=pruner or "asha", hfta=hfta)
+        return
     if as_worker:
-        _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot)
+        _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, hfta)
         return
     if output is None:
         raise click.UsageError("give the output folder with -o OUT")
-    from dclang.search.folder import RECORD, read_record, write_record
+    from dclang.search.folder import RECORD, make_folder, read_record, write_record
     from dclang.search.study import load_study, open_storage, redact, set_trial_budget
 
     if resume:
@@ -120,6 +135,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         if (output / RECORD).exists():
             raise UserError(f"{output} already holds a search", f"continue it with `dclang search --resume -o "
                                                                  f"{output}`, or choose another -o")
+        make_folder(output)
         storage = storage or str(output / "study.journal")
         study, config = _create(template, trials, storage, study_name, epochs=epochs, sampler=sampler, seed=seed,
                                 pruner=pruner, eta=eta, min_resource=min_resource)
@@ -132,6 +148,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
     worker_args = ["--storage", storage, "--study", study_name, "--teacher-cache", str(cache)]
     worker_args += ["--data-dir", data] if data else []
     worker_args += ["--trainer", trainer] if trainer else []
+    worker_args += ["--pack", str(pack)] + ["--hfta"] * hfta
     if workers == 0:
         _say(f"waiting for workers: on each machine run `dclang search --worker --storage {redact(storage)} "
              f"--study {study_name}`")
@@ -149,7 +166,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                                              f"continue with `dclang search --resume -o {output}`")
 
 
-def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot) -> None:
+def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, hfta) -> None:
     """`--worker`: everything about the study comes from the study."""
     given = _flags_given(ctx, _STUDY_FLAGS + ("trials", "resume", "top_k", "workers"))
     if given:
@@ -165,8 +182,13 @@ def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer
 
         teacher_cache = output / "teachers" if output else default_cache()
     label = f"local-{slot}" if slot is not None else f"{socket.gethostname()}-{os.getpid()}"
+    options = None
+    if hfta:
+        from dclang.compile import StepOptions
+
+        options = StepOptions(hfta=True)
     run_worker(storage, study_name, worker=label, device=device, data_dir=data, teacher_cache=teacher_cache,
-               trainer=trainer, slot=slot)
+               trainer=trainer, slot=slot, pack=pack, options=options)
 
 
 def _create(template: Path, trials: int, storage: str, study_name: str | None, **flags):

@@ -37,6 +37,18 @@ def _relative(path: str | Path, folder: Path) -> str:
     return os.path.relpath(Path(path).resolve(), folder.resolve())
 
 
+def make_folder(folder: Path) -> None:
+    """Create the output folder of a new search before any work, or say why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dclang-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the search folder {folder}: {exc.strerror or exc}",
+                        "give a folder you can write to with -o") from None
+
+
 def write_record(folder: Path, *, study: str, storage: str, template: Path) -> None:
     """search.json of a new search; journal and template paths relative to `folder`."""
     from dclang.checkpoints import atomic_write_text
@@ -83,4 +95,4 @@ def _problem(record) -> str:
     return ""
 
 
-__all__ = ["RECORD", "SearchRecord", "is_url", "read_record", "write_record"]
+__all__ = ["RECORD", "SearchRecord", "is_url", "make_folder", "read_record", "write_record"]

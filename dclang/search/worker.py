@@ -23,12 +23,13 @@ Intermediate values are the target's validation accuracy, step = epoch (1-based)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -57,6 +58,12 @@ INTERRUPTED = "interrupted (SIGINT or SIGTERM)"
 def say(message: str) -> None:
     """A line for the worker's log (stderr): the worker's stdout is not a result anyone reads."""
     print(message, file=sys.stderr, flush=True)
+
+
+class Waiting(NamedTuple):
+    """A sample whose graph an earlier trial is still training: settle it once that ends."""
+
+    sample: Realized
 
 
 class InvalidSample(Exception):
@@ -116,24 +123,15 @@ class Objective:
         return self.datasets[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial
-        trial.set_user_attr("owner", owner(self.worker))
-        reap(self.study)
+        with self.recording(trial):
+            sample = self.begin(trial)
+            return sample if not isinstance(sample, Realized) else self._train(trial, sample)
+
+    @contextlib.contextmanager
+    def recording(self, trial: optuna.Trial) -> Iterator[None]:
+        """Note on the trial why it fails: `error` for an exception, `failed` for a stop."""
         try:
-            params = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space}
-            sample = realize(self.template, params, space=self.space, path=self.config.template_path)
-            key = canonical_key(sample.checked.graph) if sample.ok else sample.key
-            trial.set_user_attr("kt", sample.text)
-            trial.set_user_attr("graph", key)
-            if sample.dropped:
-                trial.set_user_attr("dropped", list(sample.dropped))
-            if not sample.ok:
-                trial.set_user_attr("invalid", sample.problem)
-                raise InvalidSample(sample.problem.splitlines()[0])
-            earlier = self._same_graph(trial, key)
-            if earlier is not None:
-                return self._copy(trial, earlier, sample)
-            return self._train(trial, sample)
+            yield
         except (optuna.TrialPruned, InvalidSample, UpdateFinishedTrialError):
             raise
         except KeyboardInterrupt:
@@ -143,21 +141,45 @@ class Objective:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             raise
 
-    def _same_graph(self, trial: optuna.Trial, key: str) -> FrozenTrial | None:
-        """The earliest trial that trained this graph, waiting while it is still running.
+    def begin(self, trial: optuna.Trial, *, wait: bool = True) -> Realized | float | Waiting:
+        """Sample the trial's graph: the sample to train, or the value copied from an earlier
+        trial of the same graph (TrialPruned when that one was pruned, InvalidSample for a
+        graph that cannot train). While that earlier trial runs, wait for it, or with
+        `wait=False` return `Waiting` (a packed worker may be the one training it)."""
+        self.current = trial
+        trial.set_user_attr("owner", owner(self.worker))
+        reap(self.study)
+        params = {p.name: trial.suggest_categorical(p.name, p.choices) for p in self.space}
+        sample = realize(self.template, params, space=self.space, path=self.config.template_path)
+        key = canonical_key(sample.checked.graph) if sample.ok else sample.key
+        trial.set_user_attr("kt", sample.text)
+        trial.set_user_attr("graph", key)
+        if sample.dropped:
+            trial.set_user_attr("dropped", list(sample.dropped))
+        if not sample.ok:
+            trial.set_user_attr("invalid", sample.problem)
+            raise InvalidSample(sample.problem.splitlines()[0])
+        return self.settle(trial, sample, wait=wait)
+
+    def settle(self, trial: optuna.Trial, sample: Realized, *, wait: bool = True) -> Realized | float | Waiting:
+        """The sample to train, or the earliest trial of the same graph's copied value; while
+        that one is still running, wait (or return `Waiting`).
 
         Only earlier-numbered trials count, so two workers that draw one graph at the same
         moment never wait on each other: the later one waits, the earlier one trains.
         """
+        key = trial.user_attrs["graph"]
         while True:
             same = [t for t in self.study.get_trials(deepcopy=False)
                     if t.number < trial.number and t.user_attrs.get("graph") == key
                     and "duplicate_of" not in t.user_attrs]
             done = [t for t in same if t.state in COUNTED]
             if done:
-                return min(done, key=lambda t: t.number)
+                return self._copy(trial, min(done, key=lambda t: t.number), sample)
             if not any(t.state == TrialState.RUNNING for t in same):
-                return None
+                return sample
+            if not wait:
+                return Waiting(sample)
             time.sleep(WAIT_POLL)
             reap(self.study)
 
@@ -180,7 +202,15 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, sample: Realized) -> float:
         graph = sample.checked.graph
-        target = graph.graph["target"]
+        on_epoch, metrics = self.reporter(trial, graph.graph["target"])
+        self.trainer(graph, run_dir=None, device=self.device, data_dir=self.data_dir, on_epoch=on_epoch,
+                     progress=False, teacher_cache=self.teacher_cache,
+                     dataset=self.dataset(graph) if self.preload else None)
+        return self.result(graph, metrics)
+
+    def reporter(self, trial: optuna.Trial, target: str) -> tuple[Callable[[int, dict], None], list[dict]]:
+        """The trainer's `on_epoch` for a trial, and the per-epoch metrics it records: report
+        the target's val accuracy, let the pruner decide."""
         last = self.config.epochs
         metrics: list[dict] = []
 
@@ -199,12 +229,13 @@ class Objective:
             if epoch < last and trial.should_prune():
                 raise optuna.TrialPruned(f"val accuracy {acc:.4f} at epoch {epoch} is below its rung's cut")
 
-        self.trainer(graph, run_dir=None, device=self.device, data_dir=self.data_dir, on_epoch=on_epoch,
-                     progress=False, teacher_cache=self.teacher_cache,
-                     dataset=self.dataset(graph) if self.preload else None)
+        return on_epoch, metrics
+
+    @staticmethod
+    def result(graph, metrics: list[dict]) -> float:
         if not metrics:
             raise RuntimeError("the trainer returned without finishing an epoch")
-        return metrics[-1]["val_acc"][target]
+        return metrics[-1]["val_acc"][graph.graph["target"]]
 
     def after(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's per-trial callback: stop a worker whose trials keep failing."""
@@ -229,7 +260,7 @@ def renaming(sample: Realized, earlier: FrozenTrial) -> dict[str, str]:
     if text == sample.trained_text:
         return {}
     mapping = same_up_to_names(sample.checked.graph, check(text).graph) or {}
-    return {a: b for a, b in mapping.items() if a != b}
+    return {a: b for a, b in sorted(mapping.items()) if a != b}
 
 
 def device_for(device: str, slot: int | None) -> str:
@@ -244,11 +275,13 @@ def device_for(device: str, slot: int | None) -> str:
 
 
 def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
-               teacher_cache: Path, trainer: str | None = None, slot: int | None = None) -> None:
+               teacher_cache: Path, trainer: str | None = None, slot: int | None = None, pack: int = 1,
+               options=None) -> None:
     """Work on the study until it has its trials; a stopped worker's trial is retried.
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
-    worker that joined by itself)."""
+    worker that joined by itself). `pack` > 1 trains that many trials at once in this process
+    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
@@ -266,6 +299,25 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         return
     say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
         f"{config.epochs} epochs, {config.trials} trials)")
+    if pack > 1 or options is not None:
+        from dclang.search.pack import work_packed
+
+        if not real:
+            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps",
+                            "leave out --trainer")
+        try:
+            work_packed(study, config, objective, size=pack, options=options)
+        except KeyboardInterrupt:
+            say(f"worker {worker}: stopped; its running trials are queued to run again")
+            raise
+    else:
+        _optimize(study, config, objective, worker, study_name)
+    if objective.stopped_because:
+        raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
+
+
+def _optimize(study: optuna.Study, config: StudyConfig, objective: Objective, worker: str, study_name: str) -> None:
+    """One trial at a time, through Optuna's own loop."""
     stop = optuna.study.MaxTrialsCallback(config.trials, states=COUNTED)
     try:
         while True:
@@ -291,8 +343,6 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
                 retry(study, frozen)
         say(f"worker {worker}: stopped; its running trial is queued to run again")
         raise
-    if objective.stopped_because:
-        raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
 
 
 __all__ = ["InvalidSample", "Objective", "load_trainer", "run_worker"]

@@ -1,0 +1,382 @@
+"""`dclang search --plan`: what a search will cost, before it runs.
+
+    dclang search --template examples/search3.kt --trials 1500 --workers 1 --pack 8 --plan
+
+Nothing is trained and no data is read. The plan prints:
+
+- the search sites and the space's size, and its distinct graphs: trainable, up to renaming
+  (`equivalence`), after dead-node elimination, and both (counted exactly up to
+  `COUNT_LIMIT` samples; `python -m dclang.search.equivalence T.kt` counts any space);
+- ASHA's rungs and the epochs T trials are expected to train: simulated with Optuna's own
+  pruner (`StudyConfig.make_pruner`) on an in-memory study, D × K trials in flight, each
+  trial's accuracy curve drawn at random (a random level, rising with the epoch), averaged
+  over a few seeds. The pruner's rule decides, not an assumed formula;
+- seconds per epoch of the architecture mixes the space trains (the model nodes of sampled,
+  dead-node-free graphs), measured by compiling a sample of each mix on the chosen device and
+  timing a few steps on a synthetic batch of the dataset's shape, plus its evaluation on the
+  validation and test splits; with the threads a worker gets when D share the machine;
+- the estimated wall time for D workers and pack K: the simulated epochs times the mean
+  epoch time of the mixes (weighted by how often a sample trains each), divided over the D
+  workers, plus each trial's fixed cost (sampling, checking, compiling: measured) and a
+  worker's start (measured: a fresh Python importing torch).
+
+Left out, said in the output: pre-training frozen teachers (once per model per search, cached).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import networkx as nx
+
+from dclang.diagnostics import DiagnosticError, UserError
+
+#: spaces up to this many samples are counted exactly by the plan (about 10 s)
+COUNT_LIMIT = 150_000
+#: samples drawn to find the architecture mixes and how often each is trained
+MIX_SAMPLES = 400
+#: mixes measured (the most frequent); the rest are given the mean of those
+MIXES_MEASURED = 6
+#: timed steps per measurement, after the warm-up steps
+WARMUP_STEPS = 2
+TIMED_STEPS = 4
+#: seeds of the ASHA simulation averaged
+SIMULATIONS = 5
+#: (train, test) images of the official splits, before the validation split is carved out
+OFFICIAL_SIZES = {"digits": (1437, 360), "cifar10": (50000, 10000), "cifar100": (50000, 10000),
+                  "tinyimagenet": (100000, 10000)}
+
+
+# ---------------------------------------------------------------- ASHA, simulated
+
+
+@dataclass(frozen=True)
+class AshaForecast:
+    """What the pruner is expected to do with T trials: mean over simulated searches."""
+
+    rungs: list[int]
+    epochs: float  # epochs trained in all, mean
+    epochs_spread: tuple[int, int]  # min and max over the simulations
+    reached: list[float]  # mean number of trials reaching each rung, then the last epoch
+
+
+def simulate_asha(config, *, trials: int, in_flight: int, seeds: int = SIMULATIONS) -> AshaForecast:
+    """Run the study's pruner on an in-memory study with random accuracy curves.
+
+    `in_flight` trials run at once (D workers × pack K); each step advances every one of them
+    by an epoch, reports it and asks the pruner, as workers do. A trial's curve is a random
+    level times (1 - 2^-epoch) plus noise: trials keep roughly their rank from rung to rung,
+    which is what ASHA assumes of real ones."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rungs = config.rungs()
+    totals, reached = [], []
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        study = optuna.create_study(direction="maximize", pruner=config.make_pruner(),
+                                    sampler=optuna.samplers.RandomSampler(seed=seed))
+        started, epochs_trained, marks = 0, 0, Counter()
+        running: list[tuple[optuna.Trial, float, int]] = []
+        while running or started < trials:
+            while len(running) < in_flight and started < trials:
+                running.append((study.ask(), rng.random(), 0))
+                started += 1
+            still = []
+            for trial, level, epoch in running:
+                epoch += 1
+                epochs_trained += 1
+                marks[epoch] += 1
+                value = level * (1 - 0.5 ** epoch) + rng.gauss(0, 0.01)
+                trial.report(value, epoch)
+                if epoch == config.epochs:
+                    study.tell(trial, value)
+                elif trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                else:
+                    still.append((trial, level, epoch))
+            running = still
+        totals.append(epochs_trained)
+        reached.append([marks[r] for r in [*rungs, config.epochs]])
+    return AshaForecast(rungs, statistics.mean(totals), (min(totals), max(totals)),
+                        [statistics.mean(r[i] for r in reached) for i in range(len(rungs) + 1)])
+
+
+# ---------------------------------------------------------------- timing the mixes
+
+
+def mix_of(graph: nx.DiGraph) -> tuple[str, ...]:
+    """The architectures a trained graph computes: its model nodes' models, frozen marked."""
+    from dclang.ir import model_nodes
+
+    specs = [graph.nodes[n]["spec"] for n in model_nodes(graph)]
+    return tuple(sorted(f"{s.model}{' (frozen)' if s.frozen else ''}" for s in specs))
+
+
+def sample_mixes(template: nx.DiGraph, *, samples: int = MIX_SAMPLES, seed: int = 0
+                 ) -> tuple[Counter, dict[tuple[str, ...], nx.DiGraph]]:
+    """How often random samples train each mix (dead nodes dropped), and one graph of each."""
+    from dclang.search.equivalence import concrete, trainable_sample, without_dead_nodes
+
+    rng = random.Random(seed)
+    sites = template.graph["sites"]
+    counts: Counter = Counter()
+    examples: dict[tuple[str, ...], nx.DiGraph] = {}
+    for _ in range(samples):
+        graph = concrete(template, {s.name: rng.choice(s.options) for s in sites})
+        if not trainable_sample(graph):
+            continue
+        trained = without_dead_nodes(graph)
+        mix = mix_of(trained)
+        counts[mix] += 1
+        examples.setdefault(mix, trained)
+    return counts, examples
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a step of the dataset looks like, known without loading it."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    train: int
+    val: int
+    test: int
+    batch: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train // self.batch)
+
+
+def dataset_shape(graph: nx.DiGraph) -> Shape:
+    from dclang.data.catalog import DATASETS
+    from dclang.data.dataset import split_indices
+
+    data, train = graph.graph["data"], graph.graph["train"]
+    info = DATASETS.get(data.dataset)
+    if data.dataset not in OFFICIAL_SIZES or info is None:
+        raise UserError(f"--plan knows the size of {', '.join(OFFICIAL_SIZES)}, not of `{data.dataset}` "
+                        "(its size is in your files)", "plan a search on a built-in dataset")
+    official_train, test = OFFICIAL_SIZES[data.dataset]
+    train_idx, val_idx = split_indices(official_train, data.val_split, data.split_seed)
+    return Shape(info.num_classes, info.channels, info.image_size, len(train_idx), len(val_idx), test, train.batch)
+
+
+def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
+    """Seconds for one epoch of each of `graphs` trained in lockstep in one process (a pack):
+    a few synthetic steps of each, times the steps per epoch, plus each one's evaluation of
+    the validation and test splits."""
+    import torch
+
+    from dclang.compile import compile_graph
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(shape.batch, shape.channels, shape.image_size, shape.image_size,
+                         generator=generator).to(device)
+    labels = torch.randint(0, shape.num_classes, (shape.batch,), generator=generator).to(device)
+    steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
+                           image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
+                           epochs=max(1, g.graph["train"].epochs), options=options) for g in graphs]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(device.type == "cpu")  # as training runs
+    try:
+        return _timed(steps, images, labels, shape, device, generator, sync)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _timed(steps, images, labels, shape: Shape, device, generator, sync) -> float:
+    import torch
+
+    from dclang.train.loop import EVAL_CHUNK
+
+    for k in range(WARMUP_STEPS):  # allocations, optimizer state, library workspaces
+        for step in steps:
+            step.step(images, labels, k=k + 1)
+    sync()
+    started = time.perf_counter()
+    for k in range(TIMED_STEPS):
+        for step in steps:
+            step.step(images, labels, k=WARMUP_STEPS + k + 1)
+    sync()
+    per_step = (time.perf_counter() - started) / TIMED_STEPS
+    chunk = min(EVAL_CHUNK, shape.val + shape.test) or 1
+    eval_images = torch.randn(chunk, shape.channels, shape.image_size, shape.image_size,
+                              generator=generator).to(device)
+    eval_labels = torch.randint(0, shape.num_classes, (chunk,), generator=generator).to(device)
+    started = time.perf_counter()
+    for step in steps:
+        step.evaluate(eval_images, eval_labels, chunk)
+    sync()
+    per_image = (time.perf_counter() - started) / chunk
+    return per_step * shape.steps_per_epoch + per_image * (shape.val + shape.test)
+
+
+def trial_overhead(template_text: str, template_path: str, shape: Shape, device) -> float:
+    """Seconds a trial costs besides its epochs: sampling and checking its graph (`realize`),
+    computing its key and compiling its step. Measured on a few random samples."""
+    from dclang.api import parse
+    from dclang.compile import compile_graph
+    from dclang.search.equivalence import canonical_key
+    from dclang.search.space import realize, search_space
+
+    module = parse(template_text)
+    space = search_space(module)
+    rng = random.Random(1)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        sample = realize(module, {p.name: rng.choice(p.choices) for p in space}, space=space, path=template_path)
+        if sample.ok:
+            canonical_key(sample.checked.graph)
+            compile_graph(sample.checked.graph, num_classes=shape.num_classes, in_channels=shape.channels,
+                          image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
+                          epochs=1)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def worker_start_seconds() -> float:
+    """A fresh worker's start: Python importing torch, optuna and dclang's training code."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, optuna, dclang.train.loop, dclang.search.worker"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epochs: int | None, device: str,
+              eta: int, min_resource: int, pruner: str, hfta: bool = False,
+              count_limit: int = COUNT_LIMIT) -> dict:
+    """Everything the plan prints, as a dict (`print_plan` writes it out)."""
+    import torch
+
+    from dclang.api import check
+    from dclang.compile import StepOptions
+    from dclang.search.equivalence import count_distinct, space_size
+    from dclang.search.space import prepare_template, search_space
+    from dclang.search.study import StudyConfig
+    from dclang.syntax.format import format_module
+    from dclang.train.loop import resolve_device
+
+    text = template_path.read_text(encoding="utf-8")
+    checked = check(text, str(template_path))
+    if not checked.ok:
+        raise DiagnosticError(checked.diagnostics, str(template_path), text)
+    space = search_space(checked.module)
+    prepared = format_module(prepare_template(checked.module, epochs=epochs, base=template_path.parent))
+    graph = check(prepared, str(template_path)).graph
+    config = StudyConfig(template=prepared, template_path=str(template_path), sampler="random", seed=0,
+                         pruner=pruner, eta=eta, min_resource=min_resource, epochs=graph.graph["train"].epochs,
+                         trials=trials)
+    plan: dict = {"template": str(template_path), "trials": trials, "workers": workers, "pack": pack,
+                  "epochs": config.epochs, "sites": [(p.name, len(p.choices)) for p in space],
+                  "space": space_size(graph)}
+    try:
+        plan["distinct"] = count_distinct(graph, limit=count_limit).__dict__
+    except ValueError:
+        plan["distinct"] = None
+
+    forecast = simulate_asha(config, trials=trials, in_flight=workers * pack)
+    plan["asha"] = forecast.__dict__
+
+    torch_device = resolve_device(device)
+    threads = torch.get_num_threads()
+    if torch_device.type == "cpu":  # each of D workers gets its share of the cores (`dclang search` sets it)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    shape = dataset_shape(graph)
+    options = StepOptions(hfta=True) if hfta else None
+    counts, examples = sample_mixes(graph)
+    measured = {}
+    try:
+        for mix, _ in counts.most_common(MIXES_MEASURED):
+            measured[mix] = epoch_seconds([examples[mix]] * pack, shape, torch_device, options=options) / pack
+        overhead = trial_overhead(prepared, str(template_path), shape, torch_device)
+    finally:
+        torch.set_num_threads(threads)
+    mean_measured = statistics.mean(measured.values())
+    total = sum(counts.values())
+    mean_epoch = sum(measured.get(mix, mean_measured) * n for mix, n in counts.items()) / total
+    start = worker_start_seconds()
+    compute = forecast.epochs * mean_epoch / workers + trials * overhead / workers
+    plan.update({
+        "device": str(torch_device), "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)
+        if torch_device.type == "cpu" else None,
+        "shape": shape.__dict__,
+        "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix)}
+                  for mix, _ in counts.most_common()],
+        "mean_epoch_seconds": mean_epoch, "trial_overhead_seconds": overhead, "worker_start_seconds": start,
+        "estimate_seconds": start + compute,
+    })
+    return plan
+
+
+def plan_lines(plan: dict) -> list[str]:
+    sites = ", ".join(f"{name} ({n})" for name, n in plan["sites"])
+    lines = [f"search plan for {plan['template']}: T = {plan['trials']} trials of {plan['epochs']} epochs, "
+             f"D = {plan['workers']} workers, pack K = {plan['pack']}",
+             f"sites: {sites}", f"space: {plan['space']:,} samples"]
+    d = plan["distinct"]
+    if d is None:
+        lines.append(f"distinct graphs: not counted here (more than {COUNT_LIMIT:,} samples); "
+                     f"`python -m dclang.search.equivalence {plan['template']}` counts them")
+    else:
+        lines.append(f"distinct graphs: {d['trainable']:,} trainable samples; {d['equivalent']:,} up to renaming "
+                     f"non-target nodes; {d['dead_dropped']:,} once dead nodes are dropped; "
+                     f"{d['equivalent_dead_dropped']:,} both (the most this search trains)")
+    a = plan["asha"]
+    rungs = " | ".join(f"epoch {e}: {n:.1f} reach" for e, n in zip([*a["rungs"], plan["epochs"]], a["reached"]))
+    lines.append(f"ASHA (simulated with its own pruner, {SIMULATIONS} runs): rungs at epochs "
+                 f"{', '.join(map(str, a['rungs'])) or 'none'}; {rungs}")
+    lines.append(f"epochs trained: {a['epochs']:.0f} expected (from {a['epochs_spread'][0]} to "
+                 f"{a['epochs_spread'][1]}) of T × E = {plan['trials'] * plan['epochs']}")
+    threads = f", {plan['threads_per_worker']} threads per worker" if plan["threads_per_worker"] else ""
+    lines.append(f"seconds per epoch on {plan['device']}{threads}, by architecture mix "
+                 f"(share of trained samples; in a pack of {plan['pack']}):")
+    for mix in plan["mixes"]:
+        seconds = "not measured (rare)" if mix["epoch_seconds"] is None else f"{mix['epoch_seconds']:.3g} s"
+        lines.append(f"  {' + '.join(mix['models']):<48} {100 * mix['share']:5.1f}%  {seconds}")
+    lines.append(f"per trial besides its epochs: {plan['trial_overhead_seconds']:.2f} s (sample, check, compile); "
+                 f"a worker's start: {plan['worker_start_seconds']:.1f} s")
+    lines.append(f"estimated wall time: {_duration(plan['estimate_seconds'])} "
+                 f"(mean epoch {plan['mean_epoch_seconds']:.3g} s; pre-training frozen teachers not counted)")
+    return lines
+
+
+def print_plan(template: Path, **kwargs) -> dict:
+    plan = make_plan(template, **kwargs)
+    for line in plan_lines(plan):
+        click.echo(line)
+    return plan
+
+
+__all__ = ["AshaForecast", "Shape", "dataset_shape", "epoch_seconds", "make_plan", "plan_lines", "print_plan",
+           "sample_mixes", "simulate_asha"]

@@ -1,0 +1,216 @@
+"""Packed trials: a trial trained in a pack computes what it computes alone; a packed search
+runs end to end with real worker processes."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from dclang.api import check
+from dclang.data import load_dataset
+from dclang.search.pack import Pack, TrialRun
+from dclang.train.loop import train_graph
+
+HEAD = """\
+graph g
+data digits {{ val_split = 300 augment = pad_crop pad = 1 }}
+train {{ epochs = 2 batch = 128 optimizer = sgd(lr=0.1, momentum=0.9) schedule = cosine(eta_min=0.0) seed = {seed} }}
+"""
+
+#: the trial compared; and two pack mates of other architectures, seeds and lengths
+TRIAL = HEAD.format(seed=3) + """\
+node n1 : cnn_tiny [target]
+node n2 : mlp
+label -> n1 : through
+n2 -> n1 : linear
+label -> n2 : correct
+"""
+MATE = HEAD.format(seed=7).replace("epochs = 2", "epochs = 3") + """\
+node n1 : mlp [target]
+node n2 : cnn_tiny
+node n3 : cnn_tiny
+edges * -> * : through
+"""
+SHORT = HEAD.format(seed=1).replace("epochs = 2", "epochs = 1") + """\
+node n1 : cnn_tiny [target]
+label -> n1 : through
+"""
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", data_dir=None, val_split=300, split_seed=0)
+
+
+def graph(text: str):
+    checked = check(text, "<test>")
+    assert checked.ok, checked.errors
+    return checked.graph
+
+
+@pytest.mark.parametrize("hfta", [False, True])
+def test_a_trial_trained_in_a_pack_equals_the_trial_trained_alone(digits, hfta):
+    from dclang.compile import StepOptions
+
+    options = StepOptions(hfta=hfta)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        alone = train_graph(graph(TRIAL), run_dir=None, device="cpu", dataset=digits, progress=False,
+                            options=options).records
+        seen: dict[str, list[dict]] = {"trial": [], "mate": [], "short": []}
+
+        def run(name: str, text: str) -> TrialRun:
+            return TrialRun(graph(text), dataset=digits, device=torch.device("cpu"), options=options,
+                            on_epoch=lambda epoch, record: seen[name].append(record))
+
+        pack = Pack(2)
+        pack.add("mate", run("mate", MATE))
+        pack.add("short", run("short", SHORT))
+        left = []
+        while pack.runs:
+            pack.step(on_error=lambda key, exc: pytest.fail(f"{key}: {exc}"),
+                      on_done=lambda key, r: left.append(key))
+            if pack.free and "trial" not in left and "trial" not in pack.runs:
+                pack.add("trial", run("trial", TRIAL))  # joins mid-epoch of its mate, in the short one's slot
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert left == ["short", "trial", "mate"] or left == ["short", "mate", "trial"]
+    assert len(seen["trial"]) == len(alone) == 2 and len(seen["mate"]) == 3
+    for packed, single in zip(seen["trial"], alone):
+        for node, figures in single["nodes"].items():
+            for key in ("val_acc", "test_acc", "train_loss"):
+                # the same arithmetic in the same order: equal to float rounding of the summaries
+                assert math.isclose(packed["nodes"][node][key], figures[key], rel_tol=1e-9, abs_tol=1e-12), \
+                    (node, key, packed["nodes"][node][key], figures[key])
+        assert packed["lr"] == single["lr"]
+
+
+def test_a_pack_holds_at_least_one_trial():
+    with pytest.raises(ValueError):
+        Pack(0)
+
+
+# ---------------------------------------------------------------- packed search, real processes
+
+SEARCH = """\
+graph packed
+data digits { val_split = 300 }
+train { epochs = 2  batch = 128  optimizer = sgd(lr=0.1, momentum=0.9) }
+
+node n1 : mlp [target]
+node n2 : choice(mlp, cnn_tiny)
+node n3 : choice(mlp, cnn_tiny)
+
+label -> n1 : through
+n2 -> n1 : choice(through, linear)
+n3 -> n1 : choice(through, linear)
+label -> n2 : choice(through, cutoff)
+label -> n3 : choice(through, cutoff)
+"""
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_a_packed_worker_trains_its_trials_at_once_and_says_which_are_the_same(tmp_path, run_search, study_trials):
+    from dclang.search.output import trained_epochs
+
+    template = tmp_path / "packed.kt"
+    template.write_text(SEARCH)
+    out = tmp_path / "out"
+    done = run_search("--template", template, "--trials", 6, "--workers", 1, "--pack", 3, "--device", "cpu",
+                      "-o", out, timeout=300)
+    assert done.returncode == 0, done.stderr + "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    trials, config = study_trials(out / "study.journal", "packed")
+    finished = [t for t in trials if t.state in COUNTED]
+    assert len(finished) == 6  # one worker: exactly T
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 1
+    trained = sorted((t for t in finished if trained_epochs(t) > 0), key=lambda t: t.number)
+    # the pack held several trials at once: a later trial started before an earlier one ended
+    assert any(b.datetime_start < a.datetime_complete for a, b in zip(trained, trained[1:]))
+    for t in finished:
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(1, len(steps) + 1))
+        assert t.state == TrialState.PRUNED or steps[-1] == config.epochs
+    rows = {int(r["trial"]): r for r in csv.DictReader((out / "leaderboard.csv").open())}
+    for t in trials:
+        if "duplicate_of" in t.user_attrs:
+            assert rows[t.number]["same_as"] == str(t.user_attrs["duplicate_of"])
+            assert trained_epochs(t) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_a_packed_trial_matches_the_trial_alone(digits):
+    """On CUDA the kernels are not deterministic (atomics in convolution backward): the packed
+    trial is held to the lone one within what two lone runs differ by, not bitwise."""
+    alone = train_graph(graph(TRIAL), run_dir=None, device="cuda", dataset=digits, progress=False).records
+    seen: list[dict] = []
+    pack = Pack(2)
+    pack.add("mate", TrialRun(graph(MATE), dataset=digits, device=torch.device("cuda"), on_epoch=lambda e, r: None))
+    pack.add("trial", TrialRun(graph(TRIAL), dataset=digits, device=torch.device("cuda"),
+                               on_epoch=lambda e, r: seen.append(r)))
+    while pack.runs:
+        pack.step(on_error=lambda key, exc: pytest.fail(f"{key}: {exc}"), on_done=lambda key, r: None)
+    for packed, single in zip(seen, alone, strict=True):
+        for node, figures in single["nodes"].items():
+            assert packed["nodes"][node]["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-3)
+            assert packed["nodes"][node]["val_acc"] == pytest.approx(figures["val_acc"], abs=0.02)
+
+
+# ---------------------------------------------------------------- benchmarks/gpu.sh, its CPU-safe parts
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_throughput_template_checks_and_its_figures_add_up(tmp_path):
+    bench = load_script("pack_throughput")
+    for data in ("digits", "npz"):
+        text = bench.template("resnet32", data=data, npz=tmp_path / "x.npz", epochs=2, batch=64)
+        checked = check(text, str(tmp_path / "t.kt"))
+        assert checked.ok, checked.errors
+        assert len(checked.graph.graph["sites"]) == 9  # every ordered pair's gate, label included
+    assert bench.parse_runs("2:1,1:2") == [(2, 1), (1, 2)]
+    summary = {"trials": {"finished": 6}, "budget": {"epochs_trained": 15}}
+    rows = bench.with_ratios([{**bench.figures(summary, 60.0)}, {**bench.figures(summary, 30.0)}, {"error": "x"}])
+    assert rows[0]["trials_per_hour"] == 360 and rows[0]["epochs_per_hour"] == 900
+    assert rows[1]["trials_per_hour_ratio"] == 2 and "trials_per_hour_ratio" not in rows[2]
+
+
+def test_the_gpu_report_gathers_every_part(tmp_path):
+    report = load_script("gpu_report")
+    (tmp_path / "tests.rc").write_text("0 41\n")
+    (tmp_path / "tests.out").write_text("12 passed\n")
+    (tmp_path / "bench_kd_dml.rc").write_text("124 90\n")
+    (tmp_path / "bench_kd_dml.out").write_text("")
+    (tmp_path / "pack.rc").write_text("0 170\n")
+    (tmp_path / "pack.out").write_text(json.dumps({"runs": [{"pack": 1}]}))
+    out = report.report(tmp_path, 300)
+    assert out["tests"] == {"ran": True, "exit_code": 0, "seconds": 41, "timed_out": False,
+                            "output_tail": "12 passed\n"}
+    assert out["bench_kd_dml"]["timed_out"] and out["bench_dml4"] == {"ran": False}
+    assert out["pack"]["result"] == {"runs": [{"pack": 1}]} and out["ok"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.sh does without a GPU")
+def test_gpu_sh_says_so_without_a_gpu(tmp_path):
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "gpu.json")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}, cwd=BENCHMARKS.parent, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
