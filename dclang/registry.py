@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dclang import loss_catalogue
+
 # ---------------------------------------------------------------- models
 
 
@@ -78,8 +80,9 @@ GATES: dict[str, str] = {
     "correct": "keeps only samples whose source top-1 equals the label (eq. 7)",
 }
 
-#: loss name -> its options; `ce` is the loss from `label` (eq. 1), `kl` between nodes (eq. 2)
-LOSSES: dict[str, tuple[str, ...]] = {"ce": ("weight",), "kl": ("T", "weight")}
+#: loss name -> its options, from the typed catalogue (`dclang.loss_catalogue`): `ce` from
+#: `label` (eq. 1), `kl` between nodes (eq. 2), further logit and layer losses
+LOSSES: dict[str, tuple[str, ...]] = {name: tuple(info.args) for name, info in loss_catalogue.LOSSES.items()}
 LABEL = "label"
 
 # ---------------------------------------------------------------- settings

@@ -102,19 +102,15 @@ def parameter_counts(graph) -> list[tuple[str, str, int]]:
     3x32x32 when the dataset does not fix them).
     """
     from dclang.ir import model_nodes
-    from dclang.registry import dataset_info
+    from dclang.models.connector import add_connectors
+    from dclang.models.taps import graph_input
 
-    data = graph.graph.get("data")
-    info = dataset_info(data.dataset) if data is not None else None
-    classes = (info.num_classes if info else None) or 10
-    channels = (info.channels if info else None) or 3
-    size = (info.image_size if info else None) or 32
-    out = []
+    classes, (channels, size, _) = graph_input(graph)
+    names = model_nodes(graph)
     with torch.device("meta"):
-        for name in model_nodes(graph):
-            model = graph.nodes[name]["spec"].model
-            net = build_model(model, classes, channels, size, pretrained=False)
-            out.append((name, model, count_parameters(net)))
-    return out
+        models = {name: build_model(graph.nodes[name]["spec"].model, classes, channels, size, pretrained=False)
+                  for name in names}
+        add_connectors(graph, models, (channels, size, size))  # a target's FitNets connectors are its parameters
+    return [(name, graph.nodes[name]["spec"].model, count_parameters(models[name])) for name in names]
 
 
