@@ -22,6 +22,7 @@ fused by the HFTA path when it is on (`StepOptions(hfta=True)`).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from functools import partial
@@ -234,8 +235,6 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
             else:
                 break
     except KeyboardInterrupt:
-        import signal
-
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the hand-back short
             signal.signal(stop_signal, signal.SIG_IGN)
         for trial, _ in [*running.values(), *waiting.values()]:
@@ -248,4 +247,6 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
         raise
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
 __all__ = ["Pack", "TrialRun", "work_packed"]
