@@ -126,6 +126,19 @@ def test_bench_runs_on_a_torchvision_graph(tmp_path):
     assert 0 < ops["fused+hfta"] < ops["fused"], "the two ResNet-18s run as one fused network"
 
 
+def test_search_can_choose_a_library_model():
+    from dclang.api import parse
+    from dclang.search.space import sample, search_space
+    from dclang.syntax.format import format_module
+
+    template = parse(graph_text("choice(cnn_tiny, torchvision.resnet18, timm.test_resnet)"))
+    space = search_space(template)
+    assert space[0].name == "a.model" and space[0].choices == ("cnn_tiny", "torchvision.resnet18", "timm.test_resnet")
+    text = format_module(sample(template, {"a.model": "torchvision.resnet18"}, space))
+    assert "node a : torchvision.resnet18 [target]" in text
+    assert graph_of(text).nodes["a"]["spec"].model == "torchvision.resnet18"
+
+
 # ---------------------------------------------------------------- pre-trained weights
 
 
@@ -240,3 +253,4 @@ def test_timm_arguments_are_checked():
         ("E200", "unknown timm model `test_resnt`", "did you mean `test_resnet`?"),
         ("E221", "`in_chans` is set by dclang", "`in_chans` comes from the data; leave it out"),
         ("E221", "`timm.test_resnet` takes no argument `drop_rat`", "did you mean `drop_rate`?")]
+

@@ -86,3 +86,4 @@ def test_a_name_in_a_file_imports_nothing_unregistered(tmp_path, monkeypatch):
     assert [(d.code, d.message) for d in checked.errors] == [
         ("E200", "unknown model library `kt_probe`"), ("E200", "unknown model `kt_probe`")]
     assert not marker.exists() and "kt_probe" not in sys.modules
+

@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from dclang.diagnostics import UserError
+from dclang.diagnostics import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,11 @@ def argument_problems(library: str, model: str, args: dict[str, Any]) -> dict[st
         if key in lib.set_by_dclang:
             out[key] = (f"`{key}` is set by dclang", f"`{key}` comes from the data; leave it out")
         elif key not in takes:
-            from dclang.diagnostics import did_you_mean
-
             out[key] = (f"`{library}.{model}` takes no argument `{key}`",
                         did_you_mean(key, [t for t in takes if t not in lib.set_by_dclang], "arguments"))
         elif library == "torchvision" and key == "weights":
             known = weight_names(model)
             if not isinstance(value, str) or value.rpartition(".")[2] not in known:
-                from dclang.diagnostics import did_you_mean
-
                 out[key] = (f"`{library}.{model}` has no weights `{value}`",
                             did_you_mean(str(value), known, "weights") if known else "it has no pre-trained weights")
     return out
@@ -155,7 +151,8 @@ def pretrained_classes(library: str, model: str, args: dict[str, Any]) -> int | 
         return None
     import timm.models
 
-    return timm.models.get_pretrained_cfg(model).num_classes
+    cfg = timm.models.get_pretrained_cfg(model)
+    return cfg.num_classes if cfg is not None else None
 
 
 def _small_stem(model: str, image_size: int) -> bool:

@@ -181,6 +181,10 @@ class _ToAst(Transformer):
 
     model_choice = choice  # its options may be `ensemble(...)` too
 
+    def library_option(self, meta, children):
+        """A library's model among a choice's options: one word, like any model name."""
+        return ast.Ident(".".join(str(c) for c in children), Span.from_meta(meta))
+
 
 # ---------------------------------------------------------------- syntax errors
 
