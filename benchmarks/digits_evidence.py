@@ -8,6 +8,7 @@ epoch, mean +/- sample std over seeds, for the graphs dclang can now write:
     DML            the student and a cnn_small peer learning mutually
     DML + ensemble DML with both taught by their ensemble (mean of logits) at T = 2
     ensemble       that ensemble itself (its own best validation epoch)
+    peer           the cnn_small peer of those runs, for reference
 
 The student is `cnn_tiny` throughout (1,442 parameters), every graph has the same data
 split, training settings and seeds, and nothing is selected on the test set.
@@ -139,7 +140,8 @@ def main() -> None:
         graphs["KD + AT"] = (at, {"KD + AT": "student"})
     graphs["DML"] = (DML, {"DML": "student"})
     graphs["DML + ensemble"] = (DML_ENSEMBLE, {"DML + ensemble": "student",
-                                               "ensemble (of DML + ensemble)": "ens"})
+                                               "ensemble (of DML + ensemble)": "ens",
+                                               "peer (of DML + ensemble), for reference": "peer"})
     results = run(graphs, epochs=args.epochs, seeds=args.seeds, out=args.json)
     print(f"digits, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}:")
     print(table(results))

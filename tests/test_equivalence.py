@@ -213,3 +213,35 @@ def test_a_search_trains_a_mirror_once_and_says_so(tmp_path, run_search, study_t
         assert t.user_attrs["graph"] == original.user_attrs["graph"] and t.value == original.value
         assert rows[t.number]["same_as"] == str(original.number)
         assert "with n2 as n3, n3 as n2" in rows[t.number]["note"]
+
+
+#: an ensemble whose members are interchangeable, or which is left out (`none`)
+ENSEMBLE = HEAD + """\
+node n1 : cnn_tiny [target]
+node n2 : choice(mlp, cnn_tiny)
+node n3 : choice(mlp, cnn_tiny)
+node e : choice(none, ensemble(n2, n3), ensemble(n3, n2)) [combine=choice(mean_logits, mean_probs)]
+label -> n1 : through
+label -> n2 : through
+label -> n3 : through
+e -> n1 : choice(cutoff, through)
+"""
+
+
+def test_counts_follow_ensembles_and_their_absence():
+    """Every sample realised by search's pipeline, its trained graph keyed by `canonical_key`:
+    the count on the IR agrees. ensemble(n2, n3) with (mlp, cnn_tiny) is ensemble(n3, n2)
+    with (cnn_tiny, mlp); `none` leaves e out (and n2, n3 dead)."""
+    module = parse(ENSEMBLE)
+    space = search_space(module)
+    keys, texts, trainable = set(), set(), 0
+    for values in itertools.product(*(p.choices for p in space)):
+        sample = realize(module, dict(zip((p.name for p in space), values)))
+        if sample.ok:
+            trainable += 1
+            keys.add(canonical_key(sample.checked.graph))
+            texts.add(sample.trained_text)
+    counted = count_distinct(graph_of(ENSEMBLE))
+    assert (counted.trainable, counted.dead_dropped, counted.equivalent_dead_dropped) == \
+        (trainable, len(texts), len(keys))
+    assert len(keys) < len(texts)

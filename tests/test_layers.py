@@ -234,7 +234,7 @@ def test_choice_over_layers_is_checked_per_option_and_per_trial():
     bad = layered("through") + "t.choice(conv3, pool) -> s.conv2 : through at()\n"
     assert [d.code for d in check(bad).errors] == ["E321"]  # no option fits
     typo = layered("through") + "t.choice(conv2, conv4) -> s.conv2 : through at()\n"
-    assert [d.code for d in check(typo).errors] == ["E222"]
+    assert [d.code for d in check(typo).errors] == ["E230"]
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from dclang.train.loop import train_graph
 HEAD = """\
 graph g
 data digits {{ val_split = 300 augment = pad_crop pad = 1 }}
-train {{ epochs = 2 batch = 128 optimizer = sgd(lr=0.1, momentum=0.9) schedule = cosine(eta_min=0.0) seed = {seed} }}
+train {{ epochs = 2 batch = 256 optimizer = sgd(lr=0.1, momentum=0.9) schedule = cosine(eta_min=0.0) seed = {seed} }}
 """
 
 #: the trial compared; and two pack mates of other architectures, seeds and lengths
@@ -142,6 +143,45 @@ def test_a_packed_worker_trains_its_trials_at_once_and_says_which_are_the_same(t
             assert trained_epochs(t) == 0
 
 
+def test_a_killed_packed_worker_loses_only_its_packs_trials_which_are_retried(tmp_path, search_env, study_trials):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    template = tmp_path / "packed.kt"
+    template.write_text(SEARCH.replace("epochs = 2  batch = 128", "epochs = 3  batch = 32"))
+    out = tmp_path / "out"
+    search = subprocess.Popen([sys.executable, "-m", "dclang", "search", "--template", str(template), "--trials", "4",
+                               "--workers", "1", "--pack", "2", "--device", "cpu", "-o", str(out)], env=search_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, running = time.monotonic() + 180, []
+        while time.monotonic() < deadline and len(running) < 2:  # two trials in the pack, training
+            time.sleep(0.5)
+            if (out / "study.journal").exists() and (out / "search.json").exists():
+                trials, _ = study_trials(out / "study.journal", "packed")
+                running = [t for t in trials if t.state == TrialState.RUNNING and "kt" in t.user_attrs
+                           and "duplicate_of" not in t.user_attrs and t.user_attrs.get("graph")]
+        assert len(running) == 2, "the pack never held two trials"
+        pid = running[0].user_attrs["owner"]["pid"]
+        assert running[1].user_attrs["owner"]["pid"] == pid
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = search.communicate(timeout=300)
+    finally:
+        search.kill()
+    assert search.returncode == 0, stderr
+    trials, _ = study_trials(out / "study.journal", "packed")
+    killed = [t for t in trials if t.user_attrs.get("owner", {}).get("pid") == pid and "failed" in t.user_attrs]
+    # every trial the worker held when it died, and only those, failed and was retried
+    assert {t.number for t in killed} >= {t.number for t in running}
+    assert all(t.state == TrialState.FAIL and "died" in t.user_attrs["failed"] for t in killed)
+    for t in killed:
+        retries = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+        assert len(retries) == 1 and retries[0].params == t.params
+    assert "was killed (SIGKILL)" in stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_a_packed_trial_matches_the_trial_alone(digits):
     """On CUDA the kernels are not deterministic (atomics in convolution backward): the packed
@@ -164,7 +204,6 @@ def test_cuda_a_packed_trial_matches_the_trial_alone(digits):
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

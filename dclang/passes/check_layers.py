@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from dclang import registry
 from dclang.diagnostics import Diagnostic, error
 from dclang.ir import Open
 from dclang.syntax import ast
@@ -36,9 +35,12 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
 
     def layers_of(node: str) -> dict[str, tuple[int, ...]] | None:
         model = graph.nodes[node]["spec"].model
-        if not isinstance(model, str) or not registry.is_model(model):
-            return None  # an open or unknown model: checked per trial, or reported by check_names
-        names[model], shapes = _model_layers(model, classes, input_shape)
+        if not isinstance(model, str):
+            return None  # an open model: checked per trial
+        found = _model_layers(model, classes, input_shape)
+        if found is None:
+            return None  # a model that cannot be built: check_models says why
+        names[model], shapes = found
         return shapes
 
     out: list[Diagnostic] = []
@@ -67,8 +69,9 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
 
 @lru_cache(maxsize=64)
 def _model_layers(model: str, classes: int, input_shape: tuple[int, int, int]
-                  ) -> tuple[list[str], dict[str, tuple[int, ...]] | None]:
-    """A model's layer names and their shapes for these images, built on the meta device.
+                  ) -> tuple[list[str], dict[str, tuple[int, ...]] | None] | None:
+    """A model's layer names and their shapes for these images, built on the meta device
+    (a library's model without its pre-trained weights); None when it cannot be built.
     Cached: a meta forward dispatches every operation through Python (a second or two for a
     WideResNet), and a search checks the same models for every trial."""
     import torch
@@ -76,8 +79,11 @@ def _model_layers(model: str, classes: int, input_shape: tuple[int, int, int]
     from dclang.models import build_model
     from dclang.models.taps import layer_names, layer_shapes
 
-    with torch.device("meta"):
-        net = build_model(model, classes, input_shape[0], input_shape[1])
+    try:
+        with torch.device("meta"):
+            net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
+    except Exception:  # unknown, not installed, wrong arguments: reported by check_models
+        return None
     try:
         return layer_names(net), layer_shapes(net, input_shape)
     except Exception:  # a model that cannot run on these images: training says so, in torch's words
@@ -98,7 +104,7 @@ def _unknown_layer(node: str, model: str, layer: str, span, names: list[str]) ->
     best = suggest(layer, names)
     help_text = (f"did you mean `{best}`? " if best else "") + \
         f"layers of `{model}`: {', '.join(f'`{t}`' for t in taps)}, or any module path of `named_modules()`"
-    return error("E222", f"`{node}` ({model}) has no layer `{layer}`", span, "no layer with this name", help=help_text)
+    return error("E230", f"`{node}` ({model}) has no layer `{layer}`", span, "no layer with this name", help=help_text)
 
 
 def _check_shapes(loss: str, source, target, decl: ast.EdgeDecl) -> list[Diagnostic]:

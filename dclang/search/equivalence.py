@@ -40,7 +40,7 @@ from typing import Any
 
 import networkx as nx
 
-from dclang.ir import LABEL, Open, _derive_frozen_and_target, _num
+from dclang.ir import LABEL, NO_NODE, Open, _derive_frozen_and_target, _num
 from dclang.passes.check_reachability import influencing_nodes
 
 #: fields that name a node or edge, compared through the mapping instead of by value; and
@@ -187,6 +187,9 @@ def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     for s, t, spec in template.edges(data="spec"):
         picked = _substitute(spec, picks)
         g.add_edge(s, t, key=picked.key, spec=picked)
+    # an ensemble whose choice picked `none` is left out of the trial, with its edges
+    g.remove_nodes_from([n for n, spec in template.nodes(data="spec")
+                         if spec.is_ensemble and g.nodes[n]["spec"].model == NO_NODE])
     _derive_frozen_and_target(g)
     return g
 

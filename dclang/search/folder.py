@@ -1,6 +1,6 @@
 """`search.json`: what `dclang search --resume -o OUT` needs to find the study of OUT.
 
-It holds the study's name, its storage and the template's path. A path is stored relative
+It holds the study's name, its storage and, for the reader, the template's path. A path is stored relative
 to OUT, so a search folder that is copied resumes its own study (not the original's) and one
 that is moved still finds it; an absolute path would tie the folder to where it was made.
 A URL (PostgreSQL) is stored without its password. The file is checked when it is read: a
@@ -26,7 +26,6 @@ class SearchRecord:
 
     study: str
     storage: str
-    template: str | None
 
 
 def is_url(storage: str) -> bool:
@@ -79,8 +78,7 @@ def read_record(folder: Path) -> SearchRecord | None:
     storage = record["storage"]
     if not is_url(storage):
         storage = str(folder / storage)  # an absolute path stays absolute
-    template = record.get("template")
-    return SearchRecord(record["study"], storage, None if template is None else str(folder / template))
+    return SearchRecord(record["study"], storage)
 
 
 def _problem(record) -> str:

@@ -22,8 +22,10 @@ fused by the HFTA path when it is on (`StepOptions(hfta=True)`).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,8 @@ import torch
 
 class TrialRun:
     """One trial's training cut into steps: what `train_graph` does for a graph without a
-    run directory, one batch per `advance`.
+    run folder (its own pieces: `_prepare`, the teachers, `_compile`, `_epoch_steps`), one
+    batch per `advance`.
 
     `on_epoch(epoch, record)` is called after each epoch's evaluation with the record
     `train_graph` gives its own `on_epoch`; whatever it raises (optuna's TrialPruned) leaves
@@ -42,40 +45,26 @@ class TrialRun:
 
     def __init__(self, graph: nx.DiGraph, *, dataset, device: torch.device, on_epoch: Callable[[int, dict], None],
                  teacher_cache: Path | None = None, data_dir: str | None = None, options=None):
-        from dclang.compile import compile_graph
-        from dclang.data import BatchAugment
-        from dclang.train.loop import _AUGMENTS, resolved_graph
+        from dclang.train.loop import _compile, _prepare, train_graph
         from dclang.train.teachers import init_states
 
-        train_spec = graph.graph["train"]
-        self.seed, self.epochs = train_spec.seed, train_spec.epochs
-        self.graph = g = resolved_graph(graph, epochs=self.epochs, seed=self.seed)
-        self.device, self.dataset, self.on_epoch = device, dataset, on_epoch
-        states = init_states(g, dataset=dataset, device=str(device), engine="fused", cache=teacher_cache,
-                             data_dir=data_dir, progress=False)
-        self.train, self.val, self.test = (s.to(device) for s in (dataset.train, dataset.val, dataset.test))
-        crop, flip = _AUGMENTS[g.graph["data"].augment]
-        self.augment = BatchAugment(g.graph["data"].pad, crop, flip, dataset.mean, dataset.std)
-        self.batch = g.graph["train"].batch
-        self.steps_per_epoch = -(-len(self.train) // self.batch)
-        self.step = compile_graph(g, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                                  image_size=dataset.image_size, device=device, init_states=states, seed=self.seed,
-                                  steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, options=options)
-        self.epoch = 0
+        self.run = _prepare(graph, dist=None, run_dir=None, device=str(device), engine="fused", seed=None,
+                            epochs=None, data_dir=data_dir, dataset=dataset, progress=False)
+        pretrain = partial(train_graph, device=str(device), engine="fused", data_dir=data_dir, progress=False,
+                           dataset=dataset)
+        states = init_states(self.run.graph, dataset=dataset, cache=teacher_cache, pretrain=pretrain)
+        self.training = _compile(self.run, states, options)
+        self.graph, self.epochs, self.on_epoch = self.run.graph, self.run.epochs, on_epoch
         self.records: list[dict] = []
+        self.epoch = 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        from dclang.data.batches import BatchIterator, epoch_generator
-        from dclang.train.metrics import EpochStats
+        from dclang.train.loop import _epoch_steps
 
         self.epoch += 1
-        self.started = time.perf_counter()
-        self.lr = self.step.lr()
-        self.generator = epoch_generator(self.seed, self.epoch, self.device)
-        self.batches = iter(BatchIterator(self.train, self.batch, self.generator))
+        self.steps = _epoch_steps(self.run, self.training, self.epoch)
         self.index = 0
-        self.stats = EpochStats()
 
     @property
     def done(self) -> bool:
@@ -84,28 +73,16 @@ class TrialRun:
     def advance(self) -> dict | None:
         """One step on the trial's next batch; at the end of an epoch, evaluate, report
         (`on_epoch`) and return the epoch's record."""
-        images, labels = next(self.batches)
+        next(self.steps)
         self.index += 1
-        k = (self.epoch - 1) * self.steps_per_epoch + self.index
-        self.stats.add(self.step.step(self.augment(images, self.generator), labels, k), len(labels), k)
-        if self.index < self.steps_per_epoch:
+        if self.index < self.run.steps_per_epoch:
             return None
-        return self._end_epoch()
-
-    def _end_epoch(self) -> dict:
-        from dclang.ir import model_nodes
-        from dclang.train.loop import _evaluate
-        from dclang.train.metrics import check_finite, epoch_record
-
-        means, first_bad = self.stats.read()
-        train_seconds = time.perf_counter() - self.started
-        check_finite(first_bad, self.epoch)
-        self.step.end_epoch()
-        ds = self.dataset
-        val_acc = _evaluate(self.step, self.val, ds.mean, ds.std)
-        test_acc = _evaluate(self.step, self.test, ds.mean, ds.std)
-        record = epoch_record(self.epoch, self.lr, means, model_nodes(self.graph), val_acc, test_acc,
-                              time.perf_counter() - self.started, train_seconds)
+        try:
+            next(self.steps)
+        except StopIteration as end:
+            record = end.value
+        else:
+            raise AssertionError("an epoch ran past its steps")
         self.records.append(record)
         epoch = self.epoch
         if epoch < self.epochs:
@@ -258,8 +235,6 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
             else:
                 break
     except KeyboardInterrupt:
-        import signal
-
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the hand-back short
             signal.signal(stop_signal, signal.SIG_IGN)
         for trial, _ in [*running.values(), *waiting.values()]:
@@ -272,4 +247,6 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
         raise
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
 __all__ = ["Pack", "TrialRun", "work_packed"]

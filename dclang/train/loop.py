@@ -25,7 +25,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -354,6 +354,18 @@ def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: l
 
 def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
     """One epoch: the seeded batches through the step, then val and test; its record."""
+    steps = _epoch_steps(run, training, epoch)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+def _epoch_steps(run: _Run, training: _Training, epoch: int) -> Generator[None, None, dict]:
+    """`_train_epoch` a step at a time: yields after each step and returns the epoch's record
+    (after val and test) once the batches are done. A packed search worker interleaves the
+    epochs of several trials this way (`dclang.search.pack`)."""
     from dclang.data.batches import BatchIterator, epoch_generator
 
     started = time.perf_counter()
@@ -367,6 +379,7 @@ def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
         for i, (images, labels) in enumerate(batches):
             k = (epoch - 1) * steps_per_epoch + i + 1
             stats.add(step.step(training.augment(images, generator), labels, k), len(labels), k)
+            yield
             bar.update()
             if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
                 bar.set_postfix_str(_postfix(stats, run.target), refresh=False)

@@ -1,5 +1,5 @@
 # layer_unknown.kt: a layer the model does not have
-# expect: E222
+# expect: E230
 graph layer_unknown
 data digits { val_split = 300 }
 node student : resnet20 [target]
