@@ -175,8 +175,9 @@ def report_command(run_dirs: tuple[Path, ...], out: Path | None) -> None:
 
 # Commands that live with their subsystems; their modules import torch and optuna lazily.
 from dclang.bench import bench_command  # noqa: E402
+from dclang.models.command import models_command  # noqa: E402
 from dclang.search.command import search_command  # noqa: E402
 from dclang.train.command import run_command  # noqa: E402
 
-for _command in (run_command, search_command, bench_command):
+for _command in (run_command, search_command, bench_command, models_command):
     main.add_command(_command)

@@ -73,6 +73,25 @@ def test_a_torchvision_model_and_a_builtin_train_together_fused_equals_reference
     assert moved > 1e-4, "the library model was trained"
 
 
+def test_an_edge_between_layers_reaches_into_a_torchvision_model_by_module_name(float64):
+    """`t.layer1` is the output of the ResNet's `layer1` module (64x8x8 with the small stem)."""
+    text = """
+graph layers
+data digits { }
+train { epochs = 1  optimizer = sgd(lr=0.05, momentum=0.9) }
+node a : cnn_tiny             [target]
+node t : torchvision.resnet18 [frozen]
+label    -> a       : through
+t        -> a       : through kl(T=2)
+t.layer1 -> a.conv2 : through at(p=2)
+"""
+    reference, fused = engine_step(text, "reference"), engine_step(text, "fused")
+    data = batches(2, size=8)
+    ref_stats, fused_stats = train(reference, data), train(fused, data)
+    assert float(fused_stats[0].edge_loss["t.layer1->a.conv2"]) > 0
+    assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)
+
+
 def test_torchvision_models_are_fitted_to_the_data():
     """Classes and channels from the data; a ResNet's ImageNet stem replaced for small images."""
     net = build_model("torchvision.resnet18", 10, 1, 8)
@@ -254,3 +273,29 @@ def test_timm_arguments_are_checked():
         ("E221", "`in_chans` is set by dclang", "`in_chans` comes from the data; leave it out"),
         ("E221", "`timm.test_resnet` takes no argument `drop_rat`", "did you mean `drop_rate`?")]
 
+
+# ---------------------------------------------------------------- dclang models
+
+
+def test_models_lists_every_kind():
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    from torchvision import models
+
+    assert "    resnet32        CIFAR ResNet-32 (He et al. 2016, option A shortcuts)" in result.output
+    assert f"torchvision ({len(models.list_models(module=models))}, written `torchvision.NAME`)" in result.output
+    assert "mobilenet_v3_small" in result.output and "plugins (" in result.output
+
+
+def test_models_describes_one_model_for_a_dataset():
+    result = CliRunner().invoke(main, ["models", "torchvision.resnet18", "--data", "digits"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    expected = count_parameters(build_model("torchvision.resnet18", 10, 1, 8))
+    assert lines[0] == f"torchvision.resnet18 for digits (10 classes, 1x8x8 images): {expected:,} parameters"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    # the small-image stem keeps 8x8 through layer1; each later stage halves it (8 -> 4 -> 2 -> 1)
+    assert rows["conv1"] == ["Conv2d", "64x8x8"] and rows["maxpool"] == ["Identity", "64x8x8"]
+    assert rows["layer2"][-1] == "128x4x4" and rows["layer4"][-1] == "512x1x1" and rows["fc"] == ["Linear", "10"]
+    wrong = CliRunner().invoke(main, ["models", "torchvision.resnt18"])
+    assert wrong.exit_code == 1 and "did you mean `resnet18`?" in wrong.output and "Traceback" not in wrong.output

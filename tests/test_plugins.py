@@ -87,3 +87,12 @@ def test_a_name_in_a_file_imports_nothing_unregistered(tmp_path, monkeypatch):
         ("E200", "unknown model library `kt_probe`"), ("E200", "unknown model `kt_probe`")]
     assert not marker.exists() and "kt_probe" not in sys.modules
 
+
+def test_dclang_models_lists_and_describes_the_plugin(plugin_site, monkeypatch):
+    from dclang.models.command import catalogue, describe
+
+    monkeypatch.syspath_prepend(str(plugin_site))
+    assert "    tiny_mixer  dclang_example_models.nets:tiny_mixer  from dclang-example-models" in catalogue()
+    lines = describe("tiny_mixer(width=8)", "digits")
+    assert lines[0] == "tiny_mixer(width=8) for digits (10 classes, 1x8x8 images): 506 parameters"
+    assert any(line.split()[:3] == ["embed", "Conv2d", "8x4x4"] for line in lines)
