@@ -8,6 +8,10 @@ time the FLOOR: the sum, over trainable nodes, of a plain single-model training 
 (forward, cross-entropy, backward, optimizer step) plus the inference forward of each frozen
 node: what training the nodes one by one, with no knowledge transfer, would cost.
 
+A graph with edges between layers also gets `fused-no-layer-edges`, the fused engine on the
+same graph without them, so what capturing and comparing layers costs is measured side by
+side in the same rounds.
+
 `--epoch` then trains one epoch end to end (batches, augmentation, steps, validation) the
 way `dclang run` does, with the fastest variant, against the straightforward loop a
 researcher writes: the reference engine fed by a `torch.utils.data.DataLoader` over
@@ -196,7 +200,7 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
     """(name, engine, StepOptions) of every variant that applies here, and why others do not."""
     from dclang.compile import StepOptions
     from dclang.compile.accelerate import hfta_groups
-    from dclang.ir import trainable_nodes
+    from dclang.ir import live_edges, trainable_nodes
 
     # `fused` keeps the models' own layout, the floor's, whatever `dclang run` picks by default
     specs = [("reference", "reference", None), ("fused", "fused", StepOptions(channels_last=False)),
@@ -207,6 +211,8 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
         skipped["fused+hfta"] = "no two trainable nodes share an architecture"
     else:
         specs.append(("fused+hfta", "fused", StepOptions(hfta=True, channels_last=False)))
+    if any(e.on_layers for e in live_edges(graph)):  # what the edges between layers cost, side by side
+        specs.append((WITHOUT_LAYER_EDGES, "fused", StepOptions(channels_last=False)))
     cuda_only = [("fused+bf16", StepOptions(precision="bf16", channels_last=False)),
                  ("fused+cudagraph", StepOptions(cuda_graph=True, channels_last=False))]
     for name, options in cuda_only:
@@ -217,9 +223,23 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
     return specs, skipped
 
 
+#: the fused engine on the graph without its edges between layers (a variant only for graphs
+#: that have some): the difference to `fused` is what capturing and comparing layers costs
+WITHOUT_LAYER_EDGES = "fused-no-layer-edges"
+
+
+def without_layer_edges(graph):
+    """A copy of the IR without its edges between layers."""
+    out = graph.copy()
+    out.remove_edges_from([(s, t, key) for s, t, key, spec in graph.edges(keys=True, data="spec") if spec.on_layers])
+    return out
+
+
 def _build(name: str, engine: str, options, graph, shape: dict, device, k_end: int, images, labels) -> Variant:
     from dclang.compile import compile_graph
 
+    if name == WITHOUT_LAYER_EDGES:
+        graph = without_layer_edges(graph)
     step = compile_graph(graph, **shape, device=device, engine=engine, seed=0, steps_per_epoch=k_end, epochs=1,
                          options=options)
     return Variant(name, lambda k: step.step(images, labels, k), step,
@@ -228,7 +248,7 @@ def _build(name: str, engine: str, options, graph, shape: dict, device, k_end: i
 
 #: the variants whose every operation goes through PyTorch's dispatcher, so `count_ops` sees
 #: each (a compiled step runs inductor's kernels, a CUDA graph replays without dispatching)
-EAGER = ("reference", "fused", "fused+channels_last", "fused+hfta", "fused+bf16", "floor")
+EAGER = ("reference", "fused", "fused+channels_last", "fused+hfta", "fused+bf16", WITHOUT_LAYER_EDGES, "floor")
 
 
 def count_ops(run: Callable[[int], object], k: int) -> int:
@@ -507,6 +527,11 @@ def render(result: dict) -> str:
             lines.append(f"{'':<22}note: {e['note']}")
     lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
                  f"{'':>44}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
+    engines = result["engines"]
+    if WITHOUT_LAYER_EDGES in engines and "fused" in engines:
+        cost = engines["fused"]["s_per_step"] / engines[WITHOUT_LAYER_EDGES]["s_per_step"] - 1
+        lines.append(f"edges between layers: {100 * cost:+.1f}% of the fused step ({WITHOUT_LAYER_EDGES} is the "
+                     "same graph without them)")
     lines.append(f"FLOPs per step: {result['flops_per_step'] / 1e9:,.2f} GFLOP; peak memory: {result['peak_mem_method']}")
     lines.append(f"`dclang run` without flags uses {result['run_default']} here")
     for name, why in result["skipped"].items():

@@ -168,8 +168,11 @@ def node_checkpoint(model_name: str, num_classes: int, state_dict: dict) -> dict
 
 def read_node_checkpoint(path: str | os.PathLike, *, model: str | None, num_classes: int | None,
                          in_channels: int = 3, image_size: int = 32, require_hash: bool = False) -> dict:
-    """Load a node checkpoint and check it fits `model` with `num_classes`; returns the state_dict.
-    `require_hash` as for `load_safely`."""
+    """Load a node checkpoint and check it fits `model` with `num_classes`; returns the state_dict,
+    without the FitNets connectors the node owned in the graph it was trained in (they belong
+    to that graph's `hint` edges, not to the model). `require_hash` as for `load_safely`."""
+    from dclang.models.connector import without_connectors
+
     obj = load_safely(path, require_hash=require_hash)
     if isinstance(obj, dict) and obj.get("format") == NODE_FORMAT:
         if model is not None and obj.get("model") != model:
@@ -178,9 +181,9 @@ def read_node_checkpoint(path: str | os.PathLike, *, model: str | None, num_clas
         if num_classes is not None and obj.get("num_classes") != num_classes:
             raise CheckpointError(f"was trained for {obj.get('num_classes')} classes, but the dataset has "
                                   f"{num_classes}", "E602", "use a checkpoint trained on this dataset")
-        return obj["state_dict"]
+        return without_connectors(obj["state_dict"])
     if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
-        state = obj.get("state_dict", obj)
+        state = without_connectors(obj.get("state_dict", obj))
         if model is not None and num_classes is not None:
             from dclang.models import build_model
 

@@ -6,10 +6,12 @@ Cutoff edges carry nothing, so they are left out unless `show_cutoff` draws them
 Two edges between the same pair that say the same thing (mutual learning) are drawn as one
 two-headed arrow with one label, as the paper's Fig. 1b does. A value left open by a
 template (`choice(...)`) is drawn dashed with its options listed; each direction of an
-open pair keeps its own arrow, since each is a search site of its own.
+open pair keeps its own arrow, since each is a search site of its own. An edge between layers
+is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
 An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member, and a graph that has one carries a legend of the shapes and colours.
+from each member. A graph with an ensemble or an edge between layers carries a legend of the
+shapes, colours and arrows it uses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import graphviz
 import networkx as nx
 
+from dclang import loss_catalogue
 from dclang.diagnostics import UserError
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
@@ -51,18 +54,30 @@ def _text(value, per_line: int = 1) -> str:
 
 
 def edge_label(spec: EdgeSpec) -> str:
-    """The gate, then any loss option that differs from its default (`T`, `weight`)."""
+    """The gate, the loss when it is not the paper's (`ce` from label, `kl` between nodes),
+    then any loss option that differs from its default (`T`, `weight`, ...)."""
     parts = [_text(spec.gate, per_line=2)]
-    if spec.T != 1.0:
-        parts.append(f"T={_text(spec.T)}")
+    if isinstance(spec.loss, Open):
+        parts.append(" | ".join(_loss_text(o) for o in spec.loss.options))
+    elif spec.loss not in ("ce", "kl"):
+        parts.append(spec.loss)
+    if isinstance(spec.loss, str):
+        defaults = loss_catalogue.defaults(spec.loss) if spec.loss in loss_catalogue.LOSSES else {}
+        parts += [f"{k}={_text(v)}" for k, v in spec.loss_args().items() if v != defaults.get(k, 1.0)]
     if spec.weight != 1.0:
         parts.append(f"×{_text(spec.weight)}")
     return " ".join(parts)
 
 
+def _loss_text(option) -> str:
+    name, args = option if isinstance(option, tuple) else (str(option), {})
+    return name + "(" + ", ".join(f"{k}={_text(v)}" for k, v in args.items()) + ")"
+
+
 def _is_open_edge(spec: EdgeSpec) -> bool:
     """Open edges are never merged: each direction is a search site of its own."""
-    return any(isinstance(v, Open) for v in (spec.gate, spec.T, spec.weight))
+    return any(isinstance(v, Open) for v in (spec.gate, spec.T, spec.weight, spec.loss, spec.source_layer,
+                                             spec.target_layer, *(v for _, v in spec.args)))
 
 
 def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
@@ -74,7 +89,9 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
         model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple) else o
                                                    for o in spec.model.options), spec.model.span)
                       if isinstance(spec.model, Open) else spec.model)
-    lines = [spec.name, model]
+    # a model's arguments one per line under its name, so a circle stays small
+    name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
+    lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
     if params and spec.name in params:
@@ -97,6 +114,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
         top.attr(rank="min")
         top.node(LABEL)
     drawn: dict[tuple[str, str], dict[str, str]] = {}
+    layer_edges = []
     for source, target, spec in graph.edges(data="spec"):
         if spec.gate == "cutoff":
             if not show_cutoff:
@@ -104,6 +122,9 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
             attrs = {"label": "cutoff", "style": "dashed", "color": "#999999", "fontcolor": "#999999"}
         else:
             attrs = {"label": edge_label(spec), **({"style": "dashed"} if isinstance(spec.gate, Open) else {})}
+        if spec.on_layers:
+            layer_edges.append((source, target, {**attrs, **_layer_edge_style(spec, attrs)}))
+            continue
         back = drawn.get((target, source))
         if back is not None and back == attrs and not _is_open_edge(spec):
             back["dir"] = "both"  # mutual edges that say the same thing: one two-headed arrow
@@ -111,26 +132,49 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[st
         drawn[(source, target)] = attrs
     for (source, target), attrs in drawn.items():
         dot.edge(source, target, **attrs)
+    for source, target, attrs in layer_edges:
+        dot.edge(source, target, **attrs)
     ensembles = [spec for _, spec in graph.nodes(data="spec") if spec.is_ensemble]
     for spec in ensembles:  # membership: what each ensemble averages (every option's members)
         for member in spec.members:
             if member in graph:
                 dot.edge(member, spec.name, **_MEMBER)
-    if ensembles:
-        _legend(dot, graph)
+    if ensembles or layer_edges:
+        _legend(dot, graph, ensembles=bool(ensembles), layers=bool(layer_edges))
     return dot
 
 
-def _legend(dot: graphviz.Digraph, graph: nx.DiGraph) -> None:
-    """A key (one HTML-table node) of the node kinds the graph has and of the membership arrow."""
+_LAYER_COLOR = "#1b7f79"
+
+
+def _layer_edge_style(spec: EdgeSpec, attrs: dict[str, str]) -> dict[str, str]:
+    """An edge between layers: teal and dashed (dotted when a value is left open), labelled
+    `layer3 → layer3` above the gate and loss, so it never reads as an edge between outputs."""
+    layers = f"{_text(spec.source_layer)} → {_text(spec.target_layer)}"
+    style = "dotted" if attrs.get("style") == "dashed" or _is_open_edge(spec) else "dashed"
+    return {"label": f"{layers}\n{attrs['label']}", "style": style, "color": _LAYER_COLOR,
+            "fontcolor": _LAYER_COLOR, "arrowhead": "onormal"}
+
+
+def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, *, ensembles: bool, layers: bool) -> None:
+    """A key (one HTML-table node) of the node kinds the graph has, of the membership arrow
+    when it has an ensemble and of the two kinds of edges when it has an edge between layers."""
     specs = [spec for _, spec in graph.nodes(data="spec") if not spec.is_label]
     kinds = [("target", _TARGET, any(s.target for s in specs)),
              ("trained", _PLAIN, any(not (s.target or s.frozen or s.is_ensemble) for s in specs)),
              ("frozen", _FROZEN, any(s.frozen for s in specs)),
-             ("ensemble (hexagon)", _ENSEMBLE, True)]
+             ("ensemble (hexagon)", _ENSEMBLE, ensembles)]
     rows = [f'<tr><td bgcolor="{style["fillcolor"]}" border="1" width="18"> </td><td align="left">{word}</td></tr>'
             for word, style, present in kinds if present]
-    rows.append('<tr><td><font color="#777777">&#8943;&#9655;</font></td><td align="left">member of an ensemble</td></tr>')
+    if ensembles:
+        rows.append('<tr><td><font color="#777777">&#8943;&#9655;</font></td><td align="left">member of an ensemble'
+                    '</td></tr>')
+    if layers:
+        rows.append('<tr><td>&#8594;</td><td align="left">between outputs: label CE, logit losses (kl, dkd, lskd)'
+                    '</td></tr>')
+        rows.append(f'<tr><td><font color="{_LAYER_COLOR}">&#8674;</font></td><td align="left"><font color="'
+                    f'{_LAYER_COLOR}">between layers: source layer &#8594; target layer, feature loss (at, hint, sp)'
+                    '</font></td></tr>')
     table = ('<<table border="1" cellborder="0" cellspacing="2" color="#bbbbbb">'
              '<tr><td colspan="2"><b>legend</b></td></tr>' + "".join(rows) + "</table>>")
     with dot.subgraph() as bottom:

@@ -1,4 +1,4 @@
-"""The IR: a NetworkX `DiGraph` whose node and edge attributes are typed specs.
+"""The IR: a NetworkX `MultiDiGraph` whose node and edge attributes are typed specs.
 
 `build_graph` lowers an AST to the IR. It resolves what can be resolved (bulk `edges` are
 expanded to one edge per ordered pair, defaults filled in, values converted to Python) and
@@ -9,7 +9,9 @@ reads only the IR.
 Graph attributes: `name`, `data` (DataSpec), `train` (TrainSpec), `target` (node name or
 None), `sites` (tuple of Site: the `choice(...)` parameters of a template).
 Node attributes: `spec` (NodeSpec). The reserved source `label` is a node too.
-Edge attributes: `spec` (EdgeSpec). Every edge is in the graph, `cutoff` ones included.
+Edge attributes: `spec` (EdgeSpec). Every edge is in the graph, `cutoff` ones included, keyed
+by `EdgeSpec.key` (`s->t`, or `s.layer3->t.layer3` for an edge between layers): two nodes
+may be joined by their outputs and by several layers at once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 
 import networkx as nx
 
-from dclang import registry
+from dclang import loss_catalogue, registry
 from dclang.diagnostics import Span
 from dclang.ensembles import DEFAULT_COMBINE
 from dclang.syntax import ast
+from dclang.syntax.format import format_call
 
 LABEL = registry.LABEL
 #: the option of an ensemble node's `choice(...)` that leaves the node out of the trial
@@ -50,7 +53,7 @@ class Site:
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
-    model: Any  # str, Open, or tuple of member names for an ensemble
+    model: Any  # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
     target: bool = False
     combine: Any = None  # an ensemble's `combine` (str or Open); None for other nodes
     declared_frozen: bool = False
@@ -83,16 +86,41 @@ class EdgeSpec:
     source: str
     target: str
     gate: Any  # str or Open
-    loss: str  # "ce" from label (eq. 1), "kl" between nodes (eq. 2)
+    loss: Any  # a name of `dclang.loss_catalogue.LOSSES` ("ce" from label, "kl" between nodes), or Open
     T: Any = 1.0  # float or Open
     weight: Any = 1.0  # float or Open
     bulk: bool = False
     span: Span | None = field(default=None, compare=False)
     gate_span: Span | None = field(default=None, compare=False)
+    args: tuple[tuple[str, Any], ...] = ()  # the loss's other arguments, defaults filled: dkd's alpha, at's p
+    source_layer: Any = None  # a module path of the source (`layer3`), Open, or None for its logits
+    target_layer: Any = None
 
     @property
     def key(self) -> str:
-        return f"{self.source}->{self.target}"
+        """`s->t` for an edge between outputs, `s.layer3->t.layer3` between layers: unique per edge."""
+        return f"{endpoint_text(self.source, self.source_layer)}->{endpoint_text(self.target, self.target_layer)}"
+
+    @property
+    def on_layers(self) -> bool:
+        return self.source_layer is not None or self.target_layer is not None
+
+    def loss_args(self) -> dict[str, Any]:
+        """Every argument of the loss but `weight` (which scales any loss): `T` and `args`."""
+        from dclang.loss_catalogue import LOSSES
+
+        info = LOSSES.get(self.loss) if isinstance(self.loss, str) else None
+        return {**({"T": self.T} if info is not None and "T" in info.args else {}), **dict(self.args)}
+
+
+def endpoint_text(node: str, layer: Any) -> str:
+    """An edge end as the language writes it: `n`, `n.layer3`, or `n.{layer2|layer3}` for a
+    layer left open by a template."""
+    if layer is None:
+        return node
+    if isinstance(layer, Open):
+        return f"{node}.{{{'|'.join(str(o) for o in layer.options)}}}"
+    return f"{node}.{layer}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +202,8 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
     names = [n.name.text for n in nodes]
     sources = [LABEL] + names
     targets = [n.name.text for n in nodes if n.attribute("frozen") is None and not n.is_ensemble]
-    explicit = {(e.source.text, e.target.text) for e in module.of(ast.EdgeDecl) if not e.bulk}
+    # a layer edge never overrides the bulk edge between the same nodes' outputs
+    explicit = {(e.source.text, e.target.text) for e in module.of(ast.EdgeDecl) if not e.bulk and not e.on_layers}
     out: list[ast.EdgeDecl] = []
     bulk_index: dict[tuple[str, str], int] = {}
     for edge in module.of(ast.EdgeDecl):
@@ -203,7 +232,7 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
 def build_graph(module: ast.Module) -> nx.DiGraph:
     """Lower a Module to the IR. Lowering judges nothing: every problem is a pass's
     (`dclang.passes`), run on the Module and this graph."""
-    g = nx.DiGraph()
+    g = nx.MultiDiGraph()  # parallel edges: `t -> s` and `t.layer3 -> s.layer3` are two edges
     graph_decls = module.of(ast.GraphDecl)
     g.graph["name"] = graph_decls[0].name.text if graph_decls else "graph"
     g.graph["data"] = _data_spec(module)
@@ -220,6 +249,8 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             model = tuple(m.text for m in decl.model.members)
         elif isinstance(decl.model, ast.Choice):
             model = plain(decl.model, f"{name}.model")
+        elif isinstance(decl.model, ast.Call):  # the canonical text is the model's identity
+            model = format_call(decl.model)
         else:
             model = decl.model.text
         init = decl.attribute("init")
@@ -234,22 +265,12 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
 
     for decl in expand_edges(module):
         s, t = decl.source.text, decl.target.text
-        if s not in g or t not in g or g.has_edge(s, t):
-            continue  # unknown endpoints and duplicates are reported by passes.check_names
-        key = f"{s}->{t}"
-        gate = plain(decl.gate, f"{key}.gate") if isinstance(decl.gate, ast.Choice) else decl.gate.text
-        natural = "ce" if s == LABEL else "kl"
-        loss_name = decl.loss.name.text if decl.loss else natural
-        args = {a.name.text: a for a in decl.loss.args} if decl.loss else {}
-        if decl.bulk and loss_name != natural and loss_name in ("ce", "kl"):
-            # `edges * -> * : through kl(T=2)` covers label edges too: those stay cross-entropy
-            # (eq. 1) and keep only the options cross-entropy has; node pairs stay KL likewise.
-            loss_name = natural
-            args = {k: a for k, a in args.items() if k in registry.LOSSES[natural]}
-        T = plain(args["T"].value, f"{key}.T") if "T" in args else 1.0
-        weight = plain(args["weight"].value, f"{key}.weight") if "weight" in args else 1.0
-        g.add_edge(s, t, spec=EdgeSpec(s, t, gate, loss_name, _num(T), _num(weight), decl.bulk,
-                                       decl.span, decl.gate.span), decl=decl)
+        if s not in g or t not in g:
+            continue  # unknown endpoints are reported by passes.check_names
+        spec = _edge_spec(decl)
+        if g.has_edge(s, t, spec.key):
+            continue  # duplicates are reported by passes.check_names
+        g.add_edge(s, t, key=spec.key, spec=spec, decl=decl)
 
     _derive_frozen_and_target(g)
     g.graph["sites"] = tuple(collect_sites(g))
@@ -264,6 +285,44 @@ def _combine(decl: ast.NodeDecl) -> Any:
     if attr is None or attr.value is None:
         return DEFAULT_COMBINE
     return plain(attr.value, f"{decl.name.text}.combine")
+
+
+def _layer(expr: ast.LayerExpr | None, site: str) -> Any:
+    if expr is None:
+        return None
+    return plain(expr, site) if isinstance(expr, ast.Choice) else expr.text
+
+
+def _edge_spec(decl: ast.EdgeDecl) -> EdgeSpec:
+    """The EdgeSpec of one (expanded) edge: its layers, gate, loss and the loss's arguments
+    with the catalogue's defaults filled in. A `choice(...)` becomes an Open at a site named
+    after the edge (`n2->n1.gate`, `t.layer3->s.layer3.p`, `t->s.loss`)."""
+    s, t = decl.source.text, decl.target.text
+    layers = [_layer(decl.source_layer, "?"), _layer(decl.target_layer, "?")]
+    key = f"{endpoint_text(s, layers[0])}->{endpoint_text(t, layers[1])}"
+    source_layer = _layer(decl.source_layer, f"{key}.source_layer")
+    target_layer = _layer(decl.target_layer, f"{key}.target_layer")
+    gate = plain(decl.gate, f"{key}.gate") if isinstance(decl.gate, ast.Choice) else decl.gate.text
+    natural = loss_catalogue.NATURAL["label" if s == LABEL else "logits"]
+    common = dict(bulk=decl.bulk, span=decl.span, gate_span=decl.gate.span, source_layer=source_layer,
+                  target_layer=target_layer)
+    if isinstance(decl.loss, ast.Choice):
+        if decl.bulk and s == LABEL:  # a bulk choice of node losses: label pairs stay cross-entropy (eq. 1)
+            return EdgeSpec(s, t, gate, natural, **common)
+        return EdgeSpec(s, t, gate, plain(decl.loss, f"{key}.loss"), **common)
+    loss_name = decl.loss.name.text if decl.loss else natural
+    given = {a.name.text: a for a in decl.loss.args} if decl.loss else {}
+    info = loss_catalogue.LOSSES.get(loss_name)
+    if decl.bulk and info is not None and not info.on_layers and loss_name not in loss_catalogue.losses_for(
+            "label" if s == LABEL else "logits"):
+        # `edges * -> * : through kl(T=2)` covers label edges too: those stay cross-entropy
+        # (eq. 1) and keep only the options cross-entropy has; node pairs stay KL likewise.
+        loss_name, info = natural, loss_catalogue.LOSSES[natural]
+        given = {k: a for k, a in given.items() if k in info.args}
+    values = {k: _num(plain(a.value, f"{key}.{k}")) for k, a in given.items()}
+    full = {**(loss_catalogue.defaults(loss_name) if info else {}), **values}
+    args = tuple((k, v) for k, v in full.items() if k not in ("T", "weight") and (info is None or k in info.args))
+    return EdgeSpec(s, t, gate, loss_name, full.get("T", 1.0), full.get("weight", 1.0), args=args, **common)
 
 
 def _num(v: Any) -> Any:
@@ -364,7 +423,8 @@ def collect_sites(g: nx.DiGraph) -> list[Site]:
         visit(spec.init)
         visit(spec.combine)
     for _, _, spec in g.edges(data="spec"):
-        for v in (spec.gate, spec.T, spec.weight):
+        for v in (spec.source_layer, spec.target_layer, spec.gate, spec.loss, spec.T, spec.weight,
+                  *(value for _, value in spec.args)):
             visit(v)
     return sorted(found, key=lambda site: (site.span.line, site.span.column, site.name))
 

@@ -10,6 +10,7 @@ half-transparent, so a line under another still shows.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -55,7 +56,8 @@ def _percent(values):
 
 def write_node_curves(run_dir: Path) -> list[Path]:
     """RUN_DIR/curves/NODE.png for every node of a run: its train, val and test accuracy,
-    and its train loss, over the epochs of metrics.jsonl. Returns the files written."""
+    and its train loss, over the epochs of metrics.jsonl. Returns the files written; one that
+    cannot be written (a full disk) is a note, as the run itself is done."""
     from dclang.train.rundir import RunDir
 
     records = RunDir(run_dir).read_metrics()
@@ -84,8 +86,14 @@ def write_node_curves(run_dir: Path) -> list[Path]:
         for ax in (acc_ax, loss_ax):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        written.append(save(fig, Path(run_dir) / "curves" / f"{_file_name(node)}.png"))
-        plt.close(fig)
+        path = Path(run_dir) / "curves" / f"{_file_name(node)}.png"
+        try:
+            written.append(save(fig, path))
+        except OSError as exc:  # a picture is a convenience, never a reason to fail a finished run
+            print(f"note: curves not drawn: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return written
+        finally:
+            plt.close(fig)
     return written
 
 

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dclang import loss_catalogue
+
 # ---------------------------------------------------------------- models
 
 
@@ -48,6 +50,27 @@ def is_model(name: str) -> bool:
     return bool(m) and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(1)) >= 10 and int(m.group(2)) >= 1
 
 
+def model_ref(text: str) -> tuple[str, dict[str, Any]]:
+    """A node's model as the IR holds it, its canonical text (`resnet32`,
+    `torchvision.resnet18(weights="DEFAULT")`), split into the name and the constructor's
+    arguments as Python values (lists as lists)."""
+    if "(" not in text:
+        return text, {}
+    from dclang.ir import plain
+    from dclang.syntax import ast
+    from dclang.syntax.parser import parse_module
+
+    module, _ = parse_module(f"node _ : {text}\n")
+    call = module.of(ast.NodeDecl)[0].model if module is not None else None
+    if not isinstance(call, ast.Call):
+        raise ValueError(f"not a model: {text!r}")
+
+    def value(v: Any) -> Any:
+        return [value(i) for i in v] if isinstance(v, tuple) else v
+
+    return call.name.text, {a.name.text: value(plain(a.value, a.name.text)) for a in call.args}
+
+
 # ---------------------------------------------------------------- gates and losses
 
 GATES: dict[str, str] = {
@@ -57,8 +80,9 @@ GATES: dict[str, str] = {
     "correct": "keeps only samples whose source top-1 equals the label (eq. 7)",
 }
 
-#: loss name -> its options; `ce` is the loss from `label` (eq. 1), `kl` between nodes (eq. 2)
-LOSSES: dict[str, tuple[str, ...]] = {"ce": ("weight",), "kl": ("T", "weight")}
+#: loss name -> its options, from the typed catalogue (`dclang.loss_catalogue`): `ce` from
+#: `label` (eq. 1), `kl` between nodes (eq. 2), further logit and layer losses
+LOSSES: dict[str, tuple[str, ...]] = {name: tuple(info.args) for name, info in loss_catalogue.LOSSES.items()}
 LABEL = "label"
 
 # ---------------------------------------------------------------- settings

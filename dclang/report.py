@@ -312,11 +312,15 @@ def report(paths: list[Path], out: Path) -> str:
             stem = f"{stem}_{len(stems) + 1}"
         stems.add(stem)
         groups.append((stem, group))
-    out.mkdir(parents=True, exist_ok=True)
-    tables = write_tables(groups, out)
-    for stem, group in groups:
-        plots = plot_group(group, out, stem)
-        sections.append(format_group(group) + "\nplots: " + ", ".join(str(p) for p in plots))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tables = write_tables(groups, out)
+        for stem, group in groups:
+            plots = plot_group(group, out, stem)
+            sections.append(format_group(group) + "\nplots: " + ", ".join(str(p) for p in plots))
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out}: {exc.strerror or exc}",
+                        "give a folder you can write to with -o") from exc
     return "\n\n".join(notes + sections + ["table: " + ", ".join(str(p) for p in tables)])
 
 

@@ -97,3 +97,13 @@ def test_bench_refuses_unknown_variants(tiny):
     result = CliRunner().invoke(main, ["bench", str(tiny), "--device", "cpu", "--variants", "fused+jit"])
     assert result.exit_code == 1
     assert "unknown variant(s) fused+jit" in result.output
+
+
+def test_bench_times_layer_edges_side_by_side(tmp_path):
+    path = tmp_path / "layers.kt"
+    path.write_text(TINY + "b.conv2 -> a.conv2 : through at(p=2)\n")
+    out = json.loads(bench(path, "--steps", 1, "--warmup", 1, "--device", "cpu", "--variants",
+                           "fused-no-layer-edges", "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused-no-layer-edges"}
+    # the same graph without the edge between layers: fewer operations, nothing else removed
+    assert 0 < out["engines"]["fused-no-layer-edges"]["ops_per_step"] < out["engines"]["fused"]["ops_per_step"]

@@ -1,5 +1,8 @@
 """The fused engine against the reference engine (the oracle), and the TrainStep contract.
 
+The graphs mix every gate, frozen and trainable sources, every loss between outputs and
+every loss between layers (with FitNets connectors), so fused == reference covers them all.
+
 Models run in float64 (the default dtype is switched for each test), so the engines must
 agree to rtol 1e-10 / atol 1e-12 after several steps: they differ only in the order of the
 same operations (one backward vs one per node, foreach vs per-tensor optimizer kernels).
@@ -67,8 +70,34 @@ b -> a : correct kl(T=2, weight=2)
 """
 
 
+# edges between outputs and between layers in one graph: dkd and lskd, attention, similarity
+# and FitNets hints (two with a connector: cnn_small's conv1 is 32 channels wide, cnn_tiny's 8),
+# every gate on a layer edge, a trainable source (b) of layer edges, the frozen teacher c
+LAYERS_GRAPH = """
+graph layers
+data digits { }
+train { epochs = 2  optimizer = sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4) }
+node a : cnn_tiny [target]
+node b : cnn_tiny
+node c : cnn_tiny [frozen]
+node f : cnn_small
+label -> a : through
+label -> b : through
+label -> f : through
+c -> a : correct dkd(alpha=1, beta=2, T=3)
+b -> a : through lskd(T=2)
+a -> b : linear kl(T=2)
+c.conv2 -> a.conv2 : correct at(p=2, weight=50)
+b.conv1 -> a.conv1 : linear sp(weight=5)
+f.conv1 -> a.conv1 : through hint()
+a.pool -> b.pool : through at(p=1)
+f.conv2 -> b.conv2 : correct hint(weight=0.5)
+c.conv1 -> f.conv1 : through hint()
+"""
+
 GRAPHS = {
     "sgd_every_gate": SGD_GRAPH,
+    "layers_and_logit_losses": LAYERS_GRAPH,
     "adam_mutual": mutual_graph("adam(lr=0.01, weight_decay=1e-4)"),
     "adamw_mutual": mutual_graph("adamw(lr=0.01)"),
 }

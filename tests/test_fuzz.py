@@ -29,7 +29,8 @@ TEXTS = [p.read_text(encoding="utf-8") for p in EXAMPLES]
 TOKEN = re.compile(r"\s+|[A-Za-z_][A-Za-z0-9_]*|[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|->|#[^\n]*|\"[^\"\n]*\"|.")
 WORDS = ["label", "node", "edges", "graph", "data", "train", "choice", "ensemble", "target", "frozen",
          "init", "through", "cutoff", "linear", "correct", "kl", "ce", "T", "weight", "resnet32", "wrn28_2",
-         "cifar100", "digits", "sgd", "step", "epochs", "batch", "true", "false", "x", "label2", "n9", "_"]
+         "cifar100", "digits", "sgd", "step", "epochs", "batch", "true", "false", "x", "label2", "n9", "_",
+         "at", "hint", "sp", "dkd", "lskd", "p", "layer3", "pool", "conv1"]
 PUNCT = list("{}()[]:,=->*#\"'.;@!\\\t\n") + ["->", "=>", "- >", "\r\n", "\u00e9", "\u2192", "\x00"]
 
 
@@ -38,8 +39,8 @@ def _tokens(text: str) -> list[str]:
 
 
 @st.composite
-def mutations(draw) -> str:
-    text = draw(st.sampled_from(TEXTS))
+def mutations(draw, texts: list[str] = TEXTS) -> str:
+    text = draw(st.sampled_from(texts))
     for _ in range(draw(st.integers(1, 4))):
         unit = draw(st.sampled_from(["char", "token", "line"]))
         if unit == "char":

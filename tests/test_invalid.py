@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ MISSPELT = {
     "misspelt_dataset": "`cifar100`", "misspelt_node": "`teacher` (declared on line", "misspelt_setting": "`epochs`",
     "misspelt_optimizer": "`sgd`", "misspelt_optimizer_option": "`momentum`", "misspelt_schedule_option": "`milestones`",
     "misspelt_loss": "`kl`", "misspelt_loss_option": "`T`", "misspelt_attribute": "`target`",
-    "unknown_augment": "`pad_crop_flip`",
+    "unknown_augment": "`pad_crop_flip`", "library_model_misspelt": "`resnet18`",
+    "model_bad_arguments": "`weights`",
 }
 
 
@@ -76,6 +78,8 @@ def _check_case(path: Path, tmp_path: Path, monkeypatch):
     folder.mkdir(parents=True)
     shutil.copy(path, folder / path.name)
     _teacher_checkpoint(path.stem, folder)
+    if path.stem == "library_not_installed":  # installed or not here, the case is about a machine without it
+        monkeypatch.setitem(sys.modules, "timm", None)
     monkeypatch.chdir(tmp_path)
     text = path.read_text(encoding="utf-8")
     return text, check(text, display)

@@ -228,3 +228,22 @@ def test_node_curves_plot_what_metrics_jsonl_holds(runs, monkeypatch, tmp_path):
 def test_no_runs_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no finished runs"):
         report([tmp_path], tmp_path / "out")
+
+
+def test_curves_that_cannot_be_written_are_a_note_not_a_failure(runs, tmp_path, capsys):
+    from dclang.plots import write_node_curves
+
+    run = Path(shutil.copytree(runs / "single", tmp_path / "run"))
+    (run / "curves").write_text("a file where the folder would go", encoding="utf-8")
+    assert write_node_curves(run) == []
+    assert f"note: curves not drawn: cannot write {run / 'curves' / 's.png'}" in capsys.readouterr().err
+
+
+def test_an_unwritable_report_folder_is_a_message(runs, tmp_path):
+    from dclang.cli import main
+
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    result = CliRunner().invoke(main, ["report", str(runs / "single"), "-o", str(tmp_path / "file" / "report")])
+    assert result.exit_code == 1
+    assert f"error: cannot write the report into {tmp_path / 'file' / 'report'}" in result.output
+    assert "Traceback" not in result.output

@@ -119,3 +119,18 @@ def test_each_best_graph_trains_into_a_folder_of_its_own(finished_search):
     names = [check_file(p).graph.graph["name"] for p in best]
     assert names == [f"tiny_trial{p.stem.split('_trial')[1]}" for p in best]
     assert len(set(names)) == len(names), "dclang run's default folder is runs/<graph name>"
+
+
+def test_an_unwritable_search_folder_is_refused_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from dclang.cli import main
+
+    (tmp_path / "template.kt").write_text((Path(__file__).parent.parent / "examples" / "quickstart_search.kt")
+                                          .read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    out = tmp_path / "file" / "out"
+    result = CliRunner().invoke(main, ["search", "--template", str(tmp_path / "template.kt"), "--trials", "2",
+                                       "-o", str(out)])
+    assert result.exit_code == 1
+    assert f"error: cannot write the search folder {out}" in result.output and "Traceback" not in result.output

@@ -57,7 +57,7 @@ def test_a_sample_is_explicit_canonical_and_checks():
     assert checked.ok
     assert checked.graph.graph["sites"] == ()
     assert checked.graph.nodes["n3"]["spec"].model == "cnn_tiny"
-    assert checked.graph.edges["n2", "n1"]["spec"].gate == "cutoff"
+    assert checked.graph.edges["n2", "n1", "n2->n1"]["spec"].gate == "cutoff"
     assert len(checked.graph.edges) == 9
     assert "# the third node" in text  # the template's comments are kept
 
@@ -76,7 +76,7 @@ def test_loss_arguments_and_settings_are_sites_too():
     out = format_module(sample(template, params))
     assert "kl(T=4)" in out and "lr=0.05" in out
     graph = check(out).graph
-    assert graph.edges["n2", "n1"]["spec"].T == 4.0
+    assert graph.edges["n2", "n1", "n2->n1"]["spec"].T == 4.0
     assert graph.graph["train"].optimizer.args["lr"] == 0.05
 
 

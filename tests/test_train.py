@@ -274,7 +274,7 @@ def test_set_overrides_edit_the_file_and_errors_point_at_them(tmp_path):
     g = checked.graph
     assert (g.graph["train"].epochs, g.graph["train"].seed, g.graph["data"].val_split) == (5, 7, 300)
     assert g.graph["train"].optimizer.args["lr"] == 0.05 and g.graph["train"].optimizer.args["momentum"] == 0.5
-    assert g.nodes["p"]["spec"].model == "cnn_tiny" and g.edges["p", "s"]["spec"].gate == "linear"
+    assert g.nodes["p"]["spec"].model == "cnn_tiny" and g.edges["p", "s", "p->s"]["spec"].gate == "linear"
     assert "sgd(lr=0.05, momentum=0.5)" in checked.source
 
 

@@ -13,7 +13,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dclang.ensembles import ensemble_order, ensemble_outputs
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
+from dclang.feature_losses import layer_edge_loss
 from dclang.models import build_model
+from dclang.models.connector import add_connectors, connector_of, load_node_state
+from dclang.models.taps import LayerCapture
 
 
 @dataclass
@@ -69,8 +72,9 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
         torch.random.default_generator.manual_seed(seed)
         models = {n: build_model(graph.nodes[n]["spec"].model, num_classes, in_channels, image_size)
                   for n in names}
+        add_connectors(graph, models, (in_channels, image_size, image_size))  # FitNets' regressors (hint)
     for name, state in (init_states or {}).items():
-        models[name].load_state_dict(state)
+        load_node_state(models[name], state)
     for name in frozen_nodes(graph):
         models[name].requires_grad_(False).eval()
     return {name: model.to(device) for name, model in models.items()}
@@ -102,6 +106,9 @@ class TrainStep:
         self.k_end = steps_per_epoch * epochs
         self.optimizers: dict[str, Optimizer] = {}
         self.schedulers: dict[str, LRScheduler] = {}
+        # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
+        self.layers = LayerCapture(models, [end for e in self.edges if e.on_layers
+                                            for end in ((e.source, e.source_layer), (e.target, e.target_layer))])
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
@@ -131,6 +138,14 @@ class TrainStep:
     def edge_inputs(self, edge: EdgeSpec, logits: dict[str, Tensor]) -> tuple[Tensor | None, Tensor]:
         """(source logits, target logits) of an edge; the source is None for `label`."""
         return (None if edge.source == LABEL else logits[edge.source]), logits[edge.target]
+
+    def layer_edge_result(self, edge: EdgeSpec, logits: dict[str, Tensor], labels: Tensor, *, k: int
+                          ) -> tuple[Tensor, Tensor]:
+        """(L_{s,t}, gate weights) of an edge between layers, from the layers the last forward
+        captured; the target's connector (hint) is its own submodule."""
+        return layer_edge_loss(edge, self.layers.features[(edge.source, edge.source_layer)],
+                               self.layers.features[(edge.target, edge.target_layer)], logits[edge.source], labels,
+                               k=k, k_end=self.k_end, connector=connector_of(self.models[edge.target], edge))
 
     def stats(self, logits: dict[str, Tensor], labels: Tensor, node_loss: dict[str, Tensor],
               edge_results: dict[str, tuple[Tensor, Tensor]]) -> StepStats:

@@ -35,7 +35,8 @@ class FusedStep(TrainStep):
         self.schedulers["all"] = build_scheduler(train.schedule, self.optimizer, epochs)
         groups: dict[tuple, list] = {}
         for edge in self.edges:
-            groups.setdefault(edge_group_key(edge), []).append(edge)
+            if not edge.on_layers:  # an edge between layers is computed alone (`layer_edge_result`)
+                groups.setdefault(edge_group_key(edge), []).append(edge)
         self.edge_groups = list(groups.values())
         # each group's rows of the stacked logits (networks, then ensembles): targets, then
         # sources (None from `label`)
@@ -67,24 +68,35 @@ class FusedStep(TrainStep):
         reference engine keys them.
 
         Edges sharing source kind, loss, T, gate and weight are computed as one stacked tensor
-        (`losses.edge_losses`): a handful of operations per group instead of per edge. With
+        (`losses.edge_losses`): a handful of operations per group instead of per edge; an edge
+        between layers is computed alone, its layers differing in shape from any other's. With
         `linear_weight` (a 0-d tensor holding k / k_end) every gate is evaluated at k_end and
         the linear edges are scaled by the tensor: the form torch.compile and CUDA graphs
         need, where k must not be a Python number (see `dclang.compile.accelerate`).
         """
         results: dict[str, tuple[Tensor, Tensor]] = {}
+        gate_k = self.k_end if linear_weight is not None else k
         stacked = torch.stack([logits[name] for name in self.stacked_names])  # (nodes, B, C): one gradient per node
         detached = stacked.detach()  # sources (paper 3.1)
         for group, (target_rows, source_rows) in zip(self.edge_groups, self.group_rows):
             targets = stacked.index_select(0, target_rows)
             sources = None if source_rows is None else detached.index_select(0, source_rows)
-            loss, weights = edge_losses(group, sources, targets, labels, k=self.k_end if linear_weight is not None
-                                        else k, k_end=self.k_end)
-            if linear_weight is not None and group[0].gate == "linear":
-                w = linear_weight.to(loss.dtype)
-                loss, weights = loss * w, weights * w
+            loss, weights = edge_losses(group, sources, targets, labels, k=gate_k, k_end=self.k_end)
+            loss, weights = _linear_scaled(group[0], loss, weights, linear_weight)
             results.update((e.key, lw) for e, lw in zip(group, zip(loss.unbind(0), weights.unbind(0))))
+        for edge in self.edges:
+            if edge.on_layers:
+                loss, weights = self.layer_edge_result(edge, logits, labels, k=gate_k)
+                results[edge.key] = _linear_scaled(edge, loss, weights, linear_weight)
         edge_results = {e.key: results[e.key] for e in self.edges}
         node_losses = {t: node_loss([edge_results[e.key][0] for e in self.edges if e.target == t])
                        for t in self.trainable}
         return node_losses, edge_results
+
+
+def _linear_scaled(edge, loss: Tensor, weights: Tensor, linear_weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A linear edge's (loss, weights) computed at k_end, scaled by the tensor k / k_end."""
+    if linear_weight is None or edge.gate != "linear":
+        return loss, weights
+    w = linear_weight.to(loss.dtype)
+    return loss * w, weights * w

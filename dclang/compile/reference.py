@@ -34,7 +34,10 @@ class ReferenceStep(TrainStep):
         for target in self.trainable:
             losses = []
             for edge in self.edges:
-                if edge.target == target:
+                if edge.target == target and edge.on_layers:
+                    edge_results[edge.key] = self.layer_edge_result(edge, logits, labels, k=k)
+                    losses.append(edge_results[edge.key][0])
+                elif edge.target == target:
                     source_logits, target_logits = self.edge_inputs(edge, logits)
                     edge_results[edge.key] = edge_loss(edge, source_logits, target_logits, labels,
                                                        k=k, k_end=self.k_end)

@@ -1,114 +1,32 @@
-"""Model zoo: every architecture the experiments use, built by name.
+"""Model zoo: every network a node can be, built by name with `build_model`.
 
-All builders share the signature ``(num_classes, in_channels, image_size)`` so
-that configuration files only need a model name plus the data set's shape.
-Names are lowercase. Besides the fixed entries of ``BUILDERS``,
-``build_model`` accepts any ``wrn{d}_{k}`` whose depth is 6m+4.
+Three kinds of model: the built-in architectures of the experiments (`resnet32`, `wrn28_2`,
+`cnn_tiny`, ...: `build`), a library's models (`torchvision.resnet18`, `timm.NAME`: `library`)
+and the models installed packages register under the `dclang.models` entry points (`plugins`).
 
-The ``*_tiny`` aliases build exactly the same networks as their CIFAR
-counterparts: the paper's Tiny-ImageNet models are the CIFAR ones with a
-stride-1 first convolution, which ours already have, and global average
-pooling absorbs the 64x64 input. The aliases exist so that a configuration
-can say which setting it means.
+Python imports this package before any of its modules, and `dclang check` reads `library`
+and `plugins` to validate names without torch; so the torch-based names are imported on
+first use (PEP 562 module `__getattr__`).
 """
 
-from collections.abc import Callable
+from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .cifar_resnet import CifarResNet
-from .small import cnn_small, cnn_tiny, mlp
-from .wide_resnet import WideResNet, parse_wrn_name
+from dclang.lazy import lazy_exports
 
-Builder = Callable[[int, int, int], nn.Module]
+if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
+    from dclang.models.build import BUILDERS, build_model, count_parameters, parameter_counts
+    from dclang.models.cifar_resnet import CifarResNet
+    from dclang.models.wide_resnet import WideResNet, parse_wrn_name
 
-
-def _resnet(depth: int) -> Builder:
-    """Builder for CIFAR ResNet-``depth``; ``image_size`` does not change it."""
-
-    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-        return CifarResNet(depth, num_classes, in_channels)
-
-    return build
-
-
-def _wrn(depth: int, widen_factor: int) -> Builder:
-    """Builder for WRN-``depth``-``widen_factor``; ``image_size`` does not change it."""
-
-    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-        return WideResNet(depth, widen_factor, num_classes, in_channels)
-
-    return build
-
-
-BUILDERS: dict[str, Builder] = {
-    **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
-    **{
-        f"wrn{d}_{k}": _wrn(d, k)
-        for d, k in [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (28, 10), (40, 2)]
-    },
-    "resnet32_tiny": _resnet(32),
-    "resnet110_tiny": _resnet(110),
-    "wrn28_2_tiny": _wrn(28, 2),
-    "mlp": mlp,
-    "cnn_tiny": cnn_tiny,
-    "cnn_small": cnn_small,
+_LAZY = {
+    "BUILDERS": "dclang.models.build", "build_model": "dclang.models.build",
+    "count_parameters": "dclang.models.build", "parameter_counts": "dclang.models.build",
+    "CifarResNet": "dclang.models.cifar_resnet", "WideResNet": "dclang.models.wide_resnet",
+    "parse_wrn_name": "dclang.models.wide_resnet",
 }
 
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-def build_model(
-    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
-) -> nn.Module:
-    """Build the model registered as ``name`` (case-insensitive).
-
-    Raises KeyError for names that are neither in ``BUILDERS`` nor a valid
-    ``wrn{d}_{k}``.
-    """
-    key = name.lower()
-    if key in BUILDERS:
-        builder = BUILDERS[key]
-    elif (dk := parse_wrn_name(key)) is not None:
-        builder = _wrn(*dk)
-    else:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(BUILDERS)} or wrn{{d}}_{{k}}")
-    return builder(num_classes, in_channels, image_size)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters (those with ``requires_grad``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def parameter_counts(graph) -> list[tuple[str, str, int]]:
-    """(node, model, parameters) for every model node of an IR, built on the meta device.
-
-    The meta device allocates nothing, so `dclang check` can show sizes of ResNet110s
-    instantly. Class count and input shape come from the dataset's catalog entry (10 classes,
-    3x32x32 when the dataset does not fix them).
-    """
-    from dclang.ir import model_nodes
-    from dclang.registry import dataset_info
-
-    data = graph.graph.get("data")
-    info = dataset_info(data.dataset) if data is not None else None
-    classes = (info.num_classes if info else None) or 10
-    channels = (info.channels if info else None) or 3
-    size = (info.image_size if info else None) or 32
-    out = []
-    with torch.device("meta"):
-        for name in model_nodes(graph):
-            model = graph.nodes[name]["spec"].model
-            out.append((name, model, count_parameters(build_model(model, classes, channels, size))))
-    return out
-
-
-__all__ = [
-    "BUILDERS",
-    "parameter_counts",
-    "CifarResNet",
-    "WideResNet",
-    "build_model",
-    "count_parameters",
-    "parse_wrn_name",
-]
+__all__ = sorted(_LAZY)

@@ -72,7 +72,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for small images; ``depth`` must satisfy (depth-2) % 6 == 0."""
+    """ResNet-(6n+2) for small images; ``depth`` must satisfy (depth-2) % 6 == 0.
+
+    Taps (``dclang.models.taps``): ``layer1``, ``layer2``, ``layer3``, the three stages'
+    outputs (16, 32, 64 channels at full, half and quarter resolution), and ``pool``, the
+    pooled features the classifier reads.
+    """
+
+    taps = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "pool": "pool"}
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
         super().__init__()

@@ -39,8 +39,9 @@ overhead dominate; fusion replaces K launches per layer by one larger launch. On
 launch is cheap and grouped convolutions can be slower than K dense ones, so fusion may not
 pay off there; the engine enables it only where a benchmark shows that it wins.
 
-Supported: the CIFAR ResNets, the WRNs (any depth and width) and ``mlp``, ``cnn_tiny``,
-``cnn_small``. Anything else raises NotImplementedError naming the architecture, so callers
+Supported: the CIFAR ResNets, the WRNs (any depth and width), ``mlp``, ``cnn_tiny``,
+``cnn_small`` and torchvision's ResNets (``torchvision.resnet18`` ... ``resnet152``, also with
+the small-image stem dclang gives them). Anything else raises NotImplementedError naming the architecture, so callers
 can fall back to separate models. The set is an allowlist of module types, because fusion
 reuses each container's own ``forward``: it deep-copies the first model and swaps its leaf
 layers for fused ones, so the fused network's ``state_dict`` keys are the per-node keys.
@@ -61,6 +62,15 @@ from .wide_resnet import PreActBlock, WideResNet
 
 # Containers whose forward only composes children, so that swapping the leaves fuses them.
 _CONTAINERS = (CifarResNet, BasicBlock, WideResNet, PreActBlock, nn.Sequential)
+# torchvision's ResNets compose children the same way (stem, stages, pool, flatten, fc; blocks
+# add a shortcut that is the identity or a 1x1 convolution and BatchNorm): named by module and
+# class, so that fusing imports no library.
+_LIBRARY_CONTAINERS = {("torchvision.models.resnet", name) for name in ("ResNet", "BasicBlock", "Bottleneck")}
+
+
+def _is_container(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls in _CONTAINERS or (cls.__module__, cls.__qualname__) in _LIBRARY_CONTAINERS
 # Leaves acting per element or per channel: correct on the fused (B, K*C, ...) layout as is.
 _ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d,
                 nn.AdaptiveAvgPool2d, nn.Flatten)
@@ -111,7 +121,7 @@ def _leaves(module: nn.Module, arch: str) -> list[tuple[nn.Module, str, nn.Modul
     """(parent, attribute name, leaf) in registration order; unknown module types raise."""
     out = []
     for name, child in module.named_children():
-        if type(child) in _CONTAINERS:
+        if _is_container(child):
             out += _leaves(child, arch)
         elif type(child) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear, ShortcutA, *_ELEMENTWISE):
             out.append((module, name, child))
@@ -153,7 +163,7 @@ def _fused_leaf(leaf: nn.Module, k: int, *, shared_input: bool, classifier: bool
 def _fuse_structure(model: nn.Module, k: int) -> nn.Module:
     """A copy of ``model`` whose leaves are fused for ``k`` nodes, tensors on the meta device."""
     arch = type(model).__name__
-    if type(model) not in _CONTAINERS:
+    if not _is_container(model):
         raise NotImplementedError(f"cannot fuse {arch}: not a supported architecture")
     net = copy.deepcopy(model)
     leaves = _leaves(net, arch)

@@ -69,7 +69,14 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen_factor; ``depth`` must satisfy (depth-4) % 6 == 0."""
+    """WRN-depth-widen_factor; ``depth`` must satisfy (depth-4) % 6 == 0.
+
+    Taps (``dclang.models.taps``): ``layer1``, ``layer2``, ``layer3``, the three groups'
+    outputs (16k, 32k, 64k channels; pre-activation, as attention transfer takes them),
+    and ``pool``, the pooled features after the final BN-ReLU.
+    """
+
+    taps = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "pool": "pool"}
 
     def __init__(
         self,

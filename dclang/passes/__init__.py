@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dclang.passes.check_checkpoints import check_checkpoints
 from dclang.passes.check_ensembles import check_ensembles
+from dclang.passes.check_layers import check_layers
 from dclang.passes.check_names import check_names
 from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_reachability, check_checkpoints)
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_layers, check_reachability,
+          check_checkpoints)
 
-__all__ = ["PASSES", "check_names", "check_values", "check_structure", "check_ensembles", "check_reachability",
+__all__ = ["PASSES", "check_names", "check_values", "check_structure", "check_ensembles", "check_layers",
+           "check_reachability",
            "check_checkpoints"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dclang import registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.diagnostics import suggest
-from dclang.ir import LABEL, NO_NODE, expand_edges
+from dclang.ir import LABEL, expand_edges
+from dclang.passes.check_models import check_model
 from dclang.syntax import ast
-from dclang.syntax.format import format_value
+from dclang.syntax.format import format_endpoint, format_value
 
 
 def _choice_names(expr) -> list[ast.Ident | ast.Name]:
@@ -44,12 +45,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
             declared[name] = decl
 
     for decl in nodes:
-        for word in _choice_names(decl.model):
-            if decl.is_ensemble or _text(word) == NO_NODE:
-                continue  # the options of an ensemble's choice: check_ensembles
-            if not registry.is_model(_text(word)):
-                out.append(error("E200", f"unknown model `{_text(word)}`", word.span, "no model with this name",
-                                 help=did_you_mean(_text(word), registry.MODELS, "models")))
+        out += check_model(decl)
         seen_attrs: set[str] = set()
         for attr in decl.attributes:
             key = attr.name.text
@@ -79,14 +75,14 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
             if _text(word) not in registry.GATES:
                 out.append(error("E202", f"unknown gate `{_text(word)}`", word.span, "no gate with this name",
                                  help=did_you_mean(_text(word), registry.GATES, "gates")))
-        if edge.loss is not None:
-            name = edge.loss.name.text
+        for call in edge.loss_calls():  # the loss, or each option of a choice of losses
+            name = call.name.text
             if name not in registry.LOSSES:
-                out.append(error("E203", f"unknown loss `{name}`", edge.loss.name.span, "no loss with this name",
+                out.append(error("E203", f"unknown loss `{name}`", call.name.span, "no loss with this name",
                                  help=did_you_mean(name, registry.LOSSES, "losses")))
             else:
-                out += _check_repeated_args(edge.loss)
-                for arg in edge.loss.args:
+                out += _check_repeated_args(call)
+                for arg in call.args:
                     if arg.name.text not in registry.LOSSES[name]:
                         out.append(error("E206", f"`{name}` has no option `{arg.name.text}`", arg.name.span,
                                          help=did_you_mean(arg.name.text, registry.LOSSES[name], "options")))
@@ -95,7 +91,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
     for edge in expand_edges(module):
         if edge.bulk:
             continue
-        pair = (edge.source.text, edge.target.text)
+        pair = (format_endpoint(edge.source, edge.source_layer), format_endpoint(edge.target, edge.target_layer))
         if pair in seen_pairs:
             first = seen_pairs[pair].span.line
             out.append(error("E301", f"duplicate edge `{pair[0]} -> {pair[1]}`", edge.span, "declared again here",

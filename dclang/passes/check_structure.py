@@ -1,12 +1,14 @@
 """The shape of the graph must mean something the paper can train.
 
 `label` is only a source (eq. 1); no node teaches itself; exactly one target, and it must be
-trained (a frozen target could never improve); losses match their source (cross-entropy from
-`label`, KL between nodes); a node declared `[frozen]` takes no live edge.
+trained (a frozen target could never improve); losses match their ends (cross-entropy from
+`label`, a loss between outputs between nodes, a loss between layers between two layers: the
+typed catalogue, `dclang.loss_catalogue`); a node declared `[frozen]` takes no live edge.
 """
 
 from __future__ import annotations
 
+from dclang import loss_catalogue
 from dclang.diagnostics import Diagnostic, error, warning
 from dclang.ir import LABEL, Open, expand_edges
 from dclang.syntax import ast
@@ -24,19 +26,14 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
         elif s == t and not edge.bulk:
             out.append(error("E303", f"self-edge `{s} -> {s}`", edge.span, "a node cannot teach itself",
                              help="the KL divergence of a node with itself is always zero"))
-        if edge.loss is not None and not edge.bulk:
-            name = edge.loss.name.text
-            if s == LABEL and name == "kl":
-                out.append(error("E312", "an edge from `label` uses cross-entropy, not `kl`", edge.loss.name.span,
-                                 help="write `ce(...)` or leave the loss out; `T` has no meaning for one-hot labels"))
-            elif s != LABEL and s != "*" and name == "ce":
-                out.append(error("E312", "an edge between nodes uses `kl`, not `ce`", edge.loss.name.span,
-                                 help="write `kl(T=2)` or leave the loss out for KL at T = 1"))
         target = nodes.get(t)
         if target is not None and target.is_ensemble:
             out.append(error("E313", f"an edge into the ensemble `{t}`", edge.target.span,
                              "an ensemble is only a source",
                              help="an ensemble is the mean of its members' outputs; it has no weights to train"))
+
+    for edge in module.of(ast.EdgeDecl):  # each written edge once, a bulk one included
+        out += _check_loss_fits(edge, nodes)
 
     targets = [d for d in nodes.values() if d.attribute("target") is not None]
     if not targets and nodes:
@@ -55,7 +52,7 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
         if decl.is_ensemble:
             continue  # no weights, never frozen: its own rules are check_ensembles'
         frozen_attr = decl.attribute("frozen")
-        live = [graph.edges[e]["spec"] for e in graph.in_edges(name) if graph.edges[e]["spec"].gate != "cutoff"]
+        live = [e for _, _, e in graph.in_edges(name, data="spec") if e.gate != "cutoff"]
         if frozen_attr is not None:
             for e in live:
                 if not isinstance(e.gate, Open):
@@ -72,4 +69,53 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
             out.append(warning("W503", f"`{name}` has no live incoming edge, so it is a frozen teacher",
                                decl.name.span, "pre-trained on labels, then never updated",
                                help=f"write `[frozen]` to say so, or add `label -> {name} : through` to train it"))
+    return out
+
+
+def _check_loss_fits(edge: ast.EdgeDecl, nodes: dict[str, ast.NodeDecl]) -> list[Diagnostic]:
+    """Each loss (or each option of a choice of losses) takes the edge's kind of ends
+    (`dclang.loss_catalogue`): cross-entropy from `label`, a loss between outputs between
+    nodes, a loss between layers between two layers. A bulk edge adapts `ce`/`kl` to each
+    pair, so only a loss between layers is wrong there."""
+    out: list[Diagnostic] = []
+    s = edge.source.text
+    if edge.on_layers:
+        for end, layer in ((edge.source, edge.source_layer), (edge.target, edge.target_layer)):
+            decl = nodes.get(end.text)
+            if layer is not None and (end.text == LABEL or (decl is not None and isinstance(decl.model, ast.Ensemble))):
+                what = "`label`" if end.text == LABEL else f"the ensemble `{end.text}`"
+                out.append(error("E320", f"{what} has no layers", layer.span, "not a network",
+                                 help="a layer edge joins two networks' layers: `teacher.layer3 -> student.layer3`"))
+                return out
+        if edge.source_layer is None or edge.target_layer is None:
+            missing = edge.source if edge.source_layer is None else edge.target
+            return out + [error("E320", "an edge between layers names a layer at both ends", missing.span,
+                                "no layer here",
+                                help=f"write `{missing.text}.layer3` (or another layer), or drop the other end's layer")]
+        if edge.loss is None:
+            return out + [error("E320", "an edge between layers must name its loss", edge.span, "",
+                                help="losses between layers: " + ", ".join(
+                                    f"`{n}`" for n in loss_catalogue.losses_for("layer")) + ", e.g. `at(p=2)`")]
+    for call in edge.loss_calls():
+        info = loss_catalogue.LOSSES.get(call.name.text)
+        if info is None:
+            continue  # reported by check_names
+        name = info.name
+        if info.on_layers != edge.on_layers:
+            if info.on_layers:
+                message = f"`{name}` compares two layers, but this edge joins the nodes' outputs"
+                hint = (f"name a layer at each end, e.g. `{s}.layer3 -> {edge.target.text}.layer3`; losses between "
+                        f"outputs: " + ", ".join(f"`{n}`" for n in loss_catalogue.losses_for("logits")))
+            else:
+                message = f"`{name}` compares outputs (logits), but this edge joins layers"
+                hint = "losses between layers: " + ", ".join(f"`{n}`" for n in loss_catalogue.losses_for("layer"))
+            out.append(error("E320", message, call.name.span, "wrong kind of loss for these ends", help=hint))
+        elif edge.bulk or info.on_layers:
+            continue
+        elif s == LABEL and info.endpoints != "label":
+            out.append(error("E312", f"an edge from `label` uses cross-entropy, not `{name}`", call.name.span,
+                             help="write `ce(...)` or leave the loss out; `T` has no meaning for one-hot labels"))
+        elif s != LABEL and info.endpoints == "label":
+            out.append(error("E312", "an edge between nodes uses `kl`, not `ce`", call.name.span,
+                             help="write `kl(T=2)` or leave the loss out for KL at T = 1"))
     return out

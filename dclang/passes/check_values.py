@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from dclang import registry
+from dclang import loss_catalogue, registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error, warning
 from dclang.syntax import ast
 
@@ -140,11 +140,57 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
     for edge in module.of(ast.EdgeDecl):
         if isinstance(edge.gate, ast.Choice):  # empty, or an option that is not a gate name
             out += check_value(edge.gate, "name", "gate", "the gate")
-        if edge.loss is not None and edge.loss.name.text in registry.LOSSES:
-            for arg in edge.loss.args:
-                if arg.name.text in registry.LOSSES[edge.loss.name.text]:
-                    out += check_value(arg.value, "float", arg.name.text, f"`{arg.name.text}`")
+        out += _check_loss(edge)
+        for layer in (edge.source_layer, edge.target_layer):
+            if isinstance(layer, ast.Choice):
+                out += _check_layer_choice(layer)
     return out
+
+
+def _check_loss(edge: ast.EdgeDecl) -> list[Diagnostic]:
+    """A choice of losses lists losses; each loss argument is a number in its catalogue range."""
+    out: list[Diagnostic] = []
+    if isinstance(edge.loss, ast.Choice):
+        if not edge.loss.options:
+            out.append(error("E403", "empty `choice()` for the loss", edge.loss.span, "nothing to choose from",
+                             help="list at least one loss: `choice(kl(T=2), dkd())`"))
+        for option in edge.loss.options:
+            if not isinstance(option, ast.Call):
+                out.append(error("E400", "a choice of losses lists losses written as calls", option.span,
+                                 "not a loss", help="write each option with parentheses: `choice(kl(T=2), lskd())`"))
+            elif any(isinstance(a.value, ast.Choice) for a in option.args):
+                out.append(error("E400", "a `choice(...)` inside a choice of losses", option.span,
+                                 "one choice at a time",
+                                 help="write the options out: `choice(at(p=1), at(p=2), sp())`"))
+    for call in edge.loss_calls():
+        info = loss_catalogue.LOSSES.get(call.name.text)
+        for arg in call.args if info is not None else ():
+            if arg.name.text in info.args:
+                out += _check_loss_arg(arg.value, arg.name.text, info.args[arg.name.text])
+    return out
+
+
+def _check_loss_arg(value: ast.Value, key: str, arg: loss_catalogue.Arg) -> list[Diagnostic]:
+    if isinstance(value, ast.Choice):
+        if not value.options:
+            return [error("E403", f"empty `choice()` for `{key}`", value.span, "nothing to choose from",
+                          help="list at least one option: `choice(a, b)`")]
+        return [d for option in value.options for d in _check_loss_arg(option, key, arg)]
+    if not isinstance(value, ast.Number):
+        return [error("E400", f"`{key}` must be {_KIND_WORDS['float']}", value.span, "wrong kind of value")]
+    if not arg.check(value.value):
+        code = {"T": "E401", "weight": "E402"}.get(key, "E404")
+        return [error(code, f"`{key}` {arg.rule}, but got {value.text}", value.span, "out of range")]
+    return []
+
+
+def _check_layer_choice(layer: ast.Choice) -> list[Diagnostic]:
+    if not layer.options:
+        return [error("E403", "empty `choice()` for a layer", layer.span, "nothing to choose from",
+                      help="list at least one layer: `teacher.choice(layer2, layer3)`")]
+    return [error("E400", "a choice of layers lists layer names", o.span, "not a layer name",
+                  help='write names like `layer3`, or a module path in quotes: `"layer3.0.conv2"`')
+            for o in layer.options if not isinstance(o, (ast.Ident, ast.String))]
 
 
 def _check_milestones(module: ast.Module) -> list[Diagnostic]:

@@ -110,7 +110,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         return
     if output is None:
         raise click.UsageError("give the output folder with -o OUT")
-    from dclang.search.folder import RECORD, read_record, write_record
+    from dclang.search.folder import RECORD, make_folder, read_record, write_record
     from dclang.search.study import load_study, open_storage, redact, set_trial_budget
 
     if resume:
@@ -135,6 +135,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         if (output / RECORD).exists():
             raise UserError(f"{output} already holds a search", f"continue it with `dclang search --resume -o "
                                                                  f"{output}`, or choose another -o")
+        make_folder(output)
         storage = storage or str(output / "study.journal")
         study, config = _create(template, trials, storage, study_name, epochs=epochs, sampler=sampler, seed=seed,
                                 pruner=pruner, eta=eta, min_resource=min_resource)

@@ -94,12 +94,11 @@ def _classes(graph: nx.DiGraph, movable: list[str]) -> list[list[str]]:
     fixed = {n: f"={n}" for n in _fixed(graph)}
     signature = {n: json.dumps(_attrs(graph.nodes[n]["spec"], star)) for n in graph}
     signature.update(fixed)
-    edges = _computed_edges(graph)
-    edge_attrs = {(s, t): json.dumps(_attrs(e, star)) for s, t, e in edges}
+    edges = [(s, t, json.dumps(_attrs(e, star))) for s, t, e in _computed_edges(graph)]  # parallel edges too
     for _ in range(2):
         signature = {n: json.dumps([signature[n],
-                                    sorted([edge_attrs[s, t], signature[s]] for s, t, _ in edges if t == n),
-                                    sorted([edge_attrs[s, t], signature[t]] for s, t, _ in edges if s == n)])
+                                    sorted([a, signature[s]] for s, t, a in edges if t == n),
+                                    sorted([a, signature[t]] for s, t, a in edges if s == n)])
                      for n in graph}
         signature.update(fixed)
     by_signature: dict[str, list[str]] = {}
@@ -178,7 +177,7 @@ def _substitute(value: Any, picks: dict[str, Any]) -> Any:
 def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     """The template's IR with one option picked per site, frozen-ness derived again: the IR
     of the sampled text, without parsing or formatting it."""
-    g = nx.DiGraph()
+    g = nx.MultiDiGraph()  # as the IR: two nodes may be joined by their outputs and by layers
     g.graph.update(template.graph)
     g.graph["data"] = _substitute(template.graph["data"], picks)
     g.graph["train"] = _substitute(template.graph["train"], picks)
@@ -186,7 +185,8 @@ def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     for n, spec in template.nodes(data="spec"):
         g.add_node(n, spec=_substitute(dataclasses.replace(spec, frozen=spec.declared_frozen), picks))
     for s, t, spec in template.edges(data="spec"):
-        g.add_edge(s, t, spec=_substitute(spec, picks))
+        picked = _substitute(spec, picks)
+        g.add_edge(s, t, key=picked.key, spec=picked)
     # an ensemble whose choice picked `none` is left out of the trial, with its edges
     g.remove_nodes_from([n for n, spec in template.nodes(data="spec")
                          if spec.is_ensemble and g.nodes[n]["spec"].model == NO_NODE])

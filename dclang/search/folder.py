@@ -1,6 +1,6 @@
 """`search.json`: what `dclang search --resume -o OUT` needs to find the study of OUT.
 
-It holds the study's name, its storage and the template's path. A path is stored relative
+It holds the study's name, its storage and, for the reader, the template's path. A path is stored relative
 to OUT, so a search folder that is copied resumes its own study (not the original's) and one
 that is moved still finds it; an absolute path would tie the folder to where it was made.
 A URL (PostgreSQL) is stored without its password. The file is checked when it is read: a
@@ -26,7 +26,6 @@ class SearchRecord:
 
     study: str
     storage: str
-    template: str | None
 
 
 def is_url(storage: str) -> bool:
@@ -35,6 +34,18 @@ def is_url(storage: str) -> bool:
 
 def _relative(path: str | Path, folder: Path) -> str:
     return os.path.relpath(Path(path).resolve(), folder.resolve())
+
+
+def make_folder(folder: Path) -> None:
+    """Create the output folder of a new search before any work, or say why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dclang-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the search folder {folder}: {exc.strerror or exc}",
+                        "give a folder you can write to with -o") from None
 
 
 def write_record(folder: Path, *, study: str, storage: str, template: Path) -> None:
@@ -67,8 +78,7 @@ def read_record(folder: Path) -> SearchRecord | None:
     storage = record["storage"]
     if not is_url(storage):
         storage = str(folder / storage)  # an absolute path stays absolute
-    template = record.get("template")
-    return SearchRecord(record["study"], storage, None if template is None else str(folder / template))
+    return SearchRecord(record["study"], storage)
 
 
 def _problem(record) -> str:
@@ -83,4 +93,4 @@ def _problem(record) -> str:
     return ""
 
 
-__all__ = ["RECORD", "SearchRecord", "is_url", "read_record", "write_record"]
+__all__ = ["RECORD", "SearchRecord", "is_url", "make_folder", "read_record", "write_record"]

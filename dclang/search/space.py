@@ -130,19 +130,39 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         decl: ast.EdgeDecl = attrs["decl"]
         spec = attrs["spec"]
         gate = name(decl.gate, spec.gate)
-        loss = decl.loss
-        if loss is not None and loss.name.text != spec.loss and spec.loss in registry.LOSSES:
-            # a bulk edge's `kl(...)` is cross-entropy on the pairs from `label` (and the reverse):
-            # the IR keeps the pair's own loss and the options it has; so does the explicit edge
-            args = tuple(a for a in loss.args if a.name.text in registry.LOSSES[spec.loss])
-            loss = ast.Call(ast.Name(spec.loss, loss.name.span), args, loss.span) if args else None
-        if loss is not None:
-            loss = call_args(loss, {"T": spec.T, "weight": spec.weight})
+        loss = _edge_loss(decl, spec, value, call_args)
+        source_layer = _layer(decl.source_layer, spec.source_layer, value)
+        target_layer = _layer(decl.target_layer, spec.target_layer, value)
         if source in absent or target in absent:
             continue  # picked all the same: every site is met whatever the others picked
         items.append(ast.EdgeDecl(ast.Name(source, decl.source.span), ast.Name(target, decl.target.span),
-                                  gate, loss, decl.span, bulk=False))
+                                  gate, loss, decl.span, bulk=False, source_layer=source_layer,
+                                  target_layer=target_layer))
     return ast.Module(tuple(items), module.comments)
+
+
+def _layer(expr: ast.LayerExpr | None, lowered: Any, value: Callable) -> ast.LayerExpr | None:
+    """A layer endpoint with its choice picked: a layer name is written as a `Name`."""
+    picked = value(expr, lowered) if expr is not None else None
+    if isinstance(picked, (ast.Ident, ast.String)):
+        return ast.Name(picked.name if isinstance(picked, ast.Ident) else picked.value, picked.span)
+    return picked
+
+
+def _edge_loss(decl: ast.EdgeDecl, spec: Any, value: Callable, call_args: Callable) -> ast.LossExpr | None:
+    """The edge's loss with its choices picked: a choice of losses, then the loss's arguments."""
+    loss = value(decl.loss, spec.loss) if isinstance(decl.loss, ast.Choice) else decl.loss
+    if isinstance(loss, ast.Choice):
+        return None  # a bulk choice of node losses, on a pair from `label`: cross-entropy (eq. 1)
+    if isinstance(loss, ast.Call) and isinstance(spec.loss, str) and loss.name.text != spec.loss \
+            and spec.loss in registry.LOSSES:
+        # a bulk edge's `kl(...)` is cross-entropy on the pairs from `label` (and the reverse):
+        # the IR keeps the pair's own loss and the options it has; so does the explicit edge
+        args = tuple(a for a in loss.args if a.name.text in registry.LOSSES[spec.loss])
+        loss = ast.Call(ast.Name(spec.loss, loss.name.span), args, loss.span) if args else None
+    if isinstance(loss, ast.Call) and isinstance(spec.loss, str):
+        loss = call_args(loss, {**spec.loss_args(), "weight": spec.weight})
+    return loss
 
 
 def _choices_in(obj: Any) -> Iterator[ast.Choice]:
@@ -177,8 +197,9 @@ def search_space(module: ast.Module) -> list[Parameter]:
     left = next(_choices_in(first.items), None)
     if left is not None:
         raise UserError(f"line {left.span.line}, column {left.span.column}: search cannot pick this `choice(...)`",
-                        "a choice can stand for a node's model, ensemble (or `none`), `init` or `combine`, an edge's gate, `T` or `weight`, a "
-                        "setting's value, or one argument of the optimizer or schedule")
+                        "a choice can stand for a node's model, ensemble (or `none`), `init` or `combine`, an "
+                        "edge's gate, its loss or one argument of the loss, a layer of an edge's end, a setting's "
+                        "value, or one argument of the optimizer or schedule")
     order = [site.name for site in graph.graph["sites"]]
     return [found[name] for name in order if name in found]
 

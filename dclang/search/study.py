@@ -165,8 +165,8 @@ def _mend_torn_end(path: Path) -> None:
     longer be read at all. Done under the journal's own lock, so no writer is mid-record."""
     from optuna.storages.journal import JournalFileSymlinkLock
 
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+    if not path.is_file() or path.stat().st_size == 0 or _last_byte(path) == b"\n":
+        return  # the common case, seen without taking the lock the workers write under
     lock = JournalFileSymlinkLock(str(path))
     lock.acquire()
     try:
@@ -180,6 +180,12 @@ def _mend_torn_end(path: Path) -> None:
               "process killed while writing it); it was never read and is removed", file=sys.stderr)
     finally:
         lock.release()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _with_driver(url: str) -> str:

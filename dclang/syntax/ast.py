@@ -134,8 +134,15 @@ class Attribute:
     span: Span = field(compare=False)
 
 
-ModelExpr = Union[Name, Choice, Ensemble]
+#: a model by name (`resnet32`, `torchvision.resnet18`: the Name's text is the dotted path),
+#: with the constructor's arguments (a Call: `torchvision.resnet18(weights="DEFAULT")`), a
+#: choice of names, or an ensemble
+ModelExpr = Union[Name, Call, Choice, Ensemble]
 GateExpr = Union[Name, Choice]
+#: a layer endpoint: one module path (`layer3`, `layer3.0.conv2`) or a `choice(...)` of them
+LayerExpr = Union[Name, Choice]
+#: an edge's loss: `kl(T=2)`, or a `choice(...)` of such calls for search
+LossExpr = Union[Call, Choice]
 
 
 @dataclass(frozen=True)
@@ -158,14 +165,31 @@ class NodeDecl:
 
 @dataclass(frozen=True)
 class EdgeDecl:
-    """`source -> target : gate loss(...)`; for `edges`, either end may be `*`."""
+    """`source -> target : gate loss(...)`; for `edges`, either end may be `*`.
+
+    `source_layer` / `target_layer` are set when an end names a layer of its node
+    (`teacher.layer3 -> student.layer3 : through at(p=2)`); `source` and `target` stay the
+    nodes' names, so everything that reasons about nodes reads an edge the same way.
+    """
 
     source: Name
     target: Name
     gate: GateExpr
-    loss: Call | None
+    loss: LossExpr | None
     span: Span = field(compare=False)
     bulk: bool = False
+    source_layer: LayerExpr | None = None
+    target_layer: LayerExpr | None = None
+
+    @property
+    def on_layers(self) -> bool:
+        return self.source_layer is not None or self.target_layer is not None
+
+    def loss_calls(self) -> list[Call]:
+        """The loss as written, or each loss a `choice(...)` of losses offers."""
+        if isinstance(self.loss, Choice):
+            return [o for o in self.loss.options if isinstance(o, Call)]
+        return [self.loss] if self.loss is not None else []
 
 
 Item = Union[GraphDecl, DataBlock, TrainBlock, NodeDecl, EdgeDecl]

@@ -41,13 +41,22 @@ def format_call(call: ast.Call) -> str:
 def _model(expr: ast.ModelExpr) -> str:
     if isinstance(expr, ast.Ensemble):
         return "ensemble(" + ", ".join(m.text for m in expr.members) + ")"
-    if isinstance(expr, ast.Choice):
+    if isinstance(expr, (ast.Choice, ast.Call)):
         return format_value(expr)
     return expr.text
 
 
 def _gate(expr: ast.GateExpr) -> str:
     return format_value(expr) if isinstance(expr, ast.Choice) else expr.text
+
+
+def format_endpoint(node: ast.Name, layer: ast.LayerExpr | None) -> str:
+    """`node`, or `node.layer3` / `node.choice(layer2, layer3)` for a layer endpoint."""
+    return node.text if layer is None else f"{node.text}.{_gate(layer)}"
+
+
+def format_loss(loss: ast.LossExpr) -> str:
+    return format_call(loss) if isinstance(loss, ast.Call) else format_value(loss)
 
 
 def _attributes(attrs: tuple[ast.Attribute, ...]) -> str:
@@ -170,14 +179,14 @@ def format_module(module: ast.Module) -> str:
     if edges:
         def ends(e: ast.EdgeDecl) -> tuple[str, str]:
             prefix = "edges " if e.bulk else ""
-            return prefix + e.source.text, e.target.text
+            return prefix + format_endpoint(e.source, e.source_layer), format_endpoint(e.target, e.target_layer)
 
         swidth = max(len(ends(e)[0]) for e in edges)
         twidth = max(len(ends(e)[1]) for e in edges)
         lines = []
         for e in edges:
             s, t = ends(e)
-            loss = " " + format_call(e.loss) if e.loss is not None else ""
+            loss = " " + format_loss(e.loss) if e.loss is not None else ""
             emit(lines, e, f"{s:<{swidth}} -> {t:<{twidth}} : {_gate(e.gate)}{loss}")
         sections.append(lines)
 

@@ -101,10 +101,18 @@ class _ToAst(Transformer):
         attributes = children[2] if len(children) > 2 else ()
         return ast.NodeDecl(_name(children[0]), children[1], attributes, Span.from_meta(meta))
 
-    def model_name(self, meta, children):
-        return _name(children[0])
+    def model_path(self, meta, children):
+        """`resnet32` or `torchvision.resnet18`: one Name whose text is the dotted path."""
+        return ast.Name(".".join(str(c) for c in children), Span.from_meta(meta))
 
-    gate_name = model_name
+    def model_name(self, meta, children):
+        return children[0]
+
+    def model_call(self, meta, children):
+        return ast.Call(children[0], tuple(children[1:]), Span.from_meta(meta))
+
+    def gate_name(self, meta, children):
+        return _name(children[0])
 
     def ensemble(self, meta, children):
         return ast.Ensemble(tuple(_name(c) for c in children), Span.from_meta(meta))
@@ -117,18 +125,26 @@ class _ToAst(Transformer):
         return ast.Attribute(_name(children[0]), value, Span.from_meta(meta))
 
     def edge_decl(self, meta, children):
-        source, target, gate = children[:3]
+        (source, source_layer), (target, target_layer), gate = children[:3]
         loss = children[3] if len(children) > 3 else None
-        return ast.EdgeDecl(source, target, gate, loss, Span.from_meta(meta))
+        return ast.EdgeDecl(source, target, gate, loss, Span.from_meta(meta),
+                            source_layer=source_layer, target_layer=target_layer)
 
     def bulk_edge_decl(self, meta, children):
-        edge = self.edge_decl(meta, children)
-        return ast.EdgeDecl(edge.source, edge.target, edge.gate, edge.loss, edge.span, bulk=True)
+        source, target, gate = children[:3]
+        loss = children[3] if len(children) > 3 else None
+        return ast.EdgeDecl(source, target, gate, loss, Span.from_meta(meta), bulk=True)
 
     def endpoint(self, meta, children):
-        return _name(children[0])
+        """(node name, layer or None)."""
+        return _name(children[0]), (children[1] if len(children) > 1 else None)
 
-    bulk_endpoint = endpoint
+    def layer_path(self, meta, children):
+        """`layer3.0.conv2` as one name: the path `named_modules()` gives the module."""
+        return ast.Name(".".join(str(c) for c in children), Span.from_meta(meta))
+
+    def bulk_endpoint(self, meta, children):
+        return _name(children[0])
 
     def loss(self, meta, children):
         return ast.Call(_name(children[0]), tuple(children[1:]), Span.from_meta(meta))
@@ -165,6 +181,10 @@ class _ToAst(Transformer):
 
     model_choice = choice  # its options may be `ensemble(...)` too
 
+    def library_option(self, meta, children):
+        """A library's model among a choice's options: one word, like any model name."""
+        return ast.Ident(".".join(str(c) for c in children), Span.from_meta(meta))
+
 
 # ---------------------------------------------------------------- syntax errors
 
@@ -175,6 +195,7 @@ _WORDS = {
     "TRUE": "`true`",
     "FALSE": "`false`",
     "STAR": "`*`",
+    "INDEX": "a layer index",
     "_NL": "the end of the line",
     "$END": "the end of the file",
 }

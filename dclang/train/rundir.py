@@ -115,10 +115,13 @@ def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
             attrs.append(ast.Attribute(_name("combine"), ast.Ident(spec.combine, _NOWHERE), _NOWHERE))
         items.append(ast.NodeDecl(_name(name), model, tuple(attrs), _NOWHERE))
     for source, target, spec in graph.edges(data="spec"):
-        args = {k: v for k, v in (("T", spec.T), ("weight", spec.weight)) if v != 1.0}
+        args = {k: v for k, v in (*spec.loss_args().items(), ("weight", spec.weight)) if v != 1.0}
         loss = ast.Call(_name(spec.loss), tuple(ast.Argument(_name(k), _value(v), _NOWHERE)
-                                                for k, v in args.items()), _NOWHERE) if args else None
-        items.append(ast.EdgeDecl(_name(source), _name(target), _name(spec.gate), loss, _NOWHERE))
+                                                for k, v in args.items()), _NOWHERE) \
+            if args or spec.loss not in ("ce", "kl") else None
+        layers = {f"{end}_layer": _name(layer) for end, layer in (("source", spec.source_layer),
+                                                                   ("target", spec.target_layer)) if layer}
+        items.append(ast.EdgeDecl(_name(source), _name(target), _name(spec.gate), loss, _NOWHERE, **layers))
     return ast.Module(tuple(items))
 
 

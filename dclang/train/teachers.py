@@ -1,10 +1,14 @@
 """Initial weights of the nodes: `init` checkpoints, and pre-trained teachers, cached.
 
 A frozen node is a teacher trained on labels only, on the same data with the same training
-settings (paper 3.4). With `init` it is loaded from that checkpoint; without, it is trained
-as the 1-node graph `label -> node : through` and its final weights are cached, so a search
-whose trials share a teacher pre-trains it once. The cache key (`teacher_key`) is the hash
-of everything the weights depend on, the data's content included.
+settings (paper 3.4). With `init` it is loaded from that checkpoint. With a library's
+pre-trained weights that fit the data (`torchvision.resnet18(weights=...)` on ImageNet-shaped
+data) it uses them as they are; weights whose head or stem had to be replaced
+(`dclang.models.library.adaptations`) are fine-tuned exactly as a teacher without weights is
+trained, starting from them. Otherwise it is trained as the 1-node graph
+`label -> node : through` and its final weights are cached, so a search whose trials share a
+teacher pre-trains it once. The cache key (`teacher_key`) is the hash of everything the
+weights depend on, the data's content and the pre-trained weights' included.
 
 This module keeps the cache; it does not train. The training loop hands `init_states` a
 `pretrain` function (itself, on the 1-node graph), so the loop depends on this module and
@@ -27,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +59,8 @@ def teacher_graph(graph: nx.DiGraph, model: str) -> nx.DiGraph:
     """The 1-node graph `label -> teacher : through` with `graph`'s (resolved) data and train
     settings. The node is always called `teacher`, so the cache key depends on the model, not
     on what the node is called in the graph that needs it."""
-    g = nx.DiGraph(name=f"pretrain_{model}", data=graph.graph["data"], train=graph.graph["train"],
+    name = re.sub(r"\W+", "_", model).strip("_")  # a graph's name is one word: `torchvision.x(weights=...)`
+    g = nx.DiGraph(name=f"pretrain_{name}", data=graph.graph["data"], train=graph.graph["train"],
                    target=TEACHER_NAME, sites=(), path=graph.graph.get("path", "<pretrain>"))
     g.add_node(LABEL, spec=NodeSpec(LABEL, None))
     g.add_node(TEACHER_NAME, spec=NodeSpec(TEACHER_NAME, model, target=True))
@@ -78,8 +84,27 @@ def teacher_key(teacher: nx.DiGraph) -> str:
     data = teacher.graph["data"]
     unplaced = teacher.copy()
     unplaced.graph["data"] = dataclasses.replace(data, path=None)
-    parts = {"graph": graph_text(unplaced), "data": data_fingerprint(data.path)}
+    parts = {"graph": graph_text(unplaced), "data": data_fingerprint(data.path),
+             "weights": weights_fingerprint(teacher.nodes[TEACHER_NAME]["spec"].model)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def weights_fingerprint(model: str) -> str | None:
+    """The sha256 of the pre-trained weights file a library model starts from (its name is
+    in the model's text already; the content tells two files of one name apart). None for a
+    model without such a file, or whose file is missing (building it says so)."""
+    from dclang.models import library
+
+    path = library.pretrained_file(model)
+    return _sha256_file(path) if path is not None and path.is_file() else None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def data_fingerprint(path: str | None) -> str | None:
@@ -92,13 +117,10 @@ def data_fingerprint(path: str | None) -> str | None:
     digest = hashlib.sha256()
     try:
         if root.is_file():
-            with open(root, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-        else:
-            for file in sorted(p for p in root.rglob("*") if p.is_file()):
-                info = file.stat()
-                digest.update(f"{file.relative_to(root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+            return _sha256_file(root)
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            info = file.stat()
+            digest.update(f"{file.relative_to(root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     except OSError as exc:
         raise UserError(f"cannot read the data at {root} to key the teacher cache: {exc.strerror or exc}") from exc
     return digest.hexdigest()
@@ -111,6 +133,8 @@ def init_states(graph: nx.DiGraph, *, dataset, cache: Path | None, pretrain: Pre
     the teacher inherits exactly this run's settings; `pretrain` trains a teacher the cache
     lacks.
     """
+    from dclang.models import library
+
     states: dict[str, dict] = {}
     for name in model_nodes(graph):
         spec = graph.nodes[name]["spec"]
@@ -120,7 +144,12 @@ def init_states(graph: nx.DiGraph, *, dataset, cache: Path | None, pretrain: Pre
                                                     in_channels=dataset.channels, image_size=dataset.image_size)
             except CheckpointError as exc:
                 raise UserError(f"node `{name}`: checkpoint {spec.init} {exc}", exc.help) from exc
-        elif spec.frozen:
+        elif spec.frozen and not library.pretrained_fits(spec.model, dataset.num_classes, dataset.channels,
+                                                         dataset.image_size):
+            changes = library.adaptations(spec.model, dataset.num_classes, dataset.channels, dataset.image_size)
+            if changes:
+                say(f"teacher `{name}`: {', '.join(changes)} of its pre-trained weights start fresh for "
+                    f"{dataset.name}; fine-tuning it on labels first")
             states[name] = pretrained(graph, name, dataset=dataset, cache=cache or default_cache(),
                                       pretrain=pretrain)
     return states

@@ -1,0 +1,130 @@
+"""The typed catalogue of edge losses: what each loss takes, its arguments, how it is scaled.
+
+One table answers every question the front end asks about a loss without importing torch:
+which endpoints it compares (`label` -> logits, logits -> logits, or layer -> layer), which
+arguments it accepts with their defaults and ranges, how its per-sample value is reduced and
+scaled, and the one-line formula with its reference that `docs/training.md` prints. The
+passes check edges against it, the IR fills defaults from it, the search samples from it,
+and `dclang.losses` / `dclang.feature_losses` implement exactly these formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+#: what an edge's ends must be for a loss: the label and a node's logits (`label`), two
+#: nodes' logits (`logits`), or a layer of each of two nodes (`layer`)
+ENDPOINTS = ("label", "logits", "layer")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a loss: its default and the rule its value must satisfy."""
+
+    default: float
+    check: Callable[[float], bool]
+    rule: str  # the range in words, e.g. "must be > 0"
+    help: str = ""
+
+
+_POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
+_NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
+
+
+def _T(default: float) -> Arg:
+    return Arg(default, **_POSITIVE, help="softmax temperature")
+
+
+WEIGHT = Arg(1.0, **_NONNEGATIVE, help="multiplies the edge loss")
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A loss of the catalogue. `args` always ends with `weight` (every edge has one)."""
+
+    name: str
+    endpoints: str  # one of ENDPOINTS
+    args: dict[str, Arg]
+    formula: str  # per-sample value a_n, one line
+    reduction: str
+    scaling: str
+    reference: str
+    note: str = ""
+
+    @property
+    def on_layers(self) -> bool:
+        return self.endpoints == "layer"
+
+
+_MEAN = "batch mean of weight x gate x a_n"
+
+LOSSES: dict[str, LossInfo] = {info.name: info for info in (
+    LossInfo("ce", "label", {"weight": WEIGHT},
+             "a_n = -log softmax(z_t)[y_n]", _MEAN, "none",
+             "Minami et al. 2020, eq. 1 (cross-entropy = KL from a one-hot label)"),
+    LossInfo("kl", "logits", {"T": _T(1.0), "weight": WEIGHT},
+             "a_n = T^2 KL(softmax(z_s/T) || softmax(z_t/T))", _MEAN, "T^2",
+             "Hinton et al. 2015; Minami et al. 2020, eq. 2"),
+    LossInfo("dkd", "logits",
+             {"alpha": Arg(1.0, **_NONNEGATIVE, help="weight of the target-class term TCKD"),
+              "beta": Arg(8.0, **_NONNEGATIVE, help="weight of the non-target term NCKD"),
+              "T": _T(4.0), "weight": WEIGHT},
+             "a_n = T^2 (alpha KL(b_s || b_t) + beta KL(q_s || q_t)); b = (p_y, 1 - p_y), "
+             "q = softmax over the non-target classes, at temperature T",
+             _MEAN, "T^2",
+             "Zhao et al. 2022, Decoupled Knowledge Distillation (CVPR)",
+             "the defaults are the paper's CIFAR-100 setting (alpha 1, beta 8, T 4); its warm-up is left to `linear`"),
+    LossInfo("lskd", "logits", {"T": _T(2.0), "weight": WEIGHT},
+             "a_n = T^2 KL(softmax(std(z_s)/T) || softmax(std(z_t)/T)); std(z) = (z - mean(z)) / (sd(z) + 1e-7)",
+             _MEAN, "T^2",
+             "Sun et al. 2024, Logit Standardization in Knowledge Distillation (CVPR)",
+             "sd is the Bessel-corrected standard deviation over the classes, as in the authors' code"),
+    LossInfo("at", "layer", {"p": Arg(2.0, **_POSITIVE, help="power of the activations"), "weight": WEIGHT},
+             "a_n = mean_j (q_s,j - q_t,j)^2; Q_j = mean_c |A_c,j|^p over channels, q = Q / ||Q||_2 over positions j",
+             _MEAN, "none (the paper's beta/2 = 500: write weight=500)",
+             "Zagoruyko & Komodakis 2017, Paying More Attention to Attention (ICLR)",
+             "channel counts may differ; spatial sizes must match"),
+    LossInfo("hint", "layer", {"weight": WEIGHT},
+             "a_n = mean_{c,j} (A_s,c,j - r(A_t)_c,j)^2; r a 1x1 conv + BN of the target where channels differ",
+             _MEAN, "none",
+             "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (ICLR)",
+             "the connector r belongs to the target node: trained with it, saved in its checkpoints; "
+             "spatial sizes must match"),
+    LossInfo("sp", "layer", {"weight": WEIGHT},
+             "a_n = (1/B) sum_m (G_s,nm - G_t,nm)^2; G = row-normalised A A^T over the batch, A flattened per sample",
+             _MEAN, "none (the paper's gamma = 3000: write weight=3000)",
+             "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (ICCV)",
+             "compares B x B similarities, so any two layer shapes work; a_n is row n of the batch loss, "
+             "so the mean over n is the paper's (1/B^2) ||G_s - G_t||_F^2"),
+)}
+
+#: the loss an edge has when none is written: `ce` from `label`, `kl` between nodes' logits;
+#: an edge between layers must name its loss
+NATURAL = {"label": "ce", "logits": "kl"}
+
+
+def endpoints_word(endpoints: str) -> str:
+    return {"label": "from `label` to a node", "logits": "between two nodes' logits",
+            "layer": "between two layers (`node.layer`)"}[endpoints]
+
+
+def losses_for(endpoints: str) -> list[str]:
+    """The loss names that fit an edge whose ends are `endpoints`."""
+    return [name for name, info in LOSSES.items() if info.endpoints == endpoints]
+
+
+def defaults(name: str) -> dict[str, float]:
+    return {key: arg.default for key, arg in LOSSES[name].args.items()}
+
+
+def catalogue_table() -> str:
+    """The Markdown table `docs/training.md` holds (kept in step by tests/test_loss_catalogue.py)."""
+    rows = ["| loss | endpoints | arguments (default, range) | per-sample a_n | reduction | scaling | reference |",
+            "|---|---|---|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a `|` would end the cell)
+    for info in LOSSES.values():
+        args = ", ".join(f"`{k}`={a.default:g} ({a.rule.removeprefix('must be ')})" for k, a in info.args.items())
+        rows.append(f"| `{info.name}` | {info.endpoints} | {args} | {cell(info.formula)} | {info.reduction} "
+                    f"| {cell(info.scaling)} | {info.reference} |")
+    return "\n".join(rows)

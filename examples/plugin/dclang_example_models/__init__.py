@@ -1,0 +1,1 @@
+"""Example models for dclang, registered under the `dclang.models` entry-point group."""
