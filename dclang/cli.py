@@ -59,7 +59,11 @@ def _summary(checked) -> str:
     edges = [e for _, _, e in g.edges(data="spec")]
     live = [e for e in edges if e.gate != "cutoff"]
     sites = g.graph["sites"]
-    parts = [f"{len(models)} node{'s' * (len(models) != 1)}", f"{len(edges)} edge{'s' * (len(edges) != 1)} ({len(live)} live)",
+    ensembles = [n for n, spec in g.nodes(data="spec") if spec is not None and spec.is_ensemble]
+    nodes = f"{len(models)} node{'s' * (len(models) != 1)}"
+    if ensembles:
+        nodes += f" and {len(ensembles)} ensemble{'s' * (len(ensembles) != 1)} (" + ", ".join(f"`{n}`" for n in ensembles) + ")"
+    parts = [nodes, f"{len(edges)} edge{'s' * (len(edges) != 1)} ({len(live)} live)",
              f"target `{g.graph['target']}`", "frozen: " + (", ".join(f"`{n}`" for n in frozen) or "none")]
     if sites:
         parts.append(f"template with {len(sites)} search site{'s' * (len(sites) != 1)}")

@@ -58,6 +58,12 @@ def test_check_ok_prints_a_summary(runner):
                              "frozen: `teacher`\n")
 
 
+def test_check_counts_ensembles_apart_from_networks(runner):
+    result = runner.invoke(main, ["check", str(EXAMPLES / "ensemble.kt")])
+    assert result.exit_code == 0, result.output
+    assert ": ok, 3 nodes and 1 ensemble (`ens`), 6 edges (6 live), target `ens`" in result.stdout
+
+
 def test_check_names_the_search_sites_of_a_template(runner):
     result = runner.invoke(main, ["check", str(EXAMPLES / "search3.kt")])
     assert result.exit_code == 0
