@@ -173,6 +173,6 @@ def test_edge_losses_of_label_edges_and_mixed_groups():
         expected = sum(-np_log_softmax(row)[y] for row, y in zip(rows, LABELS)) / 4
         torch.testing.assert_close(losses[e], torch.tensor(expected, dtype=torch.float64), **TOL)
     for other in (edge("linear"), edge("through", weight=0.5)):
-        with pytest.raises(ValueError, match="must share source kind, loss, T, gate and weight"):
+        with pytest.raises(ValueError, match="must share source kind, loss and its arguments, gate and weight"):
             edge_losses([edge("through"), other], t64([SOURCE, SOURCE]), t64([TARGET, TARGET]),
                         torch.tensor(LABELS), k=1, k_end=4)
