@@ -207,7 +207,10 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
         pack.add(trial.number, run)
 
     def open_slots() -> int:
-        return pack.free - len(waiting)
+        """Slots for new trials: a trial waiting for an earlier trial of its graph holds none (it
+        only copies a value when that one ends, and takes a slot then only if it must train),
+        so that a duplicate never keeps the pack from training."""
+        return pack.free
 
     def settle_waiting() -> None:
         for number, (trial, sample) in list(waiting.items()):
