@@ -130,3 +130,16 @@ def postgres_url():
     _subprocess.run(["runuser", "-u", "postgres", "--", str(initdb.parent / "pg_ctl"), "-D", f"{folder}/data",
                      "-m", "immediate", "stop"], capture_output=True, timeout=60)
     _shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
+    spin against each other; one keeps these tests fast and steady. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
