@@ -110,7 +110,8 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
 
     The edges share their loss, temperature, gate and weight (`edge_group_key`); `source_logits` and
     `target_logits` are their sources' and targets' logits stacked, (E, B, C), the sources
-    None for edges from `label`. Computing a group of edges as one tensor is what keeps a
+    None for edges from `label`; `labels` (B,) are shared by the edges, or (E, B) are each
+    edge's own (edges of different packed trials, `dclang.search.union`). Computing a group of edges as one tensor is what keeps a
     step's operation count from growing with its edges (K(K-1) of them between K nodes).
 
     L_{s,t} = mean over the batch of weight * G_{s,t}(a_n), a_n the sample's loss: `ce` from
@@ -124,7 +125,7 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
                          f"{[e.key for e in edges]}")
     per_sample = logit_per_sample(first, source_logits, target_logits, labels)
     weights = gate_weights(first.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
-                           batch=labels.shape[0], dtype=per_sample.dtype).expand(per_sample.shape)
+                           batch=labels.shape[-1], dtype=per_sample.dtype).expand(per_sample.shape)
     return (first.weight * weights * per_sample).mean(dim=-1), weights
 
 

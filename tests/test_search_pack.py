@@ -66,10 +66,10 @@ def test_a_trial_trained_in_a_pack_equals_the_trial_trained_alone(digits, hfta):
         seen: dict[str, list[dict]] = {"trial": [], "mate": [], "short": []}
 
         def run(name: str, text: str) -> TrialRun:
-            return TrialRun(graph(text), dataset=digits, device=torch.device("cpu"), options=options,
+            return TrialRun(graph(text), dataset=digits, device=torch.device("cpu"),
                             on_epoch=lambda epoch, record: seen[name].append(record))
 
-        pack = Pack(2)
+        pack = Pack(2, hfta=hfta)
         pack.add("mate", run("mate", MATE))
         pack.add("short", run("short", SHORT))
         left = []
@@ -84,9 +84,13 @@ def test_a_trial_trained_in_a_pack_equals_the_trial_trained_alone(digits, hfta):
     assert len(seen["trial"]) == len(alone) == 2 and len(seen["mate"]) == 3
     for packed, single in zip(seen["trial"], alone):
         for node, figures in single["nodes"].items():
-            for key in ("val_acc", "test_acc", "train_loss"):
-                # the same arithmetic in the same order: equal to float rounding of the summaries
-                assert math.isclose(packed["nodes"][node][key], figures[key], rel_tol=1e-9, abs_tol=1e-12), \
+            # float32 rounding only: the union sums in another order (a grouped convolution, one
+            # product for the node losses, a linear gate scaled after the mean); losses to 1e-5
+            # relative, accuracies to one image of the 300 (a borderline prediction may flip)
+            assert math.isclose(packed["nodes"][node]["train_loss"], figures["train_loss"], rel_tol=1e-5), \
+                (node, packed["nodes"][node]["train_loss"], figures["train_loss"])
+            for key in ("val_acc", "test_acc"):
+                assert abs(packed["nodes"][node][key] - figures[key]) <= 1 / 300 + 1e-12, \
                     (node, key, packed["nodes"][node][key], figures[key])
         assert packed["lr"] == single["lr"]
 
@@ -150,7 +154,7 @@ def test_a_killed_packed_worker_loses_only_its_packs_trials_which_are_retried(tm
     import time
 
     template = tmp_path / "packed.kt"
-    template.write_text(SEARCH.replace("epochs = 2  batch = 128", "epochs = 3  batch = 64"))
+    template.write_text(SEARCH.replace("epochs = 2  batch = 128", "epochs = 8  batch = 32"))  # long enough to be seen
     out = tmp_path / "out"
     search = subprocess.Popen([sys.executable, "-m", "dclang", "search", "--template", str(template), "--trials", "2",
                                "--workers", "1", "--pack", "2", "--device", "cpu", "-o", str(out)], env=search_env,

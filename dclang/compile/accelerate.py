@@ -118,6 +118,30 @@ def hfta_groups(graph: nx.DiGraph, trainable: list[str]) -> list[list[str]]:
     return [names for names in by_model.values() if len(names) >= 2]
 
 
+def alias_to_slice(model: nn.Module, fused: nn.Module, k: int) -> None:
+    """Point `model`'s parameters and buffers at node `k`'s slice of the fused tensors
+    (`FusedModel.node_state_dict`): the model then always holds the fused network's current
+    weights, without copies. Its parameters stay its own leaves: a gradient computed through
+    the model lands in their `.grad`, not in the fused tensors'."""
+    views = fused.node_state_dict(k)
+    for key, param in model.named_parameters():
+        param.data = views[key]
+    for key, _ in list(model.named_buffers()):
+        owner, _, leaf = key.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = views[key]
+
+
+def own_storage(model: nn.Module) -> None:
+    """Give `model` its own copy of every parameter and buffer (undoing `alias_to_slice`), so
+    the fused tensors it pointed into can be let go."""
+    for param in model.parameters():
+        param.data = param.data.clone()
+    for module in model.modules():
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[leaf] = buffer.clone()
+
+
 class HftaStep(FusedStep):
     """The fused engine with each group of same-architecture trainable nodes fused (HFTA).
 
@@ -151,13 +175,7 @@ class HftaStep(FusedStep):
     def _alias(self, models: dict[str, nn.Module]) -> None:
         """Point each grouped node's parameters and buffers at its slice of the fused tensors."""
         for name, (group, k) in self.grouped.items():
-            views = group.fused.node_state_dict(k)
-            model = models[name]
-            for key, param in model.named_parameters():
-                param.data = views[key]
-            for key, _ in list(model.named_buffers()):
-                owner, _, leaf = key.rpartition(".")
-                model.get_submodule(owner)._buffers[leaf] = views[key]
+            alias_to_slice(models[name], group.fused, k)
 
     label = "fused+hfta"
 

@@ -102,6 +102,14 @@ class FusedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+class FusedInputLinear(FusedLinear):
+    """The first Linear of K nodes that each read their own input: (B, K*in) -> (B, K*out),
+    node k's features in block k as the rest of the fused network expects them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).transpose(0, 1).flatten(1)
+
+
 class FusedShortcutA(nn.Module):
     """Option-A shortcut of K nodes: subsample, then zero-pad each node's channel block."""
 
@@ -153,6 +161,8 @@ def _fused_leaf(leaf: nn.Module, k: int, *, shared_input: bool, classifier: bool
     if isinstance(leaf, nn.Linear):
         if classifier:
             return FusedLinear(k, leaf.in_features, leaf.out_features, leaf.bias is not None, device=meta)
+        if not shared_input:  # the first layer reading K inputs: block-diagonal, (B, K*in) -> (B, K*out)
+            return FusedInputLinear(k, leaf.in_features, leaf.out_features, leaf.bias is not None, device=meta)
         # Only the first layer (shared input) reaches here: K*out outputs, weight (K*out, in).
         return nn.Linear(leaf.in_features, leaf.out_features * k, leaf.bias is not None, device=meta)
     if isinstance(leaf, ShortcutA):
@@ -160,8 +170,9 @@ def _fused_leaf(leaf: nn.Module, k: int, *, shared_input: bool, classifier: bool
     return leaf
 
 
-def _fuse_structure(model: nn.Module, k: int) -> nn.Module:
-    """A copy of ``model`` whose leaves are fused for ``k`` nodes, tensors on the meta device."""
+def _fuse_structure(model: nn.Module, k: int, shared_input: bool) -> nn.Module:
+    """A copy of ``model`` whose leaves are fused for ``k`` nodes, tensors on the meta device;
+    its first weight layer reads one shared input, or K inputs side by side (`shared_input`)."""
     arch = type(model).__name__
     if not _is_container(model):
         raise NotImplementedError(f"cannot fuse {arch}: not a supported architecture")
@@ -177,7 +188,7 @@ def _fuse_structure(model: nn.Module, k: int) -> nn.Module:
         classifier = i == len(leaves) - 1
         if isinstance(leaf, nn.Linear) and i not in (first, len(leaves) - 1):
             raise NotImplementedError(f"cannot fuse {arch}: Linear layer inside the network")
-        fused = _fused_leaf(leaf, k, shared_input=i == first, classifier=classifier, arch=arch)
+        fused = _fused_leaf(leaf, k, shared_input=shared_input and i == first, classifier=classifier, arch=arch)
         fused.train(leaf.training)
         setattr(parent, name, fused)
     return net
@@ -207,10 +218,14 @@ class FusedModel(nn.Module):
         self.training = net.training  # not train(): that would reset each layer's own mode
 
     @classmethod
-    def from_models(cls, models: list[nn.Module]) -> FusedModel:
+    def from_models(cls, models: list[nn.Module], *, shared_input: bool = True) -> FusedModel:
         """Fuse ``models`` (copying their parameters, buffers, requires_grad and train/eval
         modes in); raises NotImplementedError for unsupported architectures and ValueError
-        when the models differ in architecture, dtype, device, requires_grad or mode."""
+        when the models differ in architecture, dtype, device, requires_grad or mode.
+
+        With ``shared_input`` (the default) every node reads the same batch (B, C, H, W);
+        without, node k reads its own, the K batches side by side in channels (B, K*C, H, W)
+        (``stack_inputs``): the first layer is then grouped like every other."""
         models = list(models)
         if not models:
             raise ValueError("fuse_models needs at least one model")
@@ -220,7 +235,7 @@ class FusedModel(nn.Module):
                 raise ValueError(f"model {i} differs from model 0 in architecture, dtype, device, "
                                  "requires_grad or train/eval mode; only identical ones fuse")
         k = len(models)
-        net = _fuse_structure(models[0], k)
+        net = _fuse_structure(models[0], k, shared_input)
         shapes = {name: t.shape for name, t in net.state_dict(keep_vars=True).items()}
         states = [m.state_dict() for m in models]
         stacked = {name: torch.stack([s[name] for s in states]).reshape(shape)
@@ -233,7 +248,8 @@ class FusedModel(nn.Module):
         return cls(net, k, node_shapes)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of all K nodes for the shared batch ``x``: (K, B, classes)."""
+        """Logits of all K nodes, (K, B, classes), for the shared batch ``x`` or, fused
+        without a shared input, for the K batches ``stack_inputs`` laid side by side."""
         return self.net(x)
 
     def node_state_dict(self, k: int) -> dict[str, Tensor]:
@@ -252,6 +268,12 @@ class FusedModel(nn.Module):
             model.load_state_dict(self.node_state_dict(k))
 
 
-def fuse_models(models: list[nn.Module]) -> FusedModel:
+def fuse_models(models: list[nn.Module], *, shared_input: bool = True) -> FusedModel:
     """Fuse K models of one architecture; see ``FusedModel.from_models``."""
-    return FusedModel.from_models(models)
+    return FusedModel.from_models(models, shared_input=shared_input)
+
+
+def stack_inputs(inputs: list[Tensor]) -> Tensor:
+    """K batches of one shape (B, C, ...) side by side in channels, (B, K*C, ...): the input of
+    a model fused without a shared input, node k reading ``inputs[k]``."""
+    return torch.stack(inputs, dim=1).flatten(1, 2)

@@ -1,29 +1,27 @@
-"""Packed trials: one worker process trains up to K trials, a step of each in turn.
+"""Packed trials: one worker process trains up to K trials as one union step.
 
 One trial per process leaves most of an accelerator idle and pays a process, a dataset in
-memory and a CUDA context per trial. A packed worker holds K trials (`--pack K`) and advances
-them in lockstep: one step of every trial, then the next. What makes a trial's figures its
-own is kept per trial, exactly as `train_graph` keeps it for one run: its compiled step
-(models, optimizer state, learning-rate schedule), its update number `k` (the linear gates),
-its data order and augmentation (a generator seeded with the trial's seed and its own epoch).
-So a trial trained in a pack computes what it computes alone (`tests/test_search_pack.py`
-holds them equal), whoever its pack mates are and whenever they join or leave.
+memory and a CUDA context per trial. A packed worker holds K trials (`--pack K`) and trains
+them as the union of their graphs: one forward and one backward for all of them per step
+(`dclang.search.union.UnionStep`), with nodes of one architecture fused across trials when
+HFTA is on (`--hfta`). What makes a trial's figures its own is kept per trial, exactly as
+`train_graph` keeps it for one run: its models and optimizer state, its learning-rate schedule,
+its update number `k` (the linear gates), its data order and augmentation (a generator seeded
+with the trial's seed and its own epoch). So a trial trained in a pack computes what it
+computes alone, to rounding, whoever its pack mates are and whenever they join or leave
+(`tests/test_search_pack.py` and `tests/test_union.py` hold them equal).
 
 Each trial reaches the end of its epochs on its own schedule: at its epoch's end it is
 evaluated and reported, ASHA decides, and a pruned or finished trial leaves the pack while
-the others go on; the worker fills the slot with a new trial at once.
-
-This is the lockstep design: the K trials' steps run one after the other in one process, not
-as one union graph with one forward and one backward for all. A union forward needs one
-input batch for every member, and trials in a pack are at different epochs with their own
-data orders, so their batches differ; within each trial, nodes of one architecture are still
-fused by the HFTA path when it is on (`StepOptions(hfta=True)`).
+the others go on; the worker fills the slot with a new trial at once, and the union is rebuilt
+around the trials it then holds.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -32,11 +30,13 @@ from typing import Any
 import networkx as nx
 import torch
 
+from dclang.search.union import UnionStep
+
 
 class TrialRun:
     """One trial's training cut into steps: what `train_graph` does for a graph without a
-    run folder (its own pieces: `_prepare`, the teachers, `_compile`, `_epoch_steps`), one
-    batch per `advance`.
+    run folder (its own pieces: `_prepare`, the teachers, `_compile`, `epoch_batches`,
+    `end_epoch`), the steps themselves taken by the pack's union step.
 
     `on_epoch(epoch, record)` is called after each epoch's evaluation with the record
     `train_graph` gives its own `on_epoch`; whatever it raises (optuna's TrialPruned) leaves
@@ -44,7 +44,8 @@ class TrialRun:
     """
 
     def __init__(self, graph: nx.DiGraph, *, dataset, device: torch.device, on_epoch: Callable[[int, dict], None],
-                 teacher_cache: Path | None = None, data_dir: str | None = None, options=None):
+                 teacher_cache: Path | None = None, data_dir: str | None = None):
+        from dclang.compile import StepOptions
         from dclang.train.loop import _compile, _prepare, train_graph
         from dclang.train.teachers import init_states
 
@@ -53,36 +54,45 @@ class TrialRun:
         pretrain = partial(train_graph, device=str(device), engine="fused", data_dir=data_dir, progress=False,
                            dataset=dataset)
         states = init_states(self.run.graph, dataset=dataset, cache=teacher_cache, pretrain=pretrain)
-        self.training = _compile(self.run, states, options)
+        # the plain fused step: the union executes it (its models, schedule, losses, evaluation)
+        self.training = _compile(self.run, states, StepOptions(channels_last=False))
+        self.step = self.training.step
         self.graph, self.epochs, self.on_epoch = self.run.graph, self.run.epochs, on_epoch
+        self.batch = self.run.batch
+        self.optimizer = self.graph.graph["train"].optimizer.name
         self.records: list[dict] = []
         self.epoch = 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        from dclang.train.loop import _epoch_steps
+        from dclang.train.loop import epoch_batches
 
         self.epoch += 1
-        self.steps = _epoch_steps(self.run, self.training, self.epoch)
+        self.started, self.lr = time.perf_counter(), self.step.lr()
+        self.batches = epoch_batches(self.run, self.training, self.epoch)
         self.index = 0
 
     @property
     def done(self) -> bool:
         return self.epoch > self.epochs
 
-    def advance(self) -> dict | None:
-        """One step on the trial's next batch; at the end of an epoch, evaluate, report
-        (`on_epoch`) and return the epoch's record."""
-        next(self.steps)
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The (images, labels, k) of the trial's next step."""
+        return next(self.batches)
+
+    def stepped(self) -> bool:
+        """Count a step taken; whether the epoch's steps are done."""
         self.index += 1
-        if self.index < self.run.steps_per_epoch:
-            return None
-        try:
-            next(self.steps)
-        except StopIteration as end:
-            record = end.value
-        else:
-            raise AssertionError("an epoch ran past its steps")
+        return self.index == self.run.steps_per_epoch
+
+    def finish_epoch(self, read: tuple[dict, dict]) -> dict:
+        """After the epoch's last step: evaluate, report (`on_epoch`) and return the epoch's
+        record. `read` is the epoch's statistics (`EpochStats.read`)."""
+        from dclang.train.loop import end_epoch
+
+        with warnings.catch_warnings():  # the union steps the weights; the trial's own optimizer never does
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            record = end_epoch(self.run, self.training, self.epoch, read, lr=self.lr, started=self.started)
         self.records.append(record)
         epoch = self.epoch
         if epoch < self.epochs:
@@ -94,14 +104,15 @@ class TrialRun:
 
 
 class Pack:
-    """Up to K trial runs advanced in lockstep. `fill` is asked for a new run whenever a slot
-    is free; it returns None when there is nothing more to run."""
+    """Up to K trial runs stepped together as one union step (`UnionStep`); with `hfta`, nodes
+    of one architecture are fused across them."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, hfta: bool = False):
         if size < 1:
             raise ValueError(f"a pack holds at least one trial, got {size}")
-        self.size = size
+        self.size, self.hfta = size, hfta
         self.runs: dict[Any, TrialRun] = {}
+        self.union: UnionStep | None = None
 
     def add(self, key: Any, run: TrialRun) -> None:
         assert len(self.runs) < self.size, "the pack is full"
@@ -111,12 +122,35 @@ class Pack:
     def free(self) -> int:
         return self.size - len(self.runs)
 
+    def _union(self, members: list[TrialRun]) -> UnionStep:
+        """The union step of `members`, rebuilt when the pack's trials changed."""
+        if self.union is None or self.union.members != members:
+            carried = self.union.carry(members) if self.union is not None else None
+            self.union = UnionStep(members, hfta=self.hfta, carried=carried)
+        return self.union
+
     def step(self, on_error: Callable[[Any, BaseException], None], on_done: Callable[[Any, TrialRun], None]) -> None:
-        """One step of every run. A run that raises (pruned, diverged) leaves the pack after
-        `on_error(key, exc)`; a run past its last epoch leaves after `on_done(key, run)`."""
-        for key, run in list(self.runs.items()):
+        """One step of every run. A run that raises at its epoch's end (pruned, diverged)
+        leaves the pack after `on_error(key, exc)`; a run past its last epoch leaves after
+        `on_done(key, run)`. The step itself is shared: if it raises, every run leaves with
+        that error."""
+        if not self.runs:
+            return
+        runs = list(self.runs.items())
+        try:
+            union = self._union([run for _, run in runs])
+            union.step([run.next_batch() for _, run in runs])
+        except Exception as exc:
+            self.runs.clear()
+            self.union = None
+            for key, _ in runs:
+                on_error(key, exc)
+            return
+        for m, (key, run) in enumerate(runs):
+            if not run.stepped():
+                continue
             try:
-                run.advance()
+                run.finish_epoch(union.sums.read(m))
             except Exception as exc:  # optuna.TrialPruned is an Exception too
                 del self.runs[key]
                 on_error(key, exc)
@@ -124,9 +158,6 @@ class Pack:
             if run.done:
                 del self.runs[key]
                 on_done(key, run)
-
-
-
 
 
 # ---------------------------------------------------------------- a packed worker
@@ -141,6 +172,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     it comes, so ASHA judges every trial at every epoch and a pruned trial's slot is refilled
     at once. Ctrl-C or SIGTERM fails every running trial of the pack as `interrupted` and
     queues each to run again; a killed worker's trials are failed and retried by `study.reap`.
+    Of `options` (`StepOptions`) only `hfta` applies: it fuses nodes across the pack's trials.
     """
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
@@ -152,7 +184,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     from dclang.train.loop import resolve_device
 
     device = resolve_device(objective.device)
-    pack = Pack(size)
+    pack = Pack(size, hfta=bool(options and options.hfta))
     running: dict[int, tuple[optuna.Trial, list[dict]]] = {}
     waiting: dict[int, tuple[optuna.Trial, Any]] = {}  # trials whose graph an earlier trial trains
 
@@ -194,7 +226,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
                 graph = sample.checked.graph
                 on_epoch, metrics = objective.reporter(trial, graph.graph["target"])
                 run = TrialRun(graph, dataset=objective.dataset(graph), device=device, on_epoch=on_epoch,
-                               teacher_cache=objective.teacher_cache, data_dir=objective.data_dir, options=options)
+                               teacher_cache=objective.teacher_cache, data_dir=objective.data_dir)
         except optuna.TrialPruned:
             tell(trial, TrialState.PRUNED)
             return

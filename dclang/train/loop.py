@@ -364,33 +364,45 @@ def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
 
 def _epoch_steps(run: _Run, training: _Training, epoch: int) -> Generator[None, None, dict]:
     """`_train_epoch` a step at a time: yields after each step and returns the epoch's record
-    (after val and test) once the batches are done. A packed search worker interleaves the
-    epochs of several trials this way (`dclang.search.pack`)."""
-    from dclang.data.batches import BatchIterator, epoch_generator
-
+    (after val and test) once the batches are done."""
     started = time.perf_counter()
-    step, steps_per_epoch = training.step, run.steps_per_epoch
+    step = training.step
     lr = step.lr()
-    generator = epoch_generator(run.seed, epoch, run.device)
-    batches = BatchIterator(training.train, run.batch, generator)
     stats, shown = EpochStats(), time.monotonic()
     show_bar = run.progress and sys.stderr.isatty()
-    with _bar(len(batches), f"epoch {epoch}/{run.epochs}", show_bar) as bar:
-        for i, (images, labels) in enumerate(batches):
-            k = (epoch - 1) * steps_per_epoch + i + 1
-            stats.add(step.step(training.augment(images, generator), labels, k), len(labels), k)
+    with _bar(run.steps_per_epoch, f"epoch {epoch}/{run.epochs}", show_bar) as bar:
+        for images, labels, k in epoch_batches(run, training, epoch):
+            stats.add(step.step(images, labels, k), len(labels), k)
             yield
             bar.update()
             if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
                 bar.set_postfix_str(_postfix(stats, run.target), refresh=False)
                 shown = time.monotonic()
-    means, first_bad = stats.read()
+    return end_epoch(run, training, epoch, stats.read(), lr=lr, started=started)
+
+
+def epoch_batches(run: _Run, training: _Training, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The epoch's (augmented images, labels, k), k the 1-based update number, in the run's
+    seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
+    steps them (`_epoch_steps` for one run, a packed worker for several) sees the same batches."""
+    from dclang.data.batches import BatchIterator, epoch_generator
+
+    generator = epoch_generator(run.seed, epoch, run.device)
+    for i, (images, labels) in enumerate(BatchIterator(training.train, run.batch, generator)):
+        yield training.augment(images, generator), labels, (epoch - 1) * run.steps_per_epoch + i + 1
+
+
+def end_epoch(run: _Run, training: _Training, epoch: int, read: tuple[dict, dict], *, lr: float,
+              started: float) -> dict:
+    """After an epoch's steps: stop on a non-finite loss, advance the schedule, evaluate val and
+    test; the epoch's record. `read` is the epoch's statistics (`EpochStats.read`)."""
+    means, first_bad = read
     train_seconds = time.perf_counter() - started
     check_finite(first_bad, epoch)
-    step.end_epoch()
+    training.step.end_epoch()
     mean, std = run.dataset.mean, run.dataset.std
-    val_acc = _evaluate(step, training.val, mean, std)
-    test_acc = _evaluate(step, training.test, mean, std)
+    val_acc = _evaluate(training.step, training.val, mean, std)
+    test_acc = _evaluate(training.step, training.test, mean, std)
     return epoch_record(epoch, lr, means, reported_nodes(run.graph), val_acc, test_acc, time.perf_counter() - started,
                         train_seconds)
 

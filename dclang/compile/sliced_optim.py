@@ -1,0 +1,137 @@
+"""An optimizer whose tensors are shared by several trainings, each owning slices of them.
+
+Packed trials (`dclang.search.union`) fuse nodes of one architecture from different trials into
+one network: slice s of a fused parameter is one node of one trial. Each trial has its own
+learning rate (its schedule's position) and its own update count (Adam's bias correction), but
+a torch optimizer holds one learning rate and one step count per tensor, so it cannot update
+such a tensor. `SlicedOptimizer` applies torch's own update rule (SGD with momentum, Nesterov
+and weight decay; Adam; AdamW, written as `torch.optim`'s multi-tensor implementation writes
+them) with per-slice numbers: the per-element state (momentum, moments) is kept per tensor as
+torch keeps it, and each number that differs between trials (the learning rate, the bias
+corrections) becomes one coefficient per element, expanded from the per-trial values by two
+operations per step however many tensors and trials there are (`_Coefficients`).
+
+Equal to torch's optimizer up to rounding: a trial's slices follow exactly the arithmetic one
+torch optimizer over that trial alone does (SGD's first momentum buffer is the gradient itself:
+0 * momentum + gradient). `tests/test_union.py` holds them equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: the hyperparameters each rule reads from a torch optimizer's parameter group (besides lr)
+RULES: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov", "weight_decay", "dampening", "maximize"),
+    "adam": ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    "adamw": ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+}
+
+#: each rule's per-element state, named as torch names it (so states translate both ways)
+STATE: dict[str, tuple[str, ...]] = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+                                     "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+def rule_of(name: str, group: dict) -> tuple:
+    """What must agree for two trainings' tensors to be updated by one `SlicedOptimizer`: the
+    optimizer and every hyperparameter but the learning rate (read from a torch optimizer's
+    parameter group, so torch's defaults are the ones compared)."""
+    if name not in RULES:
+        raise ValueError(f"no sliced form of the optimizer {name!r}; known: {', '.join(RULES)}")
+    return (name, *((key, group[key]) for key in RULES[name]))
+
+
+class _Coefficients:
+    """Per-owner numbers expanded to one value per element of every tensor: owner values (O,)
+    -> per-slice values -> repeated over each slice's elements -> one flat vector, viewed as
+    each tensor's shape."""
+
+    def __init__(self, params: Sequence[Tensor], owners: Sequence[Sequence[int]]):
+        device = params[0].device
+        self.slice_owner = torch.tensor([o for own in owners for o in own], dtype=torch.long, device=device)
+        sizes = [p.numel() // len(own) for p, own in zip(params, owners)]
+        self.repeats = torch.tensor([n for n, own in zip(sizes, owners) for _ in own], dtype=torch.long, device=device)
+        self.total = sum(p.numel() for p in params)
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.dtype, self.device = params[0].dtype, device
+
+    def __call__(self, values: Sequence[float]) -> list[Tensor]:
+        """One tensor per parameter holding its owner's value at each element."""
+        per_owner = torch.tensor(values, dtype=self.dtype).to(self.device, non_blocking=True)
+        flat = per_owner.index_select(0, self.slice_owner).repeat_interleave(self.repeats, output_size=self.total)
+        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+
+
+class SlicedOptimizer:
+    """Updates `params` by `rule` (`rule_of`), slice s of tensor i belonging to owner
+    `owners[i][s]` (each tensor viewed as (slices, -1): a fused tensor's node-major layout).
+
+    `state` gives each tensor's per-element state by torch's names (missing: zeros, a fresh
+    start). `step(lrs, counts)` takes each owner's learning rate and its update number (the
+    1-based count of updates including this one, Adam's step).
+    """
+
+    def __init__(self, rule: tuple, params: Sequence[nn.Parameter], owners: Sequence[Sequence[int]],
+                 state: Sequence[dict[str, Tensor] | None] | None = None):
+        self.name, self.hyper = rule[0], dict(rule[1:])
+        if self.hyper.get("maximize") or self.hyper.get("amsgrad") or self.hyper.get("dampening", 0):
+            raise ValueError(f"no sliced form of {self.name} with maximize, amsgrad or dampening")
+        self.params = list(params)
+        self.owners = [list(own) for own in owners]
+        for p, own in zip(self.params, self.owners):
+            if p.numel() % len(own):
+                raise ValueError(f"a tensor of {p.numel()} elements cannot be cut into {len(own)} slices")
+        state = list(state) if state is not None else [None] * len(self.params)
+        self.state = [{key: (given or {}).get(key, torch.zeros_like(p)).detach().clone().reshape(p.shape)
+                       for key in STATE[self.name]} for p, given in zip(self.params, state)]
+        self.coefficients = _Coefficients(self.params, self.owners)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lrs: Sequence[float], counts: Sequence[int]) -> None:
+        """One update of every tensor with a gradient (all of them: packed trials step together)."""
+        params = [p for p in self.params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.name == "sgd":
+            self._sgd(params, grads, lrs)
+        else:
+            self._adam(params, grads, lrs, counts)
+
+    def _sgd(self, params: list[Tensor], grads: list[Tensor], lrs: Sequence[float]) -> None:
+        h = self.hyper
+        if h["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=h["weight_decay"])
+        if h["momentum"]:
+            bufs = [s["momentum_buffer"] for s in self.state]
+            torch._foreach_mul_(bufs, h["momentum"])
+            torch._foreach_add_(bufs, grads)
+            grads = torch._foreach_add(grads, bufs, alpha=h["momentum"]) if h["nesterov"] else bufs
+        torch._foreach_addcmul_(params, grads, self.coefficients([-lr for lr in lrs]))
+
+    def _adam(self, params: list[Tensor], grads: list[Tensor], lrs: Sequence[float], counts: Sequence[int]) -> None:
+        h = self.hyper
+        beta1, beta2 = h["betas"]
+        if self.name == "adamw":
+            torch._foreach_mul_(params, self.coefficients([1 - lr * h["weight_decay"] for lr in lrs]))
+        elif h["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=h["weight_decay"])
+        exp_avgs = [s["exp_avg"] for s in self.state]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in self.state]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        step_size = self.coefficients([-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, self.coefficients([(1 - beta2 ** n) ** 0.5 for n in counts]))
+        torch._foreach_add_(denom, h["eps"])
+        torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denom)
+
+
+__all__ = ["RULES", "STATE", "SlicedOptimizer", "rule_of"]
