@@ -3,12 +3,13 @@
     OMP_NUM_THREADS=1 python benchmarks/pack_ops.py --packs 1,2,4,8 --hfta             # default graph below
     python benchmarks/pack_ops.py --graph examples/dml4.kt --packs 1,2,4 --device cuda --hfta
 
-A pack step is one step of each of the K trials (`dclang.search.pack`: each trial keeps its own
-compiled step, optimizer, schedule and batch). Each trial's step is compiled from the same
-graph (with `--hfta`, its nodes of one architecture fused). Reported per K: the computing
-operations one pack step dispatches (`dclang.bench.count_ops`), the median seconds of a pack
-step, and both divided by K = 1's. Synthetic batches of the graph's dataset shape: no data is
-read.
+A pack step is one union step of the K trials (`dclang.search.union.UnionStep`: one forward and
+one backward for all, with `--hfta` nodes of one architecture fused across the trials; each trial
+with its own batch, optimizer state and k). The baseline is one trial alone: its own fused step
+(with `--hfta`, its nodes fused within it), as `dclang run` trains it. Reported per K: the
+computing operations a pack step dispatches (`dclang.bench.count_ops`, each a kernel launch on a
+GPU), the median seconds of a pack step, and both divided by the lone trial's. Synthetic batches
+of the graph's dataset shape: no data is read.
 """
 
 from __future__ import annotations
@@ -31,49 +32,58 @@ edges * -> * : through
 """
 
 
-def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> list[dict]:
+def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> dict:
     import torch
 
     from dclang.bench import count_ops
     from dclang.compile import StepOptions, compile_graph
     from dclang.data.catalog import DATASETS
+    from dclang.search.union import StepMember, UnionStep
     from dclang.train.loop import resolve_device
 
     dev = resolve_device(device)
     info = DATASETS[graph.graph["data"].dataset]
-    batch = graph.graph["train"].batch
+    train = graph.graph["train"]
     generator = torch.Generator().manual_seed(0)
-    options = StepOptions(hfta=hfta, channels_last=False)
-    rows = []
-    for k in packs:
-        trials = [compile_graph(graph, num_classes=info.num_classes, in_channels=info.channels,
-                                image_size=info.image_size, device=dev, seed=i, steps_per_epoch=100, epochs=1,
-                                options=options) for i in range(k)]
-        batches = [(torch.randn(batch, info.channels, info.image_size, info.image_size, generator=generator).to(dev),
-                    torch.randint(0, info.num_classes, (batch,), generator=generator).to(dev)) for _ in range(k)]
 
-        def pack_step(update: int) -> None:
-            for step, (x, y) in zip(trials, batches):
-                step.step(x, y, update)
+    def build(seed: int, options: StepOptions):
+        return compile_graph(graph, num_classes=info.num_classes, in_channels=info.channels,
+                             image_size=info.image_size, device=dev, seed=seed, steps_per_epoch=100, epochs=1,
+                             options=options)
 
+    def batch():
+        return (torch.randn(train.batch, info.channels, info.image_size, info.image_size, generator=generator).to(dev),
+                torch.randint(0, info.num_classes, (train.batch,), generator=generator).to(dev))
+
+    def timed(run) -> tuple[int, float]:
         for update in (1, 2):  # warm-up
-            pack_step(update)
-        ops = count_ops(pack_step, 3)
+            run(update)
+        ops = count_ops(run, 3)
         times = []
         for update in range(4, 4 + steps):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             started = time.perf_counter()
-            pack_step(update)
+            run(update)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - started)
-        rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": statistics.median(times),
-                     "label": trials[0].label})
-    for row in rows:
-        row["ops_ratio_to_one"] = row["ops_per_step"] / rows[0]["ops_per_step"]
-        row["seconds_ratio_to_one"] = row["seconds_per_step"] / rows[0]["seconds_per_step"]
-    return rows
+        return ops, statistics.median(times)
+
+    alone = build(0, StepOptions(hfta=hfta, channels_last=False))
+    x, y = batch()
+    alone_ops, alone_seconds = timed(lambda update: alone.step(x, y, update))
+    rows = []
+    for k in packs:
+        members = [StepMember.of(build(i, StepOptions(channels_last=False)), graph) for i in range(k)]
+        union = UnionStep(members, hfta=hfta)
+        data = [batch() for _ in range(k)]
+        ops, seconds = timed(lambda update: union.step([(xi, yi, update) for xi, yi in data]))
+        rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": seconds,
+                     "ops_ratio_to_one": ops / alone_ops, "seconds_ratio_to_one": seconds / alone_seconds,
+                     "seconds_per_trial_step": seconds / k})
+    return {"alone": {"label": alone.label, "ops_per_step": alone_ops, "seconds_per_step": alone_seconds},
+            "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,10 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     checked = check(text, str(args.graph or "<three_tiny>"))
     if not checked.ok:
         raise SystemExit(f"{args.graph} does not check")
-    rows = measure(checked.graph, packs=[int(k) for k in args.packs.split(",")], device=args.device,
-                   hfta=args.hfta, steps=args.steps)
+    measured = measure(checked.graph, packs=[int(k) for k in args.packs.split(",")], device=args.device,
+                       hfta=args.hfta, steps=args.steps)
     report = {"benchmark": "ops per packed step", "graph": str(args.graph or "three_tiny"), "device": args.device,
-              "hfta": args.hfta, "rows": rows}
+              "hfta": args.hfta, **measured}
     out = json.dumps(report, indent=2)
     print(out)
     if args.json:

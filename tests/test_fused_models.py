@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dclang.models import BUILDERS, WideResNet, build_model
-from dclang.models.fused import FusedModel, fuse_models
+from dclang.models.fused import FusedModel, fuse_models, stack_inputs
 
 ARCHS = ["resnet20", "wrn16_2", "cnn_tiny", "cnn_small", "mlp"]
 CLASSES, CHANNELS, SIZE, BATCH = 10, 3, 8, 4
@@ -76,6 +76,29 @@ def test_forward_equals_separate_models(name, k, train, dtype):
     torch.testing.assert_close(out, expected, rtol=0, atol=TOL[dtype])
     # In train mode the forward also moved the running statistics and counters.
     assert_same_state(fused, models, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", ARCHS)
+def test_each_node_reading_its_own_input_equals_separate_models(name, k):
+    """Without a shared input (packed trials: each node reads its own trial's batch), node k's
+    logits, gradients and running statistics are model k's on batch k."""
+    models = make_models(name, k)
+    fused = fuse_models(models, shared_input=False)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=gen, dtype=torch.float64) for _ in range(k)]
+    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    out = fused(stack_inputs(xs))
+    expected = torch.stack([m(x) for m, x in zip(models, xs)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    sum_of_node_losses(out, y).backward()
+    F.cross_entropy(expected.flatten(0, 1), y.repeat(k), reduction="sum").div(BATCH).backward()
+    grads = dict(fused.net.named_parameters())
+    for i, model in enumerate(models):
+        for pname, p in model.named_parameters():
+            got = grads[pname].grad.view(k, *fused.node_shapes[pname])[i]
+            torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-10, msg=f"node {i} {pname}")
+    assert_same_state(fused, models, atol=1e-10)  # running statistics: one forward each
 
 
 @pytest.mark.parametrize("name", sorted(n for n in set(BUILDERS) - set(ARCHS) - {"wrn28_4", "wrn28_10"}

@@ -174,20 +174,33 @@ def dataset_shape(graph: nx.DiGraph) -> Shape:
 
 
 def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
-    """Seconds for one epoch of each of `graphs` trained in lockstep in one process (a pack):
-    a few synthetic steps of each, times the steps per epoch, plus each one's evaluation of
-    the validation and test splits."""
+    """Seconds for one epoch of each of `graphs` trained together in one process: a pack's
+    union step (`dclang.search.union`) when there are several or HFTA is on, as a packed worker
+    trains them, else the graph's own step. A few synthetic steps, times the steps per epoch,
+    plus each one's evaluation of the validation and test splits."""
     import torch
 
-    from dclang.compile import compile_graph
+    from dclang.compile import StepOptions, compile_graph
+    from dclang.search.union import StepMember, UnionStep
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(shape.batch, shape.channels, shape.image_size, shape.image_size,
                          generator=generator).to(device)
     labels = torch.randint(0, shape.num_classes, (shape.batch,), generator=generator).to(device)
+    packed = len(graphs) > 1 or bool(options and options.hfta)
     steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
                            image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
-                           epochs=max(1, g.graph["train"].epochs), options=options) for g in graphs]
+                           epochs=max(1, g.graph["train"].epochs),
+                           options=StepOptions(channels_last=False) if packed else options) for g in graphs]
+    if packed:
+        union = UnionStep([StepMember.of(step, g) for step, g in zip(steps, graphs)],
+                          hfta=bool(options and options.hfta))
+
+        def step_all(k: int) -> None:
+            union.step([(images, labels, k)] * len(steps))
+    else:
+        def step_all(k: int) -> None:
+            steps[0].step(images, labels, k=k)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -196,24 +209,22 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")  # as training runs
     try:
-        return _timed(steps, images, labels, shape, device, generator, sync)
+        return _timed(step_all, steps, shape, device, generator, sync)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _timed(steps, images, labels, shape: Shape, device, generator, sync) -> float:
+def _timed(step_all, steps, shape: Shape, device, generator, sync) -> float:
     import torch
 
     from dclang.train.loop import EVAL_CHUNK
 
     for k in range(WARMUP_STEPS):  # allocations, optimizer state, library workspaces
-        for step in steps:
-            step.step(images, labels, k=k + 1)
+        step_all(k + 1)
     sync()
     started = time.perf_counter()
     for k in range(TIMED_STEPS):
-        for step in steps:
-            step.step(images, labels, k=WARMUP_STEPS + k + 1)
+        step_all(WARMUP_STEPS + k + 1)
     sync()
     per_step = (time.perf_counter() - started) / TIMED_STEPS
     chunk = min(EVAL_CHUNK, shape.val + shape.test) or 1

@@ -63,6 +63,21 @@ class Member(Protocol):
     optimizer: str
 
 
+@dataclass(eq=False)
+class StepMember:
+    """A compiled step of a graph as a union member, where no `TrialRun` holds it (the cost
+    plan, benchmarks, tests)."""
+
+    step: FusedStep
+    batch: int
+    optimizer: str
+
+    @classmethod
+    def of(cls, step: FusedStep, graph) -> StepMember:
+        train = graph.graph["train"]
+        return cls(step, train.batch, train.optimizer.name)
+
+
 def stat_keys(step: FusedStep) -> list[tuple[str, str]]:
     """The (field, name) keys of a step's `StepStats`, in `StepStats.keys()` order."""
     edges = [e.key for e in step.edges]
@@ -428,4 +443,4 @@ class _Sums:
         return [flat.index_select(0, torch.tensor(perm, device=flat.device))]
 
 
-__all__ = ["Carried", "Member", "UnionStep", "stat_keys"]
+__all__ = ["Carried", "Member", "StepMember", "UnionStep", "stat_keys"]

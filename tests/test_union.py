@@ -1,0 +1,221 @@
+"""The union step of packed trials: each trial in it computes what it computes alone.
+
+Every comparison is against an independent computation: each trial's own plain fused step
+(`compile_graph`), stepped alone on the same batches with the same update numbers, and torch's
+own optimizers. Models run in float64, so that only the summation order differs (a grouped
+convolution, one product for the node losses): tolerance 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tensor_trees import float64  # noqa: F401 (a fixture)
+from torch import nn
+
+from dclang.api import check
+from dclang.bench import count_ops
+from dclang.compile import StepOptions, compile_graph
+from dclang.compile.fused import FusedStep
+from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
+from dclang.search.union import UnionStep
+from dclang.train.metrics import EpochStats
+
+HEAD = """\
+graph g
+data digits {{ val_split = 300 }}
+train {{ epochs = 2  batch = 16  optimizer = {optimizer} }}
+"""
+SGD = "sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)"
+
+GRAPHS = {
+    # three peers of one architecture: fused within the trial and with the other trials' cnn_tiny
+    "mutual": HEAD.format(optimizer=SGD) + """\
+node n1 : cnn_tiny [target]
+node n2 : cnn_tiny
+node n3 : cnn_tiny
+edges * -> * : through
+""",
+    # a linear gate (its own k), a correct gate, other losses
+    "gates": HEAD.format(optimizer=SGD) + """\
+node n1 : cnn_tiny [target]
+node n2 : mlp
+label -> n1 : through
+n2 -> n1 : linear
+label -> n2 : through
+n1 -> n2 : correct lskd(T=2)
+""",
+    # another optimizer: its nodes fuse with each other, not with the SGD trials'
+    "adam": HEAD.format(optimizer="adam(lr=0.01, weight_decay=1e-4)") + """\
+node n1 : mlp [target]
+node n2 : mlp
+label -> n1 : through
+label -> n2 : through
+n1 -> n2 : through dkd(alpha=1, beta=2, T=3)
+n2 -> n1 : through
+""",
+    # an ensemble node teaching its members
+    "ensemble": HEAD.format(optimizer="adamw(lr=0.01)") + """\
+node p1 : cnn_tiny
+node p2 : cnn_tiny
+node e : ensemble(p1, p2) [target]
+label -> p1 : through
+label -> p2 : through
+e -> p1 : through
+e -> p2 : linear
+""",
+    # edges between layers and a frozen teacher: computed by the trial's own step
+    "layers": HEAD.format(optimizer=SGD) + """\
+node s : cnn_tiny [target]
+node p : cnn_tiny
+node t : cnn_small [frozen]
+label -> s : through
+label -> p : through
+t.conv1 -> s.conv1 : through hint()
+p.conv2 -> s.conv2 : through at(p=2)
+t -> s : through kl(T=3)
+""",
+}
+STEPS_PER_EPOCH, EPOCHS = 3, 2
+TIGHT = dict(rtol=1e-9, atol=1e-10)
+
+
+@dataclass(eq=False)
+class Trial:
+    """A union member (`dclang.search.union.Member`) with its twin trained alone."""
+
+    name: str
+    step: FusedStep
+    alone: FusedStep
+    batch: int
+    optimizer: str
+    k: int = 0
+
+    @classmethod
+    def of(cls, name: str) -> Trial:
+        checked = check(GRAPHS[name], f"<{name}>")
+        assert checked.ok, checked.errors
+        graph = checked.graph
+        steps = [compile_graph(graph, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
+                               seed=0, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS,
+                               options=StepOptions(channels_last=False)) for _ in range(2)]
+        assert all(type(s) is FusedStep for s in steps)
+        return cls(name, steps[0], steps[1], graph.graph["train"].batch, graph.graph["train"].optimizer.name)
+
+
+def batch_of(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(size, 1, 8, 8, generator=generator).to(torch.get_default_dtype()),
+            torch.randint(0, 10, (size,), generator=generator))
+
+
+def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator, stats: dict,
+              sizes: dict[str, int] | None = None) -> None:
+    """One union step, and each trial's twin stepped alone on the trial's batch."""
+    batches = []
+    for trial in trials:
+        trial.k += 1
+        images, labels = batch_of((sizes or {}).get(trial.name, trial.batch), generator)
+        batches.append((images, labels, trial.k))
+        stats.setdefault(trial.name, EpochStats()).add(trial.alone.step(images, labels, trial.k), len(labels), trial.k)
+    union.step(batches)
+
+
+def assert_same_models(trial: Trial) -> None:
+    for node, model in trial.alone.models.items():
+        got, want = trial.step.models[node].state_dict(), model.state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], **TIGHT, msg=f"{trial.name}.{node}.{key}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the union steps the weights
+@pytest.mark.parametrize("hfta", [False, True])
+def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, float64):
+    """Trials of several graphs, optimizers and batch sizes; one leaves, two join mid-way (their
+    first update beside another trial's fourth), a learning rate moves mid-way: every model,
+    and every statistic summed over the steps, equals the twin trained alone."""
+    generator = torch.Generator().manual_seed(0)
+    mutual, gates, layers, adam, ensemble = (Trial.of(n) for n in ("mutual", "gates", "layers", "adam", "ensemble"))
+    stats: dict[str, EpochStats] = {}
+    first = [mutual, gates, layers]
+    union = UnionStep(first, hfta=hfta)
+    if hfta:  # the five cnn_tiny of three trials in one network; `layers`' nodes stay its own
+        assert [sorted(g.slices) for g in union.groups] == [[(0, "n1"), (0, "n2"), (0, "n3"), (1, "n1")]]
+    step_both(union, first, generator, stats)
+    step_both(union, first, generator, stats, sizes={"gates": 11})  # a short last batch: the group splits
+    for trial in (mutual, gates):  # a schedule moves on: its own learning rate from now on
+        trial.step.end_epoch()
+        trial.alone.end_epoch()
+    assert_same_models(mutual)
+    second = [gates, layers, adam, ensemble]  # `mutual` left; two trials join
+    union = UnionStep(second, hfta=hfta, carried=union.carry(second))
+    for _ in range(3):
+        step_both(union, second, generator, stats)
+    for m, trial in enumerate(second):
+        assert_same_models(trial)
+        got, got_bad = union.sums.read(m)
+        want, want_bad = stats[trial.name].read()
+        assert got.keys() == want.keys() and got_bad == want_bad == {}
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (trial.name, key)
+
+
+def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):
+    """One forward and one backward for all: with HFTA, four trials of one graph cost at most
+    1.2x the operations of one (counted, not timed: ATen operations, each a kernel launch on a GPU)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def ops(k: int) -> int:
+        trials = [Trial.of("mutual") for _ in range(k)]
+        union = UnionStep(trials, hfta=True)
+        data = [batch_of(16, generator) for _ in trials]
+        union.step([(x, y, 1) for x, y in data])
+        return count_ops(lambda update: union.step([(x, y, update) for x, y in data]), 2)
+
+    one, four = ops(1), ops(4)
+    assert four <= 1.2 * one, (one, four)
+
+
+@pytest.mark.parametrize("name,kind,args", [
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)),
+    ("adam", torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-4)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+])
+def test_a_sliced_optimizer_is_torchs_optimizer_per_owner(name, kind, args, float64):
+    """Owner 0 holds slice 0 of a shared tensor; owner 1 holds slice 1 and a tensor of its own,
+    has three times the learning rate and has made two updates before (its state carried in,
+    its bias correction two steps on): each owner's tensors follow its own torch optimizer."""
+    gen = torch.Generator().manual_seed(1)
+    a = [nn.Parameter(torch.randn(3, 4, generator=gen)) for _ in range(2)]
+    b = nn.Parameter(torch.randn(5, generator=gen))
+    torch_opts = [kind([a[0]], foreach=True, **args), kind([a[1], b], foreach=True, **{**args, "lr": 3 * args["lr"]})]
+    for _ in range(2):  # owner 1's first two updates, alone
+        a[1].grad, b.grad = torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)
+        torch_opts[1].step()
+    rule = rule_of(name, torch_opts[0].param_groups[0])
+    shared = nn.Parameter(torch.stack([p.detach() for p in a]).reshape(6, 4).clone())
+    own = nn.Parameter(b.detach().clone())
+    carried = torch_opts[1].state
+    state = [{key: torch.cat([torch.zeros(3, 4), carried[a[1]][key]]) for key in carried[a[1]] if key != "step"},
+             {key: v for key, v in carried[b].items() if key != "step"}]
+    sliced = SlicedOptimizer(rule, [shared, own], [[0, 1], [1]], state if args.get("momentum", 1) else None)
+    for update in range(1, 5):
+        grads = [torch.randn(3, 4, generator=gen) for _ in range(2)] + [torch.randn(5, generator=gen)]
+        a[0].grad, a[1].grad, b.grad = grads
+        for opt in torch_opts:
+            opt.step()
+        shared.grad, own.grad = torch.stack(grads[:2]).reshape(6, 4), grads[2]
+        sliced.step([args["lr"], 3 * args["lr"]], [update, update + 2])
+    torch.testing.assert_close(shared.detach().view(2, 3, 4), torch.stack([p.detach() for p in a]), rtol=1e-12,
+                               atol=1e-14)
+    torch.testing.assert_close(own.detach(), b.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_sliced_optimizer_refuses_what_it_cannot_slice(float64):
+    with pytest.raises(ValueError, match="no sliced form"):
+        rule_of("lamb", {})
+    with pytest.raises(ValueError, match="cannot be cut"):
+        SlicedOptimizer(rule_of("adam", torch.optim.Adam([nn.Parameter(torch.ones(1))]).param_groups[0]),
+                        [nn.Parameter(torch.ones(5))], [[0, 1]])
