@@ -3,8 +3,11 @@
 #   1. the CUDA tests (every test that needs a GPU; the rest of the suite is CPU and runs anywhere),
 #   2. `dclang bench` on examples/kd_dml.kt and examples/dml4.kt with every variant, CUDA ones
 #      included (fused+bf16, fused+cudagraph, compile, HFTA),
-#   3. packed-search throughput: `dclang search --pack K` for K = 1, 4, 16 on 3-node ResNet32
-#      trials (CIFAR-100-shaped random images: no download, no network),
+#   3. packed-search throughput: `dclang search --hfta --pack K` for K = 1, 4, 8, 16 on 3-node
+#      ResNet32 trials (CIFAR-100-shaped random images: no download, no network), the goal
+#      being K = 8 at least 4x the trials per hour of K = 1,
+#   4. operations and seconds per union step of K = 1, 2, 4, 8 three-node ResNet32 trials
+#      against one trial alone (benchmarks/pack_ops.py on benchmarks/graphs/three_resnet32.kt),
 # and writes everything to one JSON (default benchmarks/gpu.json) with the card's name.
 #
 #   benchmarks/gpu.sh [OUT.json]
@@ -16,7 +19,7 @@ set -uo pipefail
 
 OUT="${1:-benchmarks/gpu.json}"
 PYTHON="${PYTHON:-python}"
-read -r LIMIT_TESTS LIMIT_BENCH LIMIT_PACK <<<"${GPU_SH_LIMITS:-90 90 210}"
+read -r LIMIT_TESTS LIMIT_BENCH LIMIT_PACK LIMIT_OPS <<<"${GPU_SH_LIMITS:-90 80 250 60}"
 WORK="$(mktemp -d -t dclang-gpu.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 started=$(date +%s)
@@ -39,7 +42,7 @@ part() {
 
 # 1. the CUDA tests: those the CPU suite skips for want of a GPU
 part tests "$LIMIT_TESTS" "$PYTHON" -m pytest -q -x -rs -k "cuda or CUDA or gpu" \
-    tests/test_accelerate.py tests/test_data.py tests/test_train.py tests/test_search_pack.py
+    tests/test_accelerate.py tests/test_data.py tests/test_train.py tests/test_search_pack.py tests/test_union.py
 
 # 2. every variant of `dclang bench`, on the GPU
 for graph in kd_dml dml4; do
@@ -47,9 +50,13 @@ for graph in kd_dml dml4; do
         --steps 10 --warmup 3 --json
 done
 
-# 3. packed search throughput, K = 1, 4, 16 (one worker each): trials finished in a 50 s window
-part pack "$LIMIT_PACK" "$PYTHON" benchmarks/pack_throughput.py --runs 1:1,1:4,1:16 --device cuda \
+# 3. packed search throughput, K = 1, 4, 8, 16 (one worker each): trials finished in a 50 s window
+part pack "$LIMIT_PACK" "$PYTHON" benchmarks/pack_throughput.py --runs 1:1,1:4,1:8,1:16 --device cuda --hfta \
     --model resnet32 --data npz --train-images 2304 --trials 1000 --epochs 2 --window 50 --timeout 65 \
     --json "$WORK/pack.json"
+
+# 4. operations and seconds per union step, against one trial alone
+part pack_ops "$LIMIT_OPS" "$PYTHON" benchmarks/pack_ops.py --graph benchmarks/graphs/three_resnet32.kt \
+    --packs 1,2,4,8 --device cuda --hfta --steps 10
 
 "$PYTHON" benchmarks/gpu_report.py "$WORK" "$OUT" "$(( $(date +%s) - started ))"

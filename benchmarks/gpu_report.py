@@ -40,7 +40,7 @@ def card() -> dict:
 
 
 def report(work: Path, total_seconds: int) -> dict:
-    parts = {name: read_part(work, name) for name in ("tests", "bench_kd_dml", "bench_dml4", "pack")}
+    parts = {name: read_part(work, name) for name in ("tests", "bench_kd_dml", "bench_dml4", "pack", "pack_ops")}
     pack_json = work / "pack.json"
     if pack_json.is_file() and "result" not in parts["pack"]:
         parts["pack"]["result"] = json.loads(pack_json.read_text())

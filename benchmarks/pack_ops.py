@@ -70,7 +70,7 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
             times.append(time.perf_counter() - started)
         return ops, statistics.median(times)
 
-    alone = build(0, StepOptions(hfta=hfta, channels_last=False))
+    alone = build(0, StepOptions(hfta=hfta))  # channels-last where `dclang run` puts it (CPU convolutions)
     x, y = batch()
     alone_ops, alone_seconds = timed(lambda update: alone.step(x, y, update))
     rows = []

@@ -249,6 +249,18 @@ def test_the_gpu_report_gathers_every_part(tmp_path):
                             "output_tail": "12 passed\n"}
     assert out["bench_kd_dml"]["timed_out"] and out["bench_dml4"] == {"ran": False}
     assert out["pack"]["result"] == {"runs": [{"pack": 1}]} and out["ok"] is False
+    assert out["pack_ops"] == {"ran": False}
+
+
+def test_the_pack_ops_benchmark_runs_and_its_ratios_are_to_the_lone_trial(tmp_path):
+    bench = load_script("pack_ops")
+    report = bench.main(["--packs", "1,2", "--steps", "1", "--hfta", "--json", str(tmp_path / "ops.json")])
+    assert json.loads((tmp_path / "ops.json").read_text()) == report
+    alone, rows = report["alone"], report["rows"]
+    assert [r["pack"] for r in rows] == [1, 2] and alone["label"].startswith("fused+hfta")
+    for row in rows:
+        assert row["ops_ratio_to_one"] == row["ops_per_step"] / alone["ops_per_step"]
+    assert rows[1]["ops_per_step"] == rows[0]["ops_per_step"]  # one union step whatever K
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.sh does without a GPU")

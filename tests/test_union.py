@@ -130,8 +130,9 @@ def assert_same_models(trial: Trial) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the union steps the weights
-@pytest.mark.parametrize("hfta", [False, True])
-def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, float64):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("hfta", [False, True], ids=["separate", "hfta"])
+def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_last, float64):
     """Trials of several graphs, optimizers and batch sizes; one leaves, two join mid-way (their
     first update beside another trial's fourth), a learning rate moves mid-way: every model,
     and every statistic summed over the steps, equals the twin trained alone."""
@@ -139,7 +140,7 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, float64):
     mutual, gates, layers, adam, ensemble = (Trial.of(n) for n in ("mutual", "gates", "layers", "adam", "ensemble"))
     stats: dict[str, EpochStats] = {}
     first = [mutual, gates, layers]
-    union = UnionStep(first, hfta=hfta)
+    union = UnionStep(first, hfta=hfta, channels_last=channels_last)
     if hfta:  # the five cnn_tiny of three trials in one network; `layers`' nodes stay its own
         assert [sorted(g.slices) for g in union.groups] == [[(0, "n1"), (0, "n2"), (0, "n3"), (1, "n1")]]
     step_both(union, first, generator, stats)
@@ -149,7 +150,7 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, float64):
         trial.alone.end_epoch()
     assert_same_models(mutual)
     second = [gates, layers, adam, ensemble]  # `mutual` left; two trials join
-    union = UnionStep(second, hfta=hfta, carried=union.carry(second))
+    union = UnionStep(second, hfta=hfta, carried=union.carry(second), channels_last=channels_last)
     for _ in range(3):
         step_both(union, second, generator, stats)
     for m, trial in enumerate(second):
@@ -168,7 +169,7 @@ def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):
 
     def ops(k: int) -> int:
         trials = [Trial.of("mutual") for _ in range(k)]
-        union = UnionStep(trials, hfta=True)
+        union = UnionStep(trials, hfta=True, channels_last=False)
         data = [batch_of(16, generator) for _ in trials]
         union.step([(x, y, 1) for x, y in data])
         return count_ops(lambda update: union.step([(x, y, update) for x, y in data]), 2)
@@ -219,3 +220,16 @@ def test_a_sliced_optimizer_refuses_what_it_cannot_slice(float64):
     with pytest.raises(ValueError, match="cannot be cut"):
         SlicedOptimizer(rule_of("adam", torch.optim.Adam([nn.Parameter(torch.ones(1))]).param_groups[0]),
                         [nn.Parameter(torch.ones(5))], [[0, 1]])
+
+
+def test_a_tensor_no_loss_reached_is_left_as_it_is(float64):
+    """As torch skips a parameter without a gradient (no weight decay, no momentum decay)."""
+    used, unused = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    rule = rule_of("sgd", torch.optim.SGD([used], lr=0.1, momentum=0.9, weight_decay=0.1).param_groups[0])
+    state = [None, {"momentum_buffer": torch.full((4,), 2.0)}]
+    sliced = SlicedOptimizer(rule, [used, unused], [[0], [0]], state)
+    used.grad = torch.ones(4)
+    sliced.step([0.1], [1])
+    assert torch.equal(unused.detach(), torch.ones(4)) and torch.equal(sliced.state[1]["momentum_buffer"],
+                                                                        torch.full((4,), 2.0))
+    assert not torch.equal(used.detach(), torch.ones(4))

@@ -44,6 +44,15 @@ def rule_of(name: str, group: dict) -> tuple:
     return (name, *((key, group[key]) for key in RULES[name]))
 
 
+def _initial(param: Tensor, given: Tensor | None) -> Tensor:
+    """A state tensor for `param`, in its memory format: `given` (any layout of its elements
+    in logical order), or zeros."""
+    out = torch.zeros_like(param)
+    if given is not None:
+        out.copy_(given.reshape(param.shape))
+    return out
+
+
 class _Coefficients:
     """Per-owner numbers expanded to one value per element of every tensor: owner values (O,)
     -> per-slice values -> repeated over each slice's elements -> one flat vector, viewed as
@@ -55,15 +64,17 @@ class _Coefficients:
         sizes = [p.numel() // len(own) for p, own in zip(params, owners)]
         self.repeats = torch.tensor([n for n, own in zip(sizes, owners) for _ in own], dtype=torch.long, device=device)
         self.total = sum(p.numel() for p in params)
-        self.shapes = [p.shape for p in params]
+        self.layouts = [(p.shape, p.stride()) for p in params]
         self.numels = [p.numel() for p in params]
         self.dtype, self.device = params[0].dtype, device
 
     def __call__(self, values: Sequence[float]) -> list[Tensor]:
-        """One tensor per parameter holding its owner's value at each element."""
+        """One tensor per parameter holding its owner's value at each element, laid out as the
+        parameter is (channels-last included: a slice is a block of the outermost dimension,
+        contiguous in either layout)."""
         per_owner = torch.tensor(values, dtype=self.dtype).to(self.device, non_blocking=True)
         flat = per_owner.index_select(0, self.slice_owner).repeat_interleave(self.repeats, output_size=self.total)
-        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+        return [part.as_strided(shape, stride) for part, (shape, stride) in zip(flat.split(self.numels), self.layouts)]
 
 
 class SlicedOptimizer:
@@ -86,8 +97,8 @@ class SlicedOptimizer:
             if p.numel() % len(own):
                 raise ValueError(f"a tensor of {p.numel()} elements cannot be cut into {len(own)} slices")
         state = list(state) if state is not None else [None] * len(self.params)
-        self.state = [{key: (given or {}).get(key, torch.zeros_like(p)).detach().clone().reshape(p.shape)
-                       for key in STATE[self.name]} for p, given in zip(self.params, state)]
+        self.state = [{key: _initial(p, (given or {}).get(key)) for key in STATE[self.name]}
+                      for p, given in zip(self.params, state)]
         self.coefficients = _Coefficients(self.params, self.owners)
 
     def zero_grad(self) -> None:
@@ -96,40 +107,50 @@ class SlicedOptimizer:
 
     @torch.no_grad()
     def step(self, lrs: Sequence[float], counts: Sequence[int]) -> None:
-        """One update of every tensor with a gradient (all of them: packed trials step together)."""
-        params = [p for p in self.params]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.name == "sgd":
-            self._sgd(params, grads, lrs)
-        else:
-            self._adam(params, grads, lrs, counts)
+        """One update of every tensor with a gradient; one without is left as it is, state
+        and all, as torch leaves it (a layer no loss reached)."""
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        states = [self.state[i] for i in live]
 
-    def _sgd(self, params: list[Tensor], grads: list[Tensor], lrs: Sequence[float]) -> None:
+        def per_element(values: Sequence[float]) -> list[Tensor]:
+            every = self.coefficients(values)
+            return [every[i] for i in live]
+
+        if self.name == "sgd":
+            self._sgd(params, grads, states, lrs, per_element)
+        else:
+            self._adam(params, grads, states, lrs, counts, per_element)
+
+    def _sgd(self, params, grads, states, lrs, per_element) -> None:
         h = self.hyper
         if h["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=h["weight_decay"])
         if h["momentum"]:
-            bufs = [s["momentum_buffer"] for s in self.state]
+            bufs = [s["momentum_buffer"] for s in states]
             torch._foreach_mul_(bufs, h["momentum"])
             torch._foreach_add_(bufs, grads)
             grads = torch._foreach_add(grads, bufs, alpha=h["momentum"]) if h["nesterov"] else bufs
-        torch._foreach_addcmul_(params, grads, self.coefficients([-lr for lr in lrs]))
+        torch._foreach_addcmul_(params, grads, per_element([-lr for lr in lrs]))
 
-    def _adam(self, params: list[Tensor], grads: list[Tensor], lrs: Sequence[float], counts: Sequence[int]) -> None:
+    def _adam(self, params, grads, states, lrs, counts, per_element) -> None:
         h = self.hyper
         beta1, beta2 = h["betas"]
         if self.name == "adamw":
-            torch._foreach_mul_(params, self.coefficients([1 - lr * h["weight_decay"] for lr in lrs]))
+            torch._foreach_mul_(params, per_element([1 - lr * h["weight_decay"] for lr in lrs]))
         elif h["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=h["weight_decay"])
-        exp_avgs = [s["exp_avg"] for s in self.state]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in self.state]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        step_size = self.coefficients([-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
+        step_size = per_element([-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, self.coefficients([(1 - beta2 ** n) ** 0.5 for n in counts]))
+        torch._foreach_div_(denom, per_element([(1 - beta2 ** n) ** 0.5 for n in counts]))
         torch._foreach_add_(denom, h["eps"])
         torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denom)
 

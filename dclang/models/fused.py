@@ -275,5 +275,6 @@ def fuse_models(models: list[nn.Module], *, shared_input: bool = True) -> FusedM
 
 def stack_inputs(inputs: list[Tensor]) -> Tensor:
     """K batches of one shape (B, C, ...) side by side in channels, (B, K*C, ...): the input of
-    a model fused without a shared input, node k reading ``inputs[k]``."""
-    return torch.stack(inputs, dim=1).flatten(1, 2)
+    a model fused without a shared input, node k reading ``inputs[k]`` (one concatenation,
+    which keeps the batches' memory format)."""
+    return torch.cat(inputs, dim=1)

@@ -76,9 +76,11 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Pre-trained frozen teachers, shared by the workers (default OUT/teachers).")
 @click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
-              help="K: trials each worker trains at once, in one process (see docs/search.md).")
+              help="K: trials each worker trains at once, as one step: one forward and one backward for all "
+                   "(see docs/search.md).")
 @click.option("--hfta", is_flag=True,
-              help="Fuse each trial's nodes of one architecture (HFTA); implies the packed worker loop.")
+              help="Fuse nodes of one architecture, within and across a pack's trials (HFTA); implies the "
+                   "packed worker loop.")
 @click.option("--plan", is_flag=True,
               help="Print the search's cost plan (space, distinct graphs, ASHA's epochs, time for D workers and "
                    "pack K), measured on synthetic batches; trains nothing and needs no data.")

@@ -223,6 +223,9 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
                 if not isinstance(sample, Realized):  # the same graph as an earlier trial: its value
                     tell(trial, TrialState.COMPLETE, sample)
                     return
+                if not pack.free:  # its original failed and it must train, but the pack is full
+                    waiting[trial.number] = (trial, sample)
+                    return
                 graph = sample.checked.graph
                 on_epoch, metrics = objective.reporter(trial, graph.graph["target"])
                 run = TrialRun(graph, dataset=objective.dataset(graph), device=device, on_epoch=on_epoch,
@@ -238,17 +241,13 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
         running[trial.number] = (trial, metrics)
         pack.add(trial.number, run)
 
-    def open_slots() -> int:
-        """Slots for new trials: a trial waiting for an earlier trial of its graph holds none (it
-        only copies a value when that one ends, and takes a slot then only if it must train),
-        so that a duplicate never keeps the pack from training."""
-        return pack.free
-
     def settle_waiting() -> None:
+        """Settle every trial waiting for an earlier trial of its graph whose original has
+        ended: a copied value needs no slot, so a full pack never delays it; only a trial that
+        must train after all (its original failed) waits for a free slot."""
         for number, (trial, sample) in list(waiting.items()):
-            if pack.free:
-                del waiting[number]
-                settle(trial, lambda: objective.settle(trial, sample, wait=False))
+            del waiting[number]
+            settle(trial, lambda: objective.settle(trial, sample, wait=False))
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")  # as `train_graph` trains
@@ -258,7 +257,9 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
             if waiting and time.monotonic() - looked > WAIT_POLL:
                 settle_waiting()
                 looked = time.monotonic()
-            while (open_slots() > 0 and not objective.stopped_because
+            # a trial waiting for an earlier trial of its graph holds no slot: a duplicate never
+            # keeps the pack from training
+            while (pack.free > 0 and not objective.stopped_because
                    and counted(study.get_trials(deepcopy=False)) + len(pack.runs) + len(waiting) < config.trials):
                 trial = study.ask()
                 settle(trial, lambda: objective.begin(trial, wait=False))

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dclang.compile.accelerate import alias_to_slice, own_storage
+from dclang.compile.accelerate import alias_to_slice, convolutional, own_storage
 from dclang.compile.fused import FusedStep
 from dclang.compile.sliced_optim import STATE, SlicedOptimizer, rule_of
 from dclang.ensembles import ensemble_outputs
@@ -109,7 +109,8 @@ class Carried:
 class UnionStep:
     """One step of every member at once; see the module's docstring."""
 
-    def __init__(self, members: Sequence[Member], *, hfta: bool, carried: Carried | None = None):
+    def __init__(self, members: Sequence[Member], *, hfta: bool, carried: Carried | None = None,
+                 channels_last: bool | None = None):
         carried = carried or Carried()
         self.members = list(members)
         self.device = self.members[0].step.device
@@ -117,6 +118,12 @@ class UnionStep:
             own_storage_of(member)  # let go of a previous union's fused tensors
         self.groups = self._fuse() if hfta else []
         self.fused_nodes = {s for g in self.groups for s in g.slices}
+        if channels_last is None:  # as `dclang run` decides it (`StepOptions.resolve`): measured to win there
+            channels_last = self.device.type == "cpu" and convolutional(
+                {f"{m}.{n}": model for m, member in enumerate(self.members) for n, model in member.step.models.items()})
+        self.channels_last = channels_last
+        if channels_last:
+            self._to_channels_last()
         self.optimizers, self.slots = self._optimizers(carried.optimizer)
         self.sums = _Sums([stat_keys(m.step) for m in self.members], self.device,
                           [carried.sums.get(m) for m in self.members])
@@ -149,6 +156,18 @@ class UnionStep:
                 alias_to_slice(model, fused, s)
             groups.append(_Group(slices, fused))
         return groups
+
+    def _to_channels_last(self) -> None:
+        """NHWC weights (and inputs, in `step`): the fused networks, then every model left
+        separate; each fused node's tensors re-pointed at its converted slice."""
+        for g in self.groups:
+            g.fused.to(memory_format=torch.channels_last)
+            for s, (m, node) in enumerate(g.slices):
+                alias_to_slice(self.members[m].step.models[node], g.fused, s)
+        for m, member in enumerate(self.members):
+            for node, model in member.step.models.items():
+                if (m, node) not in self.fused_nodes:
+                    model.to(memory_format=torch.channels_last)
 
     def _optimizers(self, carried: dict) -> tuple[list[SlicedOptimizer], list[list[list[tuple[Any, str, str]]]]]:
         """One `SlicedOptimizer` per optimizer rule, over the fused tensors and every trainable
@@ -192,7 +211,7 @@ class UnionStep:
             for state, names in zip(opt.state, slots):
                 for s, name in enumerate(names):
                     if id(name[0]) in kept:
-                        carried.optimizer[name] = {k: v.view(len(names), -1)[s].clone() for k, v in state.items()}
+                        carried.optimizer[name] = {k: v.reshape(len(names), -1)[s].clone() for k, v in state.items()}
         for m, member in enumerate(self.members):
             if id(member) in kept:
                 carried.sums[member] = self.sums.take(m)
@@ -203,6 +222,8 @@ class UnionStep:
     def step(self, batches: Sequence[tuple[Tensor, Tensor, int]]) -> None:
         """One update of every member on its own (images, labels, k)."""
         images = [b[0] for b in batches]
+        if self.channels_last:
+            images = [x.contiguous(memory_format=torch.channels_last) for x in images]
         outputs, split = self._outputs(images)
         total, pieces = self._losses(outputs, [b[1] for b in batches], [b[2] for b in batches])
         for opt in self.optimizers:
