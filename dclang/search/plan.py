@@ -17,8 +17,10 @@ Nothing is trained and no data is read. The plan prints:
   validation and test splits; with the threads a worker gets when D share the machine;
 - the estimated wall time for D workers and pack K: the simulated epochs times the mean
   epoch time of the mixes (weighted by how often a sample trains each), divided over the D
-  workers, plus each trial's fixed cost (sampling, checking, compiling: measured) and a
-  worker's start (measured: a fresh Python importing torch).
+  workers, plus each trial's fixed cost (sampling, checking, compiling: measured) and the
+  fixed costs in sequence around them: the search's start and its workers' (each measured in a
+  fresh Python: the imports, the dataset's loader, the libraries' one-time set-up on first
+  use) and writing the outputs (drawing the best graph with `dot`: measured).
 
 Left out, said in the output: pre-training frozen teachers (once per model per search, cached).
 """
@@ -47,8 +49,8 @@ MIX_SAMPLES = 400
 #: mixes measured (the most frequent); the rest are given the mean of those
 MIXES_MEASURED = 6
 #: timed steps per measurement, after the warm-up steps
-WARMUP_STEPS = 2
-TIMED_STEPS = 4
+WARMUP_STEPS = 3
+TIMED_STEPS = 8
 #: seeds of the ASHA simulation averaged
 SIMULATIONS = 5
 #: (train, test) images of the official splits, before the validation split is carved out
@@ -263,12 +265,45 @@ def trial_overhead(template_text: str, template_path: str, shape: Shape, device)
     return statistics.median(times)
 
 
-def worker_start_seconds() -> float:
-    """A fresh worker's start: Python importing torch, optuna and dclang's training code."""
+def outputs_seconds(graph: nx.DiGraph) -> float:
+    """Writing a search's outputs at its end, of which drawing the best graph with Graphviz is
+    the part that takes time (nothing without `dot`)."""
+    import shutil
+    import tempfile
+
+    from dclang.draw import render
+
+    if shutil.which("dot") is None:  # as the search's outputs decide it
+        return 0.0
+    with tempfile.TemporaryDirectory(prefix="dclang-plan") as tmp:
+        started = time.perf_counter()
+        render(graph, Path(tmp) / "best.svg")
+        return time.perf_counter() - started
+
+
+#: what a worker imports to read each built-in dataset (loading digits is importing scikit-learn)
+_LOADERS = {"digits": "sklearn.datasets, sklearn.model_selection"}
+
+
+def start_seconds(dataset: str) -> tuple[float, float]:
+    """(the search's start, a worker's start), measured in a fresh Python: `dclang search` imports
+    torch, optuna and dclang; a worker imports them too, then the dataset's loader, and pays
+    what the libraries set up once, on first use (torch's first optimizer imports its
+    compiler's machinery; the first convolution and its gradient pick their kernels). The
+    dataset itself is not read."""
+    script = ("import sys, time\n"
+              "import torch, optuna, dclang.train.loop, dclang.search.worker\n"
+              "imported = time.perf_counter()\n"
+              f"import {_LOADERS.get(dataset, 'torchvision.datasets')}\n"
+              "m = torch.nn.Conv2d(1, 4, 3)\n"
+              "torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)\n"
+              "m(torch.zeros(2, 1, 8, 8)).sum().backward()\n"
+              "print(time.perf_counter() - imported)\n")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, optuna, dclang.train.loop, dclang.search.worker"],
-                   check=True, capture_output=True)
-    return time.perf_counter() - started
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    total = time.perf_counter() - started
+    first_use = float(done.stdout.split()[-1])
+    return total - first_use, total
 
 
 # ---------------------------------------------------------------- the plan
@@ -336,16 +371,20 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     mean_measured = statistics.mean(measured.values())
     total = sum(counts.values())
     mean_epoch = sum(measured.get(mix, mean_measured) * n for mix, n in counts.items()) / total
-    start = worker_start_seconds()
+    search_start, start = start_seconds(graph.graph["data"].dataset)
+    outputs = outputs_seconds(examples[counts.most_common(1)[0][0]])
     compute = forecast.epochs * mean_epoch / workers + trials * overhead / workers
+    # in sequence: `dclang search` starts, its workers start, the trials run, the outputs are written
+    fixed = search_start + start + outputs
     plan.update({
         "device": str(torch_device), "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)
         if torch_device.type == "cpu" else None,
         "shape": shape.__dict__,
         "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix)}
                   for mix, _ in counts.most_common()],
-        "mean_epoch_seconds": mean_epoch, "trial_overhead_seconds": overhead, "worker_start_seconds": start,
-        "estimate_seconds": start + compute,
+        "mean_epoch_seconds": mean_epoch, "trial_overhead_seconds": overhead, "search_start_seconds": search_start,
+        "worker_start_seconds": start,
+        "outputs_seconds": outputs, "estimate_seconds": fixed + compute,
     })
     return plan
 
@@ -376,7 +415,9 @@ def plan_lines(plan: dict) -> list[str]:
         seconds = "not measured (rare)" if mix["epoch_seconds"] is None else f"{mix['epoch_seconds']:.3g} s"
         lines.append(f"  {' + '.join(mix['models']):<48} {100 * mix['share']:5.1f}%  {seconds}")
     lines.append(f"per trial besides its epochs: {plan['trial_overhead_seconds']:.2f} s (sample, check, compile); "
-                 f"a worker's start: {plan['worker_start_seconds']:.1f} s")
+                 f"the search's start: {plan['search_start_seconds']:.1f} s; a worker's: "
+                 f"{plan['worker_start_seconds']:.1f} s (imports, first use); writing the outputs: "
+                 f"{plan['outputs_seconds']:.1f} s")
     lines.append(f"estimated wall time: {_duration(plan['estimate_seconds'])} "
                  f"(mean epoch {plan['mean_epoch_seconds']:.3g} s; pre-training frozen teachers not counted)")
     return lines

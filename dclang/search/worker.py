@@ -299,6 +299,8 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         return
     say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
         f"{config.epochs} epochs, {config.trials} trials)")
+    if real:
+        _freeze_start_up()
     if pack > 1 or options is not None:
         from dclang.search.pack import work_packed
 
@@ -314,6 +316,21 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         _optimize(study, config, objective, worker, study_name)
     if objective.stopped_because:
         raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
+
+
+def _freeze_start_up() -> None:
+    """Put what the worker's start created (modules, torch's internals, the dataset) out of the
+    garbage collector's sight (`gc.freeze`). Optuna collects after every trial (`gc_after_trial`,
+    which keeps a long search's memory flat); walking those few hundred thousand objects took
+    0.2 s a trial, a third of a small digits trial. torch imports its compiler's machinery when
+    it builds its first optimizer, so one is built first."""
+    import gc
+
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    gc.collect()
+    gc.freeze()
 
 
 def _optimize(study: optuna.Study, config: StudyConfig, objective: Objective, worker: str, study_name: str) -> None:
