@@ -20,14 +20,14 @@ import statistics
 import time
 from pathlib import Path
 
-#: three trainable nodes of one architecture on digits: what HFTA fuses within a trial
+#: three trainable nodes of one architecture (MODEL: --model) on digits: what HFTA fuses within a trial
 DEFAULT_GRAPH = """\
 graph three_tiny
 data digits { val_split = 300 }
 train { epochs = 4  batch = 64 }
-node n1 : cnn_tiny [target]
-node n2 : cnn_tiny
-node n3 : cnn_tiny
+node n1 : MODEL [target]
+node n2 : MODEL
+node n3 : MODEL
 edges * -> * : through
 """
 
@@ -90,14 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     from dclang.api import check
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--graph", type=Path, help="a .kt file (default: three cnn_tiny nodes on digits)")
+    parser.add_argument("--graph", type=Path, help="a .kt file (default: three --model nodes on digits)")
+    parser.add_argument("--model", default="cnn_tiny", help="the default graph's model")
     parser.add_argument("--packs", default="1,2,4,8")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hfta", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    text = args.graph.read_text() if args.graph else DEFAULT_GRAPH
+    text = args.graph.read_text() if args.graph else DEFAULT_GRAPH.replace("MODEL", args.model)
     checked = check(text, str(args.graph or "<three_tiny>"))
     if not checked.ok:
         raise SystemExit(f"{args.graph} does not check")
