@@ -67,14 +67,22 @@ class _Coefficients:
         self.layouts = [(p.shape, p.stride()) for p in params]
         self.numels = [p.numel() for p in params]
         self.dtype, self.device = params[0].dtype, device
+        self._last: dict[str, tuple[tuple[float, ...], list[Tensor]]] = {}
 
-    def __call__(self, values: Sequence[float]) -> list[Tensor]:
+    def __call__(self, name: str, values: Sequence[float]) -> list[Tensor]:
         """One tensor per parameter holding its owner's value at each element, laid out as the
         parameter is (channels-last included: a slice is a block of the outermost dimension,
-        contiguous in either layout)."""
+        contiguous in either layout). The last result of each `name` is kept: a learning rate
+        changes once an epoch, so most steps reuse it."""
+        values = tuple(values)
+        last = self._last.get(name)
+        if last is not None and last[0] == values:
+            return last[1]
         per_owner = torch.tensor(values, dtype=self.dtype).to(self.device, non_blocking=True)
         flat = per_owner.index_select(0, self.slice_owner).repeat_interleave(self.repeats, output_size=self.total)
-        return [part.as_strided(shape, stride) for part, (shape, stride) in zip(flat.split(self.numels), self.layouts)]
+        out = [part.as_strided(shape, stride) for part, (shape, stride) in zip(flat.split(self.numels), self.layouts)]
+        self._last[name] = (values, out)
+        return out
 
 
 class SlicedOptimizer:
@@ -116,8 +124,8 @@ class SlicedOptimizer:
         grads = [p.grad for p in params]
         states = [self.state[i] for i in live]
 
-        def per_element(values: Sequence[float]) -> list[Tensor]:
-            every = self.coefficients(values)
+        def per_element(name: str, values: Sequence[float]) -> list[Tensor]:
+            every = self.coefficients(name, values)
             return [every[i] for i in live]
 
         if self.name == "sgd":
@@ -134,13 +142,13 @@ class SlicedOptimizer:
             torch._foreach_mul_(bufs, h["momentum"])
             torch._foreach_add_(bufs, grads)
             grads = torch._foreach_add(grads, bufs, alpha=h["momentum"]) if h["nesterov"] else bufs
-        torch._foreach_addcmul_(params, grads, per_element([-lr for lr in lrs]))
+        torch._foreach_addcmul_(params, grads, per_element("-lr", [-lr for lr in lrs]))
 
     def _adam(self, params, grads, states, lrs, counts, per_element) -> None:
         h = self.hyper
         beta1, beta2 = h["betas"]
         if self.name == "adamw":
-            torch._foreach_mul_(params, per_element([1 - lr * h["weight_decay"] for lr in lrs]))
+            torch._foreach_mul_(params, per_element("decay", [1 - lr * h["weight_decay"] for lr in lrs]))
         elif h["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=h["weight_decay"])
         exp_avgs = [s["exp_avg"] for s in states]
@@ -148,9 +156,9 @@ class SlicedOptimizer:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        step_size = per_element([-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
+        step_size = per_element("step_size", [-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, per_element([(1 - beta2 ** n) ** 0.5 for n in counts]))
+        torch._foreach_div_(denom, per_element("bias2", [(1 - beta2 ** n) ** 0.5 for n in counts]))
         torch._foreach_add_(denom, h["eps"])
         torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denom)
 
