@@ -40,13 +40,15 @@ def third_step_faults(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and getrusage page-fault counts")
 def test_freed_activations_are_not_faulted_in_again():
-    # glibc's defaults hand freed blocks back to the OS (all of them, or those above the top
-    # chunk a small object still holds) and fault them in again, at least one 20 MiB block
-    # each time: the check that the measurement can fail. With the setting the step touches
-    # no new page. Best of three each: now and then a block the heap cannot grow into
-    # contiguously is mapped by itself, and faulted like any fresh mapping.
-    assert min(third_step_faults("plain") for _ in range(3)) > PAGES_OF_A_BLOCK // 2
-    assert min(third_step_faults("keep") for _ in range(3)) < PAGES_OF_A_BLOCK // 20
+    # glibc's defaults hand freed blocks back to the OS and fault them in again: more than one
+    # 20 MiB block each time (seen: all eight, 40,928 pages), the check that the measurement
+    # can fail.
+    # With the setting the step touches no new page, except that now and then one block the
+    # heap cannot grow into contiguously is mapped by itself and faulted like any fresh
+    # mapping (seen: 5,120 pages, three times in a row on a loaded machine): at most one.
+    one_block = PAGES_OF_A_BLOCK + PAGES_OF_A_BLOCK // 20
+    assert min(third_step_faults("plain") for _ in range(3)) > one_block
+    assert min(third_step_faults("keep") for _ in range(3)) <= one_block
 
 def test_cpu_engines_keep_freed_memory(monkeypatch):
     import torch

@@ -89,8 +89,10 @@ def assert_search_invariants(trials, config: StudyConfig, workers: int) -> None:
     assert stopped == sorted(stopped, reverse=True) and stopped[0] > 0, stopped
 
 
-def assert_outputs(out: Path, trials, top_k: int) -> None:
-    """trials/*.kt parse, best/*.kt check and are the leaderboard's top-k distinct graphs."""
+def assert_outputs(out: Path, trials, top_k: int, still_training=()) -> None:
+    """trials/*.kt parse, best/*.kt check and are the leaderboard's top-k distinct graphs.
+    `still_training`: trials of a worker the parent does not wait for (one that joined by
+    itself), which may have trained more epochs after the outputs were written."""
     sampled = [t for t in trials if "kt" in t.user_attrs]
     assert sorted(p.name for p in (out / "trials").glob("*.kt")) == sorted(f"{t.number:04d}.kt" for t in sampled)
     for t in sampled:
@@ -110,7 +112,9 @@ def assert_outputs(out: Path, trials, top_k: int) -> None:
         assert check_file(p).ok, p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["trial"] == expected[0]
-    assert summary["budget"]["epochs_trained"] == sum(trained_epochs(t) for t in trials)
+    total = sum(trained_epochs(t) for t in trials)
+    late = sum(trained_epochs(t) for t in still_training)
+    assert total - late <= summary["budget"]["epochs_trained"] <= total
 
 
 def test_journal_search_with_more_workers_than_cores(tmp_path, run_search, study_trials):
