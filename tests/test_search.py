@@ -172,6 +172,8 @@ def test_duplicates_reuse_numbers_and_invalid_samples_cost_nothing(tmp_path, run
         assert (out / "trials" / f"{t.number:04d}.kt").exists()
     dead = [t for t in trials if t.params.get("n2->n1.gate") == "cutoff" and t.params["label->n1.gate"] == "through"]
     assert dead and all(t.user_attrs["dropped"] == ["n2"] for t in dead)
+    logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert "E304" in logs and "Traceback" not in logs  # an invalid sample is logged as one line
 
 
 def in_first_epoch(trial) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import signal
 import sys
 import time
@@ -68,6 +69,17 @@ class Waiting(NamedTuple):
 
 class InvalidSample(Exception):
     """The sampled graph cannot be trained (its diagnostics are in the trial's `invalid`)."""
+
+
+class _NoTracebackForInvalidSamples(logging.Filter):
+    """Optuna logs every failed trial with its traceback; an invalid sample is an expected
+    outcome whose reason is one line (and is in the trial's `invalid`), so its record keeps
+    the message and drops the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InvalidSample):
+            record.exc_info = None
+        return True
 
 
 def load_trainer(spec: str | None) -> Callable[..., Any]:
@@ -299,6 +311,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         return
     say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
         f"{config.epochs} epochs, {config.trials} trials)")
+    logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForInvalidSamples())  # where it logs them
     if real:
         _freeze_start_up()
     if pack > 1 or options is not None:
