@@ -93,21 +93,24 @@ class Trial:
     optimizer: str
     k: int = 0
 
+    classes: int = 10
+
     @classmethod
-    def of(cls, name: str) -> Trial:
+    def of(cls, name: str, classes: int = 10) -> Trial:
         checked = check(GRAPHS[name], f"<{name}>")
         assert checked.ok, checked.errors
         graph = checked.graph
-        steps = [compile_graph(graph, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
+        steps = [compile_graph(graph, num_classes=classes, in_channels=1, image_size=8, device=torch.device("cpu"),
                                seed=0, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS,
                                options=StepOptions(channels_last=False)) for _ in range(2)]
         assert all(type(s) is FusedStep for s in steps)
-        return cls(name, steps[0], steps[1], graph.graph["train"].batch, graph.graph["train"].optimizer.name)
+        return cls(name, steps[0], steps[1], graph.graph["train"].batch, graph.graph["train"].optimizer.name,
+                   classes=classes)
 
 
-def batch_of(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_of(size: int, generator: torch.Generator, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.randn(size, 1, 8, 8, generator=generator).to(torch.get_default_dtype()),
-            torch.randint(0, 10, (size,), generator=generator))
+            torch.randint(0, classes, (size,), generator=generator))
 
 
 def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator, stats: dict,
@@ -116,7 +119,7 @@ def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator,
     batches = []
     for trial in trials:
         trial.k += 1
-        images, labels = batch_of((sizes or {}).get(trial.name, trial.batch), generator)
+        images, labels = batch_of((sizes or {}).get(trial.name, trial.batch), generator, trial.classes)
         batches.append((images, labels, trial.k))
         stats.setdefault(trial.name, EpochStats()).add(trial.alone.step(images, labels, trial.k), len(labels), trial.k)
     union.step(batches)
@@ -160,6 +163,21 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_la
         assert got.keys() == want.keys() and got_bad == want_bad == {}
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (trial.name, key)
+
+
+def test_trials_of_different_classes_share_a_union(float64):
+    """Logits of another shape (a dataset with 7 classes beside one with 10) are stacked apart."""
+    generator = torch.Generator().manual_seed(3)
+    trials = [Trial.of("gates"), Trial.of("gates", classes=7)]
+    trials[1].name = "gates7"
+    union, stats = UnionStep(trials, hfta=True, channels_last=False), {}
+    for _ in range(3):
+        step_both(union, trials, generator, stats)
+    for m, trial in enumerate(trials):
+        assert_same_models(trial)
+        got, _ = union.sums.read(m)
+        want, _ = stats[trial.name].read()
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):

@@ -25,11 +25,11 @@ packing pay on an accelerator, where launches dominate small models (benchmarks/
 
 What stays per trial: its models (each node's tensors are views of its fused slice, so the
 trial's own `FusedStep` evaluates, counts and saves them unchanged), its optimizer state, its
-schedule, its `k`, its data order. Trials whose graphs have edges between layers, or whose
-batch this step differs in size from their mates', are computed by their own `FusedStep`
-(`losses`, `stats`) inside the same backward; a fused group whose slices got batches of
-different sizes (one trial's last, partial batch) runs its slices through the separate models
-that step, and their gradients are gathered into the fused tensors.
+schedule, its `k`, its data order. Trials whose graphs have edges between layers are computed
+by their own `FusedStep` (`losses`, `stats`) inside the same backward; trials whose logits
+differ in shape this step (one trial's last, partial batch) have their losses stacked apart
+from their mates'; a fused group whose slices got batches of different sizes runs its slices
+through the separate models that step, and their gradients are gathered into the fused tensors.
 
 A pack's membership changes when a trial leaves or joins; the union is then rebuilt
 (`UnionStep(..., carried=old.carry())`), every remaining trial keeping its weights, optimizer
@@ -281,15 +281,15 @@ class UnionStep:
                 ) -> tuple[Tensor, list[Tensor]]:
         """The sum of every member's node losses, and the step's statistics in member order
         (each member's block laid out as `stat_keys`), as float64 pieces to concatenate."""
-        by_size: dict[int, list[int]] = {}
+        by_shape: dict[tuple, list[int]] = {}  # logits of one shape (batch, classes) stack together
         alone = []
         for m, member in enumerate(self.members):
             if _has_layer_edges(member.step):
                 alone.append(m)
             else:
-                by_size.setdefault(len(labels[m]), []).append(m)
+                by_shape.setdefault(tuple(outputs[m][member.step.stacked_names[0]].shape), []).append(m)
         totals, pieces, order = [], [], []
-        for ms in by_size.values():
+        for ms in by_shape.values():
             idx = tuple(ms)
             if idx not in self._plans:
                 self._plans[idx] = _BatchedLosses([self.members[m].step for m in idx])
