@@ -56,7 +56,7 @@ def _percent(values):
 
 def write_node_curves(run_dir: Path) -> list[Path]:
     """RUN_DIR/curves/NODE.png for every node of a run: its train, val and test accuracy,
-    and its train loss, over the epochs of metrics.jsonl. Returns the files written; one that
+    and its train loss (L_t) and validation cross-entropy, over the epochs of metrics.jsonl. Returns the files written; one that
     cannot be written (a full disk) is a note, as the run itself is done."""
     from dclang.train.rundir import RunDir
 
@@ -75,13 +75,17 @@ def write_node_curves(run_dir: Path) -> list[Path]:
                 draw_line(acc_ax, epochs, _percent(values), label, k)
         acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{node}: accuracy")
         acc_ax.legend()
-        losses = [s["train_loss"] for s in stats]
-        if any(v is not None for v in losses):
-            draw_line(loss_ax, epochs, losses, "train", 0)
+        drawn = False
+        for k, (key, label) in enumerate((("train_loss", "train: L_t, its edges' losses"),
+                                          ("val_loss", "val: cross-entropy"))):
+            values = [s.get(key) for s in stats]  # runs from before val_loss have none
+            if any(v is not None for v in values):
+                draw_line(loss_ax, epochs, values, label, k)
+                drawn = True
+        if drawn:
             loss_ax.legend()
-            loss_ax.set(title=f"{node}: loss")
-        else:
-            loss_ax.set(title=f"{node}: frozen, no training loss")
+        frozen = all(s["train_loss"] is None for s in stats)
+        loss_ax.set(title=f"{node}: loss" + (" (frozen: no training loss)" if frozen else ""))
         loss_ax.set(xlabel="epoch", ylabel="loss")
         for ax in (acc_ax, loss_ax):
             ax.grid(alpha=0.3)

@@ -257,18 +257,21 @@ def _scaled(series, scale: float):
 
 
 def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
-    """`<stem>_curves.png` (val accuracy, test accuracy and train loss per node) and, when
+    """`<stem>_curves.png` (val accuracy, test accuracy, train loss and val cross-entropy per
+    node) and, when
     the graph has live edges between nodes, `<stem>_edges.png` (gate weight and pass rate)."""
     plt = pyplot()
     n = len(group.runs)
     spread = f"mean ± std over {n} runs" if n > 1 else "one run"
     written = []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     panels = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test accuracy (%)"),
-              ("train_loss", 1, "train loss"))
+              ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
     for ax, (key, scale, ylabel) in zip(axes, panels):
         for k, node in enumerate(group.nodes):
-            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key: r["nodes"][node][key]), scale)
+            # .get: runs from before `val_loss` was recorded have none (an empty panel)
+            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key: r["nodes"][node].get(key)),
+                                        scale)
             if any(m is not None for m in mean):
                 draw_line(ax, epochs, mean, f"{node}{'*' * (node == group.target)}", k, std=std)
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{group.name}: {ylabel.split(' (')[0]} ({spread})")

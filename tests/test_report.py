@@ -137,16 +137,18 @@ def test_curves_show_val_test_and_loss_with_every_line_visible(runs, monkeypatch
     [group] = group_runs(found)
     report_module.plot_group(group, tmp_path, "pair")
     axes = figures["pair_curves.png"].axes
-    assert [ax.get_ylabel() for ax in axes] == ["val accuracy (%)", "test accuracy (%)", "train loss"]
+    assert [ax.get_ylabel() for ax in axes] == ["val accuracy (%)", "test accuracy (%)", "train loss",
+                                                "val cross-entropy"]
     for ax in axes:
         lines = ax.get_lines()
         assert sorted(line.get_label() for line in lines) == ["p", "s*"]
         assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 2
         assert all(line.get_alpha() < 1 for line in lines)
         assert len(ax.collections) == 2, "a ± std band per node over 3 runs"
-    loss = {line.get_label(): line.get_ydata() for line in axes[2].get_lines()}
-    expected = np.mean([[r["nodes"]["s"]["train_loss"] for r in run.records] for run in group.runs], axis=0)
-    assert np.allclose(loss["s*"], expected)
+    for ax, key in ((axes[2], "train_loss"), (axes[3], "val_loss")):
+        loss = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+        expected = np.mean([[r["nodes"]["s"][key] for r in run.records] for run in group.runs], axis=0)
+        assert np.allclose(loss["s*"], expected)
     edges = figures["pair_edges.png"].axes[0].get_lines()
     assert len({(line.get_marker(), line.get_linestyle()) for line in edges}) == len(edges) == 4
 
@@ -222,7 +224,9 @@ def test_node_curves_plot_what_metrics_jsonl_holds(runs, monkeypatch, tmp_path):
     assert sorted(shown) == ["test", "train", "val"]
     for key, label in (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test")):
         assert shown[label] == pytest.approx([100 * r["nodes"]["s"][key] for r in records])
-    assert list(loss.get_lines()[0].get_ydata()) == pytest.approx([r["nodes"]["s"]["train_loss"] for r in records])
+    lines = {line.get_label().split(":")[0]: list(line.get_ydata()) for line in loss.get_lines()}
+    assert lines["train"] == pytest.approx([r["nodes"]["s"]["train_loss"] for r in records])
+    assert lines["val"] == pytest.approx([r["nodes"]["s"]["val_loss"] for r in records])
 
 
 def test_no_runs_is_a_user_error(tmp_path):

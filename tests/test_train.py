@@ -91,7 +91,7 @@ def test_run_directory_files_and_summary(tmp_path, digits):
         assert set(record["edges"]) == {"label->s", "label->p", "p->s", "s->p"}
         for node in record["nodes"].values():
             assert 0 <= node["train_acc"] <= 1 and 0 <= node["val_acc"] <= 1 and 0 <= node["test_acc"] <= 1
-            assert node["train_loss"] > 0
+            assert node["train_loss"] > 0 and node["val_loss"] > 0
         assert record["edges"]["label->s"]["gate"] == 1.0 and record["edges"]["label->s"]["pass_rate"] == 1.0
         assert 0 <= record["edges"]["p->s"]["pass_rate"] <= 1  # the correct gate drops some samples
         assert record["lr"] > 0 and record["seconds"] > 0
@@ -340,3 +340,36 @@ def test_run_refuses_fast_paths_on_the_reference_engine(tmp_path):
                                        "--hfta", "--no-progress"])
     assert result.exit_code == 1
     assert "fast paths apply to the fused engine" in result.output and "Traceback" not in result.output
+
+
+def test_the_validation_loss_is_each_nodes_cross_entropy_on_the_validation_split(digits):
+    """Against F.cross_entropy of each model (and the ensemble's combined output) on the
+    normalised validation images, computed here independently (float32: to 1e-5)."""
+    import torch.nn.functional as F
+
+    from dclang.compile import compile_graph
+    from dclang.data import normalize
+    from dclang.ensembles import combine
+    from dclang.train.loop import _evaluate
+
+    graph = graph_of(kt("""
+node p1 : cnn_tiny
+node p2 : mlp
+node e : ensemble(p1, p2) [target]
+label -> p1 : through
+label -> p2 : through
+"""))
+    step = compile_graph(graph, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
+                         steps_per_epoch=1, epochs=1)
+    val = digits.val
+    accuracy, loss = _evaluate(step, val, digits.mean, digits.std, with_loss=True)
+    images = normalize(val.images, digits.mean, digits.std)
+    with torch.no_grad():
+        step.eval()
+        logits = {n: step.models[n](images) for n in ("p1", "p2")}
+    logits["e"] = combine([logits["p1"], logits["p2"]], "mean_logits")
+    assert set(loss) == {"p1", "p2", "e"}
+    for name, z in logits.items():
+        assert loss[name] == pytest.approx(F.cross_entropy(z, val.labels).item(), rel=1e-5)
+        assert accuracy[name] == pytest.approx((z.argmax(1) == val.labels).double().mean().item())
+    assert _evaluate(step, val, digits.mean, digits.std)[1] is None  # not asked for

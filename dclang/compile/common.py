@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -187,10 +188,16 @@ class TrainStep:
             model.eval()
 
     @torch.inference_mode()
-    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Tensor]:
+    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int,
+                 loss_sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Top-1 correct count of every model node, then every ensemble (from the same
         forward), over `images`, in eval mode, `batch_size` samples at a time; counts stay on
-        the device. The previous mode is restored."""
+        the device. The previous mode is restored.
+
+        With `loss_sums` (a dict), each node's summed cross-entropy against the labels is added
+        to its entry (float64, on the device): the validation loss. An ensemble's output is
+        a log-probability (up to a constant), so its cross-entropy is its members' combined
+        prediction's."""
         was_training = self.training
         self.eval()
         names = [*self.models, *(name for name, _, _ in self.ensembles)]
@@ -201,6 +208,13 @@ class TrainStep:
             logits = ensemble_outputs({name: model(x) for name, model in self.models.items()}, self.ensembles)
             for name in names:
                 correct[name] += (logits[name].argmax(dim=1) == y).sum()
+            if loss_sums is not None:
+                stacked = torch.stack([logits[name] for name in names])  # (nodes, B, C): one loss for all
+                sums = F.cross_entropy(stacked.transpose(1, 2), y.expand(len(names), -1),
+                                       reduction="none").sum(dim=1).double()
+                for name, total in zip(names, sums.unbind(0)):
+                    loss_sums[name] = loss_sums.get(name, torch.zeros((), dtype=torch.float64, device=self.device)) \
+                        + total
         if was_training:
             self.train()
         return correct

@@ -401,10 +401,10 @@ def end_epoch(run: _Run, training: _Training, epoch: int, read: tuple[dict, dict
     check_finite(first_bad, epoch)
     training.step.end_epoch()
     mean, std = run.dataset.mean, run.dataset.std
-    val_acc = _evaluate(training.step, training.val, mean, std)
-    test_acc = _evaluate(training.step, training.test, mean, std)
+    val_acc, val_loss = _evaluate(training.step, training.val, mean, std, with_loss=True)
+    test_acc, _ = _evaluate(training.step, training.test, mean, std)
     return epoch_record(epoch, lr, means, reported_nodes(run.graph), val_acc, test_acc, time.perf_counter() - started,
-                        train_seconds)
+                        train_seconds, val_loss=val_loss)
 
 
 def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: float | None) -> float | None:
@@ -430,19 +430,25 @@ def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: 
     return best_val
 
 
-def _evaluate(step, split, mean, std) -> dict[str, float] | None:
-    """Accuracy of every model node on `split` (None when the split is empty); one host sync."""
+def _evaluate(step, split, mean, std, *, with_loss: bool = False) -> tuple[dict[str, float] | None,
+                                                                             dict[str, float] | None]:
+    """(accuracy, mean cross-entropy) of every node on `split`, both None when the split is
+    empty, the loss None unless asked for; one host sync."""
     from dclang.data import normalize
 
     if len(split) == 0:
-        return None
+        return None, None
     totals: dict[str, torch.Tensor] = {}
+    loss_sums: dict[str, torch.Tensor] | None = {} if with_loss else None
     for start in range(0, len(split), EVAL_CHUNK):
         images = normalize(split.images[start:start + EVAL_CHUNK], mean, std)
-        counts = step.evaluate(images, split.labels[start:start + EVAL_CHUNK], EVAL_CHUNK)
+        counts = step.evaluate(images, split.labels[start:start + EVAL_CHUNK], EVAL_CHUNK, loss_sums)
         totals = {n: totals[n] + c for n, c in counts.items()} if totals else counts
     names = list(totals)
-    return dict(zip(names, (c / len(split) for c in torch.stack([totals[n] for n in names]).tolist())))
+    values = torch.stack([totals[n].double() for n in names] + [loss_sums[n] for n in names if with_loss]).tolist()
+    accuracy = dict(zip(names, (v / len(split) for v in values[:len(names)])))
+    loss = dict(zip(names, (v / len(split) for v in values[len(names):]))) if with_loss else None
+    return accuracy, loss
 
 
 def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:

@@ -75,9 +75,11 @@ def check_finite(first_bad: dict[tuple[str, str], int], epoch: int) -> None:
 
 def epoch_record(epoch: int, lr: float, means: dict[tuple[str, str], float], models: list[str],
                  val: dict[str, float] | None, test: dict[str, float], seconds: float,
-                 train_seconds: float) -> dict:
+                 train_seconds: float, val_loss: dict[str, float] | None = None) -> dict:
     """One line of metrics.jsonl. Accuracies are fractions in [0, 1]; a frozen node has no
-    train loss (null), an empty validation split gives null val accuracies."""
+    train loss (null), an empty validation split gives null val accuracies and losses.
+    `train_loss` is the node's L_t (eq. 3: its incoming edges' losses, distillation included);
+    `val_loss` is its cross-entropy against the validation labels, the usual overfitting sign."""
     edges = sorted({name for f, name in means if f == "edge_loss"})
     return {
         "epoch": epoch,
@@ -85,6 +87,7 @@ def epoch_record(epoch: int, lr: float, means: dict[tuple[str, str], float], mod
         "nodes": {n: {"train_loss": means.get(("node_loss", n)),
                       "train_acc": means[("node_correct", n)],
                       "val_acc": None if val is None else val[n],
+                      "val_loss": None if val_loss is None else val_loss[n],
                       "test_acc": test[n]} for n in models},
         "edges": {e: {"loss": means[("edge_loss", e)], "gate": means[("edge_gate", e)],
                       "pass_rate": means[("edge_pass", e)]} for e in edges},
