@@ -151,7 +151,8 @@ def test_a_killed_packed_worker_loses_only_its_packs_trials_which_are_retried(tm
     import signal
     import subprocess
     import sys
-    import time
+
+    from test_search import wait_for_trial
 
     template = tmp_path / "packed.kt"
     template.write_text(SEARCH.replace("epochs = 2  batch = 128", "epochs = 8  batch = 32"))  # long enough to be seen
@@ -159,15 +160,17 @@ def test_a_killed_packed_worker_loses_only_its_packs_trials_which_are_retried(tm
     search = subprocess.Popen([sys.executable, "-m", "dclang", "search", "--template", str(template), "--trials", "2",
                                "--workers", "1", "--pack", "2", "--device", "cpu", "-o", str(out)], env=search_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def running_pair():
+        """The trials training in the pack, as one candidate (None until the study exists)."""
+        if not ((out / "study.journal").exists() and (out / "search.json").exists()):
+            return None
+        trials, _ = study_trials(out / "study.journal", "packed")
+        return [[t for t in trials if t.state == TrialState.RUNNING and "kt" in t.user_attrs
+                 and "duplicate_of" not in t.user_attrs and t.user_attrs.get("graph")]]
+
     try:
-        deadline, running = time.monotonic() + 180, []
-        while time.monotonic() < deadline and len(running) < 2:  # two trials in the pack, training
-            time.sleep(0.5)
-            if (out / "study.journal").exists() and (out / "search.json").exists():
-                trials, _ = study_trials(out / "study.journal", "packed")
-                running = [t for t in trials if t.state == TrialState.RUNNING and "kt" in t.user_attrs
-                           and "duplicate_of" not in t.user_attrs and t.user_attrs.get("graph")]
-        assert len(running) == 2, "the pack never held two trials"
+        running = wait_for_trial(running_pair, lambda pair: len(pair) == 2, timeout=180)  # two in the pack
         pid = running[0].user_attrs["owner"]["pid"]
         assert running[1].user_attrs["owner"]["pid"] == pid
         os.kill(pid, signal.SIGKILL)

@@ -132,6 +132,17 @@ def assert_same_models(trial: Trial) -> None:
             torch.testing.assert_close(got[key], want[key], **TIGHT, msg=f"{trial.name}.{node}.{key}")
 
 
+def assert_same_trials(union: UnionStep, trials: list[Trial], stats: dict[str, EpochStats]) -> None:
+    """Every trial's models, and its statistics summed since the start, equal its twin's."""
+    for m, trial in enumerate(trials):
+        assert_same_models(trial)
+        got, got_bad = union.sums.read(m)
+        want, want_bad = stats[trial.name].read()
+        assert got.keys() == want.keys() and got_bad == want_bad == {}
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (trial.name, key)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the union steps the weights
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("hfta", [False, True], ids=["separate", "hfta"])
@@ -156,13 +167,7 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_la
     union = UnionStep(second, hfta=hfta, carried=union.carry(second), channels_last=channels_last)
     for _ in range(3):
         step_both(union, second, generator, stats)
-    for m, trial in enumerate(second):
-        assert_same_models(trial)
-        got, got_bad = union.sums.read(m)
-        want, want_bad = stats[trial.name].read()
-        assert got.keys() == want.keys() and got_bad == want_bad == {}
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (trial.name, key)
+    assert_same_trials(union, second, stats)
 
 
 def test_trials_of_different_classes_share_a_union(float64):
@@ -173,11 +178,7 @@ def test_trials_of_different_classes_share_a_union(float64):
     union, stats = UnionStep(trials, hfta=True, channels_last=False), {}
     for _ in range(3):
         step_both(union, trials, generator, stats)
-    for m, trial in enumerate(trials):
-        assert_same_models(trial)
-        got, _ = union.sums.read(m)
-        want, _ = stats[trial.name].read()
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert_same_trials(union, trials, stats)
 
 
 def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):
