@@ -101,6 +101,34 @@ def test_each_node_reading_its_own_input_equals_separate_models(name, k):
     assert_same_state(fused, models, atol=1e-10)  # running statistics: one forward each
 
 
+@pytest.mark.parametrize("shared_input", [True, False], ids=["shared", "own_inputs"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_layer_of_a_fused_node_is_its_own_models_layer(name, shared_input):
+    """What edges between layers read under HFTA: each layer of the fused network, cut to node
+    k's part (`FusedModel.node_output`), equals that layer of model k, for every layer name
+    the model has (the classifier, element-wise layers before the first convolution included)."""
+    from dclang.models.taps import LayerCapture, layer_names
+
+    k = 3
+    models = make_models(name, k)
+    fused = fuse_models(models, shared_input=shared_input)
+    names = layer_names(models[0])
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=gen, dtype=torch.float64) for _ in range(k)]
+    if shared_input:
+        xs = [xs[0]] * k
+    nodes = {f"n{i}": m for i, m in enumerate(models)}
+    wanted = [(node, layer) for node in nodes for layer in names]
+    with LayerCapture(nodes, wanted) as alone, torch.no_grad():
+        for (node, model), x in zip(nodes.items(), xs):
+            model(x)
+    with LayerCapture(nodes, wanted, fused={f"n{i}": (fused, i) for i in range(k)}) as inside, torch.no_grad():
+        fused(xs[0] if shared_input else stack_inputs(xs))
+    assert set(inside.features) == set(alone.features) == set(wanted)
+    for key, want in alone.features.items():
+        torch.testing.assert_close(inside.features[key], want, rtol=0, atol=1e-10, msg=str(key))
+
+
 @pytest.mark.parametrize("name", sorted(n for n in set(BUILDERS) - set(ARCHS) - {"wrn28_4", "wrn28_10"}
                                          if not n.endswith("_tiny")))
 def test_other_depths_and_widths_fuse(name):

@@ -210,10 +210,43 @@ def test_connector_only_where_channels_differ_owned_trained_saved_counted(tmp_pa
     build_model("cnn_tiny", 3, 1, 8).load_state_dict(state)
 
 
-def test_hfta_is_refused_with_layer_edges():
-    with pytest.raises(ValueError, match="without `hfta`"):
-        compile_graph(graph_of(layered("through")), num_classes=3, in_channels=1, image_size=8,
-                      device=torch.device("cpu"), steps_per_epoch=1, epochs=1, options=StepOptions(hfta=True))
+def test_hfta_with_layer_edges_equals_the_fused_engine(float64):
+    """Three cnn_tiny fused into one network, edges between their layers (and from a frozen
+    teacher's, and between pooled features under a `correct` gate), against the fused engine's
+    separate models: the layers are captured from the fused network, cut to each node's part."""
+    text = """
+graph layers_hfta
+data digits { val_split = 300 }
+train { epochs = 2  batch = 16 }
+node s : cnn_tiny [target]
+node p : cnn_tiny
+node q : cnn_tiny
+node t : cnn_small [frozen]
+label -> s : through
+label -> p : through
+label -> q : through
+p.conv2 -> s.conv2 : through at(p=2)
+s.conv1 -> p.conv1 : linear at()
+t.conv1 -> q.conv1 : through at()
+s -> q : through kl(T=2)
+q.pool -> p.pool : through sp()
+"""
+    graph = graph_of(text)
+    steps = {hfta: compile_graph(graph, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
+                                 seed=0, steps_per_epoch=3, epochs=2,
+                                 options=StepOptions(hfta=hfta, channels_last=False)) for hfta in (False, True)}
+    assert [g.names for g in steps[True].groups] == [["s", "p", "q"]]
+    generator = torch.Generator().manual_seed(0)
+    for k in range(1, 5):
+        x = torch.randn(16, 1, 8, 8, generator=generator)
+        y = torch.randint(0, 10, (16,), generator=generator)
+        stats = {hfta: step.step(x, y, k) for hfta, step in steps.items()}
+        for edge, loss in stats[False].edge_loss.items():
+            assert stats[True].edge_loss[edge].item() == pytest.approx(loss.item(), rel=1e-9, abs=1e-12), edge
+    for node, model in steps[False].models.items():
+        want = model.state_dict()
+        for key, value in steps[True].models[node].state_dict().items():
+            torch.testing.assert_close(value, want[key], rtol=1e-9, atol=1e-12, msg=f"{node}.{key}")
 
 
 # ---------------------------------------------------------------- checking

@@ -20,7 +20,6 @@ from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.reference import ReferenceStep
-from dclang.ir import live_edges
 
 ENGINES = ("fused", "reference")
 _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": ReferenceStep}
@@ -47,9 +46,6 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     if graph.graph["sites"]:
         names = ", ".join(site.name for site in graph.graph["sites"])
         raise ValueError(f"the graph is a template with open choices ({names}): sample a trial first")
-    if options.hfta and any(e.on_layers for e in live_edges(graph)):
-        raise ValueError("HFTA runs a group of nodes as one fused network, whose layers edges between layers "
-                         "cannot name: run this graph without `hfta`")
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")

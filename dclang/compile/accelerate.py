@@ -6,7 +6,8 @@ engine on the CPU wherever it can run there; `dclang bench` measures which ones 
 
 - `hfta`: each group of >= 2 trainable nodes of one architecture runs as one horizontally
   fused network (`dclang.models.fused`, HFTA): one kernel per layer for the whole group
-  instead of one per node (`HftaStep`). Exact up to the kernels' summation order.
+  instead of one per node (`HftaStep`). Exact up to the kernels' summation order. Edges
+  between layers read a grouped node's layers from the fused network (`fused_slices`).
 - `channels_last`: NHWC weights and activations, the layout oneDNN's CPU convolutions and
   tensor cores read fastest. Exact up to summation order. Left unset it is on where it was
   measured to win: on the CPU, for graphs with convolutions (`StepOptions.resolve`).
@@ -178,6 +179,10 @@ class HftaStep(FusedStep):
             alias_to_slice(models[name], group.fused, k)
 
     label = "fused+hfta"
+
+    def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
+        """Every grouped node: its layers are its slice of the group's fused network's."""
+        return {name: (group.fused, k) for name, (group, k) in self.grouped.items()}
 
     def parameters_to_update(self) -> list[nn.Parameter]:
         """The fused groups' parameters, then those of the trainable nodes left separate."""

@@ -109,12 +109,18 @@ class TrainStep:
         self.schedulers: dict[str, LRScheduler] = {}
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
         self.layers = LayerCapture(models, [end for e in self.edges if e.on_layers
-                                            for end in ((e.source, e.source_layer), (e.target, e.target_layer))])
+                                            for end in ((e.source, e.source_layer), (e.target, e.target_layer))],
+                                   fused=self.fused_slices())
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         """Update every trainable node once on this batch; `k` is the 1-based update number."""
         raise NotImplementedError
+
+    def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
+        """Nodes the step computes inside a fused network, with (that `FusedModel`, the
+        node's slice): where their layers are captured (none here; HFTA has them)."""
+        return {}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits of every model node on the same batch, each node forwarded once (paper 3.4).

@@ -170,9 +170,10 @@ def _fused_leaf(leaf: nn.Module, k: int, *, shared_input: bool, classifier: bool
     return leaf
 
 
-def _fuse_structure(model: nn.Module, k: int, shared_input: bool) -> nn.Module:
+def _fuse_structure(model: nn.Module, k: int, shared_input: bool) -> tuple[nn.Module, dict[str, str]]:
     """A copy of ``model`` whose leaves are fused for ``k`` nodes, tensors on the meta device;
-    its first weight layer reads one shared input, or K inputs side by side (`shared_input`)."""
+    its first weight layer reads one shared input, or K inputs side by side (`shared_input`).
+    Also the layout of every module's output (`_output_layouts`)."""
     arch = type(model).__name__
     if not _is_container(model):
         raise NotImplementedError(f"cannot fuse {arch}: not a supported architecture")
@@ -184,6 +185,7 @@ def _fuse_structure(model: nn.Module, k: int, shared_input: bool) -> nn.Module:
     first = weighted[0]
     if any(not isinstance(leaf, _ELEMENTWISE) for _, _, leaf in leaves[:first]):
         raise NotImplementedError(f"cannot fuse {arch}: a stateful layer precedes the first weight layer")
+    swapped = []
     for i, (parent, name, leaf) in enumerate(leaves):
         classifier = i == len(leaves) - 1
         if isinstance(leaf, nn.Linear) and i not in (first, len(leaves) - 1):
@@ -191,7 +193,27 @@ def _fuse_structure(model: nn.Module, k: int, shared_input: bool) -> nn.Module:
         fused = _fused_leaf(leaf, k, shared_input=shared_input and i == first, classifier=classifier, arch=arch)
         fused.train(leaf.training)
         setattr(parent, name, fused)
-    return net
+        swapped.append(fused)
+    return net, _output_layouts(net, classifier=swapped[-1], shared=swapped[:first] if shared_input else [])
+
+
+def _output_layouts(net: nn.Module, *, classifier: nn.Module, shared: list[nn.Module]) -> dict[str, str]:
+    """How each module of a fused network lays out the K nodes in its output, by module path:
+    `classifier` (K, B, ...) for the classifier and every container ending with it (forward
+    order is registration order here); `shared` for the element-wise layers before the first
+    weight layer when the nodes share their input (every node's output is the same); `blocked`
+    otherwise: node k's channels or features are block k of dimension 1."""
+    shared_ids = {id(m) for m in shared}
+    layouts = {}
+    for path, module in net.named_modules():
+        inside = [m for m in module.modules() if not _is_container(m)]
+        if any(m is classifier for m in inside):
+            layouts[path] = "classifier"
+        elif inside and all(id(m) in shared_ids for m in inside):
+            layouts[path] = "shared"
+        else:
+            layouts[path] = "blocked"
+    return layouts
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -210,11 +232,13 @@ class FusedModel(nn.Module):
     tensors stacked (``fused.view(K, *node_shapes[key])[k]`` is node k's).
     """
 
-    def __init__(self, net: nn.Module, k: int, node_shapes: dict[str, torch.Size]):
+    def __init__(self, net: nn.Module, k: int, node_shapes: dict[str, torch.Size],
+                 output_layouts: dict[str, str] | None = None):
         super().__init__()
         self.net = net
         self.k = k
         self.node_shapes = node_shapes  # state_dict key -> that tensor's shape in one node
+        self.output_layouts = output_layouts or {}  # module path -> `_output_layouts`
         self.training = net.training  # not train(): that would reset each layer's own mode
 
     @classmethod
@@ -235,7 +259,7 @@ class FusedModel(nn.Module):
                 raise ValueError(f"model {i} differs from model 0 in architecture, dtype, device, "
                                  "requires_grad or train/eval mode; only identical ones fuse")
         k = len(models)
-        net = _fuse_structure(models[0], k, shared_input)
+        net, layouts = _fuse_structure(models[0], k, shared_input)
         shapes = {name: t.shape for name, t in net.state_dict(keep_vars=True).items()}
         states = [m.state_dict() for m in models]
         stacked = {name: torch.stack([s[name] for s in states]).reshape(shape)
@@ -245,12 +269,22 @@ class FusedModel(nn.Module):
         grads = {name: p.requires_grad for name, p in models[0].named_parameters()}
         for name, p in net.named_parameters():
             p.requires_grad_(grads[name])
-        return cls(net, k, node_shapes)
+        return cls(net, k, node_shapes, layouts)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of all K nodes, (K, B, classes), for the shared batch ``x`` or, fused
         without a shared input, for the K batches ``stack_inputs`` laid side by side."""
         return self.net(x)
+
+    def node_output(self, path: str, output: Tensor, k: int) -> Tensor:
+        """Node ``k``'s part of what the module at ``path`` of ``net`` returned: what that
+        layer of node k's own model returns (a view: gradients flow to node k's slice only)."""
+        layout = self.output_layouts.get(path, "blocked")
+        if layout == "classifier":
+            return output[k]
+        if layout == "shared":
+            return output
+        return output.unflatten(1, (self.k, -1))[:, k]
 
     def node_state_dict(self, k: int) -> dict[str, Tensor]:
         """Node ``k``'s parameters and buffers as views into the fused tensors, keyed and

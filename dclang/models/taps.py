@@ -45,17 +45,22 @@ def layer_names(model: nn.Module) -> list[str]:
     return names
 
 
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module a layer name stands for: a tap, else a path of `named_modules()`.
+def layer_path(model: nn.Module, name: str) -> str:
+    """The module path a layer name stands for: a tap, else a path of `named_modules()`.
 
     Raises UnknownLayer with a did-you-mean over the taps and the top-level modules (a
     model has hundreds of module paths; listing them all would not help anyone)."""
     path = taps(model).get(name, name)
     modules = dict(model.named_modules())
     if path and path in modules:
-        return modules[path]
+        return path
     near = list(taps(model)) + [n for n in modules if n and "." not in n]
     raise UnknownLayer(f"no layer `{name}`; {did_you_mean(name, near, 'layers')}")
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module a layer name stands for (`layer_path`)."""
+    return model.get_submodule(layer_path(model, name))
 
 
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Iterable[str] | None = None
@@ -97,15 +102,25 @@ class LayerCapture:
     end of a `with` block), so the engines pay one dictionary write per captured layer
     per forward and nothing else."""
 
-    def __init__(self, models: dict[str, nn.Module], wanted: Iterable[tuple[str, str]]):
+    def __init__(self, models: dict[str, nn.Module], wanted: Iterable[tuple[str, str]],
+                 fused: dict[str, tuple[nn.Module, int]] | None = None):
+        """`fused` maps a node computed inside a fused network (HFTA) to (its `FusedModel`,
+        its slice): its layers are that network's, each output cut down to the node's part
+        (`FusedModel.node_output`); the layer names are the node's own model's."""
         self.features: dict[tuple[str, str], Tensor] = {}
         self.handles = []
         for node, layer in dict.fromkeys(wanted):
-            module = resolve_layer(models[node], layer)
-            self.handles.append(module.register_forward_hook(partial(self._keep, (node, layer))))
+            path = layer_path(models[node], layer)
+            if fused and node in fused:
+                network, k = fused[node]
+                cut = partial(network.node_output, path, k=k)
+                module = network.net.get_submodule(path)
+            else:
+                cut, module = None, models[node].get_submodule(path)
+            self.handles.append(module.register_forward_hook(partial(self._keep, (node, layer), cut)))
 
-    def _keep(self, key: tuple[str, str], module: nn.Module, inputs, output: Tensor) -> None:
-        self.features[key] = output
+    def _keep(self, key: tuple[str, str], cut, module: nn.Module, inputs, output: Tensor) -> None:
+        self.features[key] = output if cut is None else cut(output)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -119,4 +134,5 @@ class LayerCapture:
         self.remove()
 
 
-__all__ = ["LayerCapture", "UnknownLayer", "graph_input", "layer_names", "layer_shapes", "resolve_layer", "taps"]
+__all__ = ["LayerCapture", "UnknownLayer", "graph_input", "layer_names", "layer_path", "layer_shapes", "resolve_layer",
+           "taps"]
