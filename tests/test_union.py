@@ -155,8 +155,9 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_la
     stats: dict[str, EpochStats] = {}
     first = [mutual, gates, layers]
     union = UnionStep(first, hfta=hfta, channels_last=channels_last)
-    if hfta:  # the five cnn_tiny of three trials in one network; `layers`' nodes stay its own
-        assert [sorted(g.slices) for g in union.groups] == [[(0, "n1"), (0, "n2"), (0, "n3"), (1, "n1")]]
+    if hfta:  # five cnn_tiny of three trials in one network, `layers`' p (whose layers an edge reads)
+        # among them; its s carries a `hint` connector, another architecture: it stays alone
+        assert [sorted(g.slices) for g in union.groups] == [[(0, "n1"), (0, "n2"), (0, "n3"), (1, "n1"), (2, "p")]]
     step_both(union, first, generator, stats)
     step_both(union, first, generator, stats, sizes={"gates": 11})  # a short last batch: the group splits
     for trial in (mutual, gates):  # a schedule moves on: its own learning rate from now on

@@ -108,14 +108,17 @@ class TrainStep:
         self.optimizers: dict[str, Optimizer] = {}
         self.schedulers: dict[str, LRScheduler] = {}
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
-        self.layers = LayerCapture(models, [end for e in self.edges if e.on_layers
-                                            for end in ((e.source, e.source_layer), (e.target, e.target_layer))],
-                                   fused=self.fused_slices())
+        self.layers = LayerCapture(models, self.layer_ends(), fused=self.fused_slices())
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         """Update every trainable node once on this batch; `k` is the 1-based update number."""
         raise NotImplementedError
+
+    def layer_ends(self) -> list[tuple[str, str]]:
+        """(node, layer) of both ends of every live edge between layers: what `layers` keeps."""
+        return [end for e in self.edges if e.on_layers
+                for end in ((e.source, e.source_layer), (e.target, e.target_layer))]
 
     def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
         """Nodes the step computes inside a fused network, with (that `FusedModel`, the

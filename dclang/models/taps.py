@@ -105,19 +105,20 @@ class LayerCapture:
     def __init__(self, models: dict[str, nn.Module], wanted: Iterable[tuple[str, str]],
                  fused: dict[str, tuple[nn.Module, int]] | None = None):
         """`fused` maps a node computed inside a fused network (HFTA) to (its `FusedModel`,
-        its slice): its layers are that network's, each output cut down to the node's part
-        (`FusedModel.node_output`); the layer names are the node's own model's."""
+        its slice): its layers are also that network's, each output cut down to the node's part
+        (`FusedModel.node_output`); the layer names are the node's own model's. Whichever of
+        the two forwards ran last (the fused network's, or the node's own model's where a
+        step runs it alone) is what is kept."""
         self.features: dict[tuple[str, str], Tensor] = {}
         self.handles = []
         for node, layer in dict.fromkeys(wanted):
             path = layer_path(models[node], layer)
+            hooks = [(models[node].get_submodule(path), None)]
             if fused and node in fused:
                 network, k = fused[node]
-                cut = partial(network.node_output, path, k=k)
-                module = network.net.get_submodule(path)
-            else:
-                cut, module = None, models[node].get_submodule(path)
-            self.handles.append(module.register_forward_hook(partial(self._keep, (node, layer), cut)))
+                hooks.append((network.net.get_submodule(path), partial(network.node_output, path, k=k)))
+            for module, cut in hooks:
+                self.handles.append(module.register_forward_hook(partial(self._keep, (node, layer), cut)))
 
     def _keep(self, key: tuple[str, str], cut, module: nn.Module, inputs, output: Tensor) -> None:
         self.features[key] = output if cut is None else cut(output)

@@ -25,8 +25,9 @@ packing pay on an accelerator, where launches dominate small models (benchmarks/
 
 What stays per trial: its models (each node's tensors are views of its fused slice, so the
 trial's own `FusedStep` evaluates, counts and saves them unchanged), its optimizer state, its
-schedule, its `k`, its data order. Trials whose graphs have edges between layers are computed
-by their own `FusedStep` (`losses`, `stats`) inside the same backward; trials whose logits
+schedule, its `k`, its data order. Trials whose graphs have edges between layers have their
+losses computed by their own `FusedStep` (`losses`, `stats`) inside the same backward, their
+layers captured from the fused networks where their nodes are fused; trials whose logits
 differ in shape this step (one trial's last, partial batch) have their losses stacked apart
 from their mates'; a fused group whose slices got batches of different sizes runs its slices
 through the separate models that step, and their gradients are gathered into the fused tensors.
@@ -132,13 +133,11 @@ class UnionStep:
     # ------------------------------------------------------------ building
 
     def _fuse(self) -> list[_Group]:
-        """Trainable nodes of members without layer edges, grouped by architecture (the model's
-        repr), batch size and optimizer rule; groups of two or more fused."""
+        """Trainable nodes grouped by architecture (the model's repr: a node carrying a `hint`
+        connector differs), batch size and optimizer rule; groups of two or more fused."""
         by_key: dict[tuple, list[tuple[int, str]]] = {}
         for m, member in enumerate(self.members):
             step = member.step
-            if _has_layer_edges(step):  # its layers are captured by hooks on its own models
-                continue
             rule = rule_of(member.optimizer, step.optimizer.param_groups[0])
             for node in step.trainable:
                 by_key.setdefault((repr(step.models[node]), member.batch, rule), []).append((m, node))
@@ -155,7 +154,23 @@ class UnionStep:
             for s, model in enumerate(models):
                 alias_to_slice(model, fused, s)
             groups.append(_Group(slices, fused))
+        self._capture_layers(groups)
         return groups
+
+    def _capture_layers(self, groups: list[_Group]) -> None:
+        """A member with edges between layers keeps its layers from the fused networks too
+        (`LayerCapture(fused=...)`), replacing the capture its step (or a previous union) set."""
+        from dclang.models.taps import LayerCapture
+
+        slices: dict[int, dict[str, tuple[nn.Module, int]]] = {}
+        for g in groups:
+            for s, (m, node) in enumerate(g.slices):
+                slices.setdefault(m, {})[node] = (g.fused, s)
+        for m, member in enumerate(self.members):
+            step = member.step
+            if _has_layer_edges(step):
+                step.layers.remove()
+                step.layers = LayerCapture(step.models, step.layer_ends(), fused=slices.get(m))
 
     def _to_channels_last(self) -> None:
         """NHWC weights (and inputs, in `step`): the fused networks, then every model left
