@@ -96,11 +96,11 @@ class Trial:
     classes: int = 10
 
     @classmethod
-    def of(cls, name: str, classes: int = 10) -> Trial:
+    def of(cls, name: str, classes: int = 10, device: str = "cpu") -> Trial:
         checked = check(GRAPHS[name], f"<{name}>")
         assert checked.ok, checked.errors
         graph = checked.graph
-        steps = [compile_graph(graph, num_classes=classes, in_channels=1, image_size=8, device=torch.device("cpu"),
+        steps = [compile_graph(graph, num_classes=classes, in_channels=1, image_size=8, device=torch.device(device),
                                seed=0, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS,
                                options=StepOptions(channels_last=False)) for _ in range(2)]
         assert all(type(s) is FusedStep for s in steps)
@@ -119,7 +119,8 @@ def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator,
     batches = []
     for trial in trials:
         trial.k += 1
-        images, labels = batch_of((sizes or {}).get(trial.name, trial.batch), generator, trial.classes)
+        images, labels = (t.to(trial.step.device) for t in
+                          batch_of((sizes or {}).get(trial.name, trial.batch), generator, trial.classes))
         batches.append((images, labels, trial.k))
         stats.setdefault(trial.name, EpochStats()).add(trial.alone.step(images, labels, trial.k), len(labels), trial.k)
     union.step(batches)
@@ -180,6 +181,23 @@ def test_trials_of_different_classes_share_a_union(float64):
     for _ in range(3):
         step_both(union, trials, generator, stats)
     assert_same_trials(union, trials, stats)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_cuda_a_union_computes_what_its_trials_compute_alone():
+    """On CUDA, in float32, with HFTA: kernels differ between a fused network and separate ones
+    (and are not deterministic), so to 1e-4 after three steps."""
+    generator = torch.Generator().manual_seed(0)
+    trials = [Trial.of(name, device="cuda") for name in ("mutual", "gates", "layers", "ensemble")]
+    union, stats = UnionStep(trials, hfta=True), {}
+    for _ in range(3):
+        step_both(union, trials, generator, stats)
+    for trial in trials:
+        for node, model in trial.alone.models.items():
+            got, want = trial.step.models[node].state_dict(), model.state_dict()
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{trial.name}.{node}.{key}")
 
 
 def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):
