@@ -251,3 +251,31 @@ def test_an_unwritable_report_folder_is_a_message(runs, tmp_path):
     assert result.exit_code == 1
     assert f"error: cannot write the report into {tmp_path / 'file' / 'report'}" in result.output
     assert "Traceback" not in result.output
+
+
+def test_runs_recorded_before_the_validation_loss_still_plot(runs, monkeypatch, tmp_path):
+    """metrics.jsonl written before `val_loss` existed: curves and reports draw, its panel empty."""
+    import json
+    import shutil
+
+    import dclang.plots as plots
+    import dclang.report as report_module
+
+    old = tmp_path / "old"
+    shutil.copytree(runs / "dml" / "seed0", old)
+    metrics = old / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record in records:
+        for node in record["nodes"].values():
+            del node["val_loss"]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    monkeypatch.setattr(report_module, "save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    assert [p.name for p in plots.write_node_curves(old)] == ["s.png", "p.png"]
+    assert [line.get_label() for line in figures["s.png"].axes[1].get_lines()] == ["train: L_t, its edges' losses"]
+    found, _ = load_runs([old])
+    [group] = group_runs(found)
+    report_module.plot_group(group, tmp_path, "old")
+    assert figures["old_curves.png"].axes[3].get_lines() == []  # the val cross-entropy panel, empty
