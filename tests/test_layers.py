@@ -31,10 +31,12 @@ from dclang.syntax.format import format_module
 ROOT = Path(__file__).resolve().parent.parent
 NEW_EXAMPLES = [ROOT / "examples" / "attention.kt", ROOT / "examples" / "digits_attention.kt"]
 
-GRAPH = """
+HEAD = """
 graph layers
 data digits { val_split = 300 }
 train { epochs = 2  batch = 16 }
+"""
+GRAPH = HEAD + """\
 node s : cnn_tiny [target]
 node p : cnn_tiny
 node t : cnn_small [frozen]
@@ -211,13 +213,11 @@ def test_connector_only_where_channels_differ_owned_trained_saved_counted(tmp_pa
 
 
 def test_hfta_with_layer_edges_equals_the_fused_engine(float64):
-    """Three cnn_tiny fused into one network, edges between their layers (and from a frozen
-    teacher's, and between pooled features under a `correct` gate), against the fused engine's
-    separate models: the layers are captured from the fused network, cut to each node's part."""
-    text = """
-graph layers_hfta
-data digits { val_split = 300 }
-train { epochs = 2  batch = 16 }
+    """Three cnn_tiny fused into one network, edges between their layers (one under a linear
+    gate, one from a frozen teacher's, one between pooled features), against the fused
+    engine's separate models: the layers are captured from the fused network, cut to each
+    node's part."""
+    text = HEAD + """\
 node s : cnn_tiny [target]
 node p : cnn_tiny
 node q : cnn_tiny

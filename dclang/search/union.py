@@ -117,6 +117,9 @@ class UnionStep:
         self.device = self.members[0].step.device
         for member in self.members:
             own_storage_of(member)  # let go of a previous union's fused tensors
+        # what each member is, decided once: its optimizer rule, whether it has edges between layers
+        self.rules = [rule_of(m.optimizer, m.step.optimizer.param_groups[0]) for m in self.members]
+        self.layered = [_has_layer_edges(m.step) for m in self.members]
         self.groups = self._fuse() if hfta else []
         self.fused_nodes = {s for g in self.groups for s in g.slices}
         if channels_last is None:  # as `dclang run` decides it (`StepOptions.resolve`): measured to win there
@@ -138,9 +141,8 @@ class UnionStep:
         by_key: dict[tuple, list[tuple[int, str]]] = {}
         for m, member in enumerate(self.members):
             step = member.step
-            rule = rule_of(member.optimizer, step.optimizer.param_groups[0])
             for node in step.trainable:
-                by_key.setdefault((repr(step.models[node]), member.batch, rule), []).append((m, node))
+                by_key.setdefault((repr(step.models[node]), member.batch, self.rules[m]), []).append((m, node))
         groups = []
         for slices in by_key.values():
             if len(slices) < 2:
@@ -168,7 +170,7 @@ class UnionStep:
                 slices.setdefault(m, {})[node] = (g.fused, s)
         for m, member in enumerate(self.members):
             step = member.step
-            if _has_layer_edges(step):
+            if self.layered[m]:
                 step.layers.remove()
                 step.layers = LayerCapture(step.models, step.layer_ends(), fused=slices.get(m))
 
@@ -188,21 +190,16 @@ class UnionStep:
         """One `SlicedOptimizer` per optimizer rule, over the fused tensors and every trainable
         node left separate; `slots[o][i]` names each slice of tensor i as (member, node, parameter)."""
         by_rule: dict[tuple, list[tuple[nn.Parameter, list[int], list[tuple[Any, str, str]]]]] = {}
-
-        def rule(m: int) -> tuple:
-            member = self.members[m]
-            return rule_of(member.optimizer, member.step.optimizer.param_groups[0])
-
         for g in self.groups:
             for pname, param in g.fused.net.named_parameters():
                 names = [(self.members[m], n, pname) for m, n in g.slices]
-                by_rule.setdefault(rule(g.slices[0][0]), []).append((param, [m for m, _ in g.slices], names))
+                by_rule.setdefault(self.rules[g.slices[0][0]], []).append((param, [m for m, _ in g.slices], names))
         for m, member in enumerate(self.members):
             for node in member.step.trainable:
                 if (m, node) in self.fused_nodes:
                     continue
                 for pname, param in member.step.models[node].named_parameters():
-                    by_rule.setdefault(rule(m), []).append((param, [m], [(member, node, pname)]))
+                    by_rule.setdefault(self.rules[m], []).append((param, [m], [(member, node, pname)]))
         optimizers, slots = [], []
         for key, entries in by_rule.items():
             params = [p for p, _, _ in entries]
@@ -299,7 +296,7 @@ class UnionStep:
         by_shape: dict[tuple, list[int]] = {}  # logits of one shape (batch, classes) stack together
         alone = []
         for m, member in enumerate(self.members):
-            if _has_layer_edges(member.step):
+            if self.layered[m]:
                 alone.append(m)
             else:
                 by_shape.setdefault(tuple(outputs[m][member.step.stacked_names[0]].shape), []).append(m)
@@ -338,7 +335,6 @@ class _BatchedLosses:
 
     def __init__(self, steps: list[FusedStep]):
         device = steps[0].device
-        self.steps = steps
         self.names = [(j, name) for j, step in enumerate(steps) for name in step.stacked_names]
         row = {key: i for i, key in enumerate(self.names)}
         self.row_member = torch.tensor([j for j, _ in self.names], device=device)
@@ -435,6 +431,7 @@ class _Sums:
                 self.first_bad[self.offsets[m]:self.offsets[m + 1]] = bad
                 self.samples[m] = samples
         self._weights: dict[tuple[int, ...], Tensor] = {}
+        self._orders: dict[tuple[int, ...], Tensor] = {}
 
     def _per_slot(self, values: Sequence[int], dtype: torch.dtype) -> Tensor:
         return torch.tensor(values, dtype=dtype).to(self.sums.device, non_blocking=True).repeat_interleave(
@@ -471,12 +468,15 @@ class _Sums:
     def reorder(self, pieces: list[Tensor], order: list[int]) -> list[Tensor]:
         """Pieces holding several members' blocks each (in `order`) as one vector in member order."""
         flat = torch.cat(pieces)
-        starts, at = {}, 0
-        for m in order:
-            starts[m] = at
-            at += self.offsets[m + 1] - self.offsets[m]
-        perm = [starts[m] + i for m in range(len(order)) for i in range(self.offsets[m + 1] - self.offsets[m])]
-        return [flat.index_select(0, torch.tensor(perm, device=flat.device))]
+        key = tuple(order)
+        if key not in self._orders:  # one permutation per arrangement of the members (few): kept
+            starts, at = {}, 0
+            for m in order:
+                starts[m] = at
+                at += self.offsets[m + 1] - self.offsets[m]
+            perm = [starts[m] + i for m in range(len(order)) for i in range(self.offsets[m + 1] - self.offsets[m])]
+            self._orders[key] = torch.tensor(perm, device=flat.device)
+        return [flat.index_select(0, self._orders[key])]
 
 
 __all__ = ["Carried", "Member", "StepMember", "UnionStep", "stat_keys"]
