@@ -62,7 +62,8 @@ peer    -> student : through
 student -> peer    : through
 """
 
-DML_ENSEMBLE = DML.replace("node peer    : cnn_small\n", "node peer    : cnn_small\nnode ens     : ensemble(student, peer)\n") + """\
+DML_ENSEMBLE = DML.replace("node peer    : cnn_small\n",
+                           "node peer    : cnn_small\nnode ens     : ensemble(student, peer)\n") + """\
 ens -> student : through kl(T=2)
 ens -> peer    : through kl(T=2)
 """

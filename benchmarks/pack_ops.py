@@ -78,7 +78,7 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
         members = [StepMember.of(build(i, StepOptions(channels_last=False)), graph) for i in range(k)]
         union = UnionStep(members, hfta=hfta)
         data = [batch() for _ in range(k)]
-        ops, seconds = timed(lambda update: union.step([(xi, yi, update) for xi, yi in data]))
+        ops, seconds = timed(lambda update, union=union, data=data: union.step([(xi, yi, update) for xi, yi in data]))
         rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": seconds,
                      "ops_ratio_to_one": ops / alone_ops, "seconds_ratio_to_one": seconds / alone_seconds,
                      "seconds_per_trial_step": seconds / k})

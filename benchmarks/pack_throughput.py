@@ -101,7 +101,8 @@ def run_search(kt: Path, out: Path, *, workers: int, pack: int, trials: int, dev
             try:
                 proc.wait(timeout=window)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the workers hand back their trials, the outputs are written
+                # as Ctrl-C: the workers hand back their trials, the outputs are written
+                proc.send_signal(signal.SIGTERM)
                 # (not SIGINT: a shell starting this in the background ignores SIGINT for its children)
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         kt = tmp / "packbench.kt"
         kt.write_text(template(args.model, data=args.data, npz=npz, epochs=args.epochs, batch=args.batch))
         results = [run_search(kt, tmp / f"out_{i}", workers=d, pack=k, trials=args.trials, device=args.device,
-                              hfta=args.hfta, timeout=args.timeout, window=args.window) for i, (d, k) in enumerate(args.runs)]
+                              hfta=args.hfta, timeout=args.timeout, window=args.window)
+                   for i, (d, k) in enumerate(args.runs)]
     report = {"benchmark": "packed search throughput", "device": args.device, "model": args.model,
               "data": args.data, "trials": args.trials, "epochs": args.epochs, "window": args.window,
               "cpus": os.cpu_count(),

@@ -522,7 +522,8 @@ def render(result: dict) -> str:
         mfu = f"  {100 * e['mfu']:.1f}%" if "mfu" in e else ""
         lines.append(f"{name:<22}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
                      f"{_mib(e['peak_mem_bytes']):>12}"
-                     f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}{e.get('ops_per_step', '-'):>10}{mfu}")
+                     f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}"
+                     f"{e.get('ops_per_step', '-'):>10}{mfu}")
         if e.get("note"):
             lines.append(f"{'':<22}note: {e['note']}")
     lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
@@ -532,7 +533,8 @@ def render(result: dict) -> str:
         cost = engines["fused"]["s_per_step"] / engines[WITHOUT_LAYER_EDGES]["s_per_step"] - 1
         lines.append(f"edges between layers: {100 * cost:+.1f}% of the fused step ({WITHOUT_LAYER_EDGES} is the "
                      "same graph without them)")
-    lines.append(f"FLOPs per step: {result['flops_per_step'] / 1e9:,.2f} GFLOP; peak memory: {result['peak_mem_method']}")
+    lines.append(f"FLOPs per step: {result['flops_per_step'] / 1e9:,.2f} GFLOP; "
+                 f"peak memory: {result['peak_mem_method']}")
     lines.append(f"`dclang run` without flags uses {result['run_default']} here")
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
@@ -603,7 +605,8 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
         click.echo(message, err=True)
 
     only = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    result = bench_steps(graph, steps=steps, warmup=warmup, device=torch_device, batch=batch or graph.graph["train"].batch,
+    result = bench_steps(graph, steps=steps, warmup=warmup, device=torch_device,
+                         batch=batch or graph.graph["train"].batch,
                          shape=shape, only=only, log=log)
     if epoch:
         fastest = min((n for n in result["engines"] if n != "reference"),

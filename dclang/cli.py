@@ -62,7 +62,8 @@ def _summary(checked) -> str:
     ensembles = [n for n, spec in g.nodes(data="spec") if spec is not None and spec.is_ensemble]
     nodes = f"{len(models)} node{'s' * (len(models) != 1)}"
     if ensembles:
-        nodes += f" and {len(ensembles)} ensemble{'s' * (len(ensembles) != 1)} (" + ", ".join(f"`{n}`" for n in ensembles) + ")"
+        names = ", ".join(f"`{n}`" for n in ensembles)
+        nodes += f" and {len(ensembles)} ensemble{'s' * (len(ensembles) != 1)} ({names})"
     parts = [nodes, f"{len(edges)} edge{'s' * (len(edges) != 1)} ({len(live)} live)",
              f"target `{g.graph['target']}`", "frozen: " + (", ".join(f"`{n}`" for n in frozen) or "none")]
     if sites:

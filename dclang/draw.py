@@ -99,7 +99,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False, params: dict[str, int] | None = None) -> graphviz.Digraph:
+def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
+                params: dict[str, int] | None = None) -> graphviz.Digraph:
     dot = graphviz.Digraph(graph.graph.get("name", "graph"))
     dot.attr(rankdir="TB", nodesep="0.6", ranksep="0.8", fontname="Helvetica", labelloc="t",
              label=graph.graph.get("name", ""))

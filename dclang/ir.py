@@ -53,7 +53,8 @@ class Site:
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
-    model: Any  # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
+    # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
+    model: Any
     target: bool = False
     combine: Any = None  # an ensemble's `combine` (str or Open); None for other nodes
     declared_frozen: bool = False

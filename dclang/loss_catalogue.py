@@ -104,11 +104,6 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
 NATURAL = {"label": "ce", "logits": "kl"}
 
 
-def endpoints_word(endpoints: str) -> str:
-    return {"label": "from `label` to a node", "logits": "between two nodes' logits",
-            "layer": "between two layers (`node.layer`)"}[endpoints]
-
-
 def losses_for(endpoints: str) -> list[str]:
     """The loss names that fit an edge whose ends are `endpoints`."""
     return [name for name, info in LOSSES.items() if info.endpoints == endpoints]

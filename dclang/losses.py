@@ -111,8 +111,9 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     The edges share their loss, temperature, gate and weight (`edge_group_key`); `source_logits` and
     `target_logits` are their sources' and targets' logits stacked, (E, B, C), the sources
     None for edges from `label`; `labels` (B,) are shared by the edges, or (E, B) are each
-    edge's own (edges of different packed trials, `dclang.search.union`). Computing a group of edges as one tensor is what keeps a
-    step's operation count from growing with its edges (K(K-1) of them between K nodes).
+    edge's own (edges of different packed trials, `dclang.search.union`). Computing a group of
+    edges as one tensor is what keeps a step's operation count from growing with its edges
+    (K(K-1) of them between K nodes).
 
     L_{s,t} = mean over the batch of weight * G_{s,t}(a_n), a_n the sample's loss: `ce` from
     `label`, `kl`, `dkd` or `lskd` between nodes (`logit_per_sample`). Eq. 2 writes a sum over the batch;

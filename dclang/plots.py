@@ -56,8 +56,8 @@ def _percent(values):
 
 def write_node_curves(run_dir: Path) -> list[Path]:
     """RUN_DIR/curves/NODE.png for every node of a run: its train, val and test accuracy,
-    and its train loss (L_t) and validation cross-entropy, over the epochs of metrics.jsonl. Returns the files written; one that
-    cannot be written (a full disk) is a note, as the run itself is done."""
+    and its train loss (L_t) and validation cross-entropy, over the epochs of metrics.jsonl.
+    Returns the files written; one that cannot be written (a full disk) is a note, as the run itself is done."""
     from dclang.train.rundir import RunDir
 
     records = RunDir(run_dir).read_metrics()

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import os as _os
 import shutil
+import shutil as _shutil
+import subprocess as _subprocess
+import sys as _sys
 from pathlib import Path
 
 import pytest
+
+# ---------------------------------------------------------------- float64
+
+
+@pytest.fixture
+def float64():
+    """Build and run models in float64, so engines can be compared to a tight tolerance."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------- golden files
@@ -50,10 +67,6 @@ def golden(request):
 # (`python -m dclang search --worker`), so these run the CLI in a subprocess, with
 # tests/ importable for the cheap deterministic trainer `fake_trainer:train`.
 
-import os as _os
-import shutil as _shutil
-import subprocess as _subprocess
-import sys as _sys
 
 _TESTS = Path(__file__).resolve().parent
 

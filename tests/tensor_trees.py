@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -18,12 +17,3 @@ def assert_tree_close(got, want, path: str = "", **tol) -> None:
             assert_tree_close(g, w, f"{path}[{i}]", **tol)
     elif torch.is_tensor(want):
         torch.testing.assert_close(got.contiguous(), want.contiguous(), **tol, msg=lambda m: f"{path}: {m}")
-
-
-@pytest.fixture
-def float64():
-    """Build and run models in float64, so engines can be compared to a tight tolerance."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)

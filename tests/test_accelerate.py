@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from tensor_trees import assert_tree_close, float64  # noqa: F401 (float64 is a fixture)
+from tensor_trees import assert_tree_close
 
 import dclang.compile.accelerate as accelerate
 from dclang.api import check

@@ -160,7 +160,8 @@ def test_a_utf8_byte_order_mark_is_accepted(runner, tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     assert runner.invoke(main, ["check", str(path)]).exit_code == 0
     formatted = runner.invoke(main, ["fmt", str(path)])
-    assert formatted.exit_code == 0 and formatted.stdout == runner.invoke(main, ["fmt", str(EXAMPLES / "single.kt")]).stdout
+    direct = runner.invoke(main, ["fmt", str(EXAMPLES / "single.kt")])
+    assert formatted.exit_code == 0 and formatted.stdout == direct.stdout
 
 
 def test_check_errors_exit_1_with_every_diagnostic(runner):

@@ -188,7 +188,8 @@ def _fake_cifar(root: Path, num_classes: int, py2: bool) -> dict[str, tuple[np.n
     for name in files:
         rows = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
         labels = rng.integers(0, num_classes, 3).tolist()
-        entry = {"batch_label": name, "data": rows, label_key: labels, "filenames": [f"{name}_{i}.png" for i in range(3)]}
+        entry = {"batch_label": name, "data": rows, label_key: labels,
+                 "filenames": [f"{name}_{i}.png" for i in range(3)]}
         if num_classes == 100:
             entry["coarse_labels"] = [y // 5 for y in labels]
         if not py2:
@@ -276,7 +277,8 @@ def test_cifar_partial_or_damaged_folder(tmp_path):
 def test_path_is_refused_where_it_means_nothing(tmp_path):
     with pytest.raises(DataError, match="the data block's `path` is only used by"):
         load_dataset("cifar10", data_dir=tmp_path, val_split=0, split_seed=0, path=str(tmp_path))
-    with pytest.raises(DataError, match=r'reads your own data: give its location with `path = "..."` in the data block'):
+    with pytest.raises(DataError,
+                       match=r'reads your own data: give its location with `path = "..."` in the data block'):
         load_dataset("npz", data_dir=None, val_split=0, split_seed=0)
 
 
@@ -352,7 +354,8 @@ def image_folder(tmp_path) -> Path:
         for cls in ("dog", "cat"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     return tmp_path
 
@@ -550,7 +553,8 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_resumes():
     split = _indexed_split(100)
 
     def order(seed, epoch, start=0):
-        return [labels.tolist() for _, labels in BatchIterator(split, 16, epoch_generator(seed, epoch, "cpu"), start=start)]
+        batches = BatchIterator(split, 16, epoch_generator(seed, epoch, "cpu"), start=start)
+        return [labels.tolist() for _, labels in batches]
 
     assert order(3, 5) == order(3, 5) and order(3, 5) != order(3, 6) and order(3, 5) != order(4, 5)
     resumed = BatchIterator(split, 16, epoch_generator(3, 5, "cpu"), start=4)

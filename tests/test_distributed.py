@@ -10,8 +10,8 @@ Models run in float64.
   batch the processes split unevenly (8 + 7).
 - With BatchNorm (`cnn_tiny` nodes) each process normalises with its own slice's statistics,
   as standard DDP does, so training really differs: after 4 SGD steps, parameters, running
-  statistics and losses agree to atol 5e-3 (the correct counts differ by a few samples), while the parameters have moved by more than
-  1e-2 (about 3e-2 measured) from where both started.
+  statistics and losses agree to atol 5e-3 (the correct counts differ by a few samples), while the parameters have
+  moved by more than 1e-2 (about 3e-2 measured) from where both started.
 - The replicas in the two processes are bitwise identical.
 
 `torchrun --nproc_per_node 2 -m dclang run` (the CLI path through `train_graph`'s hooks) is
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensor_trees import assert_tree_close, float64  # noqa: F401 (float64 is a fixture)
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tensor_trees import assert_tree_close
 
 from dclang.api import check
 from dclang.compile import StepOptions, compile_graph
 from dclang.diagnostics import UserError
-from dclang.train.distributed import DistEnv, DistributedTrainStep, setup
+from dclang.train.distributed import DistEnv, setup
 
 EXACT = dict(rtol=1e-9, atol=1e-12)
 BATCHNORM = dict(rtol=0, atol=5e-3)

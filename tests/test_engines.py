@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from tensor_trees import float64  # noqa: F401 (a fixture)
 
 import dclang.compile.fused
 import dclang.compile.reference

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from tensor_trees import assert_tree_close, float64  # noqa: F401 (a fixture)
+from tensor_trees import assert_tree_close
 from test_engines import CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, batches, snapshot, train
 
 from dclang.api import check, parse

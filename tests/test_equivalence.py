@@ -15,8 +15,7 @@ import pytest
 
 from dclang.api import check, parse
 from dclang.ir import LABEL
-from dclang.search.equivalence import (canonical_key, count_distinct, count_distinct_slowly, same_up_to_names,
-                                       space_size)
+from dclang.search.equivalence import canonical_key, count_distinct, count_distinct_slowly, same_up_to_names, space_size
 from dclang.search.space import realize, search_space
 
 HEAD = """\

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_golden import ir_summary
 
 from dclang.api import check
 from dclang.cli import main
 from dclang.ir import build_graph
 from dclang.syntax.format import format_module
 from dclang.syntax.parser import parse_module
-from test_golden import ir_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -147,7 +147,8 @@ def test_fmt_check_exit_codes(runner, tmp_path):
     assert result.exit_code == 1
     assert f"{messy}: not in canonical form" in result.stderr
     assert "kd_dml.kt" not in result.stderr
-    assert messy.read_text(encoding="utf-8") == (GOLDEN / "messy.kt").read_text(encoding="utf-8"), "--check writes nothing"
+    golden_text = (GOLDEN / "messy.kt").read_text(encoding="utf-8")
+    assert messy.read_text(encoding="utf-8") == golden_text, "--check writes nothing"
 
 
 def test_fmt_write_rewrites_only_what_changes(runner, tmp_path):

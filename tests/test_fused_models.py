@@ -120,7 +120,7 @@ def test_every_layer_of_a_fused_node_is_its_own_models_layer(name, shared_input)
     nodes = {f"n{i}": m for i, m in enumerate(models)}
     wanted = [(node, layer) for node in nodes for layer in names]
     with LayerCapture(nodes, wanted) as alone, torch.no_grad():
-        for (node, model), x in zip(nodes.items(), xs):
+        for model, x in zip(nodes.values(), xs):
             model(x)
     with LayerCapture(nodes, wanted, fused={f"n{i}": (fused, i) for i in range(k)}) as inside, torch.no_grad():
         fused(xs[0] if shared_input else stack_inputs(xs))

@@ -63,7 +63,8 @@ def mutations(draw, texts: list[str] = TEXTS) -> str:
         elif op == "word":
             names = [k for k, p in enumerate(parts) if re.fullmatch(r"[A-Za-z_]\w*", p)] or [i]
             k = draw(st.sampled_from(names))
-            parts[k] = draw(st.one_of(st.sampled_from(WORDS), st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)))
+            identifier = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
+            parts[k] = draw(st.one_of(st.sampled_from(WORDS), identifier))
         else:
             parts.insert(i, draw(st.sampled_from(PUNCT)))
         text = "".join(parts)

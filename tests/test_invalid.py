@@ -26,7 +26,8 @@ CORPUS = sorted((HERE / "invalid").glob("*.kt"))
 MISSPELT = {
     "misspelt_gate": "`through`", "misspelt_gate_in_choice": "`cutoff`", "misspelt_model": "`resnet",
     "misspelt_dataset": "`cifar100`", "misspelt_node": "`teacher` (declared on line", "misspelt_setting": "`epochs`",
-    "misspelt_optimizer": "`sgd`", "misspelt_optimizer_option": "`momentum`", "misspelt_schedule_option": "`milestones`",
+    "misspelt_optimizer": "`sgd`", "misspelt_optimizer_option": "`momentum`",
+    "misspelt_schedule_option": "`milestones`",
     "misspelt_loss": "`kl`", "misspelt_loss_option": "`T`", "misspelt_attribute": "`target`",
     "unknown_augment": "`pad_crop_flip`", "library_model_misspelt": "`resnet18`",
     "model_bad_arguments": "`weights`",

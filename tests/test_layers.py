@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from tensor_trees import float64  # noqa: F401 (a fixture)
 from test_fuzz import _assert_span_inside, mutations
 
 from dclang.api import check, parse

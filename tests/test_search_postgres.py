@@ -13,8 +13,16 @@ import subprocess
 import sys
 import uuid
 
-from test_search import (FAKE, TEMPLATE, assert_killed_and_retried, assert_outputs, assert_search_invariants,
-                         in_first_epoch, wait_for_trial, write)
+from test_search import (
+    FAKE,
+    TEMPLATE,
+    assert_killed_and_retried,
+    assert_outputs,
+    assert_search_invariants,
+    in_first_epoch,
+    wait_for_trial,
+    write,
+)
 
 
 def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgres_url, search_env, study_trials):
@@ -54,7 +62,8 @@ def test_postgres_study_with_a_joining_worker_and_a_killed_one(tmp_path, postgre
 
     trials, config = study_trials(postgres_url, name)
     assert_search_invariants(trials, config, workers=3)
-    joined_trials = [t for t in trials if not t.user_attrs.get("owner", {}).get("worker", "local-").startswith("local-")]
+    joined_trials = [t for t in trials
+                     if not t.user_attrs.get("owner", {}).get("worker", "local-").startswith("local-")]
     assert_outputs(out, trials, top_k=5, still_training=joined_trials)  # the parent does not wait for the joiner
     workers = {t.user_attrs["owner"]["worker"] for t in trials if "owner" in t.user_attrs}
     assert {"local-0", "local-1"} <= workers and any(not w.startswith("local-") for w in workers)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tensor_trees import float64  # noqa: F401 (a fixture)
 from torch import nn
 
 from dclang.api import check

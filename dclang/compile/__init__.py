@@ -16,9 +16,9 @@ import networkx as nx
 import torch
 
 from dclang.compile.accelerate import AcceleratedStep, HftaStep, StepOptions, apply_options
-from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
+from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.reference import ReferenceStep
 
 ENGINES = ("fused", "reference")

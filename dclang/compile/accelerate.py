@@ -354,7 +354,8 @@ class AcceleratedStep:
     def _autocast(self):
         if self.options.precision == "bf16":
             # a CUDA graph must not capture autocast's weight cache (it is rebuilt every step)
-            return torch.autocast(self.inner.device.type, dtype=torch.bfloat16, cache_enabled=not self.options.cuda_graph)
+            return torch.autocast(self.inner.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=not self.options.cuda_graph)
         return contextlib.nullcontext()
 
     def _losses(self, images: Tensor, labels: Tensor, linear_weight: Tensor):
@@ -391,7 +392,7 @@ class AcceleratedStep:
         buffers = {name: {k: b.clone() for k, b in model.named_buffers()} for name, model in self.inner.models.items()}
         try:
             return self._forward_backward(images, labels)
-        except Exception as exc:  # whatever the compiler raises; the eager retry re-raises real errors
+        except Exception as exc:  # noqa: BLE001 (whatever the compiler raises; the eager retry re-raises real errors)
             warnings.warn(f"torch.compile failed, running the step eagerly: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}", stacklevel=3)
             self.compiled = None
@@ -472,18 +473,3 @@ def _with(step: FusedStep | AcceleratedStep, **changes) -> AcceleratedStep:
 def compile_step(step: FusedStep | AcceleratedStep) -> AcceleratedStep:
     """`step` with its forward and losses compiled by torch.compile (eager if that fails)."""
     return _with(step, compile=True)
-
-
-def cuda_graph_step(step: FusedStep | AcceleratedStep) -> AcceleratedStep:
-    """`step` captured whole in a CUDA graph after `CUDA_GRAPH_WARMUP` eager steps (CUDA only)."""
-    return _with(step, cuda_graph=True)
-
-
-def bf16_step(step: FusedStep | AcceleratedStep) -> AcceleratedStep:
-    """`step` with its forward and losses under bf16 autocast."""
-    return _with(step, precision="bf16")
-
-
-def channels_last_step(step: FusedStep | AcceleratedStep) -> AcceleratedStep:
-    """`step` with channels-last weights and inputs."""
-    return _with(step, channels_last=True)

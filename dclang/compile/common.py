@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from dclang.ensembles import ensemble_order, ensemble_outputs
-from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
 from dclang.feature_losses import layer_edge_loss
+from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
 from dclang.models import build_model
 from dclang.models.connector import add_connectors, connector_of, load_node_state
 from dclang.models.taps import LayerCapture

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dclang.lazy import lazy_exports
-
 from dclang.data.catalog import DATASETS, DataError, DatasetInfo, default_data_dir
+from dclang.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
     from dclang.data.augment import BatchAugment, TransformedSplit, normalize, per_sample_transforms

@@ -46,8 +46,10 @@ DATASETS: dict[str, DatasetInfo] = {
         200, 3, 64,
         "Tiny ImageNet, 100000 train 64x64 colour images; its labelled official val set is the test set"),
     "imagefolder": DatasetInfo(
-        None, 3, None, "your images in train/<class>/ and test/<class>/ (or val/) under the data block's `path`, all one size"),
-    "npz": DatasetInfo(None, None, None, "an .npz file at the data block's `path` holding x_train, y_train, x_test, y_test"),
+        None, 3, None,
+        "your images in train/<class>/ and test/<class>/ (or val/) under the data block's `path`, all one size"),
+    "npz": DatasetInfo(None, None, None,
+                       "an .npz file at the data block's `path` holding x_train, y_train, x_test, y_test"),
 }
 
 

@@ -128,7 +128,8 @@ def _read_cifar(root: Path, download: bool, *, title: str, tv_class_name: str, n
         try:
             download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
         except Exception as exc:  # network, disk or checksum: all end in the same advice
-            raise DataError(_cifar_missing(title, tv, root, folder, missing, f"downloading {tv.url} failed: {exc}")) from exc
+            why = f"downloading {tv.url} failed: {exc}"
+            raise DataError(_cifar_missing(title, tv, root, folder, missing, why)) from exc
         missing = [name for name in expected if not (folder / name).is_file()]
     if missing:
         why = "the download is switched off" if not download else "the downloaded archive lacks them"

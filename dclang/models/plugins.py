@@ -51,7 +51,8 @@ def constructor_args(name: str) -> tuple[str, ...] | None:
     params = inspect.signature(factory(name)).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return tuple(p.name for p in params if p.name not in SET_BY_DCLANG and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    return tuple(p.name for p in params
+                 if p.name not in SET_BY_DCLANG and p.kind is not inspect.Parameter.VAR_POSITIONAL)
 
 
 def argument_problems(name: str, args: dict[str, Any]) -> dict[str, tuple[str, str]]:

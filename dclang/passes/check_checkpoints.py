@@ -6,6 +6,7 @@ without it. Paths are relative to the `.kt` file.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def check_checkpoints(module: ast.Module, graph) -> list[Diagnostic]:
         except CheckpointError as exc:
             out.append(error(exc.code, f"checkpoint `{attr.value.value}`: {_plain(str(exc))}", attr.value.span,
                              help=exc.help))
-        except Exception as exc:  # torch.load raises more kinds than it documents (KeyError on text files)
+        except (RuntimeError, ValueError, KeyError, EOFError, OSError, AttributeError, TypeError,
+                pickle.UnpicklingError) as exc:  # torch.load's kinds, more than it documents (KeyError on text)
             out.append(error("E601", f"checkpoint `{attr.value.value}`: cannot be read ({type(exc).__name__})",
                              attr.value.span, help="the file is corrupt, truncated, or not a PyTorch checkpoint"))
     return out

@@ -88,7 +88,8 @@ def _check_members(decl: ast.NodeDecl, option: ast.Ensemble, declared: dict[str,
             continue
         seen[text] = member
         if text == name:
-            out.append(error("E330", f"the ensemble `{name}` contains itself", member.span, "this is the ensemble itself",
+            out.append(error("E330", f"the ensemble `{name}` contains itself", member.span,
+                             "this is the ensemble itself",
                              help="an ensemble's output is the mean of its members' outputs: it cannot be one of them"))
         elif text == LABEL:
             out.append(error("E201", "`label` cannot be an ensemble member", member.span, "not a network's output",

@@ -57,7 +57,8 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
                     out.append(_unknown_layer(node, graph.nodes[node]["spec"].model, option, span,
                                               names[graph.nodes[node]["spec"].model]))
             ends.append([(node, o, span, known.get(o)) for o, span in options])
-        losses = [o[0] for o in spec.loss.options if isinstance(o, tuple)] if isinstance(spec.loss, Open) else [spec.loss]
+        losses = ([o[0] for o in spec.loss.options if isinstance(o, tuple)] if isinstance(spec.loss, Open)
+                  else [spec.loss])
         if len(ends) < 2:
             continue
         found = [_check_shapes(loss, s_end, t_end, decl) for loss in losses for s_end in ends[0]
@@ -82,11 +83,11 @@ def _model_layers(model: str, classes: int, input_shape: tuple[int, int, int]
     try:
         with torch.device("meta"):
             net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
-    except Exception:  # unknown, not installed, wrong arguments: reported by check_models
+    except Exception:  # noqa: BLE001 (unknown, not installed, wrong arguments: reported by check_models)
         return None
     try:
         return layer_names(net), layer_shapes(net, input_shape)
-    except Exception:  # a model that cannot run on these images: training says so, in torch's words
+    except Exception:  # noqa: BLE001 (a model that cannot run on these images: training says so, in torch's words)
         return layer_names(net), None
 
 

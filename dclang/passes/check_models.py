@@ -52,7 +52,7 @@ def check_model(decl: ast.NodeDecl) -> list[Diagnostic]:
             continue
         plugin_names = plugins.registered()
         if text in plugin_names:
-            out += _argument_errors(call, lambda values: plugins.argument_problems(text, values))
+            out += _argument_errors(call, lambda values, text=text: plugins.argument_problems(text, values))
             continue
         split = library.split(text)
         if split is None:
@@ -72,7 +72,8 @@ def check_model(decl: ast.NodeDecl) -> list[Diagnostic]:
             out.append(error("E200", f"unknown {lib} model `{model}`", word.span, f"{lib} has no model with this name",
                              help=_hint(model, library.model_names(lib))))
             continue
-        out += _argument_errors(call, lambda values: library.argument_problems(lib, model, values))
+        out += _argument_errors(call, lambda values, lib=lib, model=model:
+                                library.argument_problems(lib, model, values))
     return out
 
 
@@ -81,7 +82,8 @@ def _hint(word: str, known) -> str:
     suggestion = did_you_mean(word, known)
     if suggestion.startswith("did you mean"):
         return suggestion
-    return "`dclang models` lists every model dclang can build (a library's are written `torchvision.NAME`, `timm.NAME`)"
+    return ("`dclang models` lists every model dclang can build "
+            "(a library's are written `torchvision.NAME`, `timm.NAME`)")
 
 
 def _argument_errors(call: ast.Call | None, problems) -> list[Diagnostic]:

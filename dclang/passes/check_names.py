@@ -7,8 +7,7 @@ line of the first.
 from __future__ import annotations
 
 from dclang import registry
-from dclang.diagnostics import Diagnostic, did_you_mean, error
-from dclang.diagnostics import suggest
+from dclang.diagnostics import Diagnostic, did_you_mean, error, suggest
 from dclang.ir import LABEL, expand_edges
 from dclang.passes.check_models import check_model
 from dclang.syntax import ast
@@ -125,7 +124,8 @@ def _check_blocks(module: ast.Module) -> list[Diagnostic]:
             if table is None:
                 continue
             value = setting.value
-            name = value.name.text if isinstance(value, ast.Call) else value.name if isinstance(value, ast.Ident) else None
+            name = (value.name.text if isinstance(value, ast.Call)
+                    else value.name if isinstance(value, ast.Ident) else None)
             span = value.name.span if isinstance(value, ast.Call) else value.span
             if name is None:
                 continue  # a wrong kind of value: check_values says so

@@ -58,7 +58,8 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
                 if not isinstance(e.gate, Open):
                     out.append(error("E308", f"an edge into the frozen node `{name}`", e.span,
                                      f"`{name}` is never updated",
-                                     help=f"make the gate `cutoff`, or drop `frozen` from `{name}` (line {decl.span.line})"))
+                                     help=f"make the gate `cutoff`, or drop `frozen` from `{name}` "
+                                          f"(line {decl.span.line})"))
         if spec.frozen and spec.target:
             span = (frozen_attr.span if frozen_attr is not None else decl.attribute("target").span)
             why = ("it is declared `[frozen]`" if frozen_attr is not None
@@ -91,7 +92,8 @@ def _check_loss_fits(edge: ast.EdgeDecl, nodes: dict[str, ast.NodeDecl]) -> list
             missing = edge.source if edge.source_layer is None else edge.target
             return out + [error("E320", "an edge between layers names a layer at both ends", missing.span,
                                 "no layer here",
-                                help=f"write `{missing.text}.layer3` (or another layer), or drop the other end's layer")]
+                                help=f"write `{missing.text}.layer3` (or another layer), "
+                                     "or drop the other end's layer")]
         if edge.loss is None:
             return out + [error("E320", "an edge between layers must name its loss", edge.span, "",
                                 help="losses between layers: " + ", ".join(

@@ -7,7 +7,16 @@ neither torch nor optuna, so `dclang check` stays fast: the modules that need th
 them.
 """
 
-from dclang.search.space import Parameter, Realized, drop_dead_nodes, graph_key, prepare_template, realize, sample, search_space
+from dclang.search.space import (
+           Parameter,
+           Realized,
+           drop_dead_nodes,
+           graph_key,
+           prepare_template,
+           realize,
+           sample,
+           search_space,
+)
 
 #: the samplers and pruners a study can be created with (`--sampler`, `--pruner`)
 SAMPLERS = ("random", "tpe")

@@ -140,7 +140,7 @@ class Pack:
         try:
             union = self._union([run for _, run in runs])
             union.step([run.next_batch() for _, run in runs])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any error of the shared step fails every trial in it, with that error)
             self.runs.clear()
             self.union = None
             for key, _ in runs:
@@ -151,7 +151,7 @@ class Pack:
                 continue
             try:
                 run.finish_epoch(union.sums.read(m))
-            except Exception as exc:  # optuna.TrialPruned is an Exception too
+            except Exception as exc:  # noqa: BLE001 (optuna.TrialPruned too: the trial ends with what it raised)
                 del self.runs[key]
                 on_error(key, exc)
                 continue
@@ -235,7 +235,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
             return
         except (KeyboardInterrupt, UpdateFinishedTrialError):
             raise
-        except Exception:  # invalid sample, or an error noted on the trial by `recording`
+        except Exception:  # noqa: BLE001 (invalid sample, or an error noted on the trial by `recording`)
             tell(trial, TrialState.FAIL)
             return
         running[trial.number] = (trial, metrics)
@@ -247,7 +247,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
         must train after all (its original failed) waits for a free slot."""
         for number, (trial, sample) in list(waiting.items()):
             del waiting[number]
-            settle(trial, lambda: objective.settle(trial, sample, wait=False))
+            settle(trial, lambda trial=trial, sample=sample: objective.settle(trial, sample, wait=False))
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")  # as `train_graph` trains
@@ -262,7 +262,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
             while (pack.free > 0 and not objective.stopped_because
                    and counted(study.get_trials(deepcopy=False)) + len(pack.runs) + len(waiting) < config.trials):
                 trial = study.ask()
-                settle(trial, lambda: objective.begin(trial, wait=False))
+                settle(trial, lambda trial=trial: objective.begin(trial, wait=False))
             if pack.runs:
                 pack.step(on_error=failed, on_done=finished)
             elif waiting:

@@ -233,7 +233,6 @@ def prepare_template(module: ast.Module, *, epochs: int | None, base: Path) -> a
         return v
 
     items: list[ast.Item] = []
-    absent: set[str] = set()  # ensembles whose choice picked `none`: left out with their edges
     for item in module.items:
         if isinstance(item, ast.NodeDecl):
             attrs = tuple(dataclasses.replace(a, value=absolute(a.value)) if a.name.text == "init" and a.value else a

@@ -40,8 +40,7 @@ from dclang.api import parse
 from dclang.diagnostics import UserError
 from dclang.search.equivalence import canonical_key, same_up_to_names
 from dclang.search.space import Realized, realize, search_space
-from dclang.search.study import (COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, redact,
-                                 retry)
+from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, redact, retry
 
 #: a worker gives up after this many trials in a row raised (a broken setup, not a bad graph)
 MAX_ERRORS_IN_A_ROW = 5

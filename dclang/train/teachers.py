@@ -199,7 +199,8 @@ def pretrained(graph: nx.DiGraph, name: str, *, dataset, cache: Path, pretrain: 
         if (state := hit()) is not None:  # another process trained it while this one waited
             return state
         epochs = graph.graph["train"].epochs
-        say(f"teacher `{name}`: pre-training {where} on labels for {epochs} epoch{'s' * (epochs != 1)} (key {key[:12]}…, in {run})")
+        say(f"teacher `{name}`: pre-training {where} on labels for {epochs} epoch{'s' * (epochs != 1)} "
+            f"(key {key[:12]}…, in {run})")
         checked = check(text, graph.graph.get("path", "<pretrain>"))
         if not checked.ok:  # a bug, not a user mistake: the graph is generated
             raise RuntimeError("the generated teacher graph does not check:\n"
