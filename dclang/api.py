@@ -63,12 +63,15 @@ def check(text: str, path: str = "<input>") -> Checked:
 def read_source(path: str | Path) -> str:
     """The text of a `.kt` file (UTF-8; a leading byte order mark is dropped, as editors on
     Windows write one); DiagnosticError E001 when it cannot be read or decoded."""
+    from dclang.diagnostics import error, not_a_file
+
     path = Path(path)
+    problem = not_a_file(path)
+    if problem is not None:
+        raise DiagnosticError([error("E001", f"cannot read {path}: it {problem}", None)], str(path), "")
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        from dclang.diagnostics import error
-
         if isinstance(exc, UnicodeDecodeError):
             line = exc.object[:exc.start].count(b"\n") + 1
             reason = (f"byte {exc.object[exc.start]:#04x} on line {line} is not UTF-8; save the file as UTF-8 "

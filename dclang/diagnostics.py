@@ -8,6 +8,8 @@ pin the exact text. `render` is the only place that turns them into words on a t
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
@@ -106,15 +108,59 @@ def _gutter_width(diagnostics: Sequence[Diagnostic]) -> int:
     return len(str(max(lines))) if lines else 1
 
 
-def render(diag: Diagnostic, source: str, path: str, color: bool = False, width: int | None = None) -> str:
-    """Render one diagnostic the way rustc does: header, location, line, caret, help."""
+#: at most this many diagnostics are rendered; the rest are counted (rustc and Elm stop too:
+#: past the first few dozen, more of the same helps nobody, and a generated file can hold
+#: tens of thousands)
+MAX_SHOWN = 50
+#: a source line is shown in a window of at most this many characters around the caret
+EXCERPT_WIDTH = 100
+#: a message, label or help line is cut to this many characters (it can quote a long name)
+MAX_TEXT = 300
+_MORE = "..."
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """`text`, or its start and end around `...` when it is longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    keep = limit - len(_MORE)
+    return text[:keep - keep // 3] + _MORE + text[len(text) - keep // 3:]
+
+
+def excerpt(text: str, start: int, end: int, width: int = EXCERPT_WIDTH) -> tuple[str, int, int]:
+    """A window of at most `width` characters of a source line, around the 0-based columns
+    [start, end) it underlines: (shown text, start and end within it). A window that does
+    not reach an end of the line says so with `...`; the underline keeps pointing at the
+    same characters, cut to the window when it is wider."""
+    if len(text) <= width:
+        return text, start, end
+    room = width - 2 * len(_MORE)
+    left = max(0, min(start - room // 3, len(text) - room))
+    right = min(len(text), left + room)
+    if left <= len(_MORE):  # no window needs `...` for fewer characters than it hides
+        left, right = 0, width - len(_MORE)
+    elif right >= len(text) - len(_MORE):
+        left, right = len(text) - (width - len(_MORE)), len(text)
+    shown = (_MORE if left else "") + text[left:right] + (_MORE if right < len(text) else "")
+    offset = len(_MORE) if left else 0
+    first = start - left + offset
+    last = min(end, right) - left + offset
+    return shown, first, max(last, first + 1)
+
+
+def render(diag: Diagnostic, source: str, path: str, color: bool = False, width: int | None = None,
+           lines: Sequence[str] | None = None) -> str:
+    """Render one diagnostic the way rustc does: header, location, line, caret, help.
+
+    `lines` are the source's lines when the caller has split them already (once per file,
+    not once per diagnostic)."""
 
     def paint(text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if color else text
 
     sev_color = "1;31" if diag.is_error else "1;33"
-    out = [paint(f"{diag.severity.value}[{diag.code}]", sev_color) + paint(f": {diag.message}", "1")]
-    lines = source.splitlines()
+    out = [paint(f"{diag.severity.value}[{diag.code}]", sev_color) + paint(f": {clip(diag.message)}", "1")]
+    lines = source.splitlines() if lines is None else lines
     if diag.span is None:
         out.append(f"  --> {path}")
     else:
@@ -124,21 +170,19 @@ def render(diag: Diagnostic, source: str, path: str, color: bool = False, width:
         out.append(f"{pad}--> {path}:{sp.line}:{sp.column}")
         text = lines[sp.line - 1] if 0 < sp.line <= len(lines) else ""
         text = text.replace("\t", " ")
-        if sp.end_line == sp.line:
-            end = max(sp.end_column, sp.column + 1)
-        else:
-            end = len(text) + 1
-        carets = "^" * max(1, min(end, len(text) + 1) - sp.column)
+        end = max(sp.end_column, sp.column + 1) if sp.end_line == sp.line else len(text) + 1
+        start = min(sp.column, len(text) + 1) - 1
+        text, start, stop = excerpt(text, start, max(start + 1, min(end, len(text) + 1) - 1))
         out.append(f"{pad} |")
         out.append(f"{sp.line:>{w}} | {text}")
-        marker = " " * (sp.column - 1) + paint(carets, sev_color)
+        marker = " " * start + paint("^" * (stop - start), sev_color)
         if diag.label:
-            marker += " " + paint(diag.label, sev_color)
+            marker += " " + paint(clip(diag.label), sev_color)
         out.append(f"{pad} | {marker}")
         if diag.help:
             out.append(f"{pad} |")
     if diag.help:
-        out.append(f"{' ' * (width or (len(str(diag.span.line)) if diag.span else 1))} = help: {diag.help}")
+        out.append(f"{' ' * (width or (len(str(diag.span.line)) if diag.span else 1))} = help: {clip(diag.help)}")
     return "\n".join(out)
 
 
@@ -147,11 +191,42 @@ def sort_key(diag: Diagnostic):
     return (sp.line, sp.column) if sp else (0, 0)
 
 
-def render_all(diagnostics: Sequence[Diagnostic], source: str, path: str, color: bool = False) -> str:
-    """Every diagnostic in source order, separated by blank lines."""
+def render_all(diagnostics: Sequence[Diagnostic], source: str, path: str, color: bool = False,
+               limit: int = MAX_SHOWN) -> str:
+    """The first `limit` diagnostics in source order, separated by blank lines, then how many
+    more there are (errors and warnings counted apart)."""
     ordered = sorted(diagnostics, key=sort_key)
-    width = _gutter_width(ordered)
-    return "\n\n".join(render(d, source, path, color, width) for d in ordered)
+    shown, rest = ordered[:limit], ordered[limit:]
+    width = _gutter_width(shown)
+    lines = source.splitlines()
+    out = [render(d, source, path, color, width, lines) for d in shown]
+    if rest:
+        errors = sum(d.is_error for d in rest)
+        counts = [f"{n:,} more {word}{'s' * (n != 1)}"
+                  for n, word in ((errors, "error"), (len(rest) - errors, "warning")) if n]
+        out.append(f"note: {' and '.join(counts)} in {path} not shown (dclang shows the first {limit}); "
+                   "fix these and check again")
+    return "\n\n".join(out)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a file, in words that fit after its name ("does not
+    exist", "is a directory", "is a character device, not a regular file"); None when it is
+    a regular file. A device such as /dev/zero would never end, so it is refused unread."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((word for test, word in _KINDS if test(mode)), "something else")
+    return "is a directory" if stat.S_ISDIR(mode) else f"is {kind}, not a regular file"
 
 
 class UserError(Exception):

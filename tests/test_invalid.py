@@ -39,6 +39,9 @@ def _teacher_checkpoint(case: str, folder: Path) -> None:
     if case in ("ckpt_missing",) or not case.startswith("ckpt_"):
         return
     path = folder / "teacher.pt"
+    if case == "ckpt_is_directory":  # it exists, but is no file
+        path.mkdir()
+        return
     if case == "ckpt_corrupt":
         path.write_text("this is not a checkpoint\n", encoding="utf-8")
         return

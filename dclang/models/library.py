@@ -63,6 +63,56 @@ class WeightsMissing(UserError):
     """Pre-trained weights that are not on this machine (dclang never downloads them)."""
 
 
+#: the torch and torchvision dclang is tested with
+TESTED = ("2.14.1", "0.29.1")
+
+
+class BrokenLibrary(UserError):
+    """A library that is installed but cannot be imported (most often a torchvision built for
+    another torch: "operator torchvision::nms does not exist")."""
+
+
+def _version(distribution: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def import_library(module: str):
+    """`import module` for a library's module (`torchvision.models`, `timm`); a broken install
+    becomes a `BrokenLibrary` naming the installed versions and the matching pair to install,
+    never the library's traceback."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError, OSError, AttributeError) as exc:
+        library = module.partition(".")[0]
+        torch_version, version = _version("torch"), _version(library)
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrokenLibrary(f"{library} {version} cannot be imported with torch {torch_version}: {cause}",
+                            _fix(library, torch_version)) from exc
+
+
+def _fix(library: str, torch_version: str) -> str:
+    """What to install: a torchvision of torch's own release (torch 2.N pairs with
+    torchvision 0.(N+15)), or the tested pair."""
+    tested = f"`pip install torch=={TESTED[0]} torchvision=={TESTED[1]}`"
+    if library != "torchvision":
+        return (f"reinstall it for torch {torch_version} (`pip install --force-reinstall {library}`); "
+                f"dclang is tested with torch {TESTED[0]} and torchvision {TESTED[1]}")
+    release = torch_version.split("+")[0].split(".")
+    index = " --index-url https://download.pytorch.org/whl/cpu" if torch_version.endswith("+cpu") else ""
+    if len(release) >= 2 and release[0] == "2" and release[1].isdigit():
+        match = f"0.{int(release[1]) + 15}.*"
+        return (f"torch and torchvision must be built for each other: keep torch {torch_version} with "
+                f"`pip install \"torchvision=={match}\"{index}`, or install the pair dclang is tested with, "
+                f"{tested}{index}")
+    return ("torch and torchvision must be built for each other: install the pair dclang is tested with, "
+            f"{tested}{index}")
+
+
 def split(name: str) -> tuple[str, str] | None:
     """("torchvision", "resnet18") for `torchvision.resnet18`; None for a name without a dot."""
     library, dot, model = name.partition(".")
@@ -78,22 +128,15 @@ def installed(library: str) -> bool:
 def model_names(library: str) -> tuple[str, ...]:
     """Every classification model the library builds by name (imports the library)."""
     if library == "torchvision":
-        from torchvision import models
-
+        models = import_library("torchvision.models")
         return tuple(sorted(models.list_models(module=models)))
-    import timm
-
-    return tuple(timm.list_models())
+    return tuple(import_library("timm").list_models())
 
 
 def _builder(library: str, model: str):
     if library == "torchvision":
-        from torchvision import models
-
-        return models.get_model_builder(model)
-    import timm.models
-
-    return timm.models.model_entrypoint(model)
+        return import_library("torchvision.models").get_model_builder(model)
+    return import_library("timm.models").model_entrypoint(model)
 
 
 @lru_cache(maxsize=None)
@@ -111,8 +154,7 @@ def constructor_args(library: str, model: str) -> tuple[str, ...]:
 
 def weight_names(model: str) -> tuple[str, ...]:
     """The names torchvision's `weights=` takes for `model` (`IMAGENET1K_V1`, `DEFAULT`, ...)."""
-    from torchvision import models
-
+    models = import_library("torchvision.models")
     try:
         return tuple(models.get_model_weights(model).__members__)
     except ValueError:
@@ -149,19 +191,16 @@ def pretrained_classes(library: str, model: str, args: dict[str, Any]) -> int | 
         return len(_torchvision_weights(model, args["weights"]).meta["categories"])
     if not args.get("pretrained"):
         return None
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(model)
+    cfg = import_library("timm.models").get_pretrained_cfg(model)
     return cfg.num_classes if cfg is not None else None
 
 
 def _small_stem(model: str, image_size: int) -> bool:
     """Whether torchvision's `model` gets the CIFAR stem: a ResNet (its builder returns one)
     on images of at most `SMALL_IMAGE` pixels a side."""
-    from torchvision.models import ResNet
-
+    resnet = import_library("torchvision.models").ResNet
     returns = inspect.signature(_builder("torchvision", model)).return_annotation
-    return image_size <= SMALL_IMAGE and isinstance(returns, type) and issubclass(returns, ResNet)
+    return image_size <= SMALL_IMAGE and isinstance(returns, type) and issubclass(returns, resnet)
 
 
 def adaptations(name: str, num_classes: int, in_channels: int, image_size: int) -> list[str]:
@@ -242,9 +281,7 @@ def _call(builder, name: str, **kwargs):
 
 
 def _torchvision_weights(model: str, weights: str):
-    from torchvision import models
-
-    return models.get_model_weights(model).verify(weights.rpartition(".")[2])
+    return import_library("torchvision.models").get_model_weights(model).verify(weights.rpartition(".")[2])
 
 
 def weights_file(weights) -> Path:
@@ -257,9 +294,8 @@ def weights_file(weights) -> Path:
 def _torchvision(model: str, args: dict, num_classes: int, in_channels: int, image_size: int):
     import torch
     from torch import nn
-    from torchvision import models
 
-    builder = models.get_model_builder(model)
+    builder = _builder("torchvision", model)
     name = f"torchvision.{model}"
     if "image_size" in constructor_args("torchvision", model):
         args["image_size"] = image_size
@@ -322,8 +358,7 @@ def load_fitting(net, state: dict) -> list[str]:
 
 
 def _timm(model: str, args: dict, num_classes: int, in_channels: int):
-    import timm
-
+    timm = import_library("timm")
     name = f"timm.{model}"
     if args.get("pretrained"):
         _check_timm_cache(model)
@@ -335,9 +370,7 @@ _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def _timm_weights_file(model: str) -> Path | None:
     """timm's weights: a file in Hugging Face's cache, or in torch hub's for old URLs."""
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(model)
+    cfg = import_library("timm.models").get_pretrained_cfg(model)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
@@ -353,9 +386,7 @@ def _timm_weights_file(model: str) -> Path | None:
 
 def _check_timm_cache(model: str) -> None:
     """The weights `timm.create_model(pretrained=True)` loads must be in a cache already."""
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(model)
+    cfg = import_library("timm.models").get_pretrained_cfg(model)
     if cfg is None:
         raise UserError(f"`timm.{model}` has no pre-trained weights", "leave out `pretrained=true`")
     if cfg.hf_hub_id:

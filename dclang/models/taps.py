@@ -17,7 +17,9 @@ the node's.
 
 from __future__ import annotations
 
-from functools import partial
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Iterable
 
 import torch
@@ -80,6 +82,48 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Iterable
             if ("m", name) in capture.features}
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What building a model for some images and running it once on the meta device found:
+    its layer names and their shapes, or why it could not be built or run (the library's or
+    torch's words, `problem`; `built` says which step failed)."""
+
+    names: tuple[str, ...] = ()
+    shapes: dict[str, tuple[int, ...]] | None = None
+    problem: str = ""
+    built: bool = True
+
+
+@lru_cache(maxsize=64)
+def probe(model: str, classes: int, input_shape: tuple[int, int, int]) -> Probe:
+    """Build `model` (a library's without its pre-trained weights) on the meta device for
+    `classes` and images of `input_shape` (C, H, W), and run one forward (`layer_shapes`):
+    no data, no memory. Cached: a meta forward dispatches every operation through Python (a
+    second or two for a WideResNet), and a search checks the same models for every trial."""
+    from dclang.diagnostics import UserError
+    from dclang.models import build_model
+
+    with warnings.catch_warnings():  # a library's notes about its own defaults are not the user's business
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
+        # unknown names and arguments (KeyError, UserError: reported by check_models), and what a
+        # constructor asserts about the images (a ViT's patch size)
+        except (KeyError, ValueError, AssertionError, RuntimeError, UserError) as exc:
+            return Probe(problem=_words(exc), built=False)
+        names = tuple(layer_names(net))
+        try:
+            return Probe(names, layer_shapes(net, input_shape))
+        except (RuntimeError, ValueError, AssertionError, IndexError) as exc:  # what torch's layers raise
+            return Probe(names, problem=_words(exc))
+
+
+def _words(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def graph_input(graph) -> tuple[int, tuple[int, int, int]]:
     """(classes, (channels, size, size)) of an IR's dataset, from its catalog entry: what
     models are built for before any data is loaded (10 classes, 3x32x32 where the dataset
@@ -135,5 +179,5 @@ class LayerCapture:
         self.remove()
 
 
-__all__ = ["LayerCapture", "UnknownLayer", "graph_input", "layer_names", "layer_path", "layer_shapes", "resolve_layer",
-           "taps"]
+__all__ = ["LayerCapture", "Probe", "UnknownLayer", "graph_input", "layer_names", "layer_path", "layer_shapes", "probe",
+           "resolve_layer", "taps"]

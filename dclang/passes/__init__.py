@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dclang.passes.check_checkpoints import check_checkpoints
 from dclang.passes.check_ensembles import check_ensembles
+from dclang.passes.check_inputs import check_inputs
 from dclang.passes.check_layers import check_layers
 from dclang.passes.check_names import check_names
 from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_layers, check_reachability,
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_inputs, check_layers, check_reachability,
           check_checkpoints)
 
-__all__ = ["PASSES", "check_names", "check_values", "check_structure", "check_ensembles", "check_layers",
-           "check_reachability",
-           "check_checkpoints"]
+__all__ = ["PASSES", "check_checkpoints", "check_ensembles", "check_inputs", "check_layers", "check_names",
+           "check_reachability", "check_structure", "check_values"]

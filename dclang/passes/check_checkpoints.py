@@ -10,7 +10,7 @@ import pickle
 import re
 from pathlib import Path
 
-from dclang.diagnostics import Diagnostic, error
+from dclang.diagnostics import Diagnostic, error, not_a_file
 from dclang.ir import Open
 from dclang.syntax import ast
 
@@ -25,9 +25,11 @@ def check_checkpoints(module: ast.Module, graph) -> list[Diagnostic]:
             continue  # (an ensemble has no weights: check_ensembles says so)
         spec = graph.nodes[decl.name.text]["spec"]
         path = base / attr.value.value
-        if not path.is_file():
-            out.append(error("E600", f"checkpoint `{attr.value.value}` not found", attr.value.span,
-                             f"looked for {path}", help="give a path relative to this .kt file"))
+        problem = not_a_file(path)
+        if problem is not None:
+            out.append(error("E600", f"checkpoint `{attr.value.value}` {problem}", attr.value.span,
+                             f"looked for {path}", help="give the path of a checkpoint file, relative to this .kt "
+                                                         "file"))
             continue
         from dclang.checkpoints import CheckpointError, read_node_checkpoint
 

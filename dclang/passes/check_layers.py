@@ -8,7 +8,6 @@ checked without it.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 from dclang.diagnostics import Diagnostic, error
@@ -28,7 +27,7 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
     edges = [(a["spec"], a["decl"]) for _, _, a in graph.edges(data=True) if a["spec"].on_layers]
     if not edges:
         return []
-    from dclang.models.taps import graph_input
+    from dclang.models.taps import graph_input, probe
 
     classes, input_shape = graph_input(graph)
     names: dict[str, list[str]] = {}
@@ -37,11 +36,11 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
         model = graph.nodes[node]["spec"].model
         if not isinstance(model, str):
             return None  # an open model: checked per trial
-        found = _model_layers(model, classes, input_shape)
-        if found is None:
-            return None  # a model that cannot be built: check_models says why
-        names[model], shapes = found
-        return shapes
+        found = probe(model, classes, input_shape)
+        if not found.built:
+            return None  # a model that cannot be built: check_models or check_inputs says why
+        names[model] = list(found.names)
+        return found.shapes  # None when it cannot run on these images: check_inputs says why
 
     out: list[Diagnostic] = []
     for spec, decl in edges:
@@ -66,29 +65,6 @@ def check_layers(module: ast.Module, graph) -> list[Diagnostic]:
         if found and all(found):  # an open edge is checked per trial, here only when none of its options fits
             out += found[0]
     return out
-
-
-@lru_cache(maxsize=64)
-def _model_layers(model: str, classes: int, input_shape: tuple[int, int, int]
-                  ) -> tuple[list[str], dict[str, tuple[int, ...]] | None] | None:
-    """A model's layer names and their shapes for these images, built on the meta device
-    (a library's model without its pre-trained weights); None when it cannot be built.
-    Cached: a meta forward dispatches every operation through Python (a second or two for a
-    WideResNet), and a search checks the same models for every trial."""
-    import torch
-
-    from dclang.models import build_model
-    from dclang.models.taps import layer_names, layer_shapes
-
-    try:
-        with torch.device("meta"):
-            net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
-    except Exception:  # noqa: BLE001 (unknown, not installed, wrong arguments: reported by check_models)
-        return None
-    try:
-        return layer_names(net), layer_shapes(net, input_shape)
-    except Exception:  # noqa: BLE001 (a model that cannot run on these images: training says so, in torch's words)
-        return layer_names(net), None
 
 
 def _layer_options(layer: Any, expr: ast.LayerExpr) -> list[tuple[str, Any]]:

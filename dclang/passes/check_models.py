@@ -68,9 +68,14 @@ def check_model(decl: ast.NodeDecl) -> list[Diagnostic]:
             out.append(error("E220", f"`{text}` needs {lib}, which is not installed", word.span,
                              f"{lib} is not installed", help=f"install it: `{library.LIBRARIES[lib].install}`"))
             continue
-        if model not in library.model_names(lib):
+        try:
+            known = library.model_names(lib)
+        except library.BrokenLibrary as exc:
+            out.append(error("E220", exc.message, word.span, f"{lib} cannot be imported", help=exc.hint))
+            continue
+        if model not in known:
             out.append(error("E200", f"unknown {lib} model `{model}`", word.span, f"{lib} has no model with this name",
-                             help=_hint(model, library.model_names(lib))))
+                             help=_hint(model, known)))
             continue
         out += _argument_errors(call, lambda values, lib=lib, model=model:
                                 library.argument_problems(lib, model, values))

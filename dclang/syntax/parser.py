@@ -333,6 +333,11 @@ def _named_slip(tokens: list[Token], error_token: Token) -> tuple[str, Span, str
     if error_token.type in ("_NL", "$END"):
         return None
     prior = [t for t in tokens if t.line == error_token.line and _before(t, error_token)]
+    if error_token.type == "STAR" and not (prior and prior[0].type == "EDGES"):
+        return ("`*` (every node) is only an end of a bulk edge", Span.from_token(error_token),
+                "`*` needs `edges` at the start of the line",
+                f"write `edges {_line_text(tokens, error_token.line)}`; an edge without `edges` joins two named "
+                "nodes")
     if not prior or any(t.type in _OPEN for t in prior):
         return None
     first, values = prior[0], [t.value for t in prior]
@@ -356,6 +361,15 @@ def _named_slip(tokens: list[Token], error_token: Token) -> tuple[str, Span, str
         return ("missing `:` between the node's name and its model", here, "expected `:` before this",
                 "a node is written `node NAME : MODEL`, for example `node a : resnet32 [target]`")
     return None
+
+
+def _line_text(tokens: list[Token], line: int) -> str:
+    """The statement on `line` as written (its tokens at their columns, no comment)."""
+    out = ""
+    for tok in tokens:
+        if tok.line == line and tok.type not in ("_NL", "COMMENT"):
+            out += " " * max(tok.column - 1 - len(out), 0) + str(tok)
+    return out.strip()
 
 
 def _hint(exc: UnexpectedToken) -> str:

@@ -7,6 +7,7 @@ checked like any file, so a mistake in an override is reported at its place, wit
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -191,7 +192,8 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
     if graph.graph["sites"]:
         names = ", ".join(f"`{s.name}`" for s in graph.graph["sites"])
         raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
-                        f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
+                        f"search it with `dclang search --template {shlex.quote(str(file))} --trials 20 -o "
+                        f"{shlex.quote(f'searches/{file.stem}')}`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.compile import StepOptions
     from dclang.plots import write_node_curves
