@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_golden import ir_summary
 
 from dclang.api import check
@@ -122,6 +124,87 @@ def test_a_hash_inside_a_string_is_not_a_comment():
     text = 'graph g\n\ndata npz {\n  path = "runs/#1/data.npz"  # the real comment\n}\n'
     assert _fmt(text) == text
     assert [c.text for c in parse_module(text)[0].comments] == ["# the real comment"]
+
+
+# ---------------------------------------------------------------- comments inside brackets
+
+_BRACKETS = {"LPAR": 1, "LSQB": 1, "RPAR": -1, "RSQB": -1}
+
+
+def _tokens(text: str):
+    from dclang.syntax.parser import _parser
+
+    return [t for t in _parser().lex(text, dont_ignore=True) if t.type != "_NL" and str(t).strip()]
+
+
+def _inside_brackets(tokens) -> list[int]:
+    """The index of every token written inside `(...)` or `[...]`, the bracket that opens one
+    included, the closing one not."""
+    depth, out = 0, []
+    for i, tok in enumerate(tokens[:-1]):
+        depth += _BRACKETS.get(tok.type, 0)
+        if depth > 0:
+            out.append(i)
+    return out
+
+
+def _insert(text: str, after: list, own_line: list[bool] | None = None) -> str:
+    """`text` with `  # cN` after each token of `after` (or `# cN` on a line of its own below it)."""
+    own_line = own_line or [False] * len(after)
+    for n, (tok, alone) in sorted(enumerate(zip(after, own_line)), key=lambda p: -p[1][0].end_pos):
+        note = f"\n# c{n}\n" if alone else f"  # c{n}\n"
+        text = text[:tok.end_pos] + note + text[tok.end_pos:]
+    return text
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.kt"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_comments_inside_calls_and_lists_stay_with_what_they_follow(path):
+    """A comment after a `,` stays on the line of the element before it, one after `(` or `[`
+    on the bracket's line, one after a last element on that element's line: in every example,
+    at every such place at once."""
+    text = path.read_text(encoding="utf-8")
+    tokens = _tokens(text)
+    places = [i for i in _inside_brackets(tokens)
+              if tokens[i].type in ("COMMA", "LPAR", "LSQB") or tokens[i + 1].type in ("RPAR", "RSQB")]
+    assert places, "every example has a call or a list"
+    followed = [tokens[i - 1] if tokens[i].type == "COMMA" else tokens[i] for i in places]
+    commented = _insert(text, [tokens[i] for i in places])
+    once = _fmt(commented)
+    assert _fmt(once) == once
+    assert _ir(once) == _ir(text)
+    out = _tokens(once)
+    for n, before in enumerate(followed):
+        (k,) = [i for i, t in enumerate(out) if t.type == "COMMENT" and str(t) == f"# c{n}"]
+        prior = next(t for t in reversed(out[:k]) if t.type != "COMMA")
+        assert (str(prior), prior.line) == (str(before), out[k].line), (n, once)
+    kept = sorted(c.text for c in parse_module(commented)[0].comments)
+    assert sorted(c.text for c in parse_module(once)[0].comments) == kept
+
+
+def test_a_comment_inside_a_call_is_not_moved_to_another_declaration():
+    text = ("graph g\ndata digits { }\ntrain {\n  optimizer = sgd(lr=0.1,  # the lr\n    momentum=0.9)\n"
+            "  epochs = 3\n}\nnode a : mlp [target]\nlabel -> a : through\n")
+    assert "  optimizer = sgd(\n    lr=0.1,  # the lr\n    momentum=0.9\n  )\n  epochs = 3\n" in _fmt(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.data())
+def test_formatting_keeps_every_comment_and_is_idempotent(path, data):
+    """Comments after any token inside brackets, at its line's end or on lines of their own."""
+    text = path.read_text(encoding="utf-8")
+    tokens = _tokens(text)
+    places = [tokens[i] for i in _inside_brackets(tokens)]
+    chosen = data.draw(st.lists(st.sampled_from(places), min_size=1, max_size=6, unique_by=id))
+    alone = data.draw(st.lists(st.booleans(), min_size=len(chosen), max_size=len(chosen)))
+    commented = _insert(text, chosen, alone)
+    once = _fmt(commented)
+    assert _fmt(once) == once
+    assert _ir(once) == _ir(text)
+    before = sorted(c.text for c in parse_module(commented)[0].comments)
+    assert sorted(c.text for c in parse_module(once)[0].comments) == before
 
 
 # ---------------------------------------------------------------- the command
