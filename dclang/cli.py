@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from dclang.diagnostics import DiagnosticError, UserError, render_all
+from dclang.diagnostics import DiagnosticError, UserError, render_all, unwritable
 
 
 class _Group(click.Group):
@@ -139,7 +139,10 @@ def fmt(files: tuple[Path, ...], check_only: bool, write: bool) -> None:
                 unformatted.append(path)
         elif write:
             if canonical != text:
-                atomic_write_text(canonical, path)
+                try:
+                    atomic_write_text(canonical, path)
+                except OSError as exc:
+                    raise unwritable(path, exc) from exc
                 click.echo(f"formatted {path}", err=True)
         else:
             click.echo(canonical, nl=False)

@@ -8,10 +8,12 @@ pin the exact text. `render` is the only place that turns them into words on a t
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -227,6 +229,30 @@ def not_a_file(path: str | os.PathLike) -> str | None:
         return None
     kind = next((word for test, word in _KINDS if test(mode)), "something else")
     return "is a directory" if stat.S_ISDIR(mode) else f"is {kind}, not a regular file"
+
+
+def unwritable(path: str | os.PathLike, exc: OSError, *, folder: bool = False) -> UserError:
+    """The UserError for an output that could not be written (`folder`: a folder to write
+    files into): what is in the way (a file where a folder should be, a folder where the file
+    should be, a folder without write permission, a read-only or full disk), named by its path."""
+    path = Path(path)
+    here = path if folder and path.is_dir() else next((p for p in path.parents if os.path.lexists(p)), Path("."))
+    if not folder and path.is_dir():
+        why, fix = f"{path} is a folder", "give the path of a file in it"
+    elif (folder or exc.errno == errno.EEXIST) and os.path.lexists(path) and not path.is_dir():
+        why, fix = f"{path} is a file, not a folder", f"write somewhere else, or move {path} out of the way"
+    elif not here.is_dir():
+        why, fix = f"{here} is a file, not a folder", f"write somewhere else, or move {here} out of the way"
+    elif exc.errno == errno.EROFS:
+        why, fix = f"{here} is on a read-only file system", "write to a folder on a writable disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why, fix = (f"there is no permission to write in {here}",
+                    "write to a folder you own, or change its permissions")
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = f"the disk holding {here} is full", "free some space, or write to another disk"
+    else:
+        why, fix = exc.strerror or str(exc), "write to another folder"
+    return UserError(f"cannot write {'into ' if folder else ''}{path}: {why}", fix)
 
 
 class UserError(Exception):

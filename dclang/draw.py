@@ -22,7 +22,7 @@ import graphviz
 import networkx as nx
 
 from dclang import loss_catalogue
-from dclang.diagnostics import UserError
+from dclang.diagnostics import UserError, unwritable
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -195,13 +195,16 @@ def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,
                         "give the output a suffix of " + ", ".join(f".{f}" for f in FORMATS))
     dot = to_graphviz(graph, show_cutoff=show_cutoff, params=params)
     if fmt == "dot":
-        atomic_write_bytes(dot.source.encode("utf-8"), out)
-        return out
+        data = dot.source.encode("utf-8")
+    else:
+        try:
+            data = dot.pipe(format=fmt)
+        except graphviz.ExecutableNotFound as exc:
+            raise UserError("Graphviz's `dot` program is not installed, so no picture can be drawn",
+                            "install it (Debian/Ubuntu: `apt-get install graphviz`, macOS: `brew install graphviz`), "
+                            f"or draw to `{out.with_suffix('.dot').name}`, which needs no `dot`") from exc
     try:
-        data = dot.pipe(format=fmt)
-    except graphviz.ExecutableNotFound as exc:
-        raise UserError("Graphviz's `dot` program is not installed, so no picture can be drawn",
-                        "install it (Debian/Ubuntu: `apt-get install graphviz`, macOS: `brew install graphviz`), "
-                        f"or draw to `{out.with_suffix('.dot').name}`, which needs no `dot`") from exc
-    atomic_write_bytes(data, out)
+        atomic_write_bytes(data, out)
+    except OSError as exc:
+        raise unwritable(out, exc) from exc
     return out
