@@ -1,7 +1,8 @@
-"""Every file the front end writes (`draw -o`, `fmt -w`, `report -o`) ends in a clear error
-when it cannot be written: a file where a folder should be, a folder where the file should be,
-a folder without write permission, a read-only file system. Real file systems throughout: the
-permission case runs without the capabilities that let root write anywhere, the read-only case in a private mount namespace with a read-only bind mount."""
+"""Every file the front end writes (`draw -o`, `fmt -w`) ends in a clear error when it cannot
+be written: a file where a folder should be, a folder where the file should be, a folder
+without write permission, a read-only file system. Real file systems throughout: the
+permission case runs without the capabilities that let root write anywhere, the read-only
+case in a private mount namespace with a read-only bind mount."""
 
 from __future__ import annotations
 
