@@ -10,12 +10,13 @@ open pair keeps its own arrow, since each is a search site of its own. An edge b
 is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
 An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member. A graph with an ensemble or an edge between layers carries a legend of the
-shapes, colours and arrows it uses.
+from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
+node by colour, the kinds of arrow, and what each of its gates does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import graphviz
@@ -140,8 +141,15 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         for member in spec.members:
             if member in graph:
                 dot.edge(member, spec.name, **_MEMBER)
-    if ensembles or layer_edges:
-        _legend(dot, graph, ensembles=bool(ensembles), layers=bool(layer_edges))
+    shown = [spec for source, target, spec in graph.edges(data="spec") if (source, target) in drawn or spec.on_layers]
+    shown = [spec for spec in shown if show_cutoff or spec.gate != "cutoff"]
+    _legend(dot, graph, Drawn(
+        gates={g for spec in shown for g in (spec.gate.options if isinstance(spec.gate, Open) else [spec.gate])},
+        outputs=any(not spec.on_layers for spec in shown),
+        mutual=any(attrs.get("dir") == "both" for attrs in drawn.values()),
+        open_edges=any(_is_open_edge(spec) for spec in shown if not spec.on_layers),
+        cutoff=any(spec.gate == "cutoff" for spec in shown),
+        layers=bool(layer_edges), ensembles=bool(ensembles)))
     return dot
 
 
@@ -157,25 +165,58 @@ def _layer_edge_style(spec: EdgeSpec, attrs: dict[str, str]) -> dict[str, str]:
             "fontcolor": _LAYER_COLOR, "arrowhead": "onormal"}
 
 
-def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, *, ensembles: bool, layers: bool) -> None:
-    """A key (one HTML-table node) of the node kinds the graph has, of the membership arrow
-    when it has an ensemble and of the two kinds of edges when it has an edge between layers."""
+@dataclass(frozen=True)
+class Drawn:
+    """What a drawing shows besides its nodes, so its legend lists that and nothing more."""
+
+    gates: set = field(default_factory=set)
+    outputs: bool = False  # an edge between outputs
+    mutual: bool = False  # a two-headed arrow
+    open_edges: bool = False  # a value left to search
+    cutoff: bool = False  # a cutoff edge, drawn grey (--show-cutoff)
+    layers: bool = False
+    ensembles: bool = False
+
+
+#: what each gate does, in the legend's few words (docs/language.md has the equations)
+GATE_MEANING = {"through": "every sample's loss", "linear": "weight grows from 0 to 1 over training",
+                "correct": "only samples the source gets right", "cutoff": "nothing flows"}
+
+
+def _row(swatch: str, text: str, color: str = "") -> str:
+    font = (f'<font color="{color}">', "</font>") if color else ("", "")
+    return f'<tr><td>{font[0]}{swatch}{font[1]}</td><td align="left">{font[0]}{text}{font[1]}</td></tr>'
+
+
+def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
+    """A key (one HTML-table node) of what this drawing uses: the kinds of nodes it has (by
+    colour), the kinds of arrows, and what each gate on its edges does."""
     specs = [spec for _, spec in graph.nodes(data="spec") if not spec.is_label]
-    kinds = [("target", _TARGET, any(s.target for s in specs)),
+    kinds = [("target: the node the run is for", _TARGET, any(s.target for s in specs)),
              ("trained", _PLAIN, any(not (s.target or s.frozen or s.is_ensemble) for s in specs)),
-             ("frozen", _FROZEN, any(s.frozen for s in specs)),
-             ("ensemble (hexagon)", _ENSEMBLE, ensembles)]
+             ("frozen: pre-trained, never updated", _FROZEN, any(s.frozen and not s.is_ensemble for s in specs)),
+             ("hexagon: an ensemble, the mean of its members",
+              _ENSEMBLE if any(s.is_ensemble and not s.target for s in specs) else _TARGET, drawn.ensembles)]
     rows = [f'<tr><td bgcolor="{style["fillcolor"]}" border="1" width="18"> </td><td align="left">{word}</td></tr>'
             for word, style, present in kinds if present]
-    if ensembles:
-        rows.append('<tr><td><font color="#777777">&#8943;&#9655;</font></td><td align="left">member of an ensemble'
-                    '</td></tr>')
-    if layers:
-        rows.append('<tr><td>&#8594;</td><td align="left">between outputs: label CE, logit losses (kl, dkd, lskd)'
-                    '</td></tr>')
-        rows.append(f'<tr><td><font color="{_LAYER_COLOR}">&#8674;</font></td><td align="left"><font color="'
-                    f'{_LAYER_COLOR}">between layers: source layer &#8594; target layer, feature loss (at, hint, sp)'
-                    '</font></td></tr>')
+    if any(isinstance(s.model, Open) for s in specs):
+        rows.append(_row("&#9711;", "dashed outline: a model left to search"))
+    if drawn.ensembles:
+        rows.append(_row("&#8943;&#9655;", "member of an ensemble", "#777777"))
+    if drawn.outputs:
+        rows.append(_row("&#8594;", "edge between outputs: gate, then loss when not ce / kl"))
+    if drawn.mutual:
+        rows.append(_row("&#8596;", "the same edge both ways"))
+    if drawn.open_edges:
+        rows.append(_row("&#8674;", "dashed: a value left to search (its options listed)"))
+    if drawn.cutoff:
+        rows.append(_row("&#8674;", "grey dashed: cutoff", "#999999"))
+    if drawn.layers:
+        rows.append(_row("&#8674;", "between layers: source layer &#8594; target layer, feature loss (at, hint, sp)",
+                         _LAYER_COLOR))
+    rows += [_row(f"<i>{gate}</i>", GATE_MEANING[gate]) for gate in GATE_MEANING if gate in drawn.gates]
+    if not rows:
+        return
     table = ('<<table border="1" cellborder="0" cellspacing="2" color="#bbbbbb">'
              '<tr><td colspan="2"><b>legend</b></td></tr>' + "".join(rows) + "</table>>")
     with dot.subgraph() as bottom:

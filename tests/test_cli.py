@@ -238,7 +238,31 @@ def test_draw_svg_reads_like_the_paper(runner, tmp_path):
         assert f">{text}<" in svg, text
     assert 'fill="#e8474b"' in svg, "the target is red"
     assert 'fill="#3b6fd4"' in svg, "the frozen teacher is blue"
-    assert svg.count('fill="#e8474b"') == 1 and svg.count('fill="#3b6fd4"') == 1
+    # one node each, and its swatch in the legend
+    assert svg.count('fill="#e8474b"') == 2 and svg.count('fill="#3b6fd4"') == 2
+
+
+def test_the_legend_lists_what_the_drawing_uses_and_nothing_more():
+    from dclang.api import load
+    from dclang.draw import GATE_MEANING, to_graphviz
+
+    def legend(name: str, **options) -> str:
+        source = to_graphviz(load(EXAMPLES / f"{name}.kt"), **options).source
+        return source[source.index("legend"):]
+
+    kd_dml = legend("kd_dml")
+    for words in ("target: the node", "trained", "frozen: pre-trained", "edge between outputs",
+                  *(GATE_MEANING[g] for g in ("through", "linear", "correct"))):
+        assert words in kd_dml, words
+    for words in (GATE_MEANING["cutoff"], "ensemble", "between layers", "left to search", "cutoff", "both ways"):
+        assert words not in kd_dml, words
+    quickstart = legend("quickstart")
+    assert "the same edge both ways" not in quickstart and GATE_MEANING["linear"] not in quickstart
+    assert "grey dashed: cutoff" in legend("fig3c_4nodes", show_cutoff=True)
+    assert "grey dashed: cutoff" not in legend("fig3c_4nodes")
+    template = legend("quickstart_search")
+    assert "a model left to search" in template and "a value left to search" in template
+    assert GATE_MEANING["cutoff"] in template  # an option of its gates
 
 
 @pytest.mark.needs_dot

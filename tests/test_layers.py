@@ -314,8 +314,8 @@ def test_draw_shows_layer_edges_distinctly_with_a_legend():
     assert "conv1 → conv1" in source and "hint" in source and "legend" in source
     layer_edge = re.search(r'p -> s \[label="conv2 → conv2[^\]]*\]', source).group(0)
     assert "dashed" in layer_edge and "#1b7f79" in layer_edge
-    assert "legend" not in to_graphviz(graph_of("graph a\ndata digits { }\nnode a : cnn_tiny [target]\n"
-                                                "label -> a : through\n")).source
+    assert "between layers" not in to_graphviz(graph_of("graph a\ndata digits { }\nnode a : cnn_tiny [target]\n"
+                                                        "label -> a : through\n")).source
 
 
 def test_live_edges_include_layer_edges():
