@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dclang.api import check
 from dclang.cli import main
-from dclang.diagnostics import EXCERPT_WIDTH, MAX_SHOWN, MAX_TEXT, Span, error, render, render_all
+from dclang.diagnostics import EXCERPT_WIDTH, MAX_SHOWN, MAX_TEXT, Span, error, render, render_all, warning
 
 ROOT = Path(__file__).resolve().parent.parent
 DCLANG = [sys.executable, "-c", "from dclang.cli import main; main()"]
@@ -41,8 +41,7 @@ def test_thousands_of_errors_on_one_line_are_capped_and_each_excerpt_bounded():
 
 
 def test_the_cap_counts_warnings_apart():
-    diags = [error("E200", "e", Span(1, 1, 1, 2))] * (MAX_SHOWN + 2)
-    diags += [d.__class__("W500", "w", Span(1, 1, 1, 2), severity=d.severity.WARNING) for d in diags[:3]]
+    diags = [error("E200", "e", Span(1, 1, 1, 2))] * (MAX_SHOWN + 2) + [warning("W500", "w", Span(1, 1, 1, 2))] * 3
     assert render_all(diags, "x\n", "f.kt").splitlines()[-1].startswith("note: 2 more errors and 3 more warnings")
 
 
