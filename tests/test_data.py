@@ -126,6 +126,12 @@ def test_split_indices_refuse_bad_val_split(val_split):
         split_indices(100, val_split, 0)
 
 
+def test_a_fraction_that_holds_out_no_image_is_refused():
+    with pytest.raises(DataError, match=r"val_split=0.004 of 100 training images holds out none"):
+        split_indices(100, 0.004, 0)
+    assert len(split_indices(100, 0.01, 0)[1]) == 1
+
+
 def test_train_val_test_are_disjoint_by_sample_identity(tmp_path):
     # Every image encodes its own id in two pixels, so overlap is seen by identity, not content.
     ids = np.arange(300)
@@ -420,8 +426,16 @@ def test_npz_layouts(tmp_path):
     (dict(x_train=np.zeros((5, 4, 4), np.float32)), "x_train .* has dtype float32; expected uint8"),
     (dict(y_train=np.zeros(5, np.float64)), "y_train .* has dtype float64; expected integer"),
     (dict(y_train=np.array([0, 1, 2])), r"y_train .* has shape \(3,\); expected \(5,\)"),
-    (dict(y_test=np.array([0, -1])), r"y_test .* outside \[0, 3\)"),
-    (dict(y_test=np.array([0, 3])), r"y_test .* outside \[0, 3\)"),
+    (dict(y_test=np.array([0, -1])), r"y_test .* has labels from -1 to 0; class labels are whole numbers 0..C-1"),
+    (dict(y_test=np.array([0, 3])), r"y_test .* has label\(s\) 3 that y_train never has \(its classes are 0..2\)"),
+    (dict(y_train=np.array([0, 2, 2, 0, 0])), r"y_train .* no image of class\(es\) 1, yet its largest label 2 "
+                                              r"implies 3 classes"),
+    (dict(y_train=np.array([0, 1, 2, 1, 2**40], np.uint64)), r"y_train .* labels from 0 to 1099511627776"),
+    (dict(y_train=np.eye(3, dtype=np.int64)[[0, 1, 2, 1, 0]]), r"y_train .* shape \(5, 3\).*one-hot"),
+    (dict(y_test=np.array([0, np.nan])), "y_test .* dtype float64 \\(it holds NaN\\)"),
+    (dict(x_train=np.full((5, 4, 4), np.nan, np.float32)), "x_train .* dtype float32 \\(it holds NaN"),
+    (dict(x_test=np.zeros((0, 4, 4), np.uint8), y_test=np.zeros(0, np.int64)), "x_test .* has no images"),
+    (dict(x_train=np.zeros((5, 3, 4, 4, 1), np.uint8)), r"x_train .* has shape \(5, 3, 4, 4, 1\)"),
     (dict(x_test=np.zeros((2, 4, 4, 2), np.uint8)), r"x_test .* has shape \(2, 4, 4, 2\)"),
     (dict(x_train=np.zeros((5, 4, 6), np.uint8)), "x_train .* 4x6 .* expected square"),
     (dict(x_test=np.zeros((2, 5, 5), np.uint8)), "x_train and x_test .* differ"),
@@ -442,6 +456,29 @@ def test_npz_unreadable_files(tmp_path):
     objects = np.array([np.zeros(2), np.zeros(3)], dtype=object)
     with pytest.raises(DataError, match="cannot read"):
         load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=_npz(tmp_path / "o.npz", y_train=objects))
+    whole = Path(_npz(tmp_path / "whole.npz")).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])  # a copy interrupted halfway
+    with pytest.raises(DataError, match="cannot read .*cut.npz"):
+        load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=str(tmp_path / "cut.npz"))
+
+
+def test_a_validation_split_that_takes_a_whole_class_is_refused(tmp_path):
+    path = _npz(tmp_path / "few.npz")  # classes 0, 1, 2 with 2, 2 and 1 training images
+    with pytest.raises(DataError, match=r"val_split=4 holds out every training image of class\(es\) "):
+        load_dataset("npz", data_dir=None, val_split=4, split_seed=0, path=path)
+    for seed in range(8, 12):  # one held out image: refused exactly when it is class 2's only one (index 2: seed 10)
+        if torch.randperm(5, generator=torch.Generator().manual_seed(seed))[0] == 2:
+            with pytest.raises(DataError, match=r"class\(es\) 2, so"):
+                load_dataset("npz", data_dir=None, val_split=1, split_seed=seed, path=path)
+        else:
+            ds = load_dataset("npz", data_dir=None, val_split=1, split_seed=seed, path=path)
+            assert sorted(set(ds.train.labels.tolist())) == [0, 1, 2] and len(ds.val) == 1
+
+
+def test_npz_labels_need_not_be_int64_and_other_arrays_are_ignored(tmp_path):
+    ds = load_dataset("npz", data_dir=None, val_split=0, split_seed=0,
+                      path=_npz(tmp_path / "u8.npz", y_train=np.array([0, 1, 2, 1, 0], np.uint8), x_val=np.zeros(3)))
+    assert ds.train.labels.dtype == torch.int64 and ds.train.labels.tolist() == [0, 1, 2, 1, 0]
 
 
 # ---------------------------------------------------------------- augmentation
