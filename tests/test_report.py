@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -86,12 +87,21 @@ def test_report_text_table_and_plots(runs, tmp_path):
     found, _ = load_runs([runs / "dml"])
     test = np.array([r.records[-1]["nodes"]["s"]["test_acc"] for r in found]) * 100
     assert f"{test.mean():.2f} ± {test.std(ddof=1):.2f}" in text
-    assert "graph pair: 3 runs of 3 epochs (seeds 0, 1, 2)" in text and "graph pair: 1 run of 3 epochs" in text
+    # two different graphs named `pair`: each labelled with its own key, in the text, the tables and the files
+    key = {len(g.runs): g.short_key for g in group_runs(load_runs([runs])[0])}
+    assert len(set(key.values())) == 2 and all(re.fullmatch("[0-9a-f]{8}", k) for k in key.values())
+    assert f"graph pair [{key[3]}]: 3 runs of 3 epochs (seeds 0, 1, 2)" in text
+    assert f"graph pair [{key[1]}]: 1 run of 3 epochs" in text
     files = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert files == ["pair_2_curves.png", "pair_2_edges.png", "pair_curves.png", "pair_edges.png", "report.csv",
-                     "report.md"]
-    for name in files[:4]:
+    pngs = sorted(f"pair_{k}_{kind}.png" for k in key.values() for kind in ("curves", "edges"))
+    assert files == pngs + ["report.csv", "report.md"]
+    for name in pngs:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((tmp_path / "plots" / "report.csv").open(encoding="utf-8")))
+    assert {(r["graph"], r["key"], r["runs"]) for r in rows} == {(f"pair [{key[3]}]", key[3], "3"),
+                                                                 (f"pair [{key[1]}]", key[1], "1")}
+    md = (tmp_path / "plots" / "report.md").read_text(encoding="utf-8")
+    assert f"| pair [{key[3]}] | 3 | s |" in md and f"| pair [{key[1]}] | 1 | s |" in md
     assert f"table: {tmp_path / 'plots' / 'report.csv'}, {tmp_path / 'plots' / 'report.md'}" in text
 
 
