@@ -46,7 +46,7 @@ from pathlib import Path
 
 import click
 
-from dclang.cli_options import BATCH, REPEAT, STEPS, WORKERS
+from dclang.cli_options import BATCH, DEVICE, REPEAT, STEPS, WORKERS
 from dclang.diagnostics import DiagnosticError, UserError
 
 #: dense peak TFLOP/s of the cards MFU is reported for, by precision (NVIDIA data sheets;
@@ -554,7 +554,7 @@ def render(result: dict) -> str:
 @click.option("--steps", type=STEPS, default=10, show_default=True, help="Timed steps per variant.")
 @click.option("--warmup", type=STEPS, default=2, show_default=True,
               help="Untimed steps per variant first (compiling, capturing, caches).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch", type=BATCH, help="Batch size [default: the train block's].")
 @click.option("--variants", metavar="NAME,...", help="Only these variants (reference and fused are always timed), "
               "e.g. fused+hfta.")

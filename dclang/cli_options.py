@@ -68,6 +68,30 @@ class SeedList(click.ParamType):
         return ",".join(map(str, seeds))
 
 
+class Device(click.ParamType):
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked as text: whether the GPU exists is asked of
+    torch when the command runs (importing torch here would slow every `--help`)."""
+
+    name = "device"
+
+    def __init__(self, most: int) -> None:
+        self.index = Whole(0, most)
+
+    def allowed(self) -> str:
+        return f"auto, cpu, cuda or cuda:N with N from {self.index.min} to {self.index.max}"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        kind, colon, index = text.partition(":")
+        if text in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit() and index.isascii()
+                                               and int(index) <= self.index.max):
+            return text
+        self.fail(f"{value!r} is not a device: give {self.allowed()}", param, ctx)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[auto|cpu|cuda|cuda:N]"
+
+
 #: epochs of a run, of a trial, or of ASHA's first rung (the paper trains 200)
 EPOCHS = Whole(1, 100_000)
 #: images per batch
@@ -89,6 +113,8 @@ PACK = Whole(1, 256)
 STEPS = Whole(1, 100_000)
 #: how many times `dclang bench --epoch` runs each side
 REPEAT = Whole(1, 1_000)
+#: where to train: its N is a CUDA device's number
+DEVICE = Device(most=255)
 
-__all__ = ["BATCH", "EPOCHS", "ETA", "PACK", "REPEAT", "SEED", "SEEDS", "SLOT", "STEPS", "TOP_K", "TRIALS",
-           "WORKERS", "SeedList", "Whole"]
+__all__ = ["BATCH", "DEVICE", "EPOCHS", "ETA", "PACK", "REPEAT", "SEED", "SEEDS", "SLOT", "STEPS", "TOP_K",
+           "TRIALS", "WORKERS", "Device", "SeedList", "Whole"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from dclang.cli_options import EPOCHS, ETA, PACK, SEED, SLOT, TOP_K, TRIALS, WORKERS
+from dclang.cli_options import DEVICE, EPOCHS, ETA, PACK, SEED, SLOT, TOP_K, TRIALS, WORKERS
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.search import PRUNERS, SAMPLERS
 
@@ -54,7 +54,7 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: study journal, trials/, best/, leaderboard.csv, summary.json.")
 @click.option("--epochs", type=EPOCHS, help="E: epochs per trial (default: the template's).")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N; with several GPUs, auto and cuda spread the workers over them.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where downloadable datasets are stored (default: $DCLANG_DATA or ~/.cache/dclang/data).")
