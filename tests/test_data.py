@@ -236,8 +236,10 @@ def test_cifar_reader_agrees_with_torchvision(tmp_path, monkeypatch):
 
 def test_cifar100_with_bytes_keys(tmp_path):
     written = _fake_cifar(tmp_path, 100, py2=False)
-    ds = load_dataset("cifar100", data_dir=str(tmp_path), val_split=1, split_seed=0, download=False)
-    assert (ds.num_classes, len(ds.train), len(ds.val), len(ds.test)) == (100, 2, 1, 3)
+    # val_split=0: each of the 3 fake training images has a class of its own, and a validation
+    # split may not take a class's every training image
+    ds = load_dataset("cifar100", data_dir=str(tmp_path), val_split=0, split_seed=0, download=False)
+    assert (ds.num_classes, len(ds.train), len(ds.val), len(ds.test)) == (100, 3, 0, 3)
     assert ds.mean == (0.5071, 0.4865, 0.4409)
     assert ds.test.labels.tolist() == written["test"][1]
 
@@ -348,6 +350,9 @@ def test_tinyimagenet_missing_and_wrong_size(tmp_path, tiny_imagenet):
     _image(first, (0, 0, 0), size=(32, 32))
     with pytest.raises(DataError, match=f"{first} is 32x32 pixels .* expected 64x64"):
         load_dataset("tinyimagenet", data_dir=tiny_imagenet, val_split=0, split_seed=0)
+    (tiny_imagenet / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("\n")
+    with pytest.raises(DataError, match="val_annotations.txt lists no images: the test split"):
+        load_dataset("tinyimagenet", data_dir=tiny_imagenet, val_split=0, split_seed=0)
 
 
 @pytest.fixture
@@ -391,6 +396,11 @@ def test_imagefolder_layout_errors(image_folder):
         load_dataset("imagefolder", data_dir=None, val_split=0, split_seed=0, path=str(image_folder / "nope"))
     (image_folder / "test" / "bird").mkdir()
     with pytest.raises(DataError, match="classes that .* lacks: bird"):
+        load_dataset("imagefolder", data_dir=None, val_split=0, split_seed=0, path=str(image_folder))
+    (image_folder / "test" / "bird").rmdir()
+    for png in (image_folder / "test").rglob("*.png"):
+        png.unlink()
+    with pytest.raises(DataError, match=r"no images .* in .*test/<class>/: the test split needs at least one"):
         load_dataset("imagefolder", data_dir=None, val_split=0, split_seed=0, path=str(image_folder))
 
 

@@ -263,6 +263,9 @@ def _read_tinyimagenet(root: Path, download: bool) -> _Official:
         test_files.append(folder / "val" / "images" / fields[0])
         test_labels.append(label_of[fields[1]])
 
+    if not test_files:
+        raise DataError(f"{annotations} lists no images: the test split (Tiny ImageNet's val/) needs at least one; "
+                        f"unzip tiny-imagenet-200.zip again")
     images = _read_images(train_files + test_files, size=(64, 64))
     n = len(train_files)
     return _Official(_split(images[:n], train_labels), _split(images[n:], test_labels), len(wnids),
