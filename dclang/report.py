@@ -38,6 +38,7 @@ from pathlib import Path
 
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.plots import draw_line, pyplot, save
+from dclang.search.folder import RECORD
 from dclang.train.metrics import best_epoch
 from dclang.train.rundir import RunDir, graph_key
 
@@ -80,8 +81,6 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """Every run directory at or below `paths` (a run directory has a metrics.jsonl), and a
     note for what was passed over: teacher pre-training runs found inside a folder (one given
     itself is reported), and what a search folder holds instead of run folders."""
-    from dclang.search.folder import RECORD
-
     found: list[Path] = []
     notes = []
     for path in paths:
@@ -102,12 +101,17 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def _search_note(path: Path) -> str:
+    return "; ".join(_search_advice(path))
+
+
+def _search_advice(path: Path) -> tuple[str, str]:
+    """(what a search folder is, where its results are and how to report one of its graphs)."""
     best = sorted((path / "best").glob("*.kt"))
     example = best[0] if best else path / "best" / "1_trialNNNN.kt"
-    return (f"{path} is a search folder: its trials keep no run folders (the study holds them), so there is no "
-            f"run to average; its results are {path / 'leaderboard.csv'} and {path / 'summary.json'}. To report a "
-            f"best graph's test accuracy over seeds: `dclang run {example} --seeds 0,1,2 -o runs/best` and then "
-            f"`dclang report runs/best`")
+    return (f"{path} is a search folder: its trials keep no run folders (the study holds them), so it has no run "
+            f"to report",
+            f"its results are {path / 'leaderboard.csv'} and {path / 'summary.json'}; to report a best graph's test "
+            f"accuracy over seeds: `dclang run {example} --seeds 0,1,2 -o runs/best`, then `dclang report runs/best`")
 
 
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
@@ -464,6 +468,8 @@ def _saved(plt, fig, path: Path) -> Path:
 def report(paths: list[Path], out: Path) -> str:
     """The report's text; writes the table files and the plots into `out`."""
     runs, notes = load_runs(paths)
+    if not runs and len(paths) == 1 and (paths[0] / RECORD).is_file():
+        raise UserError(*_search_advice(paths[0]))
     if not runs:
         raise UserError("no finished runs in " + ", ".join(str(p) for p in paths),
                         "give run directories written by `dclang run` (each holds metrics.jsonl and summary.json)"

@@ -341,10 +341,12 @@ def test_a_search_folder_reports_no_teacher_and_says_where_its_results_are(runs,
 
     with pytest.raises(UserError) as refused:
         report([search], tmp_path / "out")
-    hint = refused.value.hint
-    assert f"{search} is a search folder: its trials keep no run folders" in hint
-    assert f"its results are {search / 'leaderboard.csv'} and {search / 'summary.json'}" in hint
-    assert f"left out 1 teacher pre-training run in {search / 'teachers'}" in hint
+    assert refused.value.message == f"{search} is a search folder: its trials keep no run folders (the study " \
+                                    f"holds them), so it has no run to report"
+    assert f"its results are {search / 'leaderboard.csv'} and {search / 'summary.json'}" in refused.value.hint
+    with pytest.raises(UserError) as refused:
+        report([search / "teachers"], tmp_path / "out")
+    assert f"left out 1 teacher pre-training run in {search / 'teachers'}" in refused.value.hint
     text = report([search, runs / "dml"], tmp_path / "out")
     assert "graph pair: 3 runs" in text and "graph pretrain" not in text and "is a search folder" in text
     assert "graph pretrain_mlp: 1 run" in report([teacher], tmp_path / "asked")  # given itself, it is reported
