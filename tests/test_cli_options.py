@@ -29,7 +29,8 @@ OPTIONS = numeric_options()
 def test_no_number_escapes_the_shared_types():
     """An option typed with click's own int or float (or a range of them) would skip the checks."""
     loose = [f"dclang {name} {p.opts[0]}" for name, command in main.commands.items() for p in command.params
-             if isinstance(p.type, (click.types._NumberParamTypeBase,)) and not isinstance(p.type, Whole)]
+             if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+             and not isinstance(p.type, Whole)]
     assert loose == []
     names = {(name, p.opts[-1]) for name, p in OPTIONS}
     assert {("run", "--epochs"), ("run", "--seed"), ("run", "--seeds"), ("run", "--device"), ("search", "--trials"),
