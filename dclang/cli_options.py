@@ -5,7 +5,9 @@ They live in one place so that `--epochs` or `--seed` means the same in `dclang 
 a value out of its range, or not a whole number at all (`nan`, `1e3`, `inf`), is a usage
 error (exit status 2) that names the option and its range, never a run that starts and then
 fails, hangs or fills a disk. The upper bounds are generous limits on what any run could use
-(a seed is what NumPy's generator takes), not tuning advice.
+(a seed is what NumPy's generator takes), not tuning advice. `--device` is here too: its
+`cuda:N` holds a number, and a misspelt device would otherwise start a search whose workers
+all fail on it.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ SEED = Whole(0, 2**32 - 1)
 SEEDS = SeedList(SEED, most=1_000)
 #: processes on this machine: search workers, or a DataLoader's
 WORKERS = Whole(0, 256)
-#: the hidden number a search parent gives each of its workers
-SLOT = Whole(0, 255)
+#: the hidden number a search parent gives each of its workers: 0 .. workers - 1
+SLOT = Whole(0, WORKERS.max - 1)
 TRIALS = Whole(1, 1_000_000)
 TOP_K = Whole(1, 10_000)
 #: ASHA's reduction factor: the top 1/eta of each rung goes on
