@@ -59,8 +59,8 @@ class Group:
     name: str
     target: str
     runs: list[Run]
-    key: str = ""
-    label: str = ""
+    key: str
+    label: str = ""  # set by group_runs, which sees every group
 
     @property
     def nodes(self) -> list[str]:
@@ -91,17 +91,13 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
         teachers = [p for p in below if is_teacher_run(p)]
         found += [p for p in below if p not in teachers]
         if (path / RECORD).is_file():
-            notes.append(_search_note(path))
+            notes.append("; ".join(_search_advice(path)))
         if teachers:
             where = sorted({str(p.parent) for p in teachers})
             notes.append(f"{path}: left out {len(teachers)} teacher pre-training run{'s' * (len(teachers) != 1)} in "
                          f"{', '.join(where)} (a frozen teacher trained on labels alone, not a result; give its "
                          f"folder itself to report it)")
     return list(dict.fromkeys(found)), notes
-
-
-def _search_note(path: Path) -> str:
-    return "; ".join(_search_advice(path))
 
 
 def _search_advice(path: Path) -> tuple[str, str]:
@@ -403,10 +399,12 @@ def _plot_edges(plt, group: Group, path: Path, spread: str) -> Path:
     def series(edge: str, key: str):
         return _series(group, lambda r: r["edges"][edge].get(key))  # .get: runs from before `loss` was recorded
 
-    shown, constant = {}, []
+    shown, constant = {}, {}  # constant: "gate weight 1" -> the edges that keep it
     for key, title in (("gate", "gate weight"), ("pass_rate", "pass rate")):
         shown[key] = [e for e in edges if _varies(series(e, key)[1])]
-        constant += [f"{title} {_constant(series(e, key)[1])}: {e}" for e in edges if e not in shown[key]]
+        for edge in edges:
+            if edge not in shown[key]:
+                constant.setdefault(f"{title} {_constant(series(edge, key)[1])}", []).append(edge)
     bottom = [key for key in ("gate", "pass_rate") if shown[key]]
     fig = plt.figure(figsize=(12, 9 if bottom else 6))
     spec = fig.add_gridspec(2 if bottom else 1, 2, height_ratios=[1.2, 1] if bottom else None)
@@ -433,8 +431,9 @@ def _plot_edges(plt, group: Group, path: Path, spread: str) -> Path:
             ax.legend()
     fig.suptitle(f"{group.label}: edges ({spread})")
     if constant:
-        fig.text(0.01, 0.005, "constant over the epochs, not drawn: " + "; ".join(_grouped(constant)), fontsize=10,
-                 va="bottom", ha="left", wrap=True)
+        kept = "; ".join(f"{what}: {', '.join(kept_by)}" for what, kept_by in constant.items())
+        fig.text(0.01, 0.005, f"constant over the epochs, not drawn: {kept}", fontsize=10, va="bottom", ha="left",
+                 wrap=True)
     fig.tight_layout(rect=(0, 0.05 if constant else 0, 1, 1))
     return _saved(plt, fig, path)
 
@@ -447,15 +446,6 @@ def _varies(values: list[float | None]) -> bool:
 def _constant(values: list[float | None]) -> str:
     known = [v for v in values if v is not None]
     return f"{known[0]:.3g}" if known else "not recorded"
-
-
-def _grouped(items: list[str]) -> list[str]:
-    """"gate weight 1: a->b", "gate weight 1: c->d" as "gate weight 1: a->b, c->d"."""
-    by_value: dict[str, list[str]] = {}
-    for item in items:
-        what, _, edge = item.partition(": ")
-        by_value.setdefault(what, []).append(edge)
-    return [f"{what}: {', '.join(edges)}" for what, edges in by_value.items()]
 
 
 def _saved(plt, fig, path: Path) -> Path:
