@@ -489,6 +489,11 @@ def test_npz_labels_need_not_be_int64_and_other_arrays_are_ignored(tmp_path):
     ds = load_dataset("npz", data_dir=None, val_split=0, split_seed=0,
                       path=_npz(tmp_path / "u8.npz", y_train=np.array([0, 1, 2, 1, 0], np.uint8), x_val=np.zeros(3)))
     assert ds.train.labels.dtype == torch.int64 and ds.train.labels.tolist() == [0, 1, 2, 1, 0]
+    arrays = dict(x_train=np.full((4, 3, 3, 3), 7, np.uint8), y_train=np.array([1, 0, 1, 0], np.int16),
+                  x_test=np.zeros((1, 3, 3, 3), np.uint8), y_test=np.array([1], np.int16))
+    np.savez_compressed(tmp_path / "zipped.npz", **arrays)  # deflated members read as stored ones
+    ds = load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=str(tmp_path / "zipped.npz"))
+    assert (ds.num_classes, ds.channels, ds.image_size) == (2, 3, 3) and int(ds.train.images.sum()) == 7 * 4 * 27
 
 
 # ---------------------------------------------------------------- augmentation
