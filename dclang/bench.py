@@ -46,6 +46,7 @@ from pathlib import Path
 
 import click
 
+from dclang.cli_options import BATCH, DEVICE, REPEAT, STEPS, WORKERS
 from dclang.diagnostics import DiagnosticError, UserError
 
 #: dense peak TFLOP/s of the cards MFU is reported for, by precision (NVIDIA data sheets;
@@ -550,19 +551,19 @@ def render(result: dict) -> str:
 
 @click.command("bench")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps per variant.")
-@click.option("--warmup", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--steps", type=STEPS, default=10, show_default=True, help="Timed steps per variant.")
+@click.option("--warmup", type=STEPS, default=2, show_default=True,
               help="Untimed steps per variant first (compiling, capturing, caches).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch", type=click.IntRange(min=1), help="Batch size [default: the train block's].")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch", type=BATCH, help="Batch size [default: the train block's].")
 @click.option("--variants", metavar="NAME,...", help="Only these variants (reference and fused are always timed), "
               "e.g. fused+hfta.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting, as in `dclang run`.")
 @click.option("--epoch", is_flag=True, help="Also one epoch end to end: the fastest variant with dclang's data path "
               "vs the reference engine with a standard DataLoader (needs the dataset).")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--workers", type=WORKERS, default=2, show_default=True,
               help="DataLoader workers of the --epoch baseline.")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--repeat", type=REPEAT, default=1, show_default=True,
               help="--epoch runs of each side (alternating); the median is reported.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where downloadable datasets live (--epoch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")

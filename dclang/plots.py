@@ -27,15 +27,16 @@ def pyplot():
     return plt
 
 
-def draw_line(ax, epochs, values, label: str, k: int, std=None) -> None:
+def draw_line(ax, epochs, values, label: str, k: int, std=None, color=None) -> None:
     """Line number `k` of a panel: its own marker and dashes, 0.75 opaque, with a band of
-    ± `std` when given (several runs); a None value (a frozen node's loss) leaves a gap."""
+    ± `std` when given (several runs); a None value (a frozen node's loss) leaves a gap.
+    `color` keeps one thing's colour across panels that each show some of the lines."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ys = [float("nan") if v is None else v for v in values]
-    line, = ax.plot(epochs, ys, label=label, marker=MARKERS[k % len(MARKERS)], markersize=4,
-                    linestyle=DASHES[(k // len(MARKERS) + k) % len(DASHES)], alpha=0.75)
+    line, = ax.plot(epochs, ys, label=label, marker=MARKERS[k % len(MARKERS)], markersize=5,
+                    linestyle=DASHES[(k // len(MARKERS) + k) % len(DASHES)], alpha=0.75, color=color)
     if std is not None:
         ax.fill_between(epochs, [y - s for y, s in zip(ys, std)], [y + s for y, s in zip(ys, std)],
                         color=line.get_color(), alpha=0.15)
@@ -63,6 +64,7 @@ def write_node_curves(run_dir: Path) -> list[Path]:
     records = RunDir(run_dir).read_metrics()
     if not records:
         return []
+    models = _models(RunDir(run_dir))
     plt = pyplot()
     epochs = [r["epoch"] for r in records]
     written = []
@@ -84,8 +86,10 @@ def write_node_curves(run_dir: Path) -> list[Path]:
                 drawn = True
         if drawn:
             loss_ax.legend()
-        frozen = all(s["train_loss"] is None for s in stats)
-        loss_ax.set(title=f"{node}: loss" + (" (frozen: no training loss)" if frozen else ""))
+        loss_ax.set(title=f"{node}: loss")
+        if all(s["train_loss"] is None for s in stats):
+            loss_ax.text(0.03, 0.03, _why_no_loss(models.get(node)), transform=loss_ax.transAxes, va="bottom",
+                         ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
         loss_ax.set(xlabel="epoch", ylabel="loss")
         for ax in (acc_ax, loss_ax):
             ax.grid(alpha=0.3)
@@ -99,6 +103,27 @@ def write_node_curves(run_dir: Path) -> list[Path]:
         finally:
             plt.close(fig)
     return written
+
+
+def _models(run_dir) -> dict[str, str]:
+    """Each node's model as summary.json gives it (`ensemble(a, b)` for an ensemble); empty
+    when the summary cannot be read, as the curves need only metrics.jsonl."""
+    from dclang.diagnostics import UserError
+
+    try:
+        summary = run_dir.read_summary() or {}
+    except UserError:
+        return {}
+    return {name: node["model"] for name, node in summary["nodes"].items()
+            if isinstance(node, dict) and isinstance(node.get("model"), str)}
+
+
+def _why_no_loss(model: str | None) -> str:
+    """Why a node has no training loss: an ensemble has none of its own, a teacher is frozen."""
+    if model is not None and model.startswith("ensemble("):
+        members = model[len("ensemble("):-1]
+        return f"no training loss: an ensemble of {members}\nhas no loss of its own, it averages its members"
+    return "no training loss: frozen\n(a teacher, trained beforehand)"
 
 
 def _file_name(name: str) -> str:

@@ -7,25 +7,38 @@ mean ± sample standard deviation (ddof=1, as papers report over trials) over th
 - the last epoch's val and test accuracy, and
 - the test accuracy at the node's best-validation epoch (selected on val, never on test).
 
-A group of one run shows its numbers alone: a standard deviation needs two runs.
+A group of one run shows its numbers alone: a standard deviation needs two runs. Runs of a
+group that share a seed are warned about by name: their spread is only the nondeterminism of
+one seed, not a spread over seeds. Groups of different graphs with one name are told apart by
+their key (`pair [3f2a1c0e]`: the first hex digits of the sha256 of the graph's text).
+
+Teacher pre-training runs that a search or `dclang run` caches (`teachers/<key>/`) are
+training runs of a 1-node graph, not results: found inside a folder they are left out with
+a note. A search folder holds no run folders for its trials (they live in the study): its
+note says where its results are and how to report a best graph over seeds.
+
 Everything goes into one folder (`-o`, default `report/` in the runs' folder): `report.csv`
-and `report.md` (the table), and per group `<graph>_curves.png` (each node's val accuracy,
-test accuracy and train loss over epochs, mean with a ± std band) and `<graph>_edges.png`
-(each live edge's mean gate weight and pass rate over epochs).
+and `report.md` (the table), and per group `<graph>_curves.png` (a 2x2 grid: each node's val
+accuracy, test accuracy, train loss and val cross-entropy over epochs, mean with a ± std band)
+and `<graph>_edges.png` (each live edge's loss over epochs, and its gate weight and pass rate
+where those change).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.plots import draw_line, pyplot, save
+from dclang.search.folder import RECORD
 from dclang.train.metrics import best_epoch
 from dclang.train.rundir import RunDir, graph_key
 
@@ -40,32 +53,68 @@ class Run:
 
 @dataclass
 class Group:
-    """Runs of one graph."""
+    """Runs of one graph; `label` is its name, with its short key when another graph has
+    the same name."""
 
     name: str
     target: str
     runs: list[Run]
+    key: str
+    label: str = ""  # set by group_runs, which sees every group
 
     @property
     def nodes(self) -> list[str]:
         return list(self.runs[0].summary["nodes"])
 
+    @property
+    def short_key(self) -> str:
+        return hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:8]
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Every run directory at or below `paths` (a run directory has a metrics.jsonl)."""
+
+def is_teacher_run(path: Path) -> bool:
+    """A teacher cache's run folder (`<key>/` beside `<key>.lock` and `<key>.pt`, as
+    dclang.train.teachers lays the cache out)."""
+    return any((path.parent / f"{path.name}{suffix}").is_file() for suffix in (".lock", ".pt"))
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Every run directory at or below `paths` (a run directory has a metrics.jsonl), and a
+    note for what was passed over: teacher pre-training runs found inside a folder (one given
+    itself is reported), and what a search folder holds instead of run folders."""
     found: list[Path] = []
+    notes = []
     for path in paths:
         if (path / "metrics.jsonl").is_file():
             found.append(path)
-        else:
-            found += sorted(p.parent for p in path.rglob("metrics.jsonl"))
-    return list(dict.fromkeys(found))
+            continue
+        below = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+        teachers = [p for p in below if is_teacher_run(p)]
+        found += [p for p in below if p not in teachers]
+        if (path / RECORD).is_file():
+            notes.append("; ".join(_search_advice(path)))
+        if teachers:
+            where = sorted({str(p.parent) for p in teachers})
+            notes.append(f"{path}: left out {len(teachers)} teacher pre-training run{'s' * (len(teachers) != 1)} in "
+                         f"{', '.join(where)} (a frozen teacher trained on labels alone, not a result; give its "
+                         f"folder itself to report it)")
+    return list(dict.fromkeys(found)), notes
+
+
+def _search_advice(path: Path) -> tuple[str, str]:
+    """(what a search folder is, where its results are and how to report one of its graphs)."""
+    best = sorted((path / "best").glob("*.kt"))
+    example = best[0] if best else path / "best" / "1_trialNNNN.kt"
+    return (f"{path} is a search folder: its trials keep no run folders (the study holds them), so it has no run "
+            f"to report",
+            f"its results are {path / 'leaderboard.csv'} and {path / 'summary.json'}; to report a best graph's test "
+            f"accuracy over seeds: `dclang run {example} --seeds 0,1,2 -o runs/best`, then `dclang report runs/best`")
 
 
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
     """The finished runs under `paths`, and a note for each one left out (and why)."""
-    runs, notes = [], []
-    for path in find_runs(paths):
+    runs = []
+    found, notes = find_runs(paths)
+    for path in found:
         run_dir = RunDir(path)
         try:
             summary = run_dir.read_summary()
@@ -122,10 +171,26 @@ def _scores(table, names: set, keys: tuple[str, ...], nullable: bool = False) ->
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
+    """The runs grouped by graph (its text without the seed), each group labelled by its
+    name, plus its short key where graphs of one name differ."""
     groups: dict[str, Group] = {}
     for run in runs:
-        groups.setdefault(run.key, Group(run.summary["graph"], run.summary["target"], [])).runs.append(run)
+        groups.setdefault(run.key, Group(run.summary["graph"], run.summary["target"], [], run.key)).runs.append(run)
+    names = Counter(g.name for g in groups.values())
+    for group in groups.values():
+        group.label = group.name if names[group.name] == 1 else f"{group.name} [{group.short_key}]"
     return list(groups.values())
+
+
+def same_seed_warnings(group: Group) -> list[str]:
+    """A warning naming the runs for each seed that several runs of the group share."""
+    by_seed: dict[object, list[Run]] = {}
+    for run in group.runs:
+        by_seed.setdefault(run.summary["seed"], []).append(run)
+    return [f"warning: graph {group.label}: the runs {', '.join(str(r.path) for r in runs)} share seed {seed}, "
+            f"so their ± std is over identical seeds (only the nondeterminism of one seed, not the spread over "
+            f"seeds); train them with distinct seeds (`dclang run --seeds 0,1,2`)"
+            for seed, runs in by_seed.items() if len(runs) > 1]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -162,10 +227,16 @@ def _cell(stat: tuple[float, float | None] | None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _kind(group: Group, node: str) -> str:
+    """"ensemble", "frozen" (a teacher: never updated) or "" (a network that trains)."""
+    summary = group.runs[0].summary["nodes"][node]
+    if summary["model"].startswith("ensemble("):
+        return "ensemble"  # without a loss of its own like a teacher, but it averages its members
+    return "frozen" if summary["frozen"] else ""
+
+
 def _role(group: Group, node: str) -> str:
-    if node == group.target:
-        return "target"
-    return "frozen" if group.runs[0].summary["nodes"][node]["frozen"] else ""
+    return "target" if node == group.target else _kind(group, node)
 
 
 def table_rows(group: Group) -> list[dict]:
@@ -175,8 +246,12 @@ def table_rows(group: Group) -> list[dict]:
              **{key: accs[node][key] for key, _ in _COLUMNS}} for node in group.nodes]
 
 
-def _spread(n: int) -> str:
-    return "mean ± sample std over runs" if n > 1 else "one run, so no spread"
+def _spread(group: Group) -> str:
+    if len(group.runs) == 1:
+        return "one run, so no spread"
+    if len({run.summary["seed"] for run in group.runs}) < len(group.runs):
+        return "mean ± sample std over runs, some of one seed (see the warning)"
+    return "mean ± sample std over runs"
 
 
 def format_group(group: Group) -> str:
@@ -184,14 +259,14 @@ def format_group(group: Group) -> str:
     epochs = runs[0].summary["epochs"]
     rows = [("node", "model", *(title for _, title in _COLUMNS))]
     for row in table_rows(group):
-        star = {"target": "*", "frozen": " (frozen)"}.get(row["role"], "")
+        star = {"target": "*", "frozen": " (frozen)", "ensemble": " (ensemble)"}.get(row["role"], "")
         rows.append((row["node"] + star, row["model"], *(_cell(row[key]) for key, _ in _COLUMNS)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     seeds = ", ".join(str(run.summary["seed"]) for run in runs)
-    head = [f"graph {group.name}: {len(runs)} run{'s' * (len(runs) != 1)} of {epochs} epochs (seeds {seeds})",
-            *(f"  {run.path}" for run in runs),
-            f"accuracy %, {_spread(len(runs))}; `test @ best val`: at each node's best-validation epoch"]
+    head = [f"graph {group.label}: {len(runs)} run{'s' * (len(runs) != 1)} of {epochs} epochs (seeds {seeds})",
+            *(f"  {run.path}" for run in runs), *same_seed_warnings(group),
+            f"accuracy %, {_spread(group)}; `test @ best val`: at each node's best-validation epoch"]
     return "\n".join(head + table)
 
 
@@ -207,7 +282,7 @@ def write_tables(groups: list[tuple[str, Group]], out: Path) -> list[Path]:
     report.md (the same table for a README or a paper draft)."""
     from dclang.checkpoints import atomic_write_text
 
-    header = ["graph", "plots", "runs", "seeds", "node", "model", "role"]
+    header = ["graph", "key", "plots", "runs", "seeds", "node", "model", "role"]
     for key, _ in _COLUMNS:
         header += [f"{key}_mean", f"{key}_std"]
     buffer = io.StringIO()
@@ -219,14 +294,15 @@ def write_tables(groups: list[tuple[str, Group]], out: Path) -> list[Path]:
         seeds = " ".join(str(run.summary["seed"]) for run in group.runs)
         for row in table_rows(group):
             stats = [row[key] or (None, None) for key, _ in _COLUMNS]
-            writer.writerow([group.name, stem, len(group.runs), seeds, row["node"], row["model"], row["role"],
-                             *(_percent_or_blank(x) for stat in stats for x in stat)])
-            md.append(f"| {group.name} | {len(group.runs)} | {row['node']} | {row['model']} | {row['role']} | "
+            writer.writerow([group.label, group.short_key, stem, len(group.runs), seeds, row["node"], row["model"],
+                             row["role"], *(_percent_or_blank(x) for stat in stats for x in stat)])
+            md.append(f"| {group.label} | {len(group.runs)} | {row['node']} | {row['model']} | {row['role']} | "
                       + " | ".join(_cell(row[key]) for key, _ in _COLUMNS) + " |")
+    warnings = [w for _, group in groups for w in same_seed_warnings(group)]
     atomic_write_text(buffer.getvalue(), out / "report.csv")
     atomic_write_text("\n".join(md) + "\n\naccuracy %: mean ± sample std (ddof=1) over runs; a single run has "
-                      "no std. `test @ best val`: test accuracy at each node's best-validation epoch.\n",
-                      out / "report.md")
+                      "no std. `test @ best val`: test accuracy at each node's best-validation epoch.\n"
+                      + "".join(f"\n{w}\n" for w in warnings), out / "report.md")
     return [out / "report.csv", out / "report.md"]
 
 
@@ -256,65 +332,142 @@ def _scaled(series, scale: float):
             None if std is None else [scale * s for s in std])
 
 
+#: text sizes of the report's figures: read at a glance on a screen or a slide
+FONTS = {"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 12, "legend.fontsize": 11,
+         "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 16}
+
+_CURVES = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test accuracy (%)"),
+           ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
+
+
 def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
-    """`<stem>_curves.png` (val accuracy, test accuracy, train loss and val cross-entropy per
-    node) and, when
-    the graph has live edges between nodes, `<stem>_edges.png` (gate weight and pass rate)."""
+    """`<stem>_curves.png` (a 2x2 grid: val accuracy, test accuracy, train loss and val
+    cross-entropy per node) and, when the graph has live edges, `<stem>_edges.png` (each
+    edge's loss, and its gate weight and pass rate where they change)."""
     plt = pyplot()
     n = len(group.runs)
     spread = f"mean ± std over {n} runs" if n > 1 else "one run"
-    written = []
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
-    panels = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test accuracy (%)"),
-              ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
-    for ax, (key, scale, ylabel) in zip(axes, panels):
+    shared = n - len({run.summary["seed"] for run in group.runs})
+    if shared:
+        spread += f", {shared} repeating another's seed"
+    with plt.rc_context(FONTS):
+        written = [_plot_curves(plt, group, out / f"{stem}_curves.png", spread)]
+        if group.runs[0].records[0]["edges"]:
+            written.append(_plot_edges(plt, group, out / f"{stem}_edges.png", spread))
+    return written
+
+
+def _plot_curves(plt, group: Group, path: Path, spread: str) -> Path:
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (key, scale, ylabel) in zip(grid.flat, _CURVES):
         for k, node in enumerate(group.nodes):
             # .get: runs from before `val_loss` was recorded have none (an empty panel)
             epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key: r["nodes"][node].get(key)),
                                         scale)
             if any(m is not None for m in mean):
                 draw_line(ax, epochs, mean, f"{node}{'*' * (node == group.target)}", k, std=std)
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{group.name}: {ylabel.split(' (')[0]} ({spread})")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=ylabel.split(" (")[0])
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend()
+        if key == "train_loss":
+            _note_lossless(ax, group)
+    fig.suptitle(f"{group.label}: {spread}")
     fig.tight_layout()
-    written.append(save(fig, out / f"{stem}_curves.png"))
-    plt.close(fig)
+    return _saved(plt, fig, path)
 
+
+def _note_lossless(ax, group: Group) -> None:
+    """Say in the train-loss panel why a node has no line there."""
+    why = {"frozen": "frozen, trained beforehand", "ensemble": "an ensemble: no loss of its own, it averages its "
+                                                                "members"}
+    lossless = [f"{node}: {why[_kind(group, node)]}" for node in group.nodes
+                if _kind(group, node) in why and all(r["nodes"][node]["train_loss"] is None
+                                                     for run in group.runs for r in run.records)]
+    if lossless:
+        ax.text(0.02, 0.02, "no train loss for\n" + "\n".join(lossless), transform=ax.transAxes, fontsize=10,
+                va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+
+
+def _plot_edges(plt, group: Group, path: Path, spread: str) -> Path:
+    """Every live edge's loss L_{s,t} over epochs; its gate weight and pass rate only where
+    they change over the epochs (a `through` edge reads 1.0 throughout): those that stay
+    constant are listed under the figure with their value."""
     edges = list(group.runs[0].records[0]["edges"])
-    if edges:
-        fig, (gate_ax, pass_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def series(edge: str, key: str):
+        return _series(group, lambda r: r["edges"][edge].get(key))  # .get: runs from before `loss` was recorded
+
+    shown, constant = {}, {}  # constant: "gate weight 1" -> the edges that keep it
+    for key, title in (("gate", "gate weight"), ("pass_rate", "pass rate")):
+        shown[key] = [e for e in edges if _varies(series(e, key)[1])]
+        for edge in edges:
+            if edge not in shown[key]:
+                constant.setdefault(f"{title} {_constant(series(edge, key)[1])}", []).append(edge)
+    bottom = [key for key in ("gate", "pass_rate") if shown[key]]
+    fig = plt.figure(figsize=(12, 9 if bottom else 6))
+    spec = fig.add_gridspec(2 if bottom else 1, 2, height_ratios=[1.2, 1] if bottom else None)
+    axes = {"loss": fig.add_subplot(spec[0, :])}
+    for i, key in enumerate(bottom):
+        axes[key] = fig.add_subplot(spec[1, i] if len(bottom) == 2 else spec[1, :])
+    labels = {"loss": ("loss L_{s,t} (eq. 2)", "loss"), "gate": ("mean gate weight", "gate weight"),
+              "pass_rate": ("fraction of samples passed", "pass rate")}
+    for key, ax in axes.items():
         for k, edge in enumerate(edges):
-            for ax, key in ((gate_ax, "gate"), (pass_ax, "pass_rate")):
-                epochs, mean, std = _series(group, lambda r, e=edge, key=key: r["edges"][e][key])
-                draw_line(ax, epochs, mean, edge, k, std=std)
-        gate_ax.set(xlabel="epoch", ylabel="mean gate weight", title=f"{group.name}: gate weight per edge ({spread})")
-        pass_ax.set(xlabel="epoch", ylabel="fraction of samples passed", title="pass rate per edge")
-        for ax in (gate_ax, pass_ax):
+            if key == "loss" or edge in shown[key]:
+                epochs, mean, std = series(edge, key)
+                if any(m is not None for m in mean):
+                    draw_line(ax, epochs, mean, edge, k, std=std, color=colors[k % len(colors)])
+        ylabel, title = labels[key]
+        known = [m for e in edges for m in series(e, key)[1] if m is not None] if key == "loss" else []
+        if known and min(known) > 0 and max(known) / min(known) > 30:  # a KD edge's loss beside a CE's
+            ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title + (" per edge" if key == "loss" else " (where it changes)"))
+        if key != "loss":
             ax.set_ylim(-0.05, 1.05)
-            ax.grid(alpha=0.3)
-        pass_ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(save(fig, out / f"{stem}_edges.png"))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"{group.label}: edges ({spread})")
+    if constant:
+        kept = "; ".join(f"{what}: {', '.join(kept_by)}" for what, kept_by in constant.items())
+        fig.text(0.01, 0.005, f"constant over the epochs, not drawn: {kept}", fontsize=10, va="bottom", ha="left",
+                 wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if constant else 0, 1, 1))
+    return _saved(plt, fig, path)
+
+
+def _varies(values: list[float | None]) -> bool:
+    known = [v for v in values if v is not None]
+    return bool(known) and max(known) - min(known) > 1e-9
+
+
+def _constant(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{known[0]:.3g}" if known else "not recorded"
+
+
+def _saved(plt, fig, path: Path) -> Path:
+    try:
+        return save(fig, path)
+    finally:
         plt.close(fig)
-    return written
 
 
 def report(paths: list[Path], out: Path) -> str:
     """The report's text; writes the table files and the plots into `out`."""
     runs, notes = load_runs(paths)
+    if not runs and len(paths) == 1 and (paths[0] / RECORD).is_file():
+        raise UserError(*_search_advice(paths[0]))
     if not runs:
         raise UserError("no finished runs in " + ", ".join(str(p) for p in paths),
                         "give run directories written by `dclang run` (each holds metrics.jsonl and summary.json)"
                         + ("; " + "; ".join(notes) if notes else ""))
-    sections, stems, groups = [], set(), []
+    sections, groups = [], []
     for group in group_runs(runs):
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", group.name)
-        if stem in stems:  # two different graphs with one name
-            stem = f"{stem}_{len(stems) + 1}"
-        stems.add(stem)
-        groups.append((stem, group))
+        name = group.name if group.label == group.name else f"{group.name}_{group.short_key}"
+        groups.append((re.sub(r"[^A-Za-z0-9_.-]", "_", name), group))
     try:
         out.mkdir(parents=True, exist_ok=True)
         tables = write_tables(groups, out)

@@ -126,6 +126,12 @@ def test_split_indices_refuse_bad_val_split(val_split):
         split_indices(100, val_split, 0)
 
 
+def test_a_fraction_that_holds_out_no_image_is_refused():
+    with pytest.raises(DataError, match=r"val_split=0.004 of 100 training images holds out none"):
+        split_indices(100, 0.004, 0)
+    assert len(split_indices(100, 0.01, 0)[1]) == 1
+
+
 def test_train_val_test_are_disjoint_by_sample_identity(tmp_path):
     # Every image encodes its own id in two pixels, so overlap is seen by identity, not content.
     ids = np.arange(300)
@@ -230,8 +236,10 @@ def test_cifar_reader_agrees_with_torchvision(tmp_path, monkeypatch):
 
 def test_cifar100_with_bytes_keys(tmp_path):
     written = _fake_cifar(tmp_path, 100, py2=False)
-    ds = load_dataset("cifar100", data_dir=str(tmp_path), val_split=1, split_seed=0, download=False)
-    assert (ds.num_classes, len(ds.train), len(ds.val), len(ds.test)) == (100, 2, 1, 3)
+    # val_split=0: each of the 3 fake training images has a class of its own, and a validation
+    # split may not take a class's every training image
+    ds = load_dataset("cifar100", data_dir=str(tmp_path), val_split=0, split_seed=0, download=False)
+    assert (ds.num_classes, len(ds.train), len(ds.val), len(ds.test)) == (100, 3, 0, 3)
     assert ds.mean == (0.5071, 0.4865, 0.4409)
     assert ds.test.labels.tolist() == written["test"][1]
 
@@ -342,6 +350,9 @@ def test_tinyimagenet_missing_and_wrong_size(tmp_path, tiny_imagenet):
     _image(first, (0, 0, 0), size=(32, 32))
     with pytest.raises(DataError, match=f"{first} is 32x32 pixels .* expected 64x64"):
         load_dataset("tinyimagenet", data_dir=tiny_imagenet, val_split=0, split_seed=0)
+    (tiny_imagenet / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("\n")
+    with pytest.raises(DataError, match="val_annotations.txt lists no images: the test split"):
+        load_dataset("tinyimagenet", data_dir=tiny_imagenet, val_split=0, split_seed=0)
 
 
 @pytest.fixture
@@ -386,6 +397,11 @@ def test_imagefolder_layout_errors(image_folder):
     (image_folder / "test" / "bird").mkdir()
     with pytest.raises(DataError, match="classes that .* lacks: bird"):
         load_dataset("imagefolder", data_dir=None, val_split=0, split_seed=0, path=str(image_folder))
+    (image_folder / "test" / "bird").rmdir()
+    for png in (image_folder / "test").rglob("*.png"):
+        png.unlink()
+    with pytest.raises(DataError, match=r"no images .* in .*test/<class>/: the test split needs at least one"):
+        load_dataset("imagefolder", data_dir=None, val_split=0, split_seed=0, path=str(image_folder))
 
 
 # ---------------------------------------------------------------- npz
@@ -420,8 +436,16 @@ def test_npz_layouts(tmp_path):
     (dict(x_train=np.zeros((5, 4, 4), np.float32)), "x_train .* has dtype float32; expected uint8"),
     (dict(y_train=np.zeros(5, np.float64)), "y_train .* has dtype float64; expected integer"),
     (dict(y_train=np.array([0, 1, 2])), r"y_train .* has shape \(3,\); expected \(5,\)"),
-    (dict(y_test=np.array([0, -1])), r"y_test .* outside \[0, 3\)"),
-    (dict(y_test=np.array([0, 3])), r"y_test .* outside \[0, 3\)"),
+    (dict(y_test=np.array([0, -1])), r"y_test .* has labels from -1 to 0; class labels are whole numbers 0..C-1"),
+    (dict(y_test=np.array([0, 3])), r"y_test .* has label\(s\) 3 that y_train never has \(its classes are 0..2\)"),
+    (dict(y_train=np.array([0, 2, 2, 0, 0])), r"y_train .* no image of class\(es\) 1, yet its largest label 2 "
+                                              r"implies 3 classes"),
+    (dict(y_train=np.array([0, 1, 2, 1, 2**40], np.uint64)), r"y_train .* labels from 0 to 1099511627776"),
+    (dict(y_train=np.eye(3, dtype=np.int64)[[0, 1, 2, 1, 0]]), r"y_train .* shape \(5, 3\).*one-hot"),
+    (dict(y_test=np.array([0, np.nan])), "y_test .* dtype float64 \\(it holds NaN\\)"),
+    (dict(x_train=np.full((5, 4, 4), np.nan, np.float32)), "x_train .* dtype float32 \\(it holds NaN"),
+    (dict(x_test=np.zeros((0, 4, 4), np.uint8), y_test=np.zeros(0, np.int64)), "x_test .* has no images"),
+    (dict(x_train=np.zeros((5, 3, 4, 4, 1), np.uint8)), r"x_train .* has shape \(5, 3, 4, 4, 1\)"),
     (dict(x_test=np.zeros((2, 4, 4, 2), np.uint8)), r"x_test .* has shape \(2, 4, 4, 2\)"),
     (dict(x_train=np.zeros((5, 4, 6), np.uint8)), "x_train .* 4x6 .* expected square"),
     (dict(x_test=np.zeros((2, 5, 5), np.uint8)), "x_train and x_test .* differ"),
@@ -442,6 +466,34 @@ def test_npz_unreadable_files(tmp_path):
     objects = np.array([np.zeros(2), np.zeros(3)], dtype=object)
     with pytest.raises(DataError, match="cannot read"):
         load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=_npz(tmp_path / "o.npz", y_train=objects))
+    whole = Path(_npz(tmp_path / "whole.npz")).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])  # a copy interrupted halfway
+    with pytest.raises(DataError, match="cannot read .*cut.npz"):
+        load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=str(tmp_path / "cut.npz"))
+
+
+def test_a_validation_split_that_takes_a_whole_class_is_refused(tmp_path):
+    path = _npz(tmp_path / "few.npz")  # classes 0, 1, 2 with 2, 2 and 1 training images
+    with pytest.raises(DataError, match=r"val_split=4 holds out every training image of class\(es\) "):
+        load_dataset("npz", data_dir=None, val_split=4, split_seed=0, path=path)
+    for seed in range(8, 12):  # one held out image: refused exactly when it is class 2's only one (index 2: seed 10)
+        if torch.randperm(5, generator=torch.Generator().manual_seed(seed))[0] == 2:
+            with pytest.raises(DataError, match=r"class\(es\) 2, so"):
+                load_dataset("npz", data_dir=None, val_split=1, split_seed=seed, path=path)
+        else:
+            ds = load_dataset("npz", data_dir=None, val_split=1, split_seed=seed, path=path)
+            assert sorted(set(ds.train.labels.tolist())) == [0, 1, 2] and len(ds.val) == 1
+
+
+def test_npz_labels_need_not_be_int64_and_other_arrays_are_ignored(tmp_path):
+    ds = load_dataset("npz", data_dir=None, val_split=0, split_seed=0,
+                      path=_npz(tmp_path / "u8.npz", y_train=np.array([0, 1, 2, 1, 0], np.uint8), x_val=np.zeros(3)))
+    assert ds.train.labels.dtype == torch.int64 and ds.train.labels.tolist() == [0, 1, 2, 1, 0]
+    arrays = dict(x_train=np.full((4, 3, 3, 3), 7, np.uint8), y_train=np.array([1, 0, 1, 0], np.int16),
+                  x_test=np.zeros((1, 3, 3, 3), np.uint8), y_test=np.array([1], np.int16))
+    np.savez_compressed(tmp_path / "zipped.npz", **arrays)  # deflated members read as stored ones
+    ds = load_dataset("npz", data_dir=None, val_split=0, split_seed=0, path=str(tmp_path / "zipped.npz"))
+    assert (ds.num_classes, ds.channels, ds.image_size) == (2, 3, 3) and int(ds.train.images.sum()) == 7 * 4 * 27
 
 
 # ---------------------------------------------------------------- augmentation

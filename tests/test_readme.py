@@ -25,8 +25,21 @@ def test_prerequisites_come_before_the_commands():
     first = QUICKSTART.index("```")
     before = QUICKSTART[:first]
     assert "Graphviz" in before and "apt-get install graphviz" in before
-    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in before
+    assert "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu" in before
     assert re.search(r"about \d+ minutes on an idle 2-core machine", before)
+
+
+def test_the_tested_torch_pair_is_the_one_ci_installs_and_pyproject_floors():
+    """README names one pair of versions; CI installs exactly it, and pyproject accepts
+    nothing older (an untested floor would promise what no test has seen)."""
+    pair = re.search(r"tested with \*\*torch ([\d.]+) and torchvision ([\d.]+)\*\*", QUICKSTART)
+    assert pair, "README states the tested torch and torchvision"
+    torch, vision = pair.groups()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert f"pip install -q torch=={torch} torchvision=={vision}" in ci
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'"torch>={torch}"' in pyproject and f'"torchvision>={vision}"' in pyproject
+    assert f"torch=={torch} torchvision=={vision} --index-url" in QUICKSTART
 
 
 def test_the_quickstart_says_where_its_results_are():

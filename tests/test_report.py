@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -86,12 +87,21 @@ def test_report_text_table_and_plots(runs, tmp_path):
     found, _ = load_runs([runs / "dml"])
     test = np.array([r.records[-1]["nodes"]["s"]["test_acc"] for r in found]) * 100
     assert f"{test.mean():.2f} ± {test.std(ddof=1):.2f}" in text
-    assert "graph pair: 3 runs of 3 epochs (seeds 0, 1, 2)" in text and "graph pair: 1 run of 3 epochs" in text
+    # two different graphs named `pair`: each labelled with its own key, in the text, the tables and the files
+    key = {len(g.runs): g.short_key for g in group_runs(load_runs([runs])[0])}
+    assert len(set(key.values())) == 2 and all(re.fullmatch("[0-9a-f]{8}", k) for k in key.values())
+    assert f"graph pair [{key[3]}]: 3 runs of 3 epochs (seeds 0, 1, 2)" in text
+    assert f"graph pair [{key[1]}]: 1 run of 3 epochs" in text
     files = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert files == ["pair_2_curves.png", "pair_2_edges.png", "pair_curves.png", "pair_edges.png", "report.csv",
-                     "report.md"]
-    for name in files[:4]:
+    pngs = sorted(f"pair_{k}_{kind}.png" for k in key.values() for kind in ("curves", "edges"))
+    assert files == pngs + ["report.csv", "report.md"]
+    for name in pngs:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((tmp_path / "plots" / "report.csv").open(encoding="utf-8")))
+    assert {(r["graph"], r["key"], r["runs"]) for r in rows} == {(f"pair [{key[3]}]", key[3], "3"),
+                                                                 (f"pair [{key[1]}]", key[1], "1")}
+    md = (tmp_path / "plots" / "report.md").read_text(encoding="utf-8")
+    assert f"| pair [{key[3]}] | 3 | s |" in md and f"| pair [{key[1]}] | 1 | s |" in md
     assert f"table: {tmp_path / 'plots' / 'report.csv'}, {tmp_path / 'plots' / 'report.md'}" in text
 
 
@@ -279,3 +289,137 @@ def test_runs_recorded_before_the_validation_loss_still_plot(runs, monkeypatch, 
     [group] = group_runs(found)
     report_module.plot_group(group, tmp_path, "old")
     assert figures["old_curves.png"].axes[3].get_lines() == []  # the val cross-entropy panel, empty
+
+
+def _captured(monkeypatch) -> dict:
+    """Figures by file name, kept instead of written, so their axes can be read back."""
+    import dclang.plots as plots
+    import dclang.report as report_module
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report_module, "save", keep)
+    monkeypatch.setattr(plots, "save", keep)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    return figures
+
+
+def test_runs_that_share_a_seed_are_warned_about_by_name(runs, tmp_path):
+    twins = [Path(shutil.copytree(runs / "dml" / "seed0", tmp_path / "runs" / name)) for name in ("a", "b")]
+    shutil.copytree(runs / "dml" / "seed1", tmp_path / "runs" / "c")
+    text = report([tmp_path / "runs"], tmp_path / "out")
+    warning = (f"warning: graph pair: the runs {twins[0]}, {twins[1]} share seed 0, so their ± std is over "
+               f"identical seeds")
+    assert warning in text and "some of one seed (see the warning)" in text
+    assert warning in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "warning" not in report([runs / "dml"], tmp_path / "distinct")
+
+
+def test_a_search_folder_reports_no_teacher_and_says_where_its_results_are(runs, tmp_path):
+    """A real teacher cache inside a search folder, as a search's trials leave it."""
+    from dclang.search.folder import write_record
+
+    search = tmp_path / "search"
+    search.mkdir()
+    text = HEAD.format(name="kd") + "node s : mlp [target]\nnode t : mlp [frozen]\nlabel -> s : through\n" \
+                                    "t -> s : through\n"
+    (search / "kd.kt").write_text(text, encoding="utf-8")
+    write_record(search, study="kd", storage=str(search / "study.journal"), template=search / "kd.kt")
+    digits = load_dataset("digits", data_dir=None, val_split=100, split_seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_graph(check(text).graph, run_dir=None, device="cpu", epochs=1, progress=False, dataset=digits,
+                    teacher_cache=search / "teachers")
+    finally:
+        torch.set_num_threads(threads)
+    [teacher] = [p.parent for p in (search / "teachers").rglob("metrics.jsonl")]
+
+    with pytest.raises(UserError) as refused:
+        report([search], tmp_path / "out")
+    assert refused.value.message == f"{search} is a search folder: its trials keep no run folders (the study " \
+                                    f"holds them), so it has no run to report"
+    assert f"its results are {search / 'leaderboard.csv'} and {search / 'summary.json'}" in refused.value.hint
+    with pytest.raises(UserError) as refused:
+        report([search / "teachers"], tmp_path / "out")
+    assert f"left out 1 teacher pre-training run in {search / 'teachers'}" in refused.value.hint
+    text = report([search, runs / "dml"], tmp_path / "out")
+    assert "graph pair: 3 runs" in text and "graph pretrain" not in text and "is a search folder" in text
+    assert "graph pretrain_mlp: 1 run" in report([teacher], tmp_path / "asked")  # given itself, it is reported
+
+
+def test_the_edges_figure_plots_each_edges_loss_and_only_the_gates_that_change(runs, monkeypatch, tmp_path):
+    figures = _captured(monkeypatch)
+    found, _ = load_runs([runs / "dml"])
+    [group] = group_runs(found)
+    from dclang.report import plot_group
+
+    plot_group(group, tmp_path, "pair")
+    fig = figures["pair_edges.png"]
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    edges = ["label->p", "label->s", "p->s", "s->p"]
+
+    def mean(edge, key):  # over the runs, per epoch: the independent computation
+        return np.mean([[r["edges"][edge][key] for r in run.records] for run in group.runs], axis=0)
+
+    loss = {line.get_label(): line.get_ydata() for line in panels["loss per edge"].get_lines()}
+    assert sorted(loss) == edges
+    for edge in edges:
+        assert np.allclose(loss[edge], mean(edge, "loss"), rtol=1e-12)
+    for key, title in (("gate", "gate weight (where it changes)"), ("pass_rate", "pass rate (where it changes)")):
+        changing = [e for e in edges if np.ptp(mean(e, key)) > 1e-9]
+        assert changing == ["s->p"], "through edges pass everything; a correct gate passes what its source gets right"
+        assert [line.get_label() for line in panels[title].get_lines()] == changing
+    [note] = [t for t in fig.texts if t.get_text() != fig.get_suptitle()]
+    assert note.get_text() == ("constant over the epochs, not drawn: gate weight 1: label->p, label->s, p->s; "
+                               "pass rate 1: label->p, label->s, p->s")
+
+
+def test_the_curves_are_a_grid_readable_at_a_glance(runs, tmp_path):
+    report([runs / "dml"], tmp_path)
+    png = (tmp_path / "pair_curves.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert 1000 <= width <= 1600 and height / width > 0.6, "a 2x2 grid, not a strip of four panels"
+
+
+def test_the_curves_grid_and_its_text_sizes(runs, monkeypatch, tmp_path):
+    figures = _captured(monkeypatch)
+    found, _ = load_runs([runs / "dml"])
+    [group] = group_runs(found)
+    from dclang.report import plot_group
+
+    plot_group(group, tmp_path, "pair")
+    axes = figures["pair_curves.png"].axes
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in axes] == [(2, 2)] * 4
+    assert all(ax.title.get_fontsize() >= 13 and ax.xaxis.label.get_fontsize() >= 12 for ax in axes)
+    assert all(t.get_fontsize() >= 11 for ax in axes for t in ax.get_legend().get_texts())
+
+
+def test_an_ensemble_is_said_to_average_its_members_not_to_be_frozen(monkeypatch, tmp_path):
+    import dclang.plots as plots
+    from dclang.report import plot_group
+
+    text = HEAD.format(name="ens").replace("epochs = 3", "epochs = 1") + \
+        "node a : mlp [target]\nnode b : mlp\nnode e : ensemble(a, b)\nlabel -> a : through\nlabel -> b : through\n" \
+        "e -> a : through\n"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_graph(check(text).graph, run_dir=tmp_path / "run", device="cpu", progress=False,
+                    dataset=load_dataset("digits", data_dir=None, val_split=100, split_seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    figures = _captured(monkeypatch)
+    plots.write_node_curves(tmp_path / "run")
+    said = " ".join(t.get_text() for t in figures["e.png"].axes[1].texts)
+    assert "an ensemble of a, b" in said and "averages its members" in said and "frozen" not in said
+    found, _ = load_runs([tmp_path / "run"])
+    [group] = group_runs(found)
+    plot_group(group, tmp_path, "ens")
+    note = " ".join(t.get_text() for t in figures["ens_curves.png"].axes[2].texts)
+    assert "e: an ensemble: no loss of its own, it averages its members" in note and "frozen" not in note
+    assert "e (ensemble)  ensemble(a, b)" in report([tmp_path / "run"], tmp_path / "out")

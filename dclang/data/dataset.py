@@ -76,6 +76,9 @@ def split_indices(n: int, val_split: int | float, split_seed: int) -> tuple[torc
             raise DataError(f"val_split={val_split} is not a fraction in [0, 1); "
                             f"write an integer to hold out a number of images")
         n_val = round(val_split * n)
+        if val_split > 0 and n_val == 0:
+            raise DataError(f"val_split={val_split} of {n} training images holds out none; write val_split = 0 "
+                            f"for no validation split, or a count (an integer) of images to hold out")
     else:
         n_val = val_split
     if not 0 <= n_val < n:
@@ -85,10 +88,21 @@ def split_indices(n: int, val_split: int | float, split_seed: int) -> tuple[torc
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def carve_validation(official_train: Split, val_split: int | float, split_seed: int) -> tuple[Split, Split]:
-    """Split the official training set into (train, val) with `split_indices`."""
+def carve_validation(official_train: Split, val_split: int | float, split_seed: int,
+                     num_classes: int) -> tuple[Split, Split]:
+    """Split the official training set into (train, val) with `split_indices`; refused when
+    the val split takes every training image of a class (a class the models never train on,
+    yet are scored on)."""
     train_idx, val_idx = split_indices(len(official_train), val_split, split_seed)
-    return official_train.subset(train_idx), official_train.subset(val_idx)
+    train, val = official_train.subset(train_idx), official_train.subset(val_idx)
+    counts = torch.bincount(train.labels, minlength=num_classes)
+    lost = sorted(set(val.labels.unique().tolist()) - set(counts.nonzero().flatten().tolist()))
+    if lost:
+        shown = ", ".join(map(str, lost[:8])) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+        raise DataError(f"val_split={val_split} holds out every training image of class(es) {shown}, so the models "
+                        f"would never train on them: give a smaller val_split, another split_seed, or more images "
+                        f"of those classes")
+    return train, val
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

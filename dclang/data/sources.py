@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -65,7 +66,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None, val_split: int | flo
                             f"use --data-dir to say where {name} is stored")
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         official = _DIR_READERS[name](root, download)
-    train, val = carve_validation(official.train, val_split, split_seed)
+    train, val = carve_validation(official.train, val_split, split_seed, official.num_classes)
     mean, std = (official.mean, official.std) if official.mean is not None else channel_stats(official.train.images)
     _, channels, height, _ = official.train.images.shape
     return Dataset(name=name, num_classes=official.num_classes, channels=channels, image_size=height,
@@ -262,6 +263,9 @@ def _read_tinyimagenet(root: Path, download: bool) -> _Official:
         test_files.append(folder / "val" / "images" / fields[0])
         test_labels.append(label_of[fields[1]])
 
+    if not test_files:
+        raise DataError(f"{annotations} lists no images: the test split (Tiny ImageNet's val/) needs at least one; "
+                        f"unzip tiny-imagenet-200.zip again")
     images = _read_images(train_files + test_files, size=(64, 64))
     n = len(train_files)
     return _Official(_split(images[:n], train_labels), _split(images[n:], test_labels), len(wnids),
@@ -300,6 +304,9 @@ def _read_imagefolder(path: Path) -> _Official:
 
     train_files, train_labels = listing(train_dir, require_each=True)
     test_files, test_labels = listing(test_dir, require_each=False)
+    if not test_files:
+        raise DataError(f"imagefolder: no images ({', '.join(_IMAGE_SUFFIXES)}) in {test_dir}/<class>/: the test "
+                        f"split needs at least one")
     images = _read_images(train_files + test_files, size=None)
     n = len(train_files)
     return _Official(_split(images[:n], train_labels), _split(images[n:], test_labels), len(classes), None, None)
@@ -309,9 +316,14 @@ def _read_imagefolder(path: Path) -> _Official:
 
 
 def _read_npz(path: Path) -> _Official:
-    """An .npz with x_train, y_train, x_test, y_test; see `_npz_images` for the image layouts.
+    """An .npz with x_train, y_train, x_test, y_test, checked whole before any training.
 
-    num_classes is max(y_train) + 1; every label must be in [0, num_classes).
+    The rules, each refused with the array and the file it broke (docs/language.md states
+    them for users): x_* are uint8 images, (N, H, W), (N, H, W, C) or (N, C, H, W) with
+    C = 1 or 3 (`_npz_images`), square, one shape in both; y_* are integer labels of shape
+    (N,), one per image; neither split is empty. The class count is max(y_train) + 1, every
+    class from 0 to it has a training image (a gap would be an output never trained), and
+    y_test holds only those classes. Other arrays in the file are ignored.
     """
     if not path.is_file():
         raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, y_train, "
@@ -323,23 +335,31 @@ def _read_npz(path: Path) -> _Official:
                 raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it has "
                                 f"{', '.join(archive.files) or 'none'}, and needs x_train, y_train, x_test, y_test")
             arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError) as exc:  # not a zip, or object arrays that need pickle
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, or object arrays
         raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
 
     x_train, x_test = _npz_images(path, "x_train", arrays["x_train"]), _npz_images(path, "x_test", arrays["x_test"])
-    if x_train.shape[0] == 0:
-        raise DataError(f"npz: x_train in {path} has no images")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"npz: x_train and x_test in {path} differ in (channels, height, width): "
                         f"{x_train.shape[1:]} vs {x_test.shape[1:]}")
     y_train = _npz_labels(path, "y_train", arrays["y_train"], len(x_train), "x_train")
-    num_classes = int(y_train.max()) + 1
     y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test), "x_test")
-    for key, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise DataError(f"npz: {key} in {path} has labels outside [0, {num_classes}) "
-                            f"(num_classes = max(y_train) + 1): found {int(y.min())}..{int(y.max())}")
+    num_classes = int(y_train.max()) + 1
+    unseen = np.setdiff1d(np.arange(num_classes), y_train)
+    if unseen.size:
+        raise DataError(f"npz: y_train in {path} has no image of class(es) {_listed(unseen)}, yet its largest label "
+                        f"{num_classes - 1} implies {num_classes} classes (0..{num_classes - 1}): renumber the "
+                        f"labels 0..C-1 (np.unique(y, return_inverse=True) does) or add images of those classes")
+    strange = np.setdiff1d(y_test, y_train)
+    if strange.size:
+        raise DataError(f"npz: y_test in {path} has label(s) {_listed(strange)} that y_train never has (its classes "
+                        f"are 0..{num_classes - 1}): a model cannot learn a class it never trains on")
     return _Official(_split(x_train, y_train), _split(x_test, y_test), num_classes, None, None)
+
+
+def _listed(values: np.ndarray, most: int = 8) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:most])
+    return shown + (f" and {values.size - most} more" if values.size > most else "")
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -348,7 +368,8 @@ def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     A 4-D array is NHWC when its last dimension is 1 or 3 and its second is not, else NCHW.
     """
     if x.dtype != np.uint8:
-        raise DataError(f"npz: {key} in {path} has dtype {x.dtype}; expected uint8 pixels 0..255 "
+        nan = " (it holds NaN: replace those pixels first)" if x.dtype.kind in "fc" and np.isnan(x).any() else ""
+        raise DataError(f"npz: {key} in {path} has dtype {x.dtype}{nan}; expected uint8 pixels 0..255 "
                         f"(convert with np.clip(x, 0, 255).astype(np.uint8), scaling [0, 1] floats by 255 first)")
     if x.ndim == 3:
         x = x[:, None]
@@ -357,6 +378,8 @@ def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise DataError(f"npz: {key} in {path} has shape {x.shape}; expected (N, H, W), (N, H, W, C) or "
                         f"(N, C, H, W) with C = 1 or 3")
+    if x.shape[0] == 0:
+        raise DataError(f"npz: {key} in {path} has no images (shape {x.shape}); every split needs at least one")
     if x.shape[2] != x.shape[3]:
         raise DataError(f"npz: {key} in {path} holds {x.shape[2]}x{x.shape[3]} (height x width) images; "
                         f"expected square images")
@@ -364,11 +387,17 @@ def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
 
 
 def _npz_labels(path: Path, key: str, y: np.ndarray, n: int, x_key: str) -> np.ndarray:
+    """y as int64, after its dtype, shape and range: one integer in [0, 2**31) per image."""
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"npz: {key} in {path} has dtype {y.dtype}; expected integer class labels")
+        nan = " (it holds NaN)" if y.dtype.kind in "fc" and np.isnan(y).any() else ""
+        raise DataError(f"npz: {key} in {path} has dtype {y.dtype}{nan}; expected integer class labels 0..C-1")
     if y.ndim != 1 or len(y) != n:
+        one_hot = " (if it is one-hot, store y.argmax(1))" if y.ndim == 2 and len(y) == n else ""
         raise DataError(f"npz: {key} in {path} has shape {y.shape}; expected ({n},), one label per image "
-                        f"of {x_key}")
+                        f"of {x_key}{one_hot}")
+    if y.min() < 0 or y.max() >= 2**31:
+        raise DataError(f"npz: {key} in {path} has labels from {int(y.min())} to {int(y.max())}; class labels "
+                        f"are whole numbers 0..C-1")
     return y.astype(np.int64)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from dclang.cli_options import DEVICE, EPOCHS, ETA, PACK, SEED, SLOT, TOP_K, TRIALS, WORKERS
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.search import PRUNERS, SAMPLERS
 
@@ -46,14 +47,14 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.command("search")
 @click.option("--template", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The template: a .kt file with choice(...) where the search decides.")
-@click.option("--trials", type=click.IntRange(min=1),
+@click.option("--trials", type=TRIALS,
               help="T: stop once this many trials have trained (complete or pruned); with --resume, a new T.")
-@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--workers", type=WORKERS, default=1, show_default=True,
               help="D: worker processes on this machine (0: only wait for workers joining with --worker).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: study journal, trials/, best/, leaderboard.csv, summary.json.")
-@click.option("--epochs", type=click.IntRange(min=1), help="E: epochs per trial (default: the template's).")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--epochs", type=EPOCHS, help="E: epochs per trial (default: the template's).")
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N; with several GPUs, auto and cuda spread the workers over them.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where downloadable datasets are stored (default: $DCLANG_DATA or ~/.cache/dclang/data).")
@@ -63,19 +64,19 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.option("--resume", is_flag=True, help="Continue the study in -o OUT (retried and new trials).")
 @click.option("--worker", "as_worker", is_flag=True,
               help="Work on an existing study (--storage, --study) until it has its trials, then exit.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--top-k", type=TOP_K, default=5, show_default=True,
               help="How many of the best complete graphs to write to OUT/best/.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), help="random (default, the paper's) or tpe.")
-@click.option("--seed", type=int, help="Seed of the sampler (default 0); each worker derives its own from it.")
+@click.option("--seed", type=SEED, help="Seed of the sampler (default 0); each worker derives its own from it.")
 @click.option("--pruner", type=click.Choice(PRUNERS),
               help="asha (default: successive halving, asynchronous), hyperband, or none.")
-@click.option("--eta", type=click.IntRange(min=2),
+@click.option("--eta", type=ETA,
               help="Reduction factor: keep the top 1/eta at each rung (default 2).")
-@click.option("--min-resource", type=click.IntRange(min=1),
+@click.option("--min-resource", type=EPOCHS,
               help="Epoch of the first rung; rungs at min_resource × eta^k (default 1).")
 @click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Pre-trained frozen teachers, shared by the workers (default OUT/teachers).")
-@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--pack", type=PACK, default=1, show_default=True,
               help="K: trials each worker trains at once, as one step: one forward and one backward for all "
                    "(see docs/search.md).")
 @click.option("--hfta", is_flag=True,
@@ -85,7 +86,7 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
               help="Print the search's cost plan (space, distinct graphs, ASHA's epochs, time for D workers and "
                    "pack K), measured on synthetic batches; trains nothing and needs no data.")
 @click.option("--trainer", hidden=True, help="module:function replacing dclang's train_graph (tests).")
-@click.option("--slot", type=int, hidden=True, help="This worker's number among the parent's workers.")
+@click.option("--slot", type=SLOT, hidden=True, help="This worker's number among the parent's workers.")
 @click.pass_context
 def search_command(ctx: click.Context, template: Path | None, trials: int | None, workers: int,
                    output: Path | None, epochs: int | None, device: str, data_dir: Path | None,

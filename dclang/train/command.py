@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from dclang import registry
+from dclang.cli_options import DEVICE, EPOCHS, SEED, SEEDS
 from dclang.diagnostics import DiagnosticError, UserError, render_all
 from dclang.syntax import ast
 from dclang.syntax.parser import parse_module
@@ -155,10 +156,11 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory [default: runs/<graph name>].")
-@click.option("--epochs", type=click.IntRange(min=1), help="Override the train block's epochs.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, help="Override the train block's seed.")
-@click.option("--seeds", metavar="0,1,2", help="Several runs in turn, into RUN_DIR/seed0, RUN_DIR/seed1, ...")
+@click.option("--epochs", type=EPOCHS, help="Override the train block's epochs.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=SEED, help="Override the train block's seed.")
+@click.option("--seeds", type=SEEDS, metavar="0,1,2",
+              help="Several runs in turn, into RUN_DIR/seed0, RUN_DIR/seed1, ...")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where downloadable datasets live "
               "[default: $DCLANG_DATA or ~/.cache/dclang/data].")
 @click.option("--engine", default="fused", show_default=True, help="fused, or reference (the paper's loop, slower).")
