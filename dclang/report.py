@@ -10,7 +10,8 @@ mean ± sample standard deviation (ddof=1, as papers report over trials) over th
 A group of one run shows its numbers alone: a standard deviation needs two runs.
 Everything goes into one folder (`-o`, default `report/` in the runs' folder): `report.csv`
 and `report.md` (the table), and per group `<graph>_curves.png` (each node's val accuracy,
-test accuracy and train loss over epochs, mean with a ± std band) and `<graph>_edges.png`
+the test accuracy of the weights val selects so far, train loss and val cross-entropy over
+epochs, mean with a ± std band) and `<graph>_edges.png`
 (each live edge's mean gate weight and pass rate over epochs).
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.plots import draw_line, pyplot, save
-from dclang.train.metrics import best_epoch
+from dclang.train.metrics import best_epoch, selected_test
 from dclang.train.rundir import RunDir, graph_key
 
 
@@ -105,8 +106,7 @@ def _problem(summary, records) -> str:
         return f"metrics.jsonl holds {len(records)} epochs where summary.json says {summary['epochs_done']}"
     for i, record in enumerate(records, start=1):
         if not (isinstance(record, dict) and record.get("epoch") == i
-                and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss"), nullable=True)
-                and _scores(record["nodes"], set(nodes), ("test_acc",))
+                and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss", "test_acc"), nullable=True)
                 and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))):
             return f"line {i} of metrics.jsonl is not the record of epoch {i} with every node's accuracies"
     return ""
@@ -265,12 +265,15 @@ def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
     spread = f"mean ± std over {n} runs" if n > 1 else "one run"
     written = []
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
-    panels = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test accuracy (%)"),
+    panels = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test @ best val so far (%)"),
               ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
     for ax, (key, scale, ylabel) in zip(axes, panels):
         for k, node in enumerate(group.nodes):
+            # test is recorded only for the weights val selects: each epoch shows the selected ones'
+            selected = {id(r): v for run in group.runs for r, v in zip(run.records, selected_test(run.records, node))}
             # .get: runs from before `val_loss` was recorded have none (an empty panel)
-            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key: r["nodes"][node].get(key)),
+            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key, selected=selected:
+                                                selected[id(r)] if key == "test_acc" else r["nodes"][node].get(key)),
                                         scale)
             if any(m is not None for m in mean):
                 draw_line(ax, epochs, mean, f"{node}{'*' * (node == group.target)}", k, std=std)
