@@ -101,11 +101,11 @@ class EpochEvaluation:
             return None, None
         if not names:
             return {}, ({} if with_loss else None)
-        sums = evaluate_nodes(self.step, _normalized(split, self.mean, self.std), names, with_loss=with_loss)
+        sums = evaluate_nodes(self.step, split_batches(split, self.mean, self.std), names, with_loss=with_loss)
         return sums.read()
 
 
-def _normalized(split, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def split_batches(split, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split's (normalised images, labels), EVAL_CHUNK at a time, on the split's device."""
     from dclang.data import normalize
 
