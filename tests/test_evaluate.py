@@ -145,11 +145,11 @@ def test_a_frozen_node_is_evaluated_once_and_test_only_for_selected_weights(digi
     step = compile_graph(graph, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
                          seed=0, steps_per_epoch=1, epochs=3)
     evaluation = EpochEvaluation(step, graph, val=digits.val, test=digits.test, mean=digits.mean, std=digits.std,
-                                 epochs=3)
+                                 epochs=3, batch=64)
     calls = forwards(step.models)
     figures = [evaluation.after_epoch(epoch) for epoch in (1, 2, 3)]
-    val, test = len(digits.val), len(digits.test)  # 100 and 360: one chunk each
-    assert calls == {"s": [val, test, val, val, test], "t": [val, test], "u": [val, test]}
+    val, test = [64, 36], [64] * 5 + [40]  # 100 and 360 images, in batches of 64 on the CPU
+    assert calls == {"s": val + test + val + val + test, "t": val + test, "u": val + test}
     assert [f["s"]["test_acc"] is None for f in figures] == [False, True, False]
     assert figures[0]["s"]["test_acc"] == figures[2]["s"]["test_acc"]  # the same weights
     for name in ("t", "u", "c"):
@@ -249,7 +249,7 @@ def test_an_empty_test_split_is_evaluated_as_nothing(digits):
                          seed=0, steps_per_epoch=1, epochs=3)
     empty = Split(digits.test.images[:0].contiguous(), digits.test.labels[:0])
     evaluation = EpochEvaluation(step, graph, val=empty, test=digits.test, mean=digits.mean, std=digits.std,
-                                 epochs=3)
+                                 epochs=3, batch=1024)
     figures = evaluation.after_epoch(1)
     assert figures["s"]["val_acc"] is None and figures["s"]["val_loss"] is None
     assert figures["s"]["test_acc"] is not None  # without val every epoch's weights are the selected ones

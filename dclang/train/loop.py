@@ -331,7 +331,7 @@ def _compile(run: _Run, states: dict | None, options) -> _Training:
     if run.dist is not None:  # each process trains on its slice of every batch
         step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
     evaluation = EpochEvaluation(step, run.graph, val=val, test=test, mean=dataset.mean, std=dataset.std,
-                                 epochs=run.epochs)
+                                 epochs=run.epochs, batch=run.batch)
     return _Training(step, label, train, val, test, augment, evaluation)
 
 
