@@ -254,3 +254,18 @@ def test_an_empty_test_split_is_evaluated_as_nothing(digits):
     assert figures["s"]["val_acc"] is None and figures["s"]["val_loss"] is None
     assert figures["s"]["test_acc"] is not None  # without val every epoch's weights are the selected ones
     assert evaluation.after_epoch(2)["s"]["test_acc"] is not None
+
+
+def test_batches_are_made_outside_inference_mode(digits):
+    """normalize caches its constants on first use: made inside inference mode they would be
+    inference tensors, which training cannot save for backward."""
+    from dclang.data import augment
+    from dclang.train.evaluate import split_batches
+
+    step = compile_graph(graph_of(EPOCHS_GRAPH), num_classes=10, in_channels=1, image_size=8,
+                         device=torch.device("cpu"), seed=0, steps_per_epoch=1, epochs=1)
+    augment._affine.cache_clear()
+    evaluate_nodes(step, split_batches(digits.val, digits.mean, digits.std, 64), ["s"])
+    scale, shift = augment._affine(tuple(digits.mean), tuple(digits.std), torch.device("cpu"))
+    assert augment._affine.cache_info().misses == 1  # filled by the evaluation
+    assert not scale.is_inference() and not shift.is_inference()

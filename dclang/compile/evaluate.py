@@ -81,7 +81,6 @@ def forward_networks(step, images: Tensor, networks: list[str], slices: dict) ->
     return logits
 
 
-@torch.inference_mode()
 def evaluate_nodes(step, batches: Iterable[tuple[Tensor, Tensor]], names: list[str], *,
                    with_loss: bool = False) -> NodeSums:
     """Correct counts (and, `with_loss`, cross-entropy sums) of `names` (networks and
@@ -89,7 +88,9 @@ def evaluate_nodes(step, batches: Iterable[tuple[Tensor, Tensor]], names: list[s
     mode; the step's previous mode is restored. Sums stay on the device until `read`.
 
     Images go to channels-last when the step trains in it (`step.options.channels_last`), as
-    the step's own inputs do."""
+    the step's own inputs do. Only the forward runs under `torch.inference_mode`, not the
+    making of the batches: a tensor their preparation caches (`dclang.data.normalize`'s
+    constants) must stay a normal tensor, which training may later use under autograd."""
     networks, ensembles = needed_networks(step, names)
     slices = step.fused_slices()
     channels_last = bool(getattr(getattr(step, "options", None), "channels_last", False))
@@ -100,14 +101,15 @@ def evaluate_nodes(step, batches: Iterable[tuple[Tensor, Tensor]], names: list[s
     step.eval()
     try:
         for images, labels in batches:
-            if channels_last and images.dim() == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            outputs = ensemble_outputs(forward_networks(step, images, networks, slices), ensembles)
-            stacked = torch.stack([outputs[name] for name in names])  # (nodes, B, classes)
-            correct += (stacked.argmax(dim=-1) == labels).sum(dim=-1)
-            if loss is not None:  # an ensemble's output is a log-probability up to a constant: its CE is the ensemble's
-                loss += F.cross_entropy(stacked.transpose(1, 2), labels.expand(len(names), -1),
-                                        reduction="none").to(torch.float64).sum(dim=1)
+            with torch.inference_mode():
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                outputs = ensemble_outputs(forward_networks(step, images, networks, slices), ensembles)
+                stacked = torch.stack([outputs[name] for name in names])  # (nodes, B, classes)
+                correct += (stacked.argmax(dim=-1) == labels).sum(dim=-1)
+                if loss is not None:  # an ensemble's output is a log-probability up to a constant: its CE is its own
+                    loss += F.cross_entropy(stacked.transpose(1, 2), labels.expand(len(names), -1),
+                                            reduction="none").to(torch.float64).sum(dim=1)
             samples += len(labels)
     finally:
         if was_training:
