@@ -269,3 +269,34 @@ def test_batches_are_made_outside_inference_mode(digits):
     scale, shift = augment._affine(tuple(digits.mean), tuple(digits.std), torch.device("cpu"))
     assert augment._affine.cache_info().misses == 1  # filled by the evaluation
     assert not scale.is_inference() and not shift.is_inference()
+
+
+# ---------------------------------------------------------------- benchmarks/torchdistill_epoch.py
+
+
+def test_the_torchdistill_benchmark_runs_what_it_says(tmp_path):
+    """Its data is digits at 28x28 in the npz layout, its graphs check, and the modules its
+    torchdistill side hooks for attention transfer are the layers dclang's edges name."""
+    import importlib.util
+    from pathlib import Path
+
+    from dclang.checkpoints import atomic_save, node_checkpoint
+    from dclang.models import build_model
+    from dclang.models.taps import resolve_layer
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "torchdistill_epoch.py"
+    spec = importlib.util.spec_from_file_location("torchdistill_epoch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    npz = bench.make_data(tmp_path, train=120, test=30)
+    data = load_dataset("npz", data_dir=None, val_split=20, split_seed=0, path=str(npz))
+    assert (len(data.train), len(data.val), len(data.test), data.image_size, data.channels) == (100, 20, 30, 28, 1)
+    atomic_save(node_checkpoint("cnn_small", 10, build_model("cnn_small", 10, 1, 28).state_dict()), tmp_path / "t.pt")
+    for extra in ("", bench.AT):
+        text = bench.KT.format(name="kd", npz=npz, val=20, epochs=1, teacher=tmp_path / "t.pt") + extra
+        assert check(text).ok, check(text).diagnostics
+    for model in ("cnn_small", "cnn_tiny"):
+        net = build_model(model, 10, 1, 28)
+        for layer, module_path in bench.AT_PATHS.items():
+            assert resolve_layer(net, layer) is net.get_submodule(module_path), (model, layer)
