@@ -256,6 +256,13 @@ def _scaled(series, scale: float):
             None if std is None else [scale * s for s in std])
 
 
+def _selected_test(group: Group, node: str):
+    """A `_series` pick: at each record, the test accuracy of the weights val selects so far
+    (`metrics.selected_test`), as runs record test only for those."""
+    selected = {id(r): v for run in group.runs for r, v in zip(run.records, selected_test(run.records, node))}
+    return lambda record: selected[id(record)]
+
+
 def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
     """`<stem>_curves.png` (val accuracy, test accuracy, train loss and val cross-entropy per
     node) and, when
@@ -269,12 +276,10 @@ def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
               ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
     for ax, (key, scale, ylabel) in zip(axes, panels):
         for k, node in enumerate(group.nodes):
-            # test is recorded only for the weights val selects: each epoch shows the selected ones'
-            selected = {id(r): v for run in group.runs for r, v in zip(run.records, selected_test(run.records, node))}
             # .get: runs from before `val_loss` was recorded have none (an empty panel)
-            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key, selected=selected:
-                                                selected[id(r)] if key == "test_acc" else r["nodes"][node].get(key)),
-                                        scale)
+            pick = _selected_test(group, node) if key == "test_acc" else \
+                (lambda r, node=node, key=key: r["nodes"][node].get(key))
+            epochs, mean, std = _scaled(_series(group, pick), scale)
             if any(m is not None for m in mean):
                 draw_line(ax, epochs, mean, f"{node}{'*' * (node == group.target)}", k, std=std)
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{group.name}: {ylabel.split(' (')[0]} ({spread})")
