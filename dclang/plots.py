@@ -56,9 +56,12 @@ def _percent(values):
 
 
 def write_node_curves(run_dir: Path) -> list[Path]:
-    """RUN_DIR/curves/NODE.png for every node of a run: its train, val and test accuracy,
-    and its train loss (L_t) and validation cross-entropy, over the epochs of metrics.jsonl.
+    """RUN_DIR/curves/NODE.png for every node of a run: its train and val accuracy, the test
+    accuracy of the weights val selects so far (`metrics.selected_test`: a run measures test
+    only for those), and its train loss (L_t) and validation cross-entropy, over the epochs
+    of metrics.jsonl.
     Returns the files written; one that cannot be written (a full disk) is a note, as the run itself is done."""
+    from dclang.train.metrics import selected_test
     from dclang.train.rundir import RunDir
 
     records = RunDir(run_dir).read_metrics()
@@ -71,8 +74,9 @@ def write_node_curves(run_dir: Path) -> list[Path]:
     for node in records[-1]["nodes"]:
         stats = [r["nodes"][node] for r in records]
         fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-        for k, (key, label) in enumerate((("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test"))):
-            values = [s[key] for s in stats]
+        for k, (key, label) in enumerate((("train_acc", "train"), ("val_acc", "val"),
+                                          ("test_acc", "test @ best val so far"))):
+            values = selected_test(records, node) if key == "test_acc" else [s[key] for s in stats]
             if any(v is not None for v in values):
                 draw_line(acc_ax, epochs, _percent(values), label, k)
         acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{node}: accuracy")

@@ -19,9 +19,9 @@ note says where its results are and how to report a best graph over seeds.
 
 Everything goes into one folder (`-o`, default `report/` in the runs' folder): `report.csv`
 and `report.md` (the table), and per group `<graph>_curves.png` (a 2x2 grid: each node's val
-accuracy, test accuracy, train loss and val cross-entropy over epochs, mean with a ± std band)
-and `<graph>_edges.png` (each live edge's loss over epochs, and its gate weight and pass rate
-where those change).
+accuracy, the test accuracy of the weights val selects so far, train loss and val cross-entropy
+over epochs, mean with a ± std band) and `<graph>_edges.png` (each live edge's loss over epochs,
+and its gate weight and pass rate where those change).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.plots import draw_line, pyplot, save
 from dclang.search.folder import RECORD
-from dclang.train.metrics import best_epoch
+from dclang.train.metrics import best_epoch, selected_test
 from dclang.train.rundir import RunDir, graph_key
 
 
@@ -154,8 +154,7 @@ def _problem(summary, records) -> str:
         return f"metrics.jsonl holds {len(records)} epochs where summary.json says {summary['epochs_done']}"
     for i, record in enumerate(records, start=1):
         if not (isinstance(record, dict) and record.get("epoch") == i
-                and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss"), nullable=True)
-                and _scores(record["nodes"], set(nodes), ("test_acc",))
+                and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss", "test_acc"), nullable=True)
                 and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))):
             return f"line {i} of metrics.jsonl is not the record of epoch {i} with every node's accuracies"
     return ""
@@ -336,8 +335,15 @@ def _scaled(series, scale: float):
 FONTS = {"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 12, "legend.fontsize": 11,
          "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 16}
 
-_CURVES = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test accuracy (%)"),
+_CURVES = (("val_acc", 100, "val accuracy (%)"), ("test_acc", 100, "test @ best val so far (%)"),
            ("train_loss", 1, "train loss"), ("val_loss", 1, "val cross-entropy"))
+
+
+def _selected_test(group: Group, node: str):
+    """A `_series` pick: at each record, the test accuracy of the weights val selects so far
+    (`metrics.selected_test`), as runs record test only for those."""
+    selected = {id(r): v for run in group.runs for r, v in zip(run.records, selected_test(run.records, node))}
+    return lambda record: selected[id(record)]
 
 
 def plot_group(group: Group, out: Path, stem: str) -> list[Path]:
@@ -362,8 +368,9 @@ def _plot_curves(plt, group: Group, path: Path, spread: str) -> Path:
     for ax, (key, scale, ylabel) in zip(grid.flat, _CURVES):
         for k, node in enumerate(group.nodes):
             # .get: runs from before `val_loss` was recorded have none (an empty panel)
-            epochs, mean, std = _scaled(_series(group, lambda r, node=node, key=key: r["nodes"][node].get(key)),
-                                        scale)
+            pick = _selected_test(group, node) if key == "test_acc" else \
+                (lambda r, node=node, key=key: r["nodes"][node].get(key))
+            epochs, mean, std = _scaled(_series(group, pick), scale)
             if any(m is not None for m in mean):
                 draw_line(ax, epochs, mean, f"{node}{'*' * (node == group.target)}", k, std=std)
         ax.set(xlabel="epoch", ylabel=ylabel, title=ylabel.split(" (")[0])

@@ -147,7 +147,7 @@ def test_curves_show_val_test_and_loss_with_every_line_visible(runs, monkeypatch
     [group] = group_runs(found)
     report_module.plot_group(group, tmp_path, "pair")
     axes = figures["pair_curves.png"].axes
-    assert [ax.get_ylabel() for ax in axes] == ["val accuracy (%)", "test accuracy (%)", "train loss",
+    assert [ax.get_ylabel() for ax in axes] == ["val accuracy (%)", "test @ best val so far (%)", "train loss",
                                                 "val cross-entropy"]
     for ax in axes:
         lines = ax.get_lines()
@@ -159,6 +159,9 @@ def test_curves_show_val_test_and_loss_with_every_line_visible(runs, monkeypatch
         loss = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
         expected = np.mean([[r["nodes"]["s"][key] for r in run.records] for run in group.runs], axis=0)
         assert np.allclose(loss["s*"], expected)
+    test = {line.get_label(): line.get_ydata() for line in axes[1].get_lines()}
+    expected = np.mean([at_best_val_so_far(run.records, "s") for run in group.runs], axis=0)
+    assert np.allclose(test["s*"], 100 * expected)
     edges = figures["pair_edges.png"].axes[0].get_lines()
     assert len({(line.get_marker(), line.get_linestyle()) for line in edges}) == len(edges) == 4
 
@@ -231,12 +234,20 @@ def test_node_curves_plot_what_metrics_jsonl_holds(runs, monkeypatch, tmp_path):
     acc, loss = figures["s.png"].axes
     records = load_runs([runs / "dml" / "seed0"])[0][0].records
     shown = {line.get_label(): list(line.get_ydata()) for line in acc.get_lines()}
-    assert sorted(shown) == ["test", "train", "val"]
-    for key, label in (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test")):
+    assert sorted(shown) == ["test @ best val so far", "train", "val"]
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
         assert shown[label] == pytest.approx([100 * r["nodes"]["s"][key] for r in records])
+    assert shown["test @ best val so far"] == pytest.approx(100 * at_best_val_so_far(records, "s"))
     lines = {line.get_label().split(":")[0]: list(line.get_ydata()) for line in loss.get_lines()}
     assert lines["train"] == pytest.approx([r["nodes"]["s"]["train_loss"] for r in records])
     assert lines["val"] == pytest.approx([r["nodes"]["s"]["val_loss"] for r in records])
+
+
+def at_best_val_so_far(records: list[dict], node: str) -> np.ndarray:
+    """Per epoch, the test accuracy recorded at the first epoch of the best val up to it."""
+    val = np.array([r["nodes"][node]["val_acc"] for r in records])
+    test = [r["nodes"][node]["test_acc"] for r in records]
+    return np.array([test[int(np.argmax(val[:e + 1]))] for e in range(len(records))])  # argmax: first on ties
 
 
 def test_no_runs_is_a_user_error(tmp_path):

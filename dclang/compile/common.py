@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -196,37 +195,15 @@ class TrainStep:
         for model in self.models.values():
             model.eval()
 
-    @torch.inference_mode()
-    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int,
-                 loss_sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Top-1 correct count of every model node, then every ensemble (from the same
-        forward), over `images`, in eval mode, `batch_size` samples at a time; counts stay on
-        the device. The previous mode is restored.
+    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Tensor]:
+        """Top-1 correct count of every model node, then every ensemble, over `images`, in
+        eval mode, `batch_size` samples at a time; counts stay on the device. The previous
+        mode is restored. One fused forward per batch (`dclang.compile.evaluate`)."""
+        from dclang.compile.evaluate import evaluate_nodes, tensor_batches
 
-        With `loss_sums` (a dict), each node's summed cross-entropy against the labels is added
-        to its entry (float64, on the device): the validation loss. An ensemble's output is
-        a log-probability (up to a constant), so its cross-entropy is its members' combined
-        prediction's."""
-        was_training = self.training
-        self.eval()
         names = [*self.models, *(name for name, _, _ in self.ensembles)]
-        correct = {name: torch.zeros((), dtype=torch.long, device=self.device) for name in names}
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(self.device, non_blocking=True)
-            y = labels[start:start + batch_size].to(self.device, non_blocking=True)
-            logits = ensemble_outputs({name: model(x) for name, model in self.models.items()}, self.ensembles)
-            for name in names:
-                correct[name] += (logits[name].argmax(dim=1) == y).sum()
-            if loss_sums is not None:
-                stacked = torch.stack([logits[name] for name in names])  # (nodes, B, C): one loss for all
-                sums = F.cross_entropy(stacked.transpose(1, 2), y.expand(len(names), -1),
-                                       reduction="none").sum(dim=1).double()
-                for name, total in zip(names, sums.unbind(0)):
-                    loss_sums[name] = loss_sums.get(name, torch.zeros((), dtype=torch.float64, device=self.device)) \
-                        + total
-        if was_training:
-            self.train()
-        return correct
+        sums = evaluate_nodes(self, tensor_batches(images, labels, batch_size, self.device), names)
+        return dict(zip(names, sums.correct.unbind(0)))
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: every model (frozen ones too, so a checkpoint

@@ -219,7 +219,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
 def _timed(step_all, steps, shape: Shape, device, generator, sync) -> float:
     import torch
 
-    from dclang.train.loop import EVAL_CHUNK
+    from dclang.compile.evaluate import EVAL_CHUNK
 
     for k in range(WARMUP_STEPS):  # allocations, optimizer state, library workspaces
         step_all(k + 1)

@@ -6,8 +6,9 @@
 Each epoch: a permutation and the batch augmentation drawn from one generator seeded with
 (seed, epoch), so a resumed run sees the batches the uninterrupted run saw; one
 `TrainStep.step` per batch with statistics summed on the device; one host sync to read them;
-then every model node is evaluated on val and test. Val alone selects (`best.pt` is the
-epoch of the target's best val accuracy); test is reported, never used to choose anything.
+then the evaluation selection needs (`dclang.train.evaluate`: val every epoch, test for the
+weights val selects, constant nodes once). Val alone selects (`best.pt` is the epoch of the
+target's best val accuracy); test is reported, never used to choose anything.
 
 `train_graph` reads as the run goes: prepare (check the settings, claim the run folder,
 load the data: everything that can be refused is refused before any work), find the
@@ -37,12 +38,10 @@ import torch
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
 from dclang.ir import model_nodes, reported_nodes
+from dclang.train.evaluate import EpochEvaluation
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, check_finite, epoch_record, percent, say
 from dclang.train.rundir import RunDir, graph_text, setting_changes
 from dclang.train.teachers import init_states
-
-#: images normalised and evaluated at a time: bounds the float copy of val/test on the device
-EVAL_CHUNK = 1024
 
 #: the augmentation a dataset gets when its data block names none: the paper's for natural
 #: images, no flip for digits (a mirrored digit is another shape), none for the user's own data
@@ -166,7 +165,7 @@ class _Run:
 
 @dataclass
 class _Training:
-    """The compiled step and the splits on the device."""
+    """The compiled step, the splits on the device and what evaluates them after each epoch."""
 
     step: object
     label: str  # what runs, fast paths named (summary.json's `step`)
@@ -174,6 +173,7 @@ class _Training:
     val: object
     test: object
     augment: object
+    evaluation: EpochEvaluation
 
 
 def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
@@ -330,7 +330,9 @@ def _compile(run: _Run, states: dict | None, options) -> _Training:
     label = step.label
     if run.dist is not None:  # each process trains on its slice of every batch
         step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
-    return _Training(step, label, train, val, test, augment)
+    evaluation = EpochEvaluation(step, run.graph, val=val, test=test, mean=dataset.mean, std=dataset.std,
+                                 epochs=run.epochs, batch=run.batch)
+    return _Training(step, label, train, val, test, augment, evaluation)
 
 
 def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: list[dict]) -> float | None:
@@ -346,6 +348,7 @@ def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: l
                             f"resume with the same --engine, or delete {run.rundir.root} to start afresh") from exc
         _set_rng_state(checkpoint["rng"], run.device)
         best_val = checkpoint["best_val"]
+    training.evaluation.restore(records)  # what the epochs done measured: evaluated again by none
     if run.rundir is not None:
         run.rundir.write_graph(run.graph, run.text)
         run.rundir.write_metrics(records)
@@ -394,17 +397,16 @@ def epoch_batches(run: _Run, training: _Training, epoch: int) -> Iterator[tuple[
 
 def end_epoch(run: _Run, training: _Training, epoch: int, read: tuple[dict, dict], *, lr: float,
               started: float) -> dict:
-    """After an epoch's steps: stop on a non-finite loss, advance the schedule, evaluate val and
-    test; the epoch's record. `read` is the epoch's statistics (`EpochStats.read`)."""
+    """After an epoch's steps: stop on a non-finite loss, advance the schedule, evaluate what
+    selection needs (`training.evaluation`); the epoch's record. `read` is the epoch's
+    statistics (`EpochStats.read`)."""
     means, first_bad = read
     train_seconds = time.perf_counter() - started
     check_finite(first_bad, epoch)
     training.step.end_epoch()
-    mean, std = run.dataset.mean, run.dataset.std
-    val_acc, val_loss = _evaluate(training.step, training.val, mean, std, with_loss=True)
-    test_acc, _ = _evaluate(training.step, training.test, mean, std)
-    return epoch_record(epoch, lr, means, reported_nodes(run.graph), val_acc, test_acc, time.perf_counter() - started,
-                        train_seconds, val_loss=val_loss)
+    figures = training.evaluation.after_epoch(epoch)
+    return epoch_record(epoch, lr, means, reported_nodes(run.graph), figures, time.perf_counter() - started,
+                        train_seconds)
 
 
 def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: float | None) -> float | None:
@@ -428,27 +430,6 @@ def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: 
     if run.progress:
         say(_epoch_line(record, run.epochs, run.target))
     return best_val
-
-
-def _evaluate(step, split, mean, std, *, with_loss: bool = False) -> tuple[dict[str, float] | None,
-                                                                             dict[str, float] | None]:
-    """(accuracy, mean cross-entropy) of every node on `split`, both None when the split is
-    empty, the loss None unless asked for; one host sync."""
-    from dclang.data import normalize
-
-    if len(split) == 0:
-        return None, None
-    totals: dict[str, torch.Tensor] = {}
-    loss_sums: dict[str, torch.Tensor] | None = {} if with_loss else None
-    for start in range(0, len(split), EVAL_CHUNK):
-        images = normalize(split.images[start:start + EVAL_CHUNK], mean, std)
-        counts = step.evaluate(images, split.labels[start:start + EVAL_CHUNK], EVAL_CHUNK, loss_sums)
-        totals = {n: totals[n] + c for n, c in counts.items()} if totals else counts
-    names = list(totals)
-    values = torch.stack([totals[n].double() for n in names] + [loss_sums[n] for n in names if with_loss]).tolist()
-    accuracy = dict(zip(names, (v / len(split) for v in values[:len(names)])))
-    loss = dict(zip(names, (v / len(split) for v in values[len(names):]))) if with_loss else None
-    return accuracy, loss
 
 
 def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:

@@ -74,21 +74,22 @@ def check_finite(first_bad: dict[tuple[str, str], int], epoch: int) -> None:
 
 
 def epoch_record(epoch: int, lr: float, means: dict[tuple[str, str], float], models: list[str],
-                 val: dict[str, float] | None, test: dict[str, float], seconds: float,
-                 train_seconds: float, val_loss: dict[str, float] | None = None) -> dict:
+                 figures: dict[str, dict], seconds: float, train_seconds: float) -> dict:
     """One line of metrics.jsonl. Accuracies are fractions in [0, 1]; a frozen node has no
-    train loss (null), an empty validation split gives null val accuracies and losses.
-    `train_loss` is the node's L_t (eq. 3: its incoming edges' losses, distillation included);
-    `val_loss` is its cross-entropy against the validation labels, the usual overfitting sign."""
+    train loss (null). `train_loss` is the node's L_t (eq. 3: its incoming edges' losses,
+    distillation included). `figures` are what the epoch's evaluation measured per node
+    (`dclang.train.evaluate`): `val_acc` and `val_loss` (its cross-entropy against the
+    validation labels, the usual overfitting sign), null with an empty validation split;
+    `test_acc`, null in an epoch whose weights val does not select."""
     edges = sorted({name for f, name in means if f == "edge_loss"})
     return {
         "epoch": epoch,
         "lr": lr,
         "nodes": {n: {"train_loss": means.get(("node_loss", n)),
                       "train_acc": means[("node_correct", n)],
-                      "val_acc": None if val is None else val[n],
-                      "val_loss": None if val_loss is None else val_loss[n],
-                      "test_acc": test[n]} for n in models},
+                      "val_acc": figures[n]["val_acc"],
+                      "val_loss": figures[n]["val_loss"],
+                      "test_acc": figures[n]["test_acc"]} for n in models},
         "edges": {e: {"loss": means[("edge_loss", e)], "gate": means[("edge_gate", e)],
                       "pass_rate": means[("edge_pass", e)]} for e in edges},
         "seconds": seconds,
@@ -105,6 +106,23 @@ def best_epoch(records: list[dict], node: str) -> dict | None:
     a validation split. Never looks at test accuracy."""
     scored = [r for r in records if r["nodes"][node]["val_acc"] is not None]
     return max(scored, key=lambda r: (r["nodes"][node]["val_acc"], -r["epoch"])) if scored else None
+
+
+def selected_test(records: list[dict], node: str) -> list[float | None]:
+    """Per epoch, `node`'s test accuracy at its best validation epoch so far (earliest on
+    ties, as `best_epoch`): what the weights selection would pick then score on test, the
+    curve a run's test accuracy draws (its records hold test only for such epochs). Without a
+    validation split each epoch's own weights are the selected ones."""
+    out, best = [], None
+    for record in records:
+        figures = record["nodes"][node]
+        if figures["val_acc"] is None:
+            out.append(figures["test_acc"])
+            continue
+        if best is None or figures["val_acc"] > best["val_acc"]:
+            best = figures
+        out.append(best["test_acc"])
+    return out
 
 
 def percent(x: float | None) -> str:
