@@ -31,7 +31,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import click
 import networkx as nx
 
 from dclang.diagnostics import DiagnosticError, UserError
+from dclang.processes import python_argv
 
 #: spaces up to this many samples are counted exactly by the plan (about 10 s)
 COUNT_LIMIT = 150_000
@@ -300,7 +300,7 @@ def start_seconds(dataset: str) -> tuple[float, float]:
               "m(torch.zeros(2, 1, 8, 8)).sum().backward()\n"
               "print(time.perf_counter() - imported)\n")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    done = subprocess.run(python_argv(script), check=True, capture_output=True, text=True)
     total = time.perf_counter() - started
     first_use = float(done.stdout.split()[-1])
     return total - first_use, total
