@@ -217,7 +217,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
             train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
                         resume=resume, progress=not no_progress, options=options)
         except KeyboardInterrupt:
-            _stopped(out, graph.graph["target"])
+            _stopped(out, graph.graph["target"], epochs or graph.graph["train"].epochs)
         click.echo(_results(out, write_node_curves(out)))
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
@@ -252,9 +252,13 @@ def _results(out: Path, curves: list[Path]) -> str:
                       "  graph.kt           the graph as trained, every default written out"])
 
 
-def _stopped(out: Path, target: str) -> None:
+def _stopped(out: Path, target: str, epochs: int) -> None:
     """Ctrl-C: say what was trained, where its checkpoint is and how to go on; draw the curves
-    of the epochs done; exit 130 (a second Ctrl-C is ignored while this is written)."""
+    of the epochs done; exit 130 (a second Ctrl-C is ignored while this is written).
+
+    The epochs done are those `last.pt` holds (the commit point of an epoch): metrics.jsonl
+    may hold one more, whose checkpoint the stop cut short; it is cut back here, as a resume
+    would, so the curves show what is kept."""
     from dclang.plots import write_node_curves
     from dclang.train.metrics import percent
     from dclang.train.rundir import RunDir
@@ -262,18 +266,19 @@ def _stopped(out: Path, target: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rundir = RunDir(out)
     try:
-        records, summary = rundir.read_metrics(), rundir.read_summary()
+        done = rundir.load_last()["epoch"] if rundir.last.is_file() else 0
+        records = rundir.read_metrics()[:done]
+        rundir.write_metrics(records)
         curves = write_node_curves(out)
     except UserError:
-        records, summary, curves = [], None, []
+        done, records, curves = 0, [], []
     args = sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run", "..."]
     again = shlex.join(["dclang", *args, *(["--resume"] if "--resume" not in args else [])])
-    if records and summary:
+    if records:
         best = max(records, key=lambda r: r["nodes"][target]["val_acc"] or 0.0)
-        lines = [f"\nstopped: {len(records)} of {summary['epochs']} epochs are done and kept in {out}; the epoch "
-                 f"in flight is lost",
+        lines = [f"\nstopped: {done} of {epochs} epochs are done and kept in {out}; the epoch in flight is lost",
                  f"  target `{target}`: best val {percent(best['nodes'][target]['val_acc'])}% (epoch {best['epoch']})",
-                 f"  last checkpoint: {rundir.last} (epoch {len(records)})",
+                 f"  last checkpoint: {rundir.last} (epoch {done})",
                  f"  curves of the epochs done: {out / 'curves'}/ ({', '.join(p.name for p in curves) or 'none'})"]
     else:
         lines = ["\nstopped before the run finished its first epoch: nothing of it is kept (a teacher's "
