@@ -97,3 +97,23 @@ def test_ctrl_c_keeps_the_epochs_done_draws_their_curves_and_gives_the_resume_co
     assert f"continue with: dclang run {kt} -o {rundir.root} --device cpu --resume" in stderr
     assert "Aborted!" not in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in (rundir.root / "curves").glob("*.png")) == ["p.png", "s.png"]
+
+
+def test_a_run_says_where_its_results_are_and_that_epochs_shortened_its_teachers_pre_training(tmp_path):
+    kt = tmp_path / "kd.kt"
+    kt.write_text(GRAPH.replace("EPOCHS", "3").replace("node p : mlp\n", "node p : mlp\nnode t : mlp [frozen]\n")
+                  + "t -> s : through\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DCLANG_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(dclang_argv("run", str(kt), "-o", str(out), "--device", "cpu", "--epochs", "1",
+                                      "--no-progress"), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("note: --epochs 1 also shortens the pre-training of the frozen node(s) `t` (the train block says 3 "
+            "epochs)") in done.stderr
+    assert "pre-training mlp on digits on labels for 1 epoch " in done.stderr  # as the note says
+    assert done.stdout.startswith(f"results in {out}/:\n")
+    for key_file in ("summary.json", "metrics.jsonl", "curves/", "checkpoints/", "graph.kt"):
+        assert f"\n  {key_file} " in done.stdout
+    assert "  curves/            s.png, p.png, t.png (accuracy and loss per epoch)" in done.stdout
+    for name in ("summary.json", "metrics.jsonl", "graph.kt", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file()

@@ -201,6 +201,10 @@ def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
     headers = {}
     try:
         with zipfile.ZipFile(path) as archive:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if f"{k}.npy" not in archive.namelist()]
+            if missing:
+                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it needs x_train, y_train, "
+                                "x_test, y_test")
             for key in ("x_train", "x_test", "y_train"):
                 with archive.open(f"{key}.npy") as member:
                     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -214,9 +218,6 @@ def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
     except FileNotFoundError:
         raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, "
                         "y_train, x_test, y_test") from None
-    except KeyError as exc:
-        raise DataError(f"npz: {path} lacks the array {exc.args[0].split()[-1]}; it needs x_train, y_train, "
-                        "x_test, y_test") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from None
     images = {key: _npz_images(path, key, np.empty((0, *headers[key][0][1:]), dtype=headers[key][1]))
