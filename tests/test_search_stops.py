@@ -20,25 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
+from test_search import FAKE, TEMPLATE  # the cheap trainer, and a template of ~10^6 graphs
 
 import dclang
 from dclang.diagnostics import UserError
 from dclang.processes import dclang_argv, python_argv
 from dclang.search.study import INTERRUPTED, load_study, open_storage
-
-FAKE = ("--trainer", "fake_trainer:train")
-
-TEMPLATE = """\
-graph small
-data digits { val_split = 300 }
-train { epochs = 8 }
-
-node n1 : mlp [target]
-node n2 : choice(mlp, cnn_tiny)
-node n3 : choice(mlp, cnn_tiny)
-
-edges * -> * : choice(through, cutoff, linear, correct)
-"""
 
 
 def shadowing_folder(root: Path) -> Path:

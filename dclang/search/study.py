@@ -83,6 +83,8 @@ class StopSignals:
         self._raised = False
 
     def install(self, *signals: signal.Signals) -> None:
+        """Take `signals` with this handler, from a fresh start (no stop requested yet)."""
+        self.requested = self._raised = False
         for number in signals:
             signal.signal(number, self._handle)
 
@@ -446,6 +448,13 @@ def owner(worker: str) -> dict[str, Any]:
     return {"worker": worker, "host": host_id(), "pid": pid, "started": process_started(pid)}
 
 
+def _is_owner(who) -> bool:
+    """Whether a trial's `owner` is one `owner()` wrote (a journal changed by hand may hold
+    anything: such a trial is left alone, not a traceback)."""
+    return (isinstance(who, dict) and isinstance(who.get("host"), str) and isinstance(who.get("worker"), str)
+            and isinstance(who.get("pid"), int) and isinstance(who.get("started"), (str, type(None))))
+
+
 def _alive(owner: dict[str, Any]) -> bool:
     started = process_started(owner["pid"])
     if started == "":  # no /proc (macOS): ask the kernel whether the pid exists
@@ -466,7 +475,7 @@ def reap(study: optuna.Study) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = trial.user_attrs.get("owner")
-        if who is None or who["host"] != host_id() or _alive(who):
+        if not _is_owner(who) or who["host"] != host_id() or _alive(who):
             continue
         storage = study._storage
         try:
