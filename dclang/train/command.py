@@ -194,8 +194,8 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
     if graph.graph["sites"]:
         names = ", ".join(f"`{s.name}`" for s in graph.graph["sites"])
         raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
-                        f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
-                        f"(e.g. --set {graph.graph['sites'][0].name}=...)")
+                        f"search it with `dclang search --template {file} --trials N -o OUT`, or fix every choice "
+                        f"with --set (e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.compile import StepOptions
     from dclang.plots import write_node_curves
     from dclang.train.loop import train_graph
