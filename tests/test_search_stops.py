@@ -109,9 +109,9 @@ def test_ctrl_c_stops_a_search_with_its_trials_handed_back_as_interrupted(tmp_pa
         assert [r.system_attrs["fixed_params"] for r in retries] == [t.params]
     assert f"continue with `dclang search --resume -o {out}`" in stderr
     assert "handed back as interrupted" in stderr and "interrupted" in stdout  # the summary counts them
-    for text in (stderr, logs):  # no lock left behind for others to wait out, no click "Aborted!"
-        assert "lock" not in text.lower() and "Aborted!" not in text
-    assert "Traceback" not in stderr
+    for text in (stderr, logs):  # no lock left behind for others to wait out, no click "Aborted!", no traceback
+        assert "lock" not in text.lower() and "Aborted!" not in text and "Traceback" not in text
+    assert logs.count("stopped; its running trials are marked interrupted") == 2
     assert (out / "leaderboard.csv").is_file() and (out / "summary.json").is_file()
 
 
@@ -185,3 +185,23 @@ def test_a_journal_cut_anywhere_opens_as_the_study_it_held_then(journal, keep):
         return
     assert count <= trial_count(journal)
     assert cut.read_bytes() == whole[:len(cut.read_bytes())] and cut.read_bytes().endswith(b"\n")
+
+
+def test_a_stopped_worker_hands_back_what_it_still_runs_and_nothing_else(tmp_path):
+    """What a worker does last when stopped: its own RUNNING trials (a packed worker's trial
+    stopped while it was set up) are failed as interrupted and queued again; others' stay."""
+    from dclang.search.study import StudyConfig, create_study, hand_back, owner
+
+    config = StudyConfig(template=TEMPLATE, template_path="t.kt", sampler="random", seed=0, pruner="asha",
+                         eta=2, min_resource=1, epochs=8, trials=5)
+    study = create_study(open_storage(str(tmp_path / "s.journal"), create=True), "s", config)
+    mine, theirs = study.ask(), study.ask()
+    mine.suggest_categorical("n2.model", ["mlp", "cnn_tiny"])
+    mine.set_user_attr("owner", owner("local-0"))
+    theirs.set_user_attr("owner", {**owner("local-1"), "pid": os.getppid()})
+    assert hand_back(study) == [mine.number]
+    trials = study.get_trials()
+    assert trials[mine.number].state == TrialState.FAIL and trials[mine.number].user_attrs["failed"] == INTERRUPTED
+    assert trials[theirs.number].state == TrialState.RUNNING
+    assert trials[2].user_attrs["retry_of"] == mine.number and trials[2].system_attrs["fixed_params"] == \
+        trials[mine.number].params

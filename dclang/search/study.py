@@ -489,6 +489,26 @@ def reap(study: optuna.Study) -> list[int]:
     return failed
 
 
+def hand_back(study: optuna.Study) -> list[int]:
+    """Fail as `interrupted` every trial this process still runs, and enqueue its retry: what a
+    stopped worker leaves RUNNING after its own hand-back (a packed worker's trial stopped
+    while it was being set up); returns their numbers."""
+    me = owner("")
+    handed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = trial.user_attrs.get("owner")
+        if not _is_owner(who) or (who["host"], who["pid"], who["started"]) != (me["host"], me["pid"], me["started"]):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failed", INTERRUPTED)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue
+        handed.append(trial.number)
+        retry(study, study._storage.get_trial(trial._trial_id))
+    return handed
+
+
 def retry(study: optuna.Study, failed: FrozenTrial) -> None:
     """Enqueue a trial with the parameters of `failed`, whose worker died or was stopped.
 
@@ -503,5 +523,5 @@ def retry(study: optuna.Study, failed: FrozenTrial) -> None:
 
 
 __all__ = ["COUNTED", "CONFIG_ATTR", "INTERRUPTED", "MAX_RETRY", "STOPS", "StopSignals", "StudyConfig", "counted",
-           "create_study", "host_id", "interrupted", "load_study", "open_storage", "owner", "reap", "redact",
-           "retry", "set_trial_budget"]
+           "create_study", "hand_back", "host_id", "interrupted", "load_study", "open_storage", "owner", "reap",
+           "redact", "retry", "set_trial_budget"]

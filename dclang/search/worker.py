@@ -46,6 +46,7 @@ from dclang.search.study import (
     STOPS,
     StudyConfig,
     counted,
+    hand_back,
     load_study,
     open_storage,
     owner,
@@ -80,13 +81,13 @@ class InvalidSample(Exception):
     """The sampled graph cannot be trained (its diagnostics are in the trial's `invalid`)."""
 
 
-class _NoTracebackForInvalidSamples(logging.Filter):
-    """Optuna logs every failed trial with its traceback; an invalid sample is an expected
-    outcome whose reason is one line (and is in the trial's `invalid`), so its record keeps
-    the message and drops the traceback."""
+class _NoTracebackForExpectedEnds(logging.Filter):
+    """Optuna logs every failed trial with its traceback; an invalid sample and a stopped
+    worker's trial are expected outcomes whose reason is one line (in the trial's `invalid`,
+    or `failed`), so their records keep the message and drop the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InvalidSample):
+        if record.exc_info and isinstance(record.exc_info[1], (InvalidSample, KeyboardInterrupt)):
             record.exc_info = None
         return True
 
@@ -305,13 +306,27 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
-    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
-    # The parent stops its workers with SIGTERM, after Ctrl-C reached it: a worker it started
-    # ignores SIGINT (Ctrl-C at the terminal reaches the whole process group), so each gets one
-    # stop and hands its trial back once. A worker joined by hand stops on either.
+    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path.
+
+    The parent stops its workers with SIGTERM, after Ctrl-C reached it: a worker it started
+    ignores SIGINT (Ctrl-C at the terminal reaches the whole process group), so each gets one
+    stop and hands its trials back once. A worker joined by hand stops on either. A stopped
+    worker exits with status 130, at any point (also while it starts), without a traceback."""
     if slot is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     STOPS.install(*((signal.SIGTERM,) if slot is not None else (signal.SIGINT, signal.SIGTERM)))
+    try:
+        _work(storage_url, study_name, worker=worker, device=device, data_dir=data_dir, teacher_cache=teacher_cache,
+              trainer=trainer, slot=slot, pack=pack, options=options)
+    except KeyboardInterrupt:
+        with contextlib.suppress(UserError):  # stopped before the study was open: nothing to hand back
+            hand_back(load_study(open_storage(storage_url), study_name, where=redact(storage_url))[0])
+        say(f"worker {worker}: stopped; its running trials are marked interrupted and queued to run again")
+        raise SystemExit(130) from None
+
+
+def _work(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
+          teacher_cache: Path, trainer: str | None, slot: int | None, pack: int, options) -> None:
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
@@ -328,24 +343,19 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         return
     say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
         f"{config.epochs} epochs, {config.trials} trials)")
-    logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForInvalidSamples())  # where it logs them
+    logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForExpectedEnds())  # where it logs them
     if real:
         _freeze_start_up()
-    try:
-        if pack > 1 or options is not None:
-            from dclang.search.pack import work_packed
+    if pack > 1 or options is not None:
+        from dclang.search.pack import work_packed
 
-            if not real:
-                raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps",
-                                "leave out --trainer")
-            with STOPS.allowing():
-                work_packed(study, config, objective, size=pack, options=options)
-        else:
-            STOPS.interruptible = False  # between trials, a stop waits for the next trial's start
-            _optimize(study, config, objective, worker, study_name)
-    except KeyboardInterrupt:
-        say(f"worker {worker}: stopped; its running trials are marked interrupted and queued to run again")
-        raise SystemExit(130) from None
+        if not real:
+            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps", "leave out --trainer")
+        with STOPS.allowing():
+            work_packed(study, config, objective, size=pack, options=options)
+    else:
+        STOPS.interruptible = False  # between trials, a stop waits for the next trial's start
+        _optimize(study, config, objective, worker, study_name)
     if objective.stopped_because:
         raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
 
