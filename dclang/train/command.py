@@ -267,9 +267,11 @@ def _stopped(out: Path, target: str, epochs: int) -> None:
     rundir = RunDir(out)
     try:
         done = rundir.load_last()["epoch"] if rundir.last.is_file() else 0
-        records = rundir.read_metrics()[:done]
-        rundir.write_metrics(records)
-        curves = write_node_curves(out)
+        records = rundir.read_metrics()
+        if len(records) > done:
+            rundir.write_metrics(records[:done])
+        records = records[:done]
+        curves = write_node_curves(out) if records else []
     except UserError:
         done, records, curves = 0, [], []
     args = sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run", "..."]
