@@ -589,6 +589,10 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     train = checked.graph.graph["train"]
     graph = resolved_graph(checked.graph, epochs=train.epochs, seed=train.seed)  # as `dclang run` trains it
     torch_device = resolve_device(device)
+    if torch_device.type == "cpu":  # inductor's CPU build imports cpp_extension, which warns when a CUDA
+        import logging  # toolkit is installed but torch has no CUDA runtime: no news on a CPU
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     data = graph.graph["data"]
     info = DATASETS.get(data.dataset)
     dataset = None

@@ -64,6 +64,44 @@ def test_the_shape_is_the_loaded_datasets():
     assert shape.steps_per_epoch == -(-len(loaded.train) // 128)
 
 
+def npz_template(tmp_path, **arrays) -> str:
+    import numpy as np
+
+    np.savez(tmp_path / "mine.npz", **arrays)
+    return TEMPLATE.replace("data digits { val_split = 300 }",
+                            f'data npz {{ path = "{tmp_path / "mine.npz"}"  val_split = 0.25 }}')
+
+
+def test_an_npz_datasets_shape_is_read_from_its_headers_as_loading_finds_it(tmp_path):
+    import numpy as np
+
+    from dclang.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    text = npz_template(tmp_path, x_train=rng.integers(0, 256, (203, 12, 12, 3), dtype=np.uint8),
+                        y_train=rng.integers(0, 7, 203), x_test=rng.integers(0, 256, (41, 12, 12, 3), dtype=np.uint8),
+                        y_test=rng.integers(0, 7, 41))
+    shape = dataset_shape(check(text, "<t>").graph)
+    loaded = load_dataset("npz", data_dir=None, val_split=0.25, split_seed=0, path=str(tmp_path / "mine.npz"))
+    assert (shape.train, shape.val, shape.test) == (len(loaded.train), len(loaded.val), len(loaded.test))
+    assert (shape.num_classes, shape.channels, shape.image_size) == (loaded.num_classes, 3, 12)
+
+
+def test_an_npz_that_cannot_train_is_refused_by_the_plan_as_by_loading(tmp_path):
+    import numpy as np
+    import pytest
+
+    from dclang.diagnostics import UserError
+
+    floats = npz_template(tmp_path, x_train=np.zeros((10, 8, 8), np.float32), y_train=np.zeros(10, np.int64),
+                          x_test=np.zeros((2, 8, 8), np.float32), y_test=np.zeros(2, np.int64))
+    with pytest.raises(UserError, match=r"x_train in .*mine\.npz has dtype float32; expected uint8"):
+        dataset_shape(check(floats, "<t>").graph)
+    lacking = npz_template(tmp_path, x_train=np.zeros((10, 8, 8), np.uint8), y_train=np.zeros(10, np.int64))
+    with pytest.raises(UserError, match=r"lacks the array\(s\) x_test, y_test"):
+        dataset_shape(check(lacking, "<t>").graph)
+
+
 def test_mixes_are_the_trained_graphs_models():
     counts, examples = sample_mixes(check(TEMPLATE, "<t>").graph, samples=200)
     # n3 -> n1 is `through`: every sample trains; n2 is dead when n2 -> n1 is cut

@@ -1,7 +1,8 @@
 """A run killed with SIGKILL and resumed ends exactly as the uninterrupted run (CPU).
 
-The killed run and its resumption are real `python -m dclang run` processes; the
-uninterrupted run is trained in the test's process. On the CPU every operation is
+The killed run is a real process (training through `train_graph`, held after epoch 2's files
+are written, so the kill lands at a known point whatever the machine's load), its resumption a
+real `dclang run --resume`; the uninterrupted run is trained in the test's process. On the CPU every operation is
 deterministic and the batches of an epoch depend only on (seed, epoch), so apart from the
 timing fields the metrics, the summary and the final weights must be identical.
 """
@@ -13,13 +14,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 
 from dclang.api import load
 from dclang.checkpoints import load_safely
+from dclang.processes import python_argv
 from dclang.train import RunDir, train_graph
 from dclang.train.metrics import TIMING_FIELDS
 
@@ -38,6 +39,22 @@ GRAPH = textwrap.dedent("""\
     p -> s : correct
     s -> p : through kl(T=2)
     """)
+
+
+#: a run held after epoch 2's files are written, until the test kills it
+HELD_RUN = """\
+import sys
+from pathlib import Path
+from dclang.api import load
+from dclang.train import train_graph
+
+def hold(epoch, record):
+    if epoch == 2:
+        print("epoch 2 written", flush=True)
+        sys.stdin.readline()
+
+train_graph(load(Path(sys.argv[1])), run_dir=Path(sys.argv[2]), device="cpu", progress=False, on_epoch=hold)
+"""
 
 
 def dclang_run(kt: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
@@ -70,16 +87,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DCLANG_CACHE": str(tmp_path / "cache")}
 
     killed_dir = RunDir(tmp_path / "killed")
-    killed = dclang_run(kt, killed_dir.root, env)
-    deadline = time.monotonic() + 240
-    while not killed_dir.metrics.is_file() or not killed_dir.metrics.read_text().strip():
-        assert killed.poll() is None, killed.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    done = len(killed_dir.read_metrics())
-    assert 1 <= done < 4, "the run should have been killed midway"
+    killed = subprocess.Popen(python_argv(HELD_RUN, str(kt), str(killed_dir.root)), cwd=REPO, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout.readline() == "epoch 2 written\n", killed.communicate()
+        killed.send_signal(signal.SIGKILL)
+    finally:
+        killed.kill()
+        killed.communicate()
+    assert len(killed_dir.read_metrics()) == 2 and killed_dir.load_last()["epoch"] == 2
 
     finish(dclang_run(kt, killed_dir.root, env, "--resume"))
 

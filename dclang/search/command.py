@@ -5,9 +5,11 @@
     dclang search --worker --storage postgresql://... --study NAME     # join from another machine
 
 The parent process runs no trial itself: it creates (or reopens) the study, starts D worker
-processes (`python -m dclang search --worker ...`, the same command a machine joining the
-study runs), shows a live progress line, fails the trials of workers that die (each is retried
-with the same parameters), and at the end writes the output folder (`dclang.search.output`).
+processes (`dclang search --worker ...` on the parent's Python and dclang, whatever the working
+directory holds: `dclang.processes`; the same command a machine joining the study runs), shows
+a live progress line, fails the trials of workers that die (each is retried with the same
+parameters), and at the end writes the output folder (`dclang.search.output`). Ctrl-C stops
+the workers, which hand their trials back as interrupted (`study.StopSignals`).
 This module imports neither torch nor optuna at import time: `dclang --help` stays fast.
 """
 
@@ -29,8 +31,8 @@ from dclang.search import PRUNERS, SAMPLERS
 
 #: seconds between two looks at the study while workers run
 POLL = 1.0
-#: seconds a stopped worker gets to hand its trial back before it is killed
-STOP_GRACE = 30
+#: seconds a stopped worker gets to hand its trial back before it is killed (it takes well under one)
+STOP_GRACE = 10
 
 _STUDY_FLAGS = ("template", "epochs", "sampler", "seed", "pruner", "eta", "min_resource")
 
@@ -156,14 +158,23 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         _say(f"waiting for workers: on each machine run `dclang search --worker --storage {redact(storage)} "
              f"--study {study_name}`")
     failures: list[str] = []
+    stopped = False
     try:
         failures = _run_workers(study, config, workers, worker_args, device, output)
+    except KeyboardInterrupt:
+        stopped = True
     finally:
         summary = write_outputs(study.get_trials(deepcopy=False), config, output, study=study_name, top_k=top_k)
         _say("")
         for line in summary_lines(summary) + summary.get("notes", []):
             click.echo(line)
         click.echo(f"browse the study: optuna-dashboard {redact(storage)}")
+    if stopped:
+        handed = summary["trials"]["interrupted"]
+        _say(f"search stopped: {handed} running trial{'s' * (handed != 1)} handed back as interrupted (each runs "
+             f"again first); the outputs in {output} are written for what was done; continue with "
+             f"`dclang search --resume -o {output}`")
+        ctx.exit(130)
     if failures:
         raise UserError("; ".join(failures), f"see the worker logs in {output / 'logs'}; "
                                              f"continue with `dclang search --resume -o {output}`")
@@ -237,7 +248,8 @@ def _create(template: Path, trials: int, storage: str, study_name: str | None, *
 def _run_workers(study, config, n: int, worker_args: list[str], device: str, out: Path) -> list[str]:
     """Start n workers, watch them and the study until they are done; returns why workers
     that gave up did so. A worker killed by a signal is replaced (at most n times in all)."""
-    from dclang.search.study import counted, reap
+    from dclang.processes import dclang_argv
+    from dclang.search.study import STOPS, counted, reap
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -246,15 +258,16 @@ def _run_workers(study, config, n: int, worker_args: list[str], device: str, out
 
     def start(k: int) -> subprocess.Popen:
         with open(logs / f"worker-{k}.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "dclang", "search", "--worker", "--slot", str(k),
-                                     "--device", device, *worker_args],
+            return subprocess.Popen(dclang_argv("search", "--worker", "--slot", str(k), "--device", device,
+                                                *worker_args),
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     reap(study)
     procs = {k: start(k) for k in range(n)}
     replaced, failures = 0, []
     progress = _Progress(config)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    STOPS.install(*previous)  # SIGTERM stops like Ctrl-C; neither cuts a journal write or the hand-back short
     try:
         while True:
             for k, proc in list(procs.items()):
@@ -279,12 +292,13 @@ def _run_workers(study, config, n: int, worker_args: list[str], device: str, out
                 break
             time.sleep(POLL)
     except KeyboardInterrupt:
-        _say("\nstopping the workers; their running trials will run again on --resume")
+        _say("\nstopping the workers: each marks its running trial interrupted and queues it to run again")
         _stop(procs.values())
         reap(study)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         progress.done()
     return failures
 

@@ -26,7 +26,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from dclang.checkpoints import atomic_write_text
-from dclang.search.study import StudyConfig
+from dclang.search.study import StudyConfig, interrupted
 
 _STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3,
                 TrialState.FAIL: 4}
@@ -167,7 +167,8 @@ def summarize(trials: list[FrozenTrial], config: StudyConfig, *, study: str) -> 
             "failed": len(failed),
             "invalid": sum("invalid" in t.user_attrs for t in failed),
             "errors": sum("error" in t.user_attrs for t in failed),
-            "worker_died": sum("failed" in t.user_attrs for t in failed),
+            "interrupted": sum(interrupted(t) for t in failed),
+            "worker_died": sum("failed" in t.user_attrs and not interrupted(t) for t in failed),
             "duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
             "retries": sum("retry_of" in t.user_attrs for t in trials),
             "running": len(by_state[TrialState.RUNNING]),
@@ -187,7 +188,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     line = (f"search `{summary['study']}`: {t['finished']} of {cfg['trials']} trials finished "
             f"({t['complete']} complete, {t['pruned']} pruned"
             + (f"; {t['duplicates']} of them duplicates, not trained again" if t["duplicates"] else "") + ")")
-    why = [f"{t[k]} {k.replace('_', ' ')}" for k in ("invalid", "errors", "worker_died") if t[k]]
+    why = [f"{t[k]} {k.replace('_', ' ')}" for k in ("invalid", "errors", "interrupted", "worker_died") if t[k]]
     if t["failed"]:
         line += f", {t['failed']} failed ({', '.join(why)})" if why else f", {t['failed']} failed"
     line += "".join(f", {t[k]} {k}" for k in ("retries", "running", "waiting") if t[k])

@@ -31,7 +31,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import click
 import networkx as nx
 
 from dclang.diagnostics import DiagnosticError, UserError
+from dclang.processes import python_argv
 
 #: spaces up to this many samples are counted exactly by the plan (about 10 s)
 COUNT_LIMIT = 150_000
@@ -162,17 +162,73 @@ class Shape:
 
 
 def dataset_shape(graph: nx.DiGraph) -> Shape:
+    """The shape of the template's dataset: a built-in one's from its official sizes, an npz
+    file's from the file (`npz_sizes`)."""
+    from dclang.data import DataError
     from dclang.data.catalog import DATASETS
     from dclang.data.dataset import split_indices
 
     data, train = graph.graph["data"], graph.graph["train"]
     info = DATASETS.get(data.dataset)
-    if data.dataset not in OFFICIAL_SIZES or info is None:
-        raise UserError(f"--plan knows the size of {', '.join(OFFICIAL_SIZES)}, not of `{data.dataset}` "
-                        "(its size is in your files)", "plan a search on a built-in dataset")
-    official_train, test = OFFICIAL_SIZES[data.dataset]
-    train_idx, val_idx = split_indices(official_train, data.val_split, data.split_seed)
-    return Shape(info.num_classes, info.channels, info.image_size, len(train_idx), len(val_idx), test, train.batch)
+    try:
+        if data.dataset == "npz":
+            num_classes, (channels, size, _), official_train, test = npz_sizes(Path(data.path))
+        elif data.dataset in OFFICIAL_SIZES and info is not None:
+            num_classes, channels, size = info.num_classes, info.channels, info.image_size
+            official_train, test = OFFICIAL_SIZES[data.dataset]
+        else:
+            raise UserError(f"--plan knows the size of {', '.join(OFFICIAL_SIZES)} and of an npz file, not of "
+                            f"`{data.dataset}` (its size is in your files)", "plan a search on one of those")
+        train_idx, val_idx = split_indices(official_train, data.val_split, data.split_seed)
+    except DataError as exc:
+        raise UserError(str(exc)) from exc
+    return Shape(num_classes, channels, size, len(train_idx), len(val_idx), test, train.batch)
+
+
+def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
+    """(classes, (channels, height, width), training images, test images) of an npz dataset,
+    read from the headers of its `.npy` members: the images are never loaded (the labels
+    of y_train are, for the class count, max + 1, as training counts it). The images' dtype
+    and layout are checked by the rule loading applies (`_npz_images`, on an empty array of
+    their shape)."""
+    import zipfile
+
+    import numpy as np
+
+    from dclang.data import DataError
+    from dclang.data.sources import _npz_images
+
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if f"{k}.npy" not in archive.namelist()]
+            if missing:
+                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it needs x_train, y_train, "
+                                "x_test, y_test")
+            for key in ("x_train", "x_test", "y_train"):
+                with archive.open(f"{key}.npy") as member:
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(member))
+                    if read_header is None:
+                        raise ValueError(f"{key}.npy is in an .npy format version numpy.savez does not write")
+                    shape, _, dtype = read_header(member)
+                    headers[key] = (shape, dtype)
+            with archive.open("y_train.npy") as member:
+                labels = np.lib.format.read_array(member, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, "
+                        "y_train, x_test, y_test") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from None
+    images = {key: _npz_images(path, key, np.empty((0, *headers[key][0][1:]), dtype=headers[key][1]))
+              for key in ("x_train", "x_test")}
+    if not headers["x_train"][0] or headers["x_train"][0][0] == 0:
+        raise DataError(f"npz: x_train in {path} has no images")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
+        raise DataError(f"npz: y_train in {path} has shape {labels.shape} and dtype {labels.dtype}; expected "
+                        f"integer class labels, one per image of x_train")
+    return (int(labels.max()) + 1, tuple(images["x_train"].shape[1:]), headers["x_train"][0][0],
+            headers["x_test"][0][0])
 
 
 def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
@@ -282,7 +338,7 @@ def outputs_seconds(graph: nx.DiGraph) -> float:
 
 
 #: what a worker imports to read each built-in dataset (loading digits is importing scikit-learn)
-_LOADERS = {"digits": "sklearn.datasets, sklearn.model_selection"}
+_LOADERS = {"digits": "sklearn.datasets, sklearn.model_selection", "npz": "numpy"}
 
 
 def start_seconds(dataset: str) -> tuple[float, float]:
@@ -300,7 +356,7 @@ def start_seconds(dataset: str) -> tuple[float, float]:
               "m(torch.zeros(2, 1, 8, 8)).sum().backward()\n"
               "print(time.perf_counter() - imported)\n")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    done = subprocess.run(python_argv(script), check=True, capture_output=True, text=True)
     total = time.perf_counter() - started
     first_use = float(done.stdout.split()[-1])
     return total - first_use, total

@@ -16,11 +16,15 @@ heartbeat does the same for workers on other machines, with the same retry.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import socket
 import sys
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from dclang.diagnostics import UserError
@@ -42,6 +47,83 @@ HEARTBEAT_INTERVAL = 30
 GRACE_PERIOD = 120
 #: the states that count towards the trial budget: trials that were trained (or reused)
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: the `failed` note of a trial whose worker was stopped (Ctrl-C, SIGTERM): it is run again
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM stopped its worker): it runs again first on --resume"
+
+
+def interrupted(trial: FrozenTrial) -> bool:
+    """Whether a FAIL trial was handed back by a stopped worker (not lost with a dead one)."""
+    return trial.user_attrs.get("failed") == INTERRUPTED
+
+
+# ---------------------------------------------------------------- stopping
+
+
+class StopSignals:
+    """How a search process takes SIGINT and SIGTERM: the first one stops it, as a
+    KeyboardInterrupt, but never where stopping would leave the study damaged.
+
+    - Once: every later signal is ignored, so the hand-back that follows (the running trials
+      marked `interrupted`, their retries queued, the outputs written) is never cut short.
+      Two signals are the rule, not the exception: Ctrl-C reaches the parent and the
+      parent's SIGTERM reaches each worker.
+    - Never inside a journal write: Optuna appends a record under a lock file; a
+      KeyboardInterrupt between taking the lock and releasing it leaves the lock behind, and
+      every other process waits out its grace period (30 s, with warnings) before breaking it.
+      A signal that arrives during a write is raised when the write ends.
+    - Only where `interruptible`: a worker between two trials (in Optuna's ask and tell) only
+      notes the request (`requested`); it stops where its next trial would start, so no trial
+      is ever left RUNNING without the `owner` that lets it be handed back.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interruptible = True
+        self._writing = 0
+        self._raised = False
+
+    def install(self, *signals: signal.Signals) -> None:
+        """Take `signals` with this handler, from a fresh start (no stop requested yet)."""
+        self.requested = self._raised = False
+        for number in signals:
+            signal.signal(number, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+        self.requested = True
+        self.raise_if_due()
+
+    def raise_if_due(self) -> None:
+        """Raise the KeyboardInterrupt of a stop request, where and when it may be raised."""
+        if self.requested and self.interruptible and not self._writing and not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A journal write: a stop waits for its end."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+        self.raise_if_due()
+
+    @contextlib.contextmanager
+    def allowing(self) -> Iterator[None]:
+        """Where a stop may interrupt (a worker's trial); one requested before is raised here."""
+        before = self.interruptible
+        self.interruptible = True
+        try:
+            self.raise_if_due()
+            yield
+        finally:
+            self.interruptible = before
+
+
+#: this process's stop handling (signal handlers are per process)
+STOPS = StopSignals()
 
 
 @dataclass(frozen=True)
@@ -134,8 +216,8 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
 
 def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
     """The journal at `path`, read through once so that a damaged one is refused here, with
-    its name, and not by a traceback from deep inside Optuna later."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    its name and what to do, and not by a traceback from deep inside Optuna later."""
+    from optuna.storages.journal import JournalStorage
 
     if not create and not path.is_file():
         raise UserError(f"no study journal at {path}",
@@ -145,11 +227,14 @@ def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _mend_torn_end(path)
-        storage = JournalStorage(JournalFileBackend(str(path)))
+        _check_records(path)
+        storage = JournalStorage(_JournalFile(str(path)))
         storage.get_all_studies()
     except OSError as exc:
         raise UserError(f"cannot open the study journal {path}: {exc.strerror or exc}",
                         "check that the folder exists and is writable") from None
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 (Optuna replays the file: any record may break it differently)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the study journal {path} is damaged: a record cannot be replayed "
@@ -157,6 +242,56 @@ def _open_journal(path: Path, create: bool) -> optuna.storages.BaseStorage:
                         "dclang and Optuna only ever append whole records to it, so something else changed it: "
                         "restore it from a copy, or start a new search with another -o") from None
     return storage
+
+
+class _JournalFile(JournalFileBackend):
+    """Optuna's journal file, whose reads and writes a stop signal waits for (`StopSignals`)."""
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with STOPS.writing():
+            super().append_logs(logs)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        with STOPS.writing():  # a replay cut halfway would leave this process's view of the study half updated
+            logs = list(super().read_logs(log_number_from))
+        yield from logs
+
+
+def _check_records(path: Path) -> None:
+    """Refuse a journal with a line that is not a record, naming the line.
+
+    Optuna skips such a line while it is the last one, but the next record appended after it
+    makes the whole journal unreadable (a JSONDecodeError in every process). A kill leaves only
+    a last record cut short, without its newline, which `_mend_torn_end` has removed already;
+    a whole line that is not a record was written by something else, so it is refused, with
+    how to recover (the records before it are the study as it was)."""
+    data = path.read_bytes() if path.is_file() else b""
+    lines = data[:data.rfind(b"\n") + 1].split(b"\n")[:-1]  # whole lines: one being appended now is not one
+    for number, line in enumerate(lines, 1):
+        problem = _record_problem(line)
+        if not problem:
+            continue
+        shown = line[:60].decode("utf-8", "replace") + ("…" if len(line) > 60 else "")
+        where = (f"it is the last line: if you know what appended it, delete it (`sed -i '{number}d' {path}`) and "
+                 f"resume; the records before it are the whole study up to then" if number == len(lines) else
+                 f"{len(lines) - number} record(s) follow it, so cutting the journal there would lose them")
+        raise UserError(f"the study journal {path} is damaged: line {number} of {len(lines)} is not a journal "
+                        f"record ({problem}: {shown!r})",
+                        f"dclang and Optuna only append whole JSON records to it, so something else wrote this "
+                        f"line; {where}; or restore the journal from a copy, or start a new search in another -o")
+
+
+def _record_problem(line: bytes) -> str:
+    """What makes one journal line no Optuna record ("" when nothing does)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg} at column {exc.colno}"
+    if not isinstance(record, dict) or not isinstance(record.get("op_code"), int):
+        return "JSON, but not an object with an integer `op_code`"
+    return ""
 
 
 def _mend_torn_end(path: Path) -> None:
@@ -168,18 +303,19 @@ def _mend_torn_end(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0 or _last_byte(path) == b"\n":
         return  # the common case, seen without taking the lock the workers write under
     lock = JournalFileSymlinkLock(str(path))
-    lock.acquire()
-    try:
-        data = path.read_bytes()
-        if data.endswith(b"\n"):
-            return
-        kept = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(kept)
-        print(f"note: the study journal {path} ended in a record cut short ({len(data) - kept} bytes, from a "
-              "process killed while writing it); it was never read and is removed", file=sys.stderr)
-    finally:
-        lock.release()
+    with STOPS.writing():
+        lock.acquire()
+        try:
+            data = path.read_bytes()
+            if data.endswith(b"\n"):
+                return
+            kept = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(kept)
+            print(f"note: the study journal {path} ended in a record cut short ({len(data) - kept} bytes, from a "
+                  "process killed while writing it); it was never read and is removed", file=sys.stderr)
+        finally:
+            lock.release()
 
 
 def _last_byte(path: Path) -> bytes:
@@ -312,6 +448,13 @@ def owner(worker: str) -> dict[str, Any]:
     return {"worker": worker, "host": host_id(), "pid": pid, "started": process_started(pid)}
 
 
+def _is_owner(who) -> bool:
+    """Whether a trial's `owner` is one `owner()` wrote (a journal changed by hand may hold
+    anything: such a trial is left alone, not a traceback)."""
+    return (isinstance(who, dict) and isinstance(who.get("host"), str) and isinstance(who.get("worker"), str)
+            and isinstance(who.get("pid"), int) and isinstance(who.get("started"), (str, type(None))))
+
+
 def _alive(owner: dict[str, Any]) -> bool:
     started = process_started(owner["pid"])
     if started == "":  # no /proc (macOS): ask the kernel whether the pid exists
@@ -332,7 +475,7 @@ def reap(study: optuna.Study) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = trial.user_attrs.get("owner")
-        if who is None or who["host"] != host_id() or _alive(who):
+        if not _is_owner(who) or who["host"] != host_id() or _alive(who):
             continue
         storage = study._storage
         try:
@@ -344,6 +487,26 @@ def reap(study: optuna.Study) -> list[int]:
         failed.append(trial.number)
         retry(study, storage.get_trial(trial._trial_id))
     return failed
+
+
+def hand_back(study: optuna.Study) -> list[int]:
+    """Fail as `interrupted` every trial this process still runs, and enqueue its retry: what a
+    stopped worker leaves RUNNING after its own hand-back (a packed worker's trial stopped
+    while it was being set up); returns their numbers."""
+    me = owner("")
+    handed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = trial.user_attrs.get("owner")
+        if not _is_owner(who) or (who["host"], who["pid"], who["started"]) != (me["host"], me["pid"], me["started"]):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failed", INTERRUPTED)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue
+        handed.append(trial.number)
+        retry(study, study._storage.get_trial(trial._trial_id))
+    return handed
 
 
 def retry(study: optuna.Study, failed: FrozenTrial) -> None:
@@ -359,5 +522,6 @@ def retry(study: optuna.Study, failed: FrozenTrial) -> None:
     study.enqueue_trial(failed.params, user_attrs={"retry_of": failed.number, "retry_count": count})
 
 
-__all__ = ["COUNTED", "CONFIG_ATTR", "MAX_RETRY", "StudyConfig", "counted", "create_study",
-           "host_id", "load_study", "open_storage", "owner", "reap", "redact", "retry", "set_trial_budget"]
+__all__ = ["COUNTED", "CONFIG_ATTR", "INTERRUPTED", "MAX_RETRY", "STOPS", "StopSignals", "StudyConfig", "counted",
+           "create_study", "hand_back", "host_id", "interrupted", "load_study", "open_storage", "owner", "reap",
+           "redact", "retry", "set_trial_budget"]

@@ -40,7 +40,20 @@ from dclang.api import parse
 from dclang.diagnostics import UserError
 from dclang.search.equivalence import canonical_key, same_up_to_names
 from dclang.search.space import Realized, realize, search_space
-from dclang.search.study import COUNTED, StudyConfig, counted, load_study, open_storage, owner, reap, redact, retry
+from dclang.search.study import (
+    COUNTED,
+    INTERRUPTED,
+    STOPS,
+    StudyConfig,
+    counted,
+    hand_back,
+    load_study,
+    open_storage,
+    owner,
+    reap,
+    redact,
+    retry,
+)
 
 #: a worker gives up after this many trials in a row raised (a broken setup, not a bad graph)
 MAX_ERRORS_IN_A_ROW = 5
@@ -51,8 +64,6 @@ _STREAKS = {"error": (MAX_ERRORS_IN_A_ROW, "{n} trials in a row failed; the last
             "invalid": (MAX_INVALID_IN_A_ROW, "{n} samples in a row could not be trained; the last:\n{why}")}
 #: seconds between looks at an earlier trial of the same graph that is still running
 WAIT_POLL = 1.0
-#: the `failed` note of a trial whose worker was stopped (Ctrl-C, SIGTERM): it is run again
-INTERRUPTED = "interrupted (SIGINT or SIGTERM)"
 
 
 def say(message: str) -> None:
@@ -70,13 +81,13 @@ class InvalidSample(Exception):
     """The sampled graph cannot be trained (its diagnostics are in the trial's `invalid`)."""
 
 
-class _NoTracebackForInvalidSamples(logging.Filter):
-    """Optuna logs every failed trial with its traceback; an invalid sample is an expected
-    outcome whose reason is one line (and is in the trial's `invalid`), so its record keeps
-    the message and drops the traceback."""
+class _NoTracebackForExpectedEnds(logging.Filter):
+    """Optuna logs every failed trial with its traceback; an invalid sample and a stopped
+    worker's trial are expected outcomes whose reason is one line (in the trial's `invalid`,
+    or `failed`), so their records keep the message and drop the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InvalidSample):
+        if record.exc_info and isinstance(record.exc_info[1], (InvalidSample, KeyboardInterrupt)):
             record.exc_info = None
         return True
 
@@ -134,7 +145,7 @@ class Objective:
         return self.datasets[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
-        with self.recording(trial):
+        with self.recording(trial), STOPS.allowing():  # a stop asked for between trials is raised here
             sample = self.begin(trial)
             return sample if not isinstance(sample, Realized) else self._train(trial, sample)
 
@@ -249,7 +260,10 @@ class Objective:
         return metrics[-1]["val_acc"][graph.graph["target"]]
 
     def after(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Optuna's per-trial callback: stop a worker whose trials keep failing."""
+        """Optuna's per-trial callback: stop a worker that was asked to stop between trials, or
+        whose trials keep failing."""
+        if STOPS.requested:
+            study.stop()
         kind = next((k for k in _STREAKS if k in trial.user_attrs), None) if trial.state == TrialState.FAIL else None
         if kind is None:
             self.in_a_row = dict.fromkeys(_STREAKS, 0)
@@ -292,8 +306,27 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
-    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
+    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path.
+
+    The parent stops its workers with SIGTERM, after Ctrl-C reached it: a worker it started
+    ignores SIGINT (Ctrl-C at the terminal reaches the whole process group), so each gets one
+    stop and hands its trials back once. A worker joined by hand stops on either. A stopped
+    worker exits with status 130, at any point (also while it starts), without a traceback."""
+    if slot is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    STOPS.install(*((signal.SIGTERM,) if slot is not None else (signal.SIGINT, signal.SIGTERM)))
+    try:
+        _work(storage_url, study_name, worker=worker, device=device, data_dir=data_dir, teacher_cache=teacher_cache,
+              trainer=trainer, slot=slot, pack=pack, options=options)
+    except KeyboardInterrupt:
+        with contextlib.suppress(UserError):  # stopped before the study was open: nothing to hand back
+            hand_back(load_study(open_storage(storage_url), study_name, where=redact(storage_url))[0])
+        say(f"worker {worker}: stopped; its running trials are marked interrupted and queued to run again")
+        raise SystemExit(130) from None
+
+
+def _work(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
+          teacher_cache: Path, trainer: str | None, slot: int | None, pack: int, options) -> None:
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
@@ -310,21 +343,18 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         return
     say(f"worker {worker}: joined `{study_name}` ({config.sampler} sampler, {config.pruner} pruner, "
         f"{config.epochs} epochs, {config.trials} trials)")
-    logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForInvalidSamples())  # where it logs them
+    logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForExpectedEnds())  # where it logs them
     if real:
         _freeze_start_up()
     if pack > 1 or options is not None:
         from dclang.search.pack import work_packed
 
         if not real:
-            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps",
-                            "leave out --trainer")
-        try:
+            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps", "leave out --trainer")
+        with STOPS.allowing():
             work_packed(study, config, objective, size=pack, options=options)
-        except KeyboardInterrupt:
-            say(f"worker {worker}: stopped; its running trials are queued to run again")
-            raise
     else:
+        STOPS.interruptible = False  # between trials, a stop waits for the next trial's start
         _optimize(study, config, objective, worker, study_name)
     if objective.stopped_because:
         raise UserError(f"worker {worker} stopped: {objective.stopped_because}")
@@ -363,15 +393,14 @@ def _optimize(study: optuna.Study, config: StudyConfig, objective: Objective, wo
                     f"({frozen.user_attrs['failed']}); going on")
                 if objective.stopped_because or counted(study.get_trials(deepcopy=False)) >= config.trials:
                     break
+        if STOPS.requested:  # asked to stop between trials: no trial of this worker is running
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the hand-back short
-            signal.signal(stop_signal, signal.SIG_IGN)
         if objective.current is not None:
             frozen = study._storage.get_trial(objective.current._trial_id)
             if frozen.state == TrialState.FAIL and frozen.user_attrs.get("failed") == INTERRUPTED:
                 retry(study, frozen)
-        say(f"worker {worker}: stopped; its running trial is queued to run again")
         raise
 
 
-__all__ = ["InvalidSample", "Objective", "load_trainer", "run_worker"]
+__all__ = ["INTERRUPTED", "InvalidSample", "Objective", "load_trainer", "run_worker"]

@@ -8,6 +8,8 @@ checked like any file, so a mistake in an override is reported at its place, wit
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -209,12 +211,82 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
 
     root = run_dir or Path("runs") / graph.graph["name"]
     plan = _seeds(seed, seeds)
+    _note_shortened_teachers(graph, epochs)
     for s in plan:
         out = root / f"seed{s}" if seeds else root
         if len(plan) > 1:
             click.echo(f"run with seed {s} into {out}", err=True)
-        train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
-                    resume=resume, progress=not no_progress, options=options)
-        write_node_curves(out)
+        try:
+            train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
+                        resume=resume, progress=not no_progress, options=options)
+        except KeyboardInterrupt:
+            _stopped(out, graph.graph["target"], epochs or graph.graph["train"].epochs)
+        click.echo(_results(out, write_node_curves(out)))
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
+
+
+# ---------------------------------------------------------------- what a run says at its end
+
+
+def _note_shortened_teachers(graph, epochs: int | None) -> None:
+    """Say that --epochs also sets how long frozen teachers are pre-trained (docs/training.md)."""
+    from dclang.ir import model_nodes
+
+    declared = graph.graph["train"].epochs
+    teachers = [n for n in model_nodes(graph) if graph.nodes[n]["spec"].frozen and graph.nodes[n]["spec"].init is None]
+    if epochs is None or epochs >= declared or not teachers:
+        return
+    names = ", ".join(f"`{n}`" for n in teachers)
+    click.echo(f"note: --epochs {epochs} also shortens the pre-training of the frozen node(s) {names} (the train "
+               f"block says {declared} epochs): a teacher pre-trained for {epochs} epoch{'s' * (epochs != 1)} "
+               f"may teach little; to train a short run with a full teacher, give the teacher `init` a "
+               f"checkpoint of a full run (docs/training.md)", err=True)
+
+
+def _results(out: Path, curves: list[Path]) -> str:
+    """Where a run's results are: the folder and its key files."""
+    shown = ", ".join(p.name for p in curves[:4]) + (f" and {len(curves) - 4} more" if len(curves) > 4 else "")
+    return "\n".join([f"results in {out}/:",
+                      "  summary.json       every node's accuracy (best validation epoch, its test accuracy)",
+                      "  metrics.jsonl      one record per epoch",
+                      f"  curves/            {shown or 'none'} (accuracy and loss per epoch)",
+                      "  checkpoints/       best.pt (the target's best validation epoch), last.pt (to --resume)",
+                      "  graph.kt           the graph as trained, every default written out"])
+
+
+def _stopped(out: Path, target: str, epochs: int) -> None:
+    """Ctrl-C: say what was trained, where its checkpoint is and how to go on; draw the curves
+    of the epochs done; exit 130 (a second Ctrl-C is ignored while this is written).
+
+    The epochs done are those `last.pt` holds (the commit point of an epoch): metrics.jsonl
+    may hold one more, whose checkpoint the stop cut short; it is cut back here, as a resume
+    would, so the curves show what is kept."""
+    from dclang.plots import write_node_curves
+    from dclang.train.metrics import percent
+    from dclang.train.rundir import RunDir
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rundir = RunDir(out)
+    try:
+        done = rundir.load_last()["epoch"] if rundir.last.is_file() else 0
+        records = rundir.read_metrics()
+        if len(records) > done:
+            rundir.write_metrics(records[:done])
+        records = records[:done]
+        curves = write_node_curves(out) if records else []
+    except UserError:
+        done, records, curves = 0, [], []
+    args = sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run", "..."]
+    again = shlex.join(["dclang", *args, *(["--resume"] if "--resume" not in args else [])])
+    if records:
+        best = max(records, key=lambda r: r["nodes"][target]["val_acc"] or 0.0)
+        lines = [f"\nstopped: {done} of {epochs} epochs are done and kept in {out}; the epoch in flight is lost",
+                 f"  target `{target}`: best val {percent(best['nodes'][target]['val_acc'])}% (epoch {best['epoch']})",
+                 f"  last checkpoint: {rundir.last} (epoch {done})",
+                 f"  curves of the epochs done: {out / 'curves'}/ ({', '.join(p.name for p in curves) or 'none'})"]
+    else:
+        lines = ["\nstopped before the run finished its first epoch: nothing of it is kept (a teacher's "
+                 "pre-training keeps its finished epochs in the teacher cache)"]
+    click.echo("\n".join([*lines, f"continue with: {again}"]), err=True)
+    sys.exit(130)

@@ -213,6 +213,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
                     on_epoch(epoch, records[-1])
     finally:
         distributed.release(dist)
+        if run_dir is not None:
+            RunDir(run_dir).release()  # the folder's lock (`RunDir.claim`): free at once for the next run
     result = RunResult(_summary(run, training, records), records)
     if run.progress:
         print(accuracy_table(result.summary), flush=True)

@@ -3,6 +3,7 @@
 ```
 RUN_DIR/
   dclang-run.json       the manifest: marks the folder as a dclang run folder (written first)
+  dclang-run.lock       held (flock) by the process training into the folder; says who it is
   graph.kt              the resolved graph in canonical form (defaults, overrides, epochs and seed filled in)
   graph.svg             its drawing (when Graphviz's `dot` is installed)
   metrics.jsonl         one JSON record per finished epoch
@@ -17,6 +18,13 @@ dclang never overwrites what it did not write: it writes a run only into a new o
 folder, or one its manifest marks as a dclang run folder (`claim`, before any work), so
 `-o .` beside the user's own files is refused rather than clobbering their `graph.kt`.
 
+A run folder belongs to one process at a time: `claim` takes an exclusive `flock` on
+`dclang-run.lock` and writes there who holds it (pid, host, command, since when), so a second
+run into the folder (`dclang run -o X` twice, a `--resume` while the run goes on) is refused
+with the other process named, instead of both writing one folder. The operating system
+releases the lock when its process ends, however it ends, so a killed run leaves no stale
+lock: the file stays, but nobody holds it. Never delete the file by hand while a run holds it.
+
 A kill at any moment leaves each file whole (old or new). Within an epoch the files are
 written in the order metrics, summary, best, last: `last.pt` is the commit point, and a
 resume truncates `metrics.jsonl` back to the epoch `last.pt` holds, so the two always agree.
@@ -26,11 +34,16 @@ and what to do.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import networkx as nx
 
@@ -41,6 +54,10 @@ from dclang.syntax.format import format_module, format_value
 
 RUN_FORMAT = "dclang-run/1"
 MANIFEST = "dclang-run.json"
+LOCK = "dclang-run.lock"
+#: the lock files this process holds, by resolved folder (a second claim of one folder by the
+#: same process, a run trained again in one test, finds it held by itself)
+_HELD: dict[str, IO[str]] = {}
 #: what a run folder of a dclang without manifests held
 _RUN_FILES = {"graph.kt", "graph.svg", "metrics.jsonl", "summary.json", "checkpoints", "curves"}
 _NOWHERE = Span(0, 0, 0, 0)
@@ -189,6 +206,7 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.manifest = self.root / MANIFEST
+        self.lock = self.root / LOCK
         self.graph_kt = self.root / "graph.kt"
         self.graph_svg = self.root / "graph.svg"
         self.metrics = self.root / "metrics.jsonl"
@@ -209,7 +227,7 @@ class RunDir:
                 raise UserError(f"cannot write the run folder {self.root}: it {where}",
                                 "choose a folder for the run (dclang run -o DIR)")
         if self.root.is_dir() and not self.manifest.is_file():
-            others = sorted(p.name for p in self.root.iterdir())
+            others = sorted(p.name for p in self.root.iterdir() if p.name != LOCK)
             if "checkpoints" in others and set(others) <= _RUN_FILES:
                 raise UserError(f"{self.root} holds a run of an earlier dclang (it has no {MANIFEST}): its checkpoints "
                                 "carry no content hash, so it can be neither resumed nor overwritten",
@@ -221,11 +239,41 @@ class RunDir:
                                 "your files", "choose a new folder for the run, e.g. dclang run FILE -o runs/NAME")
         if self.manifest.is_file():
             self._check_manifest()
+        self._write(self.lock, self._take_lock, before_work=True)
         import dclang
 
         self._write(self.manifest, lambda: atomic_write_text(json.dumps(
             {"format": RUN_FORMAT, "graph": graph_name, "dclang": dclang.__version__}, indent=2) + "\n",
             self.manifest), before_work=True)
+
+    def _take_lock(self) -> None:
+        """Hold the folder's lock for this process, or refuse, naming the process that holds it."""
+        key = str(self.root.resolve())
+        if key in _HELD:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read()
+            handle.close()
+            raise UserError(f"{self.root} is in use: {_holder(holder)} is training into it",
+                            "wait for that run to end (or stop it), then run again, with --resume to continue it; "
+                            "or choose another folder (-o)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": shlex.join(["dclang", *sys.argv[1:]]),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}) + "\n")
+        handle.flush()
+        _HELD[key] = handle
+
+    def release(self) -> None:
+        """Let the folder go (the end of `train_graph`); the end of the process does it too."""
+        handle = _HELD.pop(str(self.root.resolve()), None)
+        if handle is not None:
+            handle.close()
 
     def _check_manifest(self) -> None:
         try:
@@ -350,6 +398,15 @@ class RunDir:
             return _run_checkpoint(self.previous).get("epoch")
         except CheckpointError:
             return None
+
+
+def _holder(text: str) -> str:
+    """Who holds a run folder's lock, from what its lock file says."""
+    try:
+        who = json.loads(text)
+        return f"process {who['pid']} on {who['host']} (`{who['command']}`, since {who['since']})"
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return "another process (it has not yet written who it is)"
 
 
 def _run_checkpoint(path: Path) -> dict:
