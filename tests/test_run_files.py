@@ -331,6 +331,17 @@ def test_the_teacher_cache_does_not_import_the_training_loop():
     assert "dclang.train.loop" not in imported
 
 
+def _strings(tree: ast.AST):
+    """Every string of a module, an f-string whole (its fields as `{}`), so a flag is read in
+    the phrase that names its command."""
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts:
+            yield node.value
+
+
 def test_no_message_names_a_flag_that_does_not_exist():
     """Every `--flag` in the strings of the code behind `dclang run` is an option of the
     command the string names (`dclang search --template`), else of `dclang run`; torchrun's
@@ -343,11 +354,9 @@ def test_no_message_names_a_flag_that_does_not_exist():
                REPO / "dclang" / "checkpoints.py"]
     unknown = []
     for source in sources:
-        for node in ast.walk(ast.parse(source.read_text())):
-            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-                continue
-            for found in re.finditer(r"(?<![\w-])--[a-z][a-z_-]*", node.value):
-                named = re.search(r"dclang (\w+)[^.;:`\n]*$", node.value[:found.start()])  # in the same phrase
+        for text in _strings(ast.parse(source.read_text())):
+            for found in re.finditer(r"(?<![\w-])--[a-z][a-z_-]*", text):
+                named = re.search(r"dclang (\w+)[^.;:`\n]*$", text[:found.start()])  # in the same phrase
                 command = named.group(1) if named and named.group(1) in commands else "run"
                 if found.group() not in commands[command] and found.group() != "--nproc_per_node":
                     unknown.append((source.name, command, found.group()))
