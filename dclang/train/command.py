@@ -194,7 +194,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
     if graph.graph["sites"]:
         names = ", ".join(f"`{s.name}`" for s in graph.graph["sites"])
         raise UserError(f"{file} is a search template: {names} left open by `choice(...)`",
-                        f"search it with `dclang search --template {file} --trials N -o OUT`, or fix every choice "
+                        f"search it with `dclang search --trials N --template {file} -o OUT`, or fix every choice "
                         f"with --set (e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.compile import StepOptions
     from dclang.plots import write_node_curves
