@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import dclang.compile.fused
 import dclang.compile.reference
@@ -274,6 +275,28 @@ def test_cosine_schedule_and_lr(engine):
     assert step.lr() == pytest.approx(0.01)
     train(step, batches(STEPS))  # ends the first epoch
     assert step.lr() == pytest.approx(0.001 + (0.01 - 0.001) * (1 + math.cos(math.pi / 2)) / 2)
+
+
+@pytest.mark.parametrize("schedule,kind,args", [
+    ("step", "MultiStepLR", dict(milestones=[1, 3, 3], gamma=0.1)),
+    ("cosine", "CosineAnnealingLR", dict(eta_min=0.001)),
+    ("constant", "LambdaLR", dict(lr_lambda=lambda epoch: 1.0)),
+])
+def test_a_schedule_is_torchs_scheduler(schedule, kind, args):
+    """`Schedule` (the learning rate after `done` epochs) against torch's scheduler stepped
+    epoch by epoch (its recursive form: equal to rounding)."""
+    from dclang.compile.optim import Schedule
+    from dclang.ir import ScheduleSpec
+
+    spec_args = {k: tuple(v) if k == "milestones" else v for k, v in args.items() if k != "lr_lambda"}
+    lr_after = Schedule(ScheduleSpec(schedule, spec_args), 0.05, 5)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.05)
+    scheduler = getattr(torch.optim.lr_scheduler, kind)(optimizer, **({"T_max": 5} if schedule == "cosine" else {}),
+                                                       **args)
+    for done in range(6):
+        assert lr_after(done) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12), done
+        optimizer.step()
+        scheduler.step()
 
 
 def test_evaluate_counts_and_restores_training_mode(float64):

@@ -270,3 +270,23 @@ def test_a_tensor_no_loss_reached_is_left_as_it_is(float64):
     assert torch.equal(unused.detach(), torch.ones(4)) and torch.equal(sliced.state[1]["momentum_buffer"],
                                                                         torch.full((4,), 2.0))
     assert not torch.equal(used.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_optimizer_table_is_torchs_optimizer(name, float64):
+    """One table (`registry.OPTIMIZER_KINDS`) builds torch's optimizer, and what it pins as fixed
+    and names as state is what that optimizer holds: a spec's rule is its torch group's."""
+    from dclang.compile.optim import build_optimizer
+    from dclang.ir import OptimizerSpec
+    from dclang.registry import OPTIMIZER_KINDS
+
+    kind = OPTIMIZER_KINDS[name]
+    spec = OptimizerSpec(name, {key: option.default for key, option in kind.args.items()})
+    param = nn.Parameter(torch.ones(3))
+    opt = build_optimizer(spec, [param])
+    assert type(opt).__name__ == kind.torch_class
+    assert rule_of(name, spec.args) == rule_of(name, opt.param_groups[0])
+    assert all(opt.param_groups[0][key] == value for key, value in kind.fixed.items())
+    param.grad = torch.ones(3)
+    opt.step()
+    assert set(opt.state[param]) - {"step"} == set(kind.state)

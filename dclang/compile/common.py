@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 
+from dclang.compile.optim import Schedule
 from dclang.ensembles import ensemble_order, ensemble_outputs
 from dclang.feature_losses import layer_edge_loss
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
@@ -84,8 +84,9 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
 class TrainStep:
     """One training step of a compiled graph, plus what a training loop needs around it.
 
-    Subclasses set `engine`, fill `optimizers` and `schedulers` (keyed by node, or by one
-    name for a shared optimizer) and implement `step`.
+    Subclasses set `engine`, fill `optimizers` (keyed by node, or by one name for a shared
+    optimizer) and implement `step`. The learning rate follows `schedule` over the epochs
+    done; `end_epoch` writes it into every optimizer.
     """
 
     engine: str
@@ -106,7 +107,10 @@ class TrainStep:
         self.epochs = epochs
         self.k_end = steps_per_epoch * epochs
         self.optimizers: dict[str, Optimizer] = {}
-        self.schedulers: dict[str, LRScheduler] = {}
+        train = graph.graph["train"]
+        self.optimizer_spec = train.optimizer
+        self.schedule = Schedule(train.schedule, train.optimizer.args["lr"], epochs)
+        self.epochs_done = 0
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
         self.layers = LayerCapture(models, self.layer_ends(), fused=self.fused_slices())
         self.train()
@@ -177,13 +181,18 @@ class TrainStep:
         return stats
 
     def end_epoch(self) -> None:
-        """Advance every learning-rate schedule by one epoch."""
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        """Advance the learning-rate schedule by one epoch."""
+        self.epochs_done += 1
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr()
 
     def lr(self) -> float:
-        """The current learning rate of the first trainable node."""
-        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        """The current learning rate (every trainable node's: one `train` block)."""
+        return self.schedule(self.epochs_done)
 
     def train(self) -> None:
         """Training mode for trainable nodes; frozen nodes stay in eval mode."""
@@ -230,13 +239,14 @@ class TrainStep:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: every model (frozen ones too, so a checkpoint
-        stands alone), optimizer and scheduler. Like `nn.Module.state_dict`, the tensors are
-        the live ones: save them or `copy.deepcopy` them to keep a snapshot."""
+        stands alone), optimizer, and the epochs done (the schedule's position). Like
+        `nn.Module.state_dict`, the tensors are the live ones: save them or `copy.deepcopy`
+        them to keep a snapshot."""
         return {
             "engine": self.engine,
             "models": {name: model.state_dict() for name, model in self.models.items()},
             "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()},
-            "schedulers": {key: sched.state_dict() for key, sched in self.schedulers.items()},
+            "epochs_done": self.epochs_done,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -247,5 +257,5 @@ class TrainStep:
             model.load_state_dict(state["models"][name])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
-        for key, sched in self.schedulers.items():
-            sched.load_state_dict(state["schedulers"][key])
+        self.epochs_done = state["epochs_done"]
+        self._set_lr()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep
-from dclang.compile.optim import build_optimizer, build_scheduler
+from dclang.compile.optim import build_optimizer
 from dclang.ir import LABEL
 from dclang.losses import edge_group_key, edge_losses, node_loss
 
@@ -32,7 +32,6 @@ class FusedStep(TrainStep):
         train = graph.graph["train"]
         self.optimizer = build_optimizer(train.optimizer, self.parameters_to_update(), foreach=True)
         self.optimizers["all"] = self.optimizer
-        self.schedulers["all"] = build_scheduler(train.schedule, self.optimizer, epochs)
         groups: dict[tuple, list] = {}
         for edge in self.edges:
             if not edge.on_layers:  # an edge between layers is computed alone (`layer_edge_result`)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep
-from dclang.compile.optim import build_optimizer, build_scheduler
+from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
 
 
@@ -25,7 +25,6 @@ class ReferenceStep(TrainStep):
         train = graph.graph["train"]
         for name in self.trainable:
             self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
-            self.schedulers[name] = build_scheduler(train.schedule, self.optimizers[name], epochs)
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output

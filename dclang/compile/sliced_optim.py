@@ -23,25 +23,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-#: the hyperparameters each rule reads from a torch optimizer's parameter group (besides lr)
-RULES: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum", "nesterov", "weight_decay", "dampening", "maximize"),
-    "adam": ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
-    "adamw": ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
-}
-
-#: each rule's per-element state, named as torch names it (so states translate both ways)
-STATE: dict[str, tuple[str, ...]] = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
-                                     "adamw": ("exp_avg", "exp_avg_sq")}
+from dclang.registry import OPTIMIZER_KINDS
 
 
-def rule_of(name: str, group: dict) -> tuple:
+def rule_of(name: str, args: dict) -> tuple:
     """What must agree for two trainings' tensors to be updated by one `SlicedOptimizer`: the
-    optimizer and every hyperparameter but the learning rate (read from a torch optimizer's
-    parameter group, so torch's defaults are the ones compared)."""
-    if name not in RULES:
-        raise ValueError(f"no sliced form of the optimizer {name!r}; known: {', '.join(RULES)}")
-    return (name, *((key, group[key]) for key in RULES[name]))
+    optimizer and every hyperparameter but the learning rate: `args` (a spec's arguments, or a
+    torch optimizer's parameter group) over the table's fixed ones
+    (`dclang.registry.OPTIMIZER_KINDS`)."""
+    if name not in OPTIMIZER_KINDS:
+        raise ValueError(f"no sliced form of the optimizer {name!r}; known: {', '.join(OPTIMIZER_KINDS)}")
+    kind = OPTIMIZER_KINDS[name]
+    given = {**kind.fixed, **{key: args[key] for key in kind.args if key in args}}
+    return (name, *((key, given[key]) for key in sorted(given) if key != "lr"))
 
 
 def _initial(param: Tensor, given: Tensor | None) -> Tensor:
@@ -105,7 +99,7 @@ class SlicedOptimizer:
             if p.numel() % len(own):
                 raise ValueError(f"a tensor of {p.numel()} elements cannot be cut into {len(own)} slices")
         state = list(state) if state is not None else [None] * len(self.params)
-        self.state = [{key: _initial(p, (given or {}).get(key)) for key in STATE[self.name]}
+        self.state = [{key: _initial(p, (given or {}).get(key)) for key in OPTIMIZER_KINDS[self.name].state}
                       for p, given in zip(self.params, state)]
         self.coefficients = _Coefficients(self.params, self.owners)
 
@@ -163,4 +157,4 @@ class SlicedOptimizer:
         torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denom)
 
 
-__all__ = ["RULES", "STATE", "SlicedOptimizer", "rule_of"]
+__all__ = ["SlicedOptimizer", "rule_of"]

@@ -49,11 +49,12 @@ from torch import Tensor, nn
 
 from dclang.compile.accelerate import alias_to_slice, convolutional, own_storage
 from dclang.compile.fused import FusedStep
-from dclang.compile.sliced_optim import STATE, SlicedOptimizer, rule_of
+from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
 from dclang.ensembles import ensemble_outputs
 from dclang.ir import LABEL
 from dclang.losses import edge_group_key, edge_losses
 from dclang.models.fused import fuse_models, stack_inputs
+from dclang.registry import OPTIMIZER_KINDS
 
 
 class Member(Protocol):
@@ -118,7 +119,7 @@ class UnionStep:
         for member in self.members:
             own_storage_of(member)  # let go of a previous union's fused tensors
         # what each member is, decided once: its optimizer rule, whether it has edges between layers
-        self.rules = [rule_of(m.optimizer, m.step.optimizer.param_groups[0]) for m in self.members]
+        self.rules = [rule_of(m.step.optimizer_spec.name, m.step.optimizer_spec.args) for m in self.members]
         self.layered = [_has_layer_edges(m.step) for m in self.members]
         self.groups = self._fuse() if hfta else []
         self.fused_nodes = {s for g in self.groups for s in g.slices}
@@ -210,7 +211,7 @@ class UnionStep:
                     k: torch.stack([(x or {}).get(k, torch.zeros(p.numel() // len(names), dtype=p.dtype,
                                                                   device=p.device)).reshape(-1)
                                     for x in parts]).reshape(p.shape)
-                    for k in STATE[key[0]]})
+                    for k in OPTIMIZER_KINDS[key[0]].state})
             optimizers.append(SlicedOptimizer(key, params, [own for _, own, _ in entries], state))
             slots.append([names for _, _, names in entries])
         return optimizers, slots
