@@ -39,17 +39,17 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     from dclang.compile import StepOptions, compile_graph
     from dclang.data.catalog import DATASETS
     from dclang.search.union import StepMember, UnionStep
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import resolve_device
 
     dev = resolve_device(device)
     info = DATASETS[graph.graph["data"].dataset]
     train = graph.graph["train"]
     generator = torch.Generator().manual_seed(0)
 
-    def build(seed: int, options: StepOptions):
+    def build(seed: int, options: StepOptions | None, member: bool = False):
         return compile_graph(graph, num_classes=info.num_classes, in_channels=info.channels,
                              image_size=info.image_size, device=dev, seed=seed, steps_per_epoch=100, epochs=1,
-                             options=options)
+                             options=options, member=member)
 
     def batch():
         return (torch.randn(train.batch, info.channels, info.image_size, info.image_size, generator=generator).to(dev),
@@ -75,7 +75,7 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     alone_ops, alone_seconds = timed(lambda update: alone.step(x, y, update))
     rows = []
     for k in packs:
-        members = [StepMember.of(build(i, StepOptions(channels_last=False)), graph) for i in range(k)]
+        members = [StepMember.of(build(i, None, member=True), graph) for i in range(k)]
         union = UnionStep(members, hfta=hfta)
         data = [batch() for _ in range(k)]
         ops, seconds = timed(lambda update, union=union, data=data: union.step([(xi, yi, update) for xi, yi in data]))

@@ -220,7 +220,7 @@ def tiny_digits(path) -> None:
 def test_the_teacher_cache_key_holds_the_weights_name_and_file(torch_home):
     from torchvision import models
 
-    from dclang.train.loop import resolved_graph
+    from dclang.train.run import resolved_graph
     from dclang.train.teachers import teacher_graph, teacher_key
 
     graph = resolved_graph(graph_of(graph_text(SHUFFLE_WEIGHTS)), epochs=1, seed=0)

@@ -350,7 +350,7 @@ def test_the_validation_loss_is_each_nodes_cross_entropy_on_the_validation_split
     from dclang.compile import compile_graph
     from dclang.data import normalize
     from dclang.ensembles import combine
-    from dclang.train.loop import _evaluate
+    from dclang.train.run import _evaluate
 
     graph = graph_of(kt("""
 node p1 : cnn_tiny

@@ -28,7 +28,7 @@ _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": Referen
 def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                   device: torch.device, engine: str = "fused", init_states: dict[str, dict] | None = None,
                   seed: int = 0, steps_per_epoch: int, epochs: int,
-                  options: StepOptions | None = None) -> TrainStep | AcceleratedStep:
+                  options: StepOptions | None = None, member: bool = False) -> TrainStep | AcceleratedStep:
     """A `TrainStep` for a checked, concrete graph (no `choice(...)` left open).
 
     `init_states` maps node names to state_dicts loaded after the seeded construction
@@ -37,7 +37,13 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     only (the reference engine stays the plain oracle); None is `StepOptions()`, the plain
     fused engine. An accelerated step is an `AcceleratedStep`, which passes every attribute
     but `step` through to the `TrainStep` it wraps.
+
+    `member=True` builds a plain fused step that a union of several graphs
+    (`dclang.search.union.UnionStep`) updates and executes: it has no optimizer of its own,
+    and takes no `options` (the union's are what apply).
     """
+    if member and (engine != "fused" or options is not None):
+        raise ValueError("a union member is a plain fused step: the union's options apply to it")
     options = options or StepOptions()
     if engine not in _CLASSES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -53,6 +59,8 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
         keep_freed_memory()  # process-wide: every engine's steps reuse their memory (see host_memory)
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                           device=device, init_states=init_states, seed=seed)
+    if member:
+        return FusedStep(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs, member=True)
     cls = HftaStep if options.hfta else _CLASSES[engine]
     step = cls(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
     return apply_options(step, options) if engine == "fused" else step

@@ -27,11 +27,14 @@ class FusedStep(TrainStep):
     engine = "fused"
 
     def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
-                 steps_per_epoch: int, epochs: int):
+                 steps_per_epoch: int, epochs: int, member: bool = False):
+        """`member`: the step of one graph of a union (`dclang.search.union`), which updates its
+        models itself: no optimizer here."""
         super().__init__(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
-        train = graph.graph["train"]
-        self.optimizer = build_optimizer(train.optimizer, self.parameters_to_update(), foreach=True)
-        self.optimizers["all"] = self.optimizer
+        if not member:
+            self.optimizer = build_optimizer(graph.graph["train"].optimizer, self.parameters_to_update(),
+                                             foreach=True)
+            self.optimizers["all"] = self.optimizer
         groups: dict[tuple, list] = {}
         for edge in self.edges:
             if not edge.on_layers:  # an edge between layers is computed alone (`layer_edge_result`)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import signal
 import time
-import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +32,9 @@ from dclang.search.union import UnionStep
 
 
 class TrialRun:
-    """One trial's training cut into steps: what `train_graph` does for a graph without a
-    run folder (its own pieces: `_prepare`, the teachers, `_compile`, `epoch_batches`,
-    `end_epoch`), the steps themselves taken by the pack's union step.
+    """One trial's training cut into steps: a `dclang.train.run.Run` without a run folder,
+    compiled as a union member (no optimizer of its own), the steps themselves taken by the
+    pack's union step.
 
     `on_epoch(epoch, record)` is called after each epoch's evaluation with the record
     `train_graph` gives its own `on_epoch`; whatever it raises (optuna's TrialPruned) leaves
@@ -45,31 +43,20 @@ class TrialRun:
 
     def __init__(self, graph: nx.DiGraph, *, dataset, device: torch.device, on_epoch: Callable[[int, dict], None],
                  teacher_cache: Path | None = None, data_dir: str | None = None):
-        from dclang.compile import StepOptions
-        from dclang.train.loop import _compile, _prepare, train_graph
-        from dclang.train.teachers import init_states
+        from dclang.train.run import Run
 
-        self.run = _prepare(graph, dist=None, run_dir=None, device=str(device), engine="fused", seed=None,
-                            epochs=None, data_dir=data_dir, dataset=dataset, progress=False)
-        pretrain = partial(train_graph, device=str(device), engine="fused", data_dir=data_dir, progress=False,
-                           dataset=dataset)
-        states = init_states(self.run.graph, dataset=dataset, cache=teacher_cache, pretrain=pretrain)
-        # the plain fused step: the union executes it (its models, schedule, losses, evaluation)
-        self.training = _compile(self.run, states, StepOptions(channels_last=False))
-        self.step = self.training.step
+        self.run = Run.prepare(graph, device=str(device), data_dir=data_dir, dataset=dataset, progress=False)
+        self.step = self.run.compile(self.run.initial_states(teacher_cache), member=True)
         self.graph, self.epochs, self.on_epoch = self.run.graph, self.run.epochs, on_epoch
         self.batch = self.run.batch
-        self.optimizer = self.graph.graph["train"].optimizer.name
         self.records: list[dict] = []
         self.epoch = 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        from dclang.train.loop import epoch_batches
-
         self.epoch += 1
         self.started, self.lr = time.perf_counter(), self.step.lr()
-        self.batches = epoch_batches(self.run, self.training, self.epoch)
+        self.batches = self.run.batches(self.epoch)
         self.index = 0
 
     @property
@@ -88,11 +75,7 @@ class TrialRun:
     def finish_epoch(self, read: tuple[dict, dict]) -> dict:
         """After the epoch's last step: evaluate, report (`on_epoch`) and return the epoch's
         record. `read` is the epoch's statistics (`EpochStats.read`)."""
-        from dclang.train.loop import end_epoch
-
-        with warnings.catch_warnings():  # the union steps the weights; the trial's own optimizer never does
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            record = end_epoch(self.run, self.training, self.epoch, read, lr=self.lr, started=self.started)
+        record = self.run.end_epoch(self.epoch, read, lr=self.lr, started=self.started)
         self.records.append(record)
         epoch = self.epoch
         if epoch < self.epochs:
@@ -181,7 +164,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     from dclang.search.space import Realized
     from dclang.search.study import counted, reap, retry
     from dclang.search.worker import INTERRUPTED, WAIT_POLL, Waiting, say
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import resolve_device
 
     device = resolve_device(objective.device)
     pack = Pack(size, hfta=bool(options and options.hfta))

@@ -182,7 +182,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     plus each one's evaluation of the validation and test splits."""
     import torch
 
-    from dclang.compile import StepOptions, compile_graph
+    from dclang.compile import compile_graph
     from dclang.search.union import StepMember, UnionStep
 
     generator = torch.Generator().manual_seed(0)
@@ -192,8 +192,8 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     packed = len(graphs) > 1 or bool(options and options.hfta)
     steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
                            image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
-                           epochs=max(1, g.graph["train"].epochs),
-                           options=StepOptions(channels_last=False) if packed else options) for g in graphs]
+                           epochs=max(1, g.graph["train"].epochs), options=None if packed else options,
+                           member=packed) for g in graphs]
     if packed:
         union = UnionStep([StepMember.of(step, g) for step, g in zip(steps, graphs)],
                           hfta=bool(options and options.hfta))
@@ -219,7 +219,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
 def _timed(step_all, steps, shape: Shape, device, generator, sync) -> float:
     import torch
 
-    from dclang.train.loop import EVAL_CHUNK
+    from dclang.train.run import EVAL_CHUNK
 
     for k in range(WARMUP_STEPS):  # allocations, optimizer state, library workspaces
         step_all(k + 1)
@@ -331,7 +331,7 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     from dclang.search.space import prepare_template, search_space
     from dclang.search.study import StudyConfig
     from dclang.syntax.format import format_module
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import resolve_device
 
     text = template_path.read_text(encoding="utf-8")
     checked = check(text, str(template_path))

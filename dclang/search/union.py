@@ -58,11 +58,11 @@ from dclang.registry import OPTIMIZER_KINDS
 
 
 class Member(Protocol):
-    """A trial in a union: its compiled plain fused step, its batch size and optimizer name."""
+    """A trial in a union: its compiled member step (`compile_graph(member=True)`: no optimizer
+    of its own) and its batch size."""
 
     step: FusedStep
     batch: int
-    optimizer: str
 
 
 @dataclass(eq=False)
@@ -72,12 +72,10 @@ class StepMember:
 
     step: FusedStep
     batch: int
-    optimizer: str
 
     @classmethod
     def of(cls, step: FusedStep, graph) -> StepMember:
-        train = graph.graph["train"]
-        return cls(step, train.batch, train.optimizer.name)
+        return cls(step, graph.graph["train"].batch)
 
 
 def stat_keys(step: FusedStep) -> list[tuple[str, str]]:
