@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/pack_ops.py --packs 1,2,4,8 --hfta             # default graph below
     python benchmarks/pack_ops.py --graph examples/dml4.kt --packs 1,2,4 --device cuda --hfta
 
-A pack step is one union step of the K trials (`dclang.search.union.UnionStep`: one forward and
+A pack step is one step of the fused engine over the K trials (`dclang.compile.engine.Engine`: one forward and
 one backward for all, with `--hfta` nodes of one architecture fused across the trials; each trial
 with its own batch, optimizer state and k). The baseline is one trial alone: its own fused step
 (with `--hfta`, its nodes fused within it), as `dclang run` trains it. Reported per K: the
@@ -36,9 +36,8 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     import torch
 
     from dclang.bench import count_ops
-    from dclang.compile import StepOptions, compile_graph
+    from dclang.compile import Engine, StepMember, StepOptions, compile_graph
     from dclang.data.catalog import DATASETS
-    from dclang.search.union import StepMember, UnionStep
     from dclang.train.run import resolve_device
 
     dev = resolve_device(device)
@@ -76,9 +75,10 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     rows = []
     for k in packs:
         members = [StepMember.of(build(i, None, member=True), graph) for i in range(k)]
-        union = UnionStep(members, hfta=hfta)
+        engine = Engine(members, StepOptions(hfta=hfta))
         data = [batch() for _ in range(k)]
-        ops, seconds = timed(lambda update, union=union, data=data: union.step([(xi, yi, update) for xi, yi in data]))
+        ops, seconds = timed(lambda update, engine=engine, data=data:
+                             engine.step_all([(xi, yi, update) for xi, yi in data]))
         rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": seconds,
                      "ops_ratio_to_one": ops / alone_ops, "seconds_ratio_to_one": seconds / alone_seconds,
                      "seconds_per_trial_step": seconds / k})

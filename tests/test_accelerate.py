@@ -1,10 +1,10 @@
-"""The fast paths of dclang.compile.accelerate against the plain fused engine.
+"""The fast paths of the fused engine (dclang.compile.accelerate) against the plain fused engine.
 
 Exact options run in float64 and must agree with the fused engine (itself tested against the
 reference engine) to rtol 1e-10 / atol 1e-12 after 4 steps across an epoch boundary: they
 differ only in summation order. That covers HFTA (parameters, optimizer state and
-checkpoints in the fused engine's layout), channels-last, and the path compile and CUDA
-graphs share (the linear gate's weight as a device tensor). bf16 autocast rounds by design
+checkpoints in the fused engine's layout) and channels-last; every step takes the path compile
+and CUDA graphs take (the linear gate's weight as a device tensor). bf16 autocast rounds by design
 and is held to 5e-2 of fp32 in float32. `test_compile_*_SLOW` runs the real inductor
 backend (it needs gcc) on a one-`mlp` graph: tens of seconds to compile on two cores.
 CUDA graphs, and bf16 and channels-last on a GPU, run only where CUDA is available.
@@ -21,8 +21,7 @@ from tensor_trees import assert_tree_close
 
 import dclang.compile.accelerate as accelerate
 from dclang.api import check
-from dclang.compile import AcceleratedStep, StepOptions, compile_graph
-from dclang.compile.accelerate import HftaStep, compile_step
+from dclang.compile import Engine, StepOptions, compile_graph
 from dclang.compile.common import build_models
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -99,7 +98,7 @@ def assert_same_training(got_step, got_stats, want_step, want_stats, **tol):
 def test_hfta_equals_fused(text, float64):
     data = batches()
     fused, hfta = build(text=text), build(StepOptions(hfta=True), text=text)
-    assert isinstance(hfta, HftaStep) and [g.names for g in hfta.groups] == [["a", "b"], ["c", "d"]]
+    assert isinstance(hfta, Engine) and [[n for _, n in g.slices] for g in hfta.groups] == [["a", "b"], ["c", "d"]]
     assert_tree_close(hfta.state_dict(), fused.state_dict(), rtol=0, atol=0)
     want, got = train(fused, data), train(hfta, data)
     assert_same_training(hfta, got, fused, want, **TIGHT)
@@ -109,7 +108,7 @@ def test_hfta_nodes_are_views_of_the_fused_tensors(float64):
     hfta = build(StepOptions(hfta=True))
     group = hfta.groups[0]
     train(hfta, batches(2))
-    for k, name in enumerate(group.names):
+    for k, (_, name) in enumerate(group.slices):
         for key, value in group.fused.node_state_dict(k).items():
             assert torch.equal(hfta.models[name].state_dict()[key], value), f"{name}.{key}"
     weight = hfta.models["b"].state_dict()["0.weight"]
@@ -138,11 +137,10 @@ def test_fused_and_hfta_checkpoints_are_interchangeable(float64):
 @pytest.mark.parametrize("options", [StepOptions(channels_last=True), StepOptions(hfta=True, channels_last=True)],
                          ids=lambda o: o.label)
 def test_channels_last_and_the_tensor_linear_weight_equal_fused(options, float64):
-    """AcceleratedStep's own forward, losses and update (the path compile and CUDA graphs
-    take, with the linear gates' weight as a tensor) with NHWC tensors."""
+    """NHWC tensors, with and without HFTA."""
     data = batches()
     fused, fast = build(), build(options)
-    assert isinstance(fast, AcceleratedStep) and fast.models["a"][0].weight.is_contiguous(
+    assert fast.options.channels_last and fast.models["a"][0].weight.is_contiguous(
         memory_format=torch.channels_last)
     want, got = train(fused, data), train(fast, data)
     assert_same_training(fast, got, fused, want, **TIGHT)
@@ -167,7 +165,7 @@ def test_a_failing_compile_falls_back_to_eager_and_restores_batchnorm(float64, m
 
     monkeypatch.setattr(accelerate.torch, "compile", broken_compile)
     data = batches()
-    fused, fast = build(), compile_step(build())
+    fused, fast = build(), build(StepOptions(compile=True))
     with pytest.warns(UserWarning, match="torch.compile failed, running the step eagerly: RuntimeError"):
         got = train(fast, data)
     assert_same_training(fast, got, fused, train(fused, data), **TIGHT)
@@ -206,7 +204,7 @@ def test_options_are_checked():
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             build(StepOptions(cuda_graph=True))
     assert StepOptions(hfta=True, compile=True, precision="bf16").label == "fused+hfta+compile+bf16"
-    assert type(build(StepOptions())).__name__ == "FusedStep"
+    assert build(StepOptions()).label == "fused"
 
 
 def test_channels_last_is_on_by_default_for_convolutions_on_the_cpu():
@@ -219,10 +217,10 @@ def test_channels_last_is_on_by_default_for_convolutions_on_the_cpu():
         assert StepOptions(channels_last=not want).resolve(torch.device(device), models).channels_last is not want
     default = compile_graph(check(GRAPH).graph, num_classes=3, in_channels=1, image_size=8,
                             device=torch.device("cpu"), steps_per_epoch=1, epochs=1)
-    assert isinstance(default, AcceleratedStep) and default.options.label == "fused+channels_last"
+    assert default.label == "fused+channels_last"
     plain = compile_graph(mlp_only, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
                           steps_per_epoch=1, epochs=1)
-    assert type(plain).__name__ == "FusedStep"
+    assert plain.label == "fused"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

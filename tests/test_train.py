@@ -312,18 +312,18 @@ def test_fast_path_options_reach_the_engine_and_change_no_number(tmp_path, digit
     """`--hfta` fuses the two mlps into one batched model; the metrics must be those of the
     plain fused engine (equal to 1e-6: fusion reorders no reduction of a node's own loss,
     only float32 rounding of the batched matmul may differ)."""
-    from dclang.compile import StepOptions, accelerate
+    from dclang.compile import StepOptions, engine
 
     built = []
-    original = accelerate.HftaStep.__init__
-    monkeypatch.setattr(accelerate.HftaStep, "__init__",
-                        lambda self, *a, **kw: (built.append(self), original(self, *a, **kw))[1])
+    original = engine.fuse_models
+    monkeypatch.setattr(engine, "fuse_models",
+                        lambda models, **kw: (built.append(len(models)), original(models, **kw))[1])
     graph = graph_of(kt(TWIN))
     plain = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits)
     assert not built
     fused = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits,
                         options=StepOptions(hfta=True))
-    assert len(built) == 1  # the option reached compile_graph
+    assert built == [2]  # the option reached the engine: the two mlps fused
     assert (plain.summary["step"], fused.summary["step"]) == ("fused", "fused+hfta")  # mlps: no channels-last
     for a, b in zip(untimed(plain.records), untimed(fused.records)):
         for node in ("s", "p"):

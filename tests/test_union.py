@@ -1,8 +1,9 @@
-"""The union step of packed trials: each trial in it computes what it computes alone.
+"""The fused engine over packed trials: each trial in it computes what it computes alone.
 
-Every comparison is against an independent computation: each trial's own plain fused step
-(`compile_graph`), stepped alone on the same batches with the same update numbers, and torch's
-own optimizers. Models run in float64, so that only the summation order differs (a grouped
+Every comparison is against the trial trained alone: its own engine of one graph
+(`compile_graph`: torch's optimizer, held equal to the reference engine by test_engines.py),
+stepped alone on the same batches with the same update numbers, and torch's own optimizers.
+Models run in float64, so that only the summation order differs (a grouped
 convolution, one product for the node losses): tolerance 1e-9 relative.
 """
 
@@ -16,10 +17,9 @@ from torch import nn
 
 from dclang.api import check
 from dclang.bench import count_ops
-from dclang.compile import StepOptions, compile_graph
+from dclang.compile import Engine, StepOptions, compile_graph
 from dclang.compile.fused import FusedStep
 from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
-from dclang.search.union import UnionStep
 from dclang.train.metrics import EpochStats
 
 HEAD = """\
@@ -83,11 +83,11 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 @dataclass(eq=False)
 class Trial:
-    """A union member (`dclang.search.union.Member`) with its twin trained alone."""
+    """An engine member (`dclang.compile.engine.Member`) with its twin trained alone."""
 
     name: str
     step: FusedStep
-    alone: FusedStep
+    alone: Engine
     batch: int
     k: int = 0
 
@@ -101,7 +101,7 @@ class Trial:
         steps = [compile_graph(graph, num_classes=classes, in_channels=1, image_size=8, device=torch.device(device),
                                seed=0, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS, **how)
                  for how in (dict(member=True), dict(options=StepOptions(channels_last=False)))]
-        assert all(type(s) is FusedStep for s in steps) and not steps[0].optimizers
+        assert type(steps[0]) is FusedStep and not steps[0].optimizers and len(steps[1].members) == 1
         return cls(name, steps[0], steps[1], graph.graph["train"].batch, classes=classes)
 
 
@@ -110,7 +110,7 @@ def batch_of(size: int, generator: torch.Generator, classes: int = 10) -> tuple[
             torch.randint(0, classes, (size,), generator=generator))
 
 
-def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator, stats: dict,
+def step_both(union: Engine, trials: list[Trial], generator: torch.Generator, stats: dict,
               sizes: dict[str, int] | None = None) -> None:
     """One union step, and each trial's twin stepped alone on the trial's batch."""
     batches = []
@@ -120,7 +120,7 @@ def step_both(union: UnionStep, trials: list[Trial], generator: torch.Generator,
                           batch_of((sizes or {}).get(trial.name, trial.batch), generator, trial.classes))
         batches.append((images, labels, trial.k))
         stats.setdefault(trial.name, EpochStats()).add(trial.alone.step(images, labels, trial.k), len(labels), trial.k)
-    union.step(batches)
+    union.step_all(batches)
 
 
 def assert_same_models(trial: Trial) -> None:
@@ -130,11 +130,11 @@ def assert_same_models(trial: Trial) -> None:
             torch.testing.assert_close(got[key], want[key], **TIGHT, msg=f"{trial.name}.{node}.{key}")
 
 
-def assert_same_trials(union: UnionStep, trials: list[Trial], stats: dict[str, EpochStats]) -> None:
+def assert_same_trials(union: Engine, trials: list[Trial], stats: dict[str, EpochStats]) -> None:
     """Every trial's models, and its statistics summed since the start, equal its twin's."""
     for m, trial in enumerate(trials):
         assert_same_models(trial)
-        got, got_bad = union.sums.read(m)
+        got, got_bad = union.read(m)
         want, want_bad = stats[trial.name].read()
         assert got.keys() == want.keys() and got_bad == want_bad == {}
         for key in want:
@@ -151,7 +151,7 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_la
     mutual, gates, layers, adam, ensemble = (Trial.of(n) for n in ("mutual", "gates", "layers", "adam", "ensemble"))
     stats: dict[str, EpochStats] = {}
     first = [mutual, gates, layers]
-    union = UnionStep(first, hfta=hfta, channels_last=channels_last)
+    union = Engine(first, StepOptions(hfta=hfta, channels_last=channels_last))
     if hfta:  # five cnn_tiny of three trials in one network, `layers`' p (whose layers an edge reads)
         # among them; its s carries a `hint` connector, another architecture: it stays alone
         assert [sorted(g.slices) for g in union.groups] == [[(0, "n1"), (0, "n2"), (0, "n3"), (1, "n1"), (2, "p")]]
@@ -162,7 +162,7 @@ def test_each_trial_of_a_union_computes_what_it_computes_alone(hfta, channels_la
         trial.alone.end_epoch()
     assert_same_models(mutual)
     second = [gates, layers, adam, ensemble]  # `mutual` left; two trials join
-    union = UnionStep(second, hfta=hfta, carried=union.carry(second), channels_last=channels_last)
+    union = Engine(second, StepOptions(hfta=hfta, channels_last=channels_last), carried=union.carry(second))
     for _ in range(3):
         step_both(union, second, generator, stats)
     assert_same_trials(union, second, stats)
@@ -173,7 +173,7 @@ def test_trials_of_different_classes_share_a_union(float64):
     generator = torch.Generator().manual_seed(3)
     trials = [Trial.of("gates"), Trial.of("gates", classes=7)]
     trials[1].name = "gates7"
-    union, stats = UnionStep(trials, hfta=True, channels_last=False), {}
+    union, stats = Engine(trials, StepOptions(hfta=True, channels_last=False)), {}
     for _ in range(3):
         step_both(union, trials, generator, stats)
     assert_same_trials(union, trials, stats)
@@ -185,7 +185,7 @@ def test_cuda_a_union_computes_what_its_trials_compute_alone():
     (and are not deterministic), so to 1e-4 after three steps."""
     generator = torch.Generator().manual_seed(0)
     trials = [Trial.of(name, device="cuda") for name in ("mutual", "gates", "layers", "ensemble")]
-    union, stats = UnionStep(trials, hfta=True), {}
+    union, stats = Engine(trials, StepOptions(hfta=True)), {}
     for _ in range(3):
         step_both(union, trials, generator, stats)
     for trial in trials:
@@ -202,10 +202,10 @@ def test_a_union_of_k_trials_dispatches_about_the_operations_of_one(float64):
 
     def ops(k: int) -> int:
         trials = [Trial.of("mutual") for _ in range(k)]
-        union = UnionStep(trials, hfta=True, channels_last=False)
+        union = Engine(trials, StepOptions(hfta=True, channels_last=False))
         data = [batch_of(16, generator) for _ in trials]
-        union.step([(x, y, 1) for x, y in data])
-        return count_ops(lambda update: union.step([(x, y, update) for x, y in data]), 2)
+        union.step_all([(x, y, 1) for x, y in data])
+        return count_ops(lambda update: union.step_all([(x, y, update) for x, y in data]), 2)
 
     one, four = ops(1), ops(4)
     assert four <= 1.2 * one, (one, four)
@@ -241,7 +241,8 @@ def test_a_sliced_optimizer_is_torchs_optimizer_per_owner(name, kind, args, floa
         for opt in torch_opts:
             opt.step()
         shared.grad, own.grad = torch.stack(grads[:2]).reshape(6, 4), grads[2]
-        sliced.step([args["lr"], 3 * args["lr"]], [update, update + 2])
+        sliced.prepare([args["lr"], 3 * args["lr"]], [update, update + 2])
+        sliced.step()
     torch.testing.assert_close(shared.detach().view(2, 3, 4), torch.stack([p.detach() for p in a]), rtol=1e-12,
                                atol=1e-14)
     torch.testing.assert_close(own.detach(), b.detach(), rtol=1e-12, atol=1e-14)
@@ -262,7 +263,8 @@ def test_a_tensor_no_loss_reached_is_left_as_it_is(float64):
     state = [None, {"momentum_buffer": torch.full((4,), 2.0)}]
     sliced = SlicedOptimizer(rule, [used, unused], [[0], [0]], state)
     used.grad = torch.ones(4)
-    sliced.step([0.1], [1])
+    sliced.prepare([0.1], [1])
+    sliced.step()
     assert torch.equal(unused.detach(), torch.ones(4)) and torch.equal(sliced.state[1]["momentum_buffer"],
                                                                         torch.full((4,), 2.0))
     assert not torch.equal(used.detach(), torch.ones(4))

@@ -96,9 +96,10 @@ class TrainStep:
         """What executes the step, fast paths named (`summary.json`'s `step`, the bench's names)."""
         return self.engine
 
-    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, num_classes: int, device: torch.device,
                  steps_per_epoch: int, epochs: int):
         self.models = models
+        self.num_classes = num_classes  # every output's last dimension
         self.trainable = trainable_nodes(graph)
         self.frozen = frozen_nodes(graph)
         self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
@@ -112,7 +113,7 @@ class TrainStep:
         self.schedule = Schedule(train.schedule, train.optimizer.args["lr"], epochs)
         self.epochs_done = 0
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
-        self.layers = LayerCapture(models, self.layer_ends(), fused=self.fused_slices())
+        self.layers = LayerCapture(models, self.layer_ends())
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
@@ -123,11 +124,6 @@ class TrainStep:
         """(node, layer) of both ends of every live edge between layers: what `layers` keeps."""
         return [end for e in self.edges if e.on_layers
                 for end in ((e.source, e.source_layer), (e.target, e.target_layer))]
-
-    def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
-        """Nodes the step computes inside a fused network, with (that `FusedModel`, the
-        node's slice): where their layers are captured (none here; HFTA has them)."""
-        return {}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits of every model node on the same batch, each node forwarded once (paper 3.4).

@@ -8,7 +8,6 @@ update, so every node learns from the same predictions (paper 3.4).
 from __future__ import annotations
 
 import networkx as nx
-import torch
 from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep
@@ -19,9 +18,8 @@ from dclang.losses import edge_loss, node_loss
 class ReferenceStep(TrainStep):
     engine = "reference"
 
-    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
-                 steps_per_epoch: int, epochs: int):
-        super().__init__(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], **kwargs):
+        super().__init__(graph, models, **kwargs)
         train = graph.graph["train"]
         for name in self.trainable:
             self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())

@@ -1,10 +1,11 @@
-"""Packed trials: one worker process trains up to K trials as one union step.
+"""Packed trials: one worker process trains up to K trials as one engine of K members.
 
 One trial per process leaves most of an accelerator idle and pays a process, a dataset in
 memory and a CUDA context per trial. A packed worker holds K trials (`--pack K`) and trains
 them as the union of their graphs: one forward and one backward for all of them per step
-(`dclang.search.union.UnionStep`), with nodes of one architecture fused across trials when
-HFTA is on (`--hfta`). What makes a trial's figures its own is kept per trial, exactly as
+(`dclang.compile.engine.Engine`, the engine `dclang run` trains one graph with), with nodes
+of one architecture fused across trials when HFTA is on (`--hfta`) and every other fast path
+of `dclang run` as asked (`StepOptions`). What makes a trial's figures its own is kept per trial, exactly as
 `train_graph` keeps it for one run: its models and optimizer state, its learning-rate schedule,
 its update number `k` (the linear gates), its data order and augmentation (a generator seeded
 with the trial's seed and its own epoch). So a trial trained in a pack computes what it
@@ -13,7 +14,7 @@ computes alone, to rounding, whoever its pack mates are and whenever they join o
 
 Each trial reaches the end of its epochs on its own schedule: at its epoch's end it is
 evaluated and reported, ASHA decides, and a pruned or finished trial leaves the pack while
-the others go on; the worker fills the slot with a new trial at once, and the union is rebuilt
+the others go on; the worker fills the slot with a new trial at once, and the engine is rebuilt
 around the trials it then holds.
 """
 
@@ -28,13 +29,13 @@ from typing import Any
 import networkx as nx
 import torch
 
-from dclang.search.union import UnionStep
+from dclang.compile import Engine, StepOptions
 
 
 class TrialRun:
     """One trial's training cut into steps: a `dclang.train.run.Run` without a run folder,
-    compiled as a union member (no optimizer of its own), the steps themselves taken by the
-    pack's union step.
+    compiled as an engine member (no optimizer of its own), the steps themselves taken by the
+    pack's engine.
 
     `on_epoch(epoch, record)` is called after each epoch's evaluation with the record
     `train_graph` gives its own `on_epoch`; whatever it raises (optuna's TrialPruned) leaves
@@ -87,15 +88,15 @@ class TrialRun:
 
 
 class Pack:
-    """Up to K trial runs stepped together as one union step (`UnionStep`); with `hfta`, nodes
-    of one architecture are fused across them."""
+    """Up to K trial runs stepped together by one engine (`Engine`) executed with `options`
+    (with `hfta`, nodes of one architecture are fused across the trials)."""
 
-    def __init__(self, size: int, *, hfta: bool = False):
+    def __init__(self, size: int, options: StepOptions | None = None):
         if size < 1:
             raise ValueError(f"a pack holds at least one trial, got {size}")
-        self.size, self.hfta = size, hfta
+        self.size, self.options = size, options or StepOptions()
         self.runs: dict[Any, TrialRun] = {}
-        self.union: UnionStep | None = None
+        self.engine: Engine | None = None
 
     def add(self, key: Any, run: TrialRun) -> None:
         assert len(self.runs) < self.size, "the pack is full"
@@ -105,12 +106,12 @@ class Pack:
     def free(self) -> int:
         return self.size - len(self.runs)
 
-    def _union(self, members: list[TrialRun]) -> UnionStep:
-        """The union step of `members`, rebuilt when the pack's trials changed."""
-        if self.union is None or self.union.members != members:
-            carried = self.union.carry(members) if self.union is not None else None
-            self.union = UnionStep(members, hfta=self.hfta, carried=carried)
-        return self.union
+    def _engine(self, members: list[TrialRun]) -> Engine:
+        """The engine of `members`, rebuilt when the pack's trials changed."""
+        if self.engine is None or self.engine.members != members:
+            carried = self.engine.carry(members) if self.engine is not None else None
+            self.engine = Engine(members, self.options, carried=carried)
+        return self.engine
 
     def step(self, on_error: Callable[[Any, BaseException], None], on_done: Callable[[Any, TrialRun], None]) -> None:
         """One step of every run. A run that raises at its epoch's end (pruned, diverged)
@@ -121,11 +122,11 @@ class Pack:
             return
         runs = list(self.runs.items())
         try:
-            union = self._union([run for _, run in runs])
-            union.step([run.next_batch() for _, run in runs])
+            engine = self._engine([run for _, run in runs])
+            engine.step_all([run.next_batch() for _, run in runs])
         except Exception as exc:  # noqa: BLE001 (any error of the shared step fails every trial in it, with that error)
             self.runs.clear()
-            self.union = None
+            self.engine = None
             for key, _ in runs:
                 on_error(key, exc)
             return
@@ -133,7 +134,7 @@ class Pack:
             if not run.stepped():
                 continue
             try:
-                run.finish_epoch(union.sums.read(m))
+                run.finish_epoch(engine.read(m))
             except Exception as exc:  # noqa: BLE001 (optuna.TrialPruned too: the trial ends with what it raised)
                 del self.runs[key]
                 on_error(key, exc)
@@ -155,7 +156,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     it comes, so ASHA judges every trial at every epoch and a pruned trial's slot is refilled
     at once. Ctrl-C or SIGTERM fails every running trial of the pack as `interrupted` and
     queues each to run again; a killed worker's trials are failed and retried by `study.reap`.
-    Of `options` (`StepOptions`) only `hfta` applies: it fuses nodes across the pack's trials.
+    `options` (`StepOptions`) are `dclang run`'s fast paths, applied to the pack's engine.
     """
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
@@ -167,7 +168,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     from dclang.train.run import resolve_device
 
     device = resolve_device(objective.device)
-    pack = Pack(size, hfta=bool(options and options.hfta))
+    pack = Pack(size, options)
     running: dict[int, tuple[optuna.Trial, list[dict]]] = {}
     waiting: dict[int, tuple[optuna.Trial, Any]] = {}  # trials whose graph an earlier trial trains
 

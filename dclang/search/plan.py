@@ -176,33 +176,25 @@ def dataset_shape(graph: nx.DiGraph) -> Shape:
 
 
 def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
-    """Seconds for one epoch of each of `graphs` trained together in one process: a pack's
-    union step (`dclang.search.union`) when there are several or HFTA is on, as a packed worker
-    trains them, else the graph's own step. A few synthetic steps, times the steps per epoch,
-    plus each one's evaluation of the validation and test splits."""
+    """Seconds for one epoch of each of `graphs` trained together in one process by one engine
+    (`dclang.compile.engine.Engine`) executed with `options`, as a packed worker (or, for one
+    graph, `dclang run`) trains them. A few synthetic steps, times the steps per epoch, plus
+    each one's evaluation of the validation and test splits."""
     import torch
 
-    from dclang.compile import compile_graph
-    from dclang.search.union import StepMember, UnionStep
+    from dclang.compile import Engine, StepMember, compile_graph
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(shape.batch, shape.channels, shape.image_size, shape.image_size,
                          generator=generator).to(device)
     labels = torch.randint(0, shape.num_classes, (shape.batch,), generator=generator).to(device)
-    packed = len(graphs) > 1 or bool(options and options.hfta)
     steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
                            image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
-                           epochs=max(1, g.graph["train"].epochs), options=None if packed else options,
-                           member=packed) for g in graphs]
-    if packed:
-        union = UnionStep([StepMember.of(step, g) for step, g in zip(steps, graphs)],
-                          hfta=bool(options and options.hfta))
+                           epochs=max(1, g.graph["train"].epochs), member=True) for g in graphs]
+    engine = Engine([StepMember.of(step, g) for step, g in zip(steps, graphs)], options)
 
-        def step_all(k: int) -> None:
-            union.step([(images, labels, k)] * len(steps))
-    else:
-        def step_all(k: int) -> None:
-            steps[0].step(images, labels, k=k)
+    def step_all(k: int) -> None:
+        engine.step_all([(images, labels, k)] * len(steps))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -320,13 +312,12 @@ def _duration(seconds: float) -> str:
 
 
 def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epochs: int | None, device: str,
-              eta: int, min_resource: int, pruner: str, hfta: bool = False,
+              eta: int, min_resource: int, pruner: str, options=None,
               count_limit: int = COUNT_LIMIT) -> dict:
     """Everything the plan prints, as a dict (`print_plan` writes it out)."""
     import torch
 
     from dclang.api import check
-    from dclang.compile import StepOptions
     from dclang.search.equivalence import count_distinct, space_size
     from dclang.search.space import prepare_template, search_space
     from dclang.search.study import StudyConfig
@@ -359,7 +350,6 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     if torch_device.type == "cpu":  # each of D workers gets its share of the cores (`dclang search` sets it)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     shape = dataset_shape(graph)
-    options = StepOptions(hfta=True) if hfta else None
     counts, examples = sample_mixes(graph)
     measured = {}
     try:

@@ -292,7 +292,8 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
-    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
+    (`dclang.search.pack`); `options` (`StepOptions`: any fast path) also go through the packed
+    path, a pack of one being what `dclang run` trains."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
@@ -317,7 +318,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
         from dclang.search.pack import work_packed
 
         if not real:
-            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps",
+            raise UserError("a packed worker (--pack, or a fast path such as --hfta) trains with dclang's own engine",
                             "leave out --trainer")
         try:
             work_packed(study, config, objective, size=pack, options=options)
