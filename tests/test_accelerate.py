@@ -270,3 +270,42 @@ def test_an_hfta_step_dispatches_as_many_operations_for_eight_nodes_as_for_two()
     assert ops(8, hfta) - ops(2, hfta) <= 2 * 6
     plain = StepOptions(channels_last=False)
     assert ops(8, plain) - ops(2, plain) > 6 * 20  # separate models: each node's layers dispatch again
+
+
+class FakeCapture:
+    """`accelerate.CapturedStep` on the CPU: records each capture and replays by running the
+    engine's step eagerly, so the engine's capture logic runs around a real step."""
+
+    made: list[list[tuple]] = []
+
+    def __init__(self, engine, images, labels, ks):
+        FakeCapture.made.append([tuple(x.shape) for x in images])
+        self.engine, self.images, self.labels = engine, images, labels
+
+    def fits(self, images, labels):
+        return all(x.shape == s.shape and x.stride() == s.stride() for x, s in zip(images, self.images)) and all(
+            y.shape == s.shape for y, s in zip(labels, self.labels))
+
+    def replay(self, images, labels, ks):
+        return self.engine._eager_step(images, labels, ks)
+
+
+def test_a_step_is_captured_after_the_warm_up_and_again_when_the_learning_rate_changes(float64, monkeypatch):
+    """The CUDA-graph logic on the CPU, with a capture that records: three eager warm-up
+    steps, a capture at the fourth, replays, an epoch's short last batch run eagerly (no
+    capture for it), a capture again after the schedule moved the learning rate (an engine of
+    one graph holds it as a number); and the numbers are the plain engine's."""
+    monkeypatch.setattr(accelerate, "CapturedStep", FakeCapture)
+    FakeCapture.made = []
+    data = batches(8)
+    data[3] = (data[3][0][:9], data[3][1][:9])  # the first epoch's last batch is short
+    fused, fast = build(steps=4), build(steps=4)
+    fast.options = dataclasses.replace(fast.options, cuda_graph=True)  # CUDA only otherwise
+    want, got = train(fused, data, steps=4), []
+    for k, (x, y) in enumerate(data, start=1):
+        got.append(fast.step(x, y, k))
+        assert len(FakeCapture.made) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1}[k], k
+        if k % 4 == 0:
+            fast.end_epoch()  # the step schedule: lr * 0.1 after epoch 1
+    assert FakeCapture.made == [[(16, 1, 8, 8)]]  # made at the 5th step, after the rate moved
+    assert_same_training(fast, got, fused, want, **TIGHT)

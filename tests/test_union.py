@@ -9,6 +9,9 @@ convolution, one product for the node losses): tolerance 1e-9 relative.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -77,6 +80,10 @@ p.conv2 -> s.conv2 : through at(p=2)
 t -> s : through kl(T=3)
 """,
 }
+GRAPHS["tiny"] = HEAD.format(optimizer=SGD) + """\
+node n1 : mlp [target]
+label -> n1 : linear
+"""  # compiled (slow to compile: a one-node graph)
 STEPS_PER_EPOCH, EPOCHS = 3, 2
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
@@ -288,3 +295,77 @@ def test_the_optimizer_table_is_torchs_optimizer(name, float64):
     param.grad = torch.ones(3)
     opt.step()
     assert set(opt.state[param]) - {"step"} == set(kind.state)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="inductor's CPU backend needs a C compiler")
+def test_a_compiled_union_computes_what_its_trials_compute_alone_SLOW(float64):
+    """torch.compile of a union of two one-`mlp` trials (tens of seconds to compile): compiled
+    once for the first batch shapes (a trial's short batch then runs eagerly, without a
+    recompilation), and each trial equals its twin trained alone, plain."""
+    generator = torch.Generator().manual_seed(2)
+    trials = [Trial.of("tiny"), Trial.of("tiny")]
+    trials[1].name = "tiny2"
+    union, stats = Engine(trials, StepOptions(compile=True, channels_last=False)), {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile fallback would warn
+        step_both(union, trials, generator, stats)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # k changes, the graph must not
+            step_both(union, trials, generator, stats)
+            step_both(union, trials, generator, stats, sizes={"tiny2": 5})
+    assert union.compiled_shapes is not None
+    assert_same_trials(union, trials, stats)
+
+
+def test_a_union_captures_after_its_warm_up_and_anew_when_its_members_change(float64, monkeypatch):
+    """The CUDA-graph logic of a union on the CPU, with the recording capture of
+    test_accelerate.py (its replay runs the step eagerly): captured once after three eager
+    steps, a trial's short batch run eagerly, no capture again at an epoch's end (the
+    learning rates are the optimizer's device tensors, refilled in place), and a union of
+    other members captures anew after its own warm-up; every trial equals its twin."""
+    from test_accelerate import FakeCapture
+
+    from dclang.compile import accelerate
+
+    monkeypatch.setattr(accelerate, "CapturedStep", FakeCapture)
+    FakeCapture.made = []
+    generator = torch.Generator().manual_seed(4)
+    mutual, adam, gates, ensemble = (Trial.of(n) for n in ("mutual", "adam", "gates", "ensemble"))
+    stats: dict[str, EpochStats] = {}
+
+    def graphed(members, carried=None):
+        union = Engine(members, StepOptions(hfta=True, channels_last=False), carried=carried)
+        union.options = dataclasses.replace(union.options, cuda_graph=True)  # CUDA only otherwise
+        return union
+
+    first, second = [mutual, adam], [gates, ensemble]
+    union = graphed(first)
+    for _ in range(4):
+        step_both(union, first, generator, stats)
+    assert len(FakeCapture.made) == 1
+    for trial in first:
+        trial.step.end_epoch()
+        trial.alone.end_epoch()
+    step_both(union, first, generator, stats, sizes={"adam": 11})  # eager
+    step_both(union, first, generator, stats)
+    assert len(FakeCapture.made) == 1
+    assert_same_trials(union, first, stats)
+    union = graphed(second, carried=union.carry(second))
+    for _ in range(4):
+        step_both(union, second, generator, stats)
+    assert len(FakeCapture.made) == 2
+    assert_same_trials(union, second, stats)
+
+
+def test_a_sliced_optimizers_numbers_are_refilled_in_place(float64):
+    """What a captured update reads: the same device tensors, holding each step's numbers."""
+    params = [nn.Parameter(torch.ones(2, 3))]
+    rule = rule_of("adam", {"lr": 0.1, "weight_decay": 0.0})
+    sliced = SlicedOptimizer(rule, params, [[0, 1]])
+    sliced.prepare([0.1, 0.2], [1, 5])
+    kept = {name: sliced.coefficients.current(name)[0] for name in ("step_size", "bias2")}
+    before = {name: t.clone() for name, t in kept.items()}
+    sliced.prepare([0.05, 0.2], [2, 6])
+    for name, tensor in kept.items():
+        assert sliced.coefficients.current(name)[0] is tensor and not torch.equal(tensor, before[name])
+    torch.testing.assert_close(kept["step_size"][0], torch.full((3,), -0.05 / (1 - 0.9 ** 2)))

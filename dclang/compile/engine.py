@@ -168,6 +168,7 @@ class Engine:
         self.compiled_shapes: tuple | None = None
         self.eager_steps = 0
         self.graph: accelerate.CapturedStep | None = None
+        self.first_shapes: list | None = None  # what a CUDA graph is captured for
         self.train()
 
     # ------------------------------------------------------------ building
@@ -488,12 +489,18 @@ class Engine:
             return self.forward_backward(images, labels)
 
     def _graph_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int]) -> Tensor:
+        """Replay the captured step; or capture it, after the warm-up, for the batch shapes of
+        the engine's first step (full batches: an epoch's short last one is never captured);
+        batches of other shapes run eagerly."""
         if self.graph is not None and self.graph.fits(images, labels):
             return self.graph.replay(images, labels, ks)
-        if self.eager_steps >= CUDA_GRAPH_WARMUP and self.graph is None:
+        shapes = [(x.shape, x.stride()) for x in images] + [y.shape for y in labels]
+        if self.first_shapes is None:
+            self.first_shapes = shapes
+        if self.eager_steps >= CUDA_GRAPH_WARMUP and self.graph is None and shapes == self.first_shapes:
             self.graph = accelerate.CapturedStep(self, images, labels, ks)
             return self.graph.replay(images, labels, ks)
-        if self.eager_steps >= CUDA_GRAPH_WARMUP:  # other shapes (an epoch's last batch) than the captured ones
+        if self.eager_steps >= CUDA_GRAPH_WARMUP:
             return self._eager_step(images, labels, ks)
         with accelerate.side_stream(self.device):  # warm-up: what a capture must find allocated
             return self._eager_step(images, labels, ks)

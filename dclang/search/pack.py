@@ -110,6 +110,8 @@ class Pack:
         """The engine of `members`, rebuilt when the pack's trials changed."""
         if self.engine is None or self.engine.members != members:
             carried = self.engine.carry(members) if self.engine is not None else None
+            if self.options.compile:  # the old engine's compiled code goes: the new one compiles anew, never
+                torch._dynamo.reset()  # reaching torch's limit of recompilations of one function
             self.engine = Engine(members, self.options, carried=carried)
         return self.engine
 
