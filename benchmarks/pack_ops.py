@@ -75,7 +75,7 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     rows = []
     for k in packs:
         members = [StepMember.of(build(i, None, member=True), graph) for i in range(k)]
-        engine = Engine(members, StepOptions(hfta=hfta))
+        engine = Engine(members, StepOptions(hfta=hfta), packed=True)
         data = [batch() for _ in range(k)]
         ops, seconds = timed(lambda update, engine=engine, data=data:
                              engine.step_all([(xi, yi, update) for xi, yi in data]))

@@ -369,3 +369,21 @@ def test_a_sliced_optimizers_numbers_are_refilled_in_place(float64):
     for name, tensor in kept.items():
         assert sliced.coefficients.current(name)[0] is tensor and not torch.equal(tensor, before[name])
     torch.testing.assert_close(kept["step_size"][0], torch.full((3,), -0.05 / (1 - 0.9 ** 2)))
+
+
+def test_a_pack_down_to_one_trial_keeps_its_optimizer_state(float64):
+    """A pack's engine of one member (its mates left, none joined yet) is still sliced: its
+    momentum carries over to the engine its next mates join."""
+    generator = torch.Generator().manual_seed(5)
+    mutual, gates, adam = (Trial.of(n) for n in ("mutual", "gates", "adam"))
+    stats: dict[str, EpochStats] = {}
+    union = Engine([mutual, gates], StepOptions(hfta=True, channels_last=False), packed=True)
+    for _ in range(2):
+        step_both(union, [mutual, gates], generator, stats)
+    union = Engine([gates], union.options, carried=union.carry([gates]), packed=True)
+    assert not union.solo
+    step_both(union, [gates], generator, stats)
+    union = Engine([gates, adam], union.options, carried=union.carry([gates, adam]), packed=True)
+    for _ in range(2):
+        step_both(union, [gates, adam], generator, stats)
+    assert_same_trials(union, [gates, adam], stats)

@@ -19,11 +19,12 @@ every member's step:
   product of the edge losses with a 0/1 incidence matrix (eq. 3), and their sum gets one
   backward. Every edge detaches its source (paper 3.1), so each node's gradient is its own
   loss's.
-- **Update.** One member whose tensors are its own: torch's optimizer (`foreach`), a single
-  parameter group over the fused tensors and the nodes left separate (exact: SGD, Adam and
-  AdamW keep their state per element and every node has the same hyperparameters). Several
-  members: `SlicedOptimizer`, torch's rule with each member's own learning rate and update
-  count on tensors whose slices belong to different members.
+- **Update.** One graph whose tensors are its own for good (`dclang run`): torch's optimizer
+  (`foreach`), a single parameter group over the fused tensors and the nodes left separate
+  (exact: SGD, Adam and AdamW keep their state per element and every node has the same
+  hyperparameters). A pack (`packed`: members join and leave): `SlicedOptimizer`, torch's
+  rule with each member's own learning rate and update count on tensors whose slices belong
+  to different members, its state handed from engine to engine (`carry`).
 - **Statistics.** Every member's step statistics as one float64 vector, each member's block
   laid out as its `StepStats.keys()`: returned as `StepStats` for one member (`step`), summed
   per member on the device for several (`step_all`, read by `read(m)` at that member's epoch
@@ -130,7 +131,9 @@ class Engine:
     engine = "fused"
 
     def __init__(self, members: Sequence[Member], options: StepOptions | None = None, *,
-                 carried: Carried | None = None):
+                 carried: Carried | None = None, packed: bool = False):
+        """`packed`: members join and leave (a search worker's pack): the sliced optimizer even
+        for one member, whose state `carry` hands to the engine that replaces this one."""
         carried = carried or Carried()
         self.members = list(members)
         self.steps = [m.step for m in self.members]
@@ -148,8 +151,8 @@ class Engine:
         self._capture_layers()
         if self.options.channels_last:
             self._to_channels_last()
-        self.solo = len(self.members) == 1
-        if self.solo:  # every tensor is this member's: torch's own optimizer
+        self.solo = len(self.members) == 1 and not packed
+        if self.solo:  # every tensor is this member's, for good: torch's own optimizer
             self.optimizer = build_optimizer(self.steps[0].optimizer_spec, self._parameters(), foreach=True)
             self.optimizer.param_groups[0]["lr"] = self.steps[0].lr()
             if self.options.cuda_graph and "capturable" in self.optimizer.param_groups[0]:
@@ -286,7 +289,7 @@ class Engine:
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         """One update of the one member on this batch; `k` is its 1-based update number."""
-        if not self.solo:
+        if len(self.members) != 1:
             raise ValueError(f"`step` steps an engine of one member; this one has {len(self.members)}: use `step_all`")
         flat = self._step([(images, labels, k)])
         keys = self.keys[0]

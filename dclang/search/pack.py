@@ -112,7 +112,7 @@ class Pack:
             carried = self.engine.carry(members) if self.engine is not None else None
             if self.options.compile:  # the old engine's compiled code goes: the new one compiles anew, never
                 torch._dynamo.reset()  # reaching torch's limit of recompilations of one function
-            self.engine = Engine(members, self.options, carried=carried)
+            self.engine = Engine(members, self.options, carried=carried, packed=True)
         return self.engine
 
     def step(self, on_error: Callable[[Any, BaseException], None], on_done: Callable[[Any, TrialRun], None]) -> None:

@@ -191,7 +191,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
                            image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
                            epochs=max(1, g.graph["train"].epochs), member=True) for g in graphs]
-    engine = Engine([StepMember.of(step, g) for step, g in zip(steps, graphs)], options)
+    engine = Engine([StepMember.of(step, g) for step, g in zip(steps, graphs)], options, packed=len(graphs) > 1)
 
     def step_all(k: int) -> None:
         engine.step_all([(images, labels, k)] * len(steps))
