@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 
 from dclang.compile.accelerate import StepOptions
-from dclang.compile.common import StepStats, TrainStep, build_models
+from dclang.compile.common import StatSums, StepStats, TrainStep, build_models
 from dclang.compile.engine import Engine, StepMember
 from dclang.compile.fused import FusedStep
 from dclang.compile.host_memory import keep_freed_memory
@@ -68,4 +68,4 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     return Engine([StepMember.of(step, graph)], options)
 
 
-__all__ = ["ENGINES", "Engine", "StepMember", "StepOptions", "StepStats", "TrainStep", "compile_graph"]
+__all__ = ["ENGINES", "Engine", "StatSums", "StepMember", "StepOptions", "StepStats", "TrainStep", "compile_graph"]

@@ -3,6 +3,7 @@ evaluation. The engines differ only in how losses become updates (`step`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -54,6 +55,86 @@ class StepStats:
 
 #: StepStats fields that are batch means (weighted by batch size when summed); `node_correct` is a count
 MEAN_FIELDS = ("node_loss", "edge_loss", "edge_gate", "edge_pass")
+
+
+class StatSums:
+    """Epoch sums of the step statistics of one or several trainings (an engine's members), in
+    one device vector, each member's block laid out as its `StepStats.keys()` (counts, then
+    batch means weighted by batch size), with the first update each became non-finite. The
+    one statistics path: `dclang.train.metrics.EpochStats` is the sums of one training, an
+    engine of several members keeps one for all. No host sync until `read`."""
+
+    def __init__(self, keys: list[list[tuple[str, str]]], device: torch.device,
+                 carried: list[tuple[Tensor, Tensor, int] | None] | None = None):
+        self.keys = keys
+        sizes = [len(k) for k in keys]
+        self.offsets = [sum(sizes[:m]) for m in range(len(sizes) + 1)]
+        total = self.offsets[-1]
+        self.sums = torch.zeros(total, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros(total, dtype=torch.long, device=device)
+        self.samples = [0] * len(keys)
+        self.is_mean = torch.tensor([f != "node_correct" for ks in keys for f, _ in ks], device=device)
+        self.sizes = torch.tensor(sizes, device=device)
+        self.total = total
+        for m, given in enumerate(carried or []):
+            if given is not None:
+                sums, bad, samples = given
+                self.sums[self.offsets[m]:self.offsets[m + 1]] = sums
+                self.first_bad[self.offsets[m]:self.offsets[m + 1]] = bad
+                self.samples[m] = samples
+        self._weights: dict[tuple[int, ...], Tensor] = {}
+        self._orders: dict[tuple[int, ...], Tensor] = {}
+
+    def _per_slot(self, values: Sequence[int], dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.sums.device, non_blocking=True).repeat_interleave(
+            self.sizes, output_size=self.total)
+
+    def add(self, values: Tensor, batch_sizes: list[int], ks: list[int]) -> None:
+        """Add one step's statistics (member order, float64); no host sync."""
+        key = tuple(batch_sizes)
+        if key not in self._weights:
+            self._weights[key] = torch.where(self.is_mean, self._per_slot(batch_sizes, torch.float64), 1.0)
+        k = ks[0] if len(set(ks)) == 1 else self._per_slot(ks, torch.long)  # one update number: no copy
+        self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
+        self.sums += values * self._weights[key]
+        for m, b in enumerate(batch_sizes):
+            self.samples[m] += b
+
+    def take(self, m: int) -> tuple[Tensor, Tensor, int]:
+        """Member m's sums, first non-finite updates and sample count so far; its block reset."""
+        block = slice(self.offsets[m], self.offsets[m + 1])
+        out = (self.sums[block].clone(), self.first_bad[block].clone(), self.samples[m])
+        self.sums[block] = 0
+        self.first_bad[block] = 0
+        self.samples[m] = 0
+        return out
+
+    def peek(self, m: int) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+        """Member m's epoch so far: (means / accuracies per (field, name), first non-finite
+        update per key); one host sync."""
+        block = slice(self.offsets[m], self.offsets[m + 1])
+        return self._means(m, self.sums[block], self.first_bad[block], self.samples[m])
+
+    def read(self, m: int) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+        """`peek`, and member m's block reset for its next epoch."""
+        return self._means(m, *self.take(m))
+
+    def _means(self, m: int, sums: Tensor, bad: Tensor, samples: int):
+        means = {key: s / samples for key, s in zip(self.keys[m], sums.tolist())}
+        return means, {key: b for key, b in zip(self.keys[m], bad.tolist()) if b}
+
+    def reorder(self, pieces: list[Tensor], order: list[int]) -> list[Tensor]:
+        """Pieces holding several members' blocks each (in `order`) as one vector in member order."""
+        flat = torch.cat(pieces)
+        key = tuple(order)
+        if key not in self._orders:  # one permutation per arrangement of the members (few): kept
+            starts, at = {}, 0
+            for m in order:
+                starts[m] = at
+                at += self.offsets[m + 1] - self.offsets[m]
+            perm = [starts[m] + i for m in range(len(order)) for i in range(self.offsets[m + 1] - self.offsets[m])]
+            self._orders[key] = torch.tensor(perm, device=flat.device)
+        return [flat.index_select(0, self._orders[key])]
 
 
 def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from dclang.compile import accelerate
 from dclang.compile.accelerate import CUDA_GRAPH_WARMUP, StepOptions, alias_to_slice, fusable_groups, own_storage
-from dclang.compile.common import StepStats, TrainStep
+from dclang.compile.common import StatSums, StepStats, TrainStep
 from dclang.compile.optim import build_optimizer
 from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
 from dclang.ensembles import ensemble_outputs
@@ -161,7 +161,7 @@ class Engine:
         else:
             self.sliced, self.slots = self._sliced(carried.optimizer)
         self.keys = [stat_keys(s) for s in self.steps]
-        self.sums = _Sums(self.keys, self.device, [carried.sums.get(m) for m in self.members])
+        self.sums = StatSums(self.keys, self.device, [carried.sums.get(m) for m in self.members])
         self.linear = [any(e.gate == "linear" for e in s.edges) for s in self.steps]
         self._linear_host = [1.0] * len(self.members)
         self.linear_weights = torch.ones(len(self.members), dtype=torch.float64, device=self.device)
@@ -672,77 +672,6 @@ class _LossPlan:
                               edge_w.mean(dim=-1), (edge_w != 0).to(edge_w.dtype).mean(dim=-1)])
             stats = flat.to(torch.float64).index_select(0, self.perm)
         return node_losses, stats
-
-
-class _Sums:
-    """Every member's epoch sums of its step statistics in one device vector, each member's
-    block laid out as its `stat_keys` (counts, then batch means weighted by batch size), with
-    the first update each became non-finite: `EpochStats` for all members at once."""
-
-    def __init__(self, keys: list[list[tuple[str, str]]], device: torch.device,
-                 carried: list[tuple[Tensor, Tensor, int] | None]):
-        self.keys = keys
-        sizes = [len(k) for k in keys]
-        self.offsets = [sum(sizes[:m]) for m in range(len(sizes) + 1)]
-        total = self.offsets[-1]
-        self.sums = torch.zeros(total, dtype=torch.float64, device=device)
-        self.first_bad = torch.zeros(total, dtype=torch.long, device=device)
-        self.samples = [0] * len(keys)
-        self.is_mean = torch.tensor([f != "node_correct" for ks in keys for f, _ in ks], device=device)
-        self.sizes = torch.tensor(sizes, device=device)
-        self.total = total
-        for m, given in enumerate(carried):
-            if given is not None:
-                sums, bad, samples = given
-                self.sums[self.offsets[m]:self.offsets[m + 1]] = sums
-                self.first_bad[self.offsets[m]:self.offsets[m + 1]] = bad
-                self.samples[m] = samples
-        self._weights: dict[tuple[int, ...], Tensor] = {}
-        self._orders: dict[tuple[int, ...], Tensor] = {}
-
-    def _per_slot(self, values: Sequence[int], dtype: torch.dtype) -> Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.sums.device, non_blocking=True).repeat_interleave(
-            self.sizes, output_size=self.total)
-
-    def add(self, values: Tensor, batch_sizes: list[int], ks: list[int]) -> None:
-        """Add one step's statistics (member order, float64); no host sync."""
-        key = tuple(batch_sizes)
-        if key not in self._weights:
-            self._weights[key] = torch.where(self.is_mean, self._per_slot(batch_sizes, torch.float64), 1.0)
-        k = self._per_slot(ks, torch.long)
-        self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
-        self.sums += values * self._weights[key]
-        for m, b in enumerate(batch_sizes):
-            self.samples[m] += b
-
-    def take(self, m: int) -> tuple[Tensor, Tensor, int]:
-        """Member m's sums, first non-finite updates and sample count so far; its block reset."""
-        block = slice(self.offsets[m], self.offsets[m + 1])
-        out = (self.sums[block].clone(), self.first_bad[block].clone(), self.samples[m])
-        self.sums[block] = 0
-        self.first_bad[block] = 0
-        self.samples[m] = 0
-        return out
-
-    def read(self, m: int) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
-        """`EpochStats.read` for member m (its epoch's means, first non-finite update per key),
-        and its block reset for the next epoch."""
-        sums, bad, samples = self.take(m)
-        means = {key: s / samples for key, s in zip(self.keys[m], sums.tolist())}
-        return means, {key: b for key, b in zip(self.keys[m], bad.tolist()) if b}
-
-    def reorder(self, pieces: list[Tensor], order: list[int]) -> list[Tensor]:
-        """Pieces holding several members' blocks each (in `order`) as one vector in member order."""
-        flat = torch.cat(pieces)
-        key = tuple(order)
-        if key not in self._orders:  # one permutation per arrangement of the members (few): kept
-            starts, at = {}, 0
-            for m in order:
-                starts[m] = at
-                at += self.offsets[m + 1] - self.offsets[m]
-            perm = [starts[m] + i for m in range(len(order)) for i in range(self.offsets[m + 1] - self.offsets[m])]
-            self._orders[key] = torch.tensor(perm, device=flat.device)
-        return [flat.index_select(0, self._orders[key])]
 
 
 __all__ = ["Carried", "Engine", "Member", "StepMember", "stat_keys"]
