@@ -340,6 +340,11 @@ def test_run_refuses_fast_paths_on_the_reference_engine(tmp_path):
                                        "--hfta", "--no-progress"])
     assert result.exit_code == 1
     assert "fast paths apply to the fused engine" in result.output and "Traceback" not in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "run"), "--cuda-graph",
+                                           "--device", "cpu", "--no-progress"])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "--cuda-graph captures the step in a CUDA graph, but the device is cpu" in result.output
 
 
 def test_the_validation_loss_is_each_nodes_cross_entropy_on_the_validation_split(digits):

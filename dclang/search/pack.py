@@ -167,9 +167,10 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     from dclang.search.space import Realized
     from dclang.search.study import counted, reap, retry
     from dclang.search.worker import INTERRUPTED, WAIT_POLL, Waiting, say
-    from dclang.train.run import resolve_device
+    from dclang.train.run import check_options, resolve_device
 
     device = resolve_device(objective.device)
+    check_options(options, device)
     pack = Pack(size, options)
     running: dict[int, tuple[optuna.Trial, list[dict]]] = {}
     waiting: dict[int, tuple[optuna.Trial, Any]] = {}  # trials whose graph an earlier trial trains

@@ -96,7 +96,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     dist = distributed.setup(device)  # this process's rank under torchrun; None alone (and for teachers)
     try:
         run = Run.prepare(graph, dist=dist, run_dir=run_dir, device=device, engine=engine, seed=seed,
-                          epochs=epochs, data_dir=data_dir, dataset=dataset, progress=progress)
+                          epochs=epochs, data_dir=data_dir, dataset=dataset, progress=progress, options=options)
         checkpoint, records = _to_resume(run, resume)
         # A resumed run's checkpoint holds every model, teachers included: no need to load them.
         states = None if checkpoint else run.initial_states(teacher_cache)

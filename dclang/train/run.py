@@ -70,6 +70,14 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def check_options(options, device: torch.device) -> None:
+    """Refuse fast paths this device cannot run (`StepOptions`, None for none), as a UserError
+    before any work."""
+    if options is not None and options.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph captures the step in a CUDA graph, but the device is {device}",
+                        "use --device cuda (or auto on a machine with a GPU), or leave out --cuda-graph")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -129,9 +137,10 @@ class Run:
     @classmethod
     def prepare(cls, graph: nx.DiGraph, *, run_dir: Path | None = None, device: str = "auto",
                 engine: str = "fused", seed: int | None = None, epochs: int | None = None,
-                data_dir: str | None = None, dataset=None, progress: bool = True, dist=None) -> Run:
-        """Check the settings, claim the run folder and load the data: whatever a run refuses,
-        it refuses here, before a teacher is pre-trained or a step compiled."""
+                data_dir: str | None = None, dataset=None, progress: bool = True, dist=None, options=None) -> Run:
+        """Check the settings (`options`: the fast paths `compile` will be given), claim the run
+        folder and load the data: whatever a run refuses, it refuses here, before a teacher is
+        pre-trained or a step compiled."""
         from dclang.compile import ENGINES
 
         if graph.graph["sites"]:
@@ -140,6 +149,7 @@ class Run:
         if engine not in ENGINES:
             raise UserError(f"unknown engine `{engine}`", "use " + " or ".join(ENGINES))
         torch_device = resolve_device(dist.device if dist else device)
+        check_options(options, torch_device)
         train_spec = graph.graph["train"]
         seed = train_spec.seed if seed is None else seed
         epochs = train_spec.epochs if epochs is None else epochs
@@ -264,5 +274,5 @@ def _evaluate(step, split, mean, std, *, with_loss: bool = False) -> tuple[dict[
     return accuracy, loss
 
 
-__all__ = ["AUGMENTS", "EVAL_CHUNK", "Run", "batch_augment", "resolve_device", "resolved_graph",
+__all__ = ["AUGMENTS", "EVAL_CHUNK", "Run", "batch_augment", "check_options", "resolve_device", "resolved_graph",
            "seed_everything"]
