@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import dclang.compile.engine
+import dclang.compile.loss_plan
 import dclang.compile.reference
 import dclang.losses
 from dclang.api import check
@@ -199,7 +199,7 @@ def test_frozen_nodes_never_change(engine, float64):
 def test_cutoff_edges_are_never_computed_but_every_node_runs_once(engine, float64, monkeypatch):
     # every edge's loss goes through losses.edge_losses: the reference engine's through
     # edge_loss, the fused engine's directly, a group of edges at a time
-    module = {"fused": dclang.compile.engine, "reference": dclang.losses}[engine]
+    module = {"fused": dclang.compile.loss_plan, "reference": dclang.losses}[engine]
     computed = []
 
     def recording_edge_losses(edges, *args, **kwargs):
