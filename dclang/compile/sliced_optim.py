@@ -1,6 +1,6 @@
 """An optimizer whose tensors are shared by several trainings, each owning slices of them.
 
-Packed trials (`dclang.search.union`) fuse nodes of one architecture from different trials into
+Packed trials (`dclang.compile.engine`) fuse nodes of one architecture from different trials into
 one network: slice s of a fused parameter is one node of one trial. Each trial has its own
 learning rate (its schedule's position) and its own update count (Adam's bias correction), but
 a torch optimizer holds one learning rate and one step count per tensor, so it cannot update
