@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,26 @@ label -> p2 : through
         assert loss[name] == pytest.approx(F.cross_entropy(z, val.labels).item(), rel=1e-5)
         assert accuracy[name] == pytest.approx((z.argmax(1) == val.labels).double().mean().item())
     assert _evaluate(step, val, digits.mean, digits.std)[1] is None  # not asked for
+
+
+def test_a_run_driven_a_step_at_a_time_is_train_graph(digits):
+    """The public `Run` driven as its docstring shows (what a search worker does) gives the
+    records `train_graph` gives, to the number."""
+    from dclang.train.metrics import EpochStats
+    from dclang.train.run import Run
+
+    graph = graph_of(kt(TWIN))
+    want = untimed(train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits).records)
+    run = Run.prepare(graph, device="cpu", dataset=digits, progress=False)
+    run.compile(run.initial_states(cache=None))
+    got, deterministic = [], torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # as train_graph trains on the CPU
+    try:
+        for epoch in range(1, run.epochs + 1):
+            started, lr, stats = time.perf_counter(), run.step.lr(), EpochStats()
+            for images, labels, k in run.batches(epoch):
+                stats.add(run.step.step(images, labels, k), len(labels), k)
+            got.append(run.end_epoch(epoch, stats.read(), lr=lr, started=started))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert untimed(got) == want
