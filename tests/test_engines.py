@@ -320,3 +320,16 @@ def test_compile_refuses_templates_and_unknown_engines():
         compile_graph(template, **args)
     with pytest.raises(ValueError, match="unknown engine 'jit'"):
         compile_graph(graph_of(SGD_GRAPH), engine="jit", **args)
+
+
+def test_a_checkpoint_that_kept_torchs_schedulers_resumes_at_its_epoch():
+    """Checkpoints written before schedules were a function of the epochs done hold torch's
+    scheduler states: their `last_epoch` is the count."""
+    step = compiled(GRAPHS["adam_mutual"], "fused")
+    train(step, batches(STEPS))  # one epoch
+    state = step.state_dict()
+    del state["epochs_done"]
+    state["schedulers"] = {"all": {"last_epoch": 1, "base_lrs": [0.01]}}
+    resumed = compiled(GRAPHS["adam_mutual"], "fused")
+    resumed.load_state_dict(state)
+    assert resumed.epochs_done == 1 and resumed.lr() == step.lr() != 0.01

@@ -334,5 +334,7 @@ class TrainStep:
             model.load_state_dict(state["models"][name])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
-        self.epochs_done = state["epochs_done"]
+        # a checkpoint written when torch's schedulers kept the count holds it as their last_epoch
+        self.epochs_done = state["epochs_done"] if "epochs_done" in state else max(
+            (sched["last_epoch"] for sched in state["schedulers"].values()), default=0)
         self._set_lr()
