@@ -151,7 +151,7 @@ class Engine:
         self.linear = [any(e.gate == "linear" for e in s.edges) for s in self.steps]
         self._linear_host = [1.0] * len(self.members)
         self.linear_weights = torch.ones(len(self.members), dtype=torch.float64, device=self.device)
-        self._plans: dict[tuple[int, ...], LossPlan] = {}
+        self._plans: dict[tuple[int, ...], tuple[LossPlan, Tensor | None]] = {}
         # torch.compile: static shapes, compiled for the first batch shapes (see `_eager_step`)
         self.compiled = torch.compile(self._forward_losses, dynamic=False) if self.options.compile else None
         self.compiled_shapes: tuple | None = None
@@ -404,7 +404,7 @@ class Engine:
         """Every trainable node's loss L_t (eq. 3) of the one member on this batch, as the step
         computes it, with autograd: nothing is updated."""
         self._set_linear_weights([k])
-        (_, plan), = self._plans_for([labels])
+        (_, (plan, _)), = self._plans_for([labels])
         losses, _ = plan(self._outputs([images]), [labels], self.linear_weights)
         return dict(zip(self.steps[0].trainable, losses.unbind(0)))
 
@@ -516,9 +516,9 @@ class Engine:
         graph captures, with the forward of the backward."""
         outputs = self._outputs(images)
         totals, pieces, order = [], [], []
-        for idx, plan in self._plans_for(labels):
+        for idx, (plan, rows) in self._plans_for(labels):
             node_losses, stats = plan([outputs[m] for m in idx], [labels[m] for m in idx],
-                                      linear_weights[list(idx)] if len(idx) < len(self.steps) else linear_weights)
+                                      linear_weights if rows is None else linear_weights.index_select(0, rows))
             totals.append(node_losses.sum())
             pieces.append(stats)
             order += idx
@@ -527,10 +527,11 @@ class Engine:
             pieces = self.sums.reorder(pieces, order)
         return total, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _plans_for(self, labels: list[Tensor]) -> list[tuple[tuple[int, ...], LossPlan]]:
+    def _plans_for(self, labels: list[Tensor]) -> list[tuple[tuple[int, ...], tuple[LossPlan, Tensor | None]]]:
         """The loss plans of this step: one per set of members whose outputs have one shape
-        (batch, classes), built the first time the set is seen (before a compiled forward
-        reads them: building one inside would make it compile again)."""
+        (batch, classes), with the set's rows of the member vectors (None: all members). Built
+        the first time the set is seen, before a compiled or captured step reads them (building
+        one inside would compile again, or copy to the device inside a CUDA graph)."""
         by_shape: dict[tuple[int, int], list[int]] = {}
         for m, step in enumerate(self.steps):
             by_shape.setdefault((len(labels[m]), step.num_classes), []).append(m)
@@ -538,7 +539,8 @@ class Engine:
         for ms in by_shape.values():
             idx = tuple(ms)
             if idx not in self._plans:
-                self._plans[idx] = LossPlan([self.steps[m] for m in idx])
+                rows = None if len(idx) == len(self.steps) else torch.tensor(idx, device=self.device)
+                self._plans[idx] = (LossPlan([self.steps[m] for m in idx]), rows)
             out.append((idx, self._plans[idx]))
         return out
 
