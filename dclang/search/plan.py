@@ -175,11 +175,12 @@ def dataset_shape(graph: nx.DiGraph) -> Shape:
     return Shape(info.num_classes, info.channels, info.image_size, len(train_idx), len(val_idx), test, train.batch)
 
 
-def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
+def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> tuple[float, str]:
     """Seconds for one epoch of each of `graphs` trained together in one process by one engine
     (`dclang.compile.engine.Engine`) executed with `options`, as a packed worker (or, for one
-    graph, `dclang run`) trains them. A few synthetic steps, times the steps per epoch, plus
-    each one's evaluation of the validation and test splits."""
+    graph, `dclang run`) trains them, and what executed it (the engine's label, e.g.
+    `fused+hfta+channels_last`). A few synthetic steps, times the steps per epoch, plus each
+    one's evaluation of the validation and test splits."""
     import torch
 
     from dclang.compile import Engine, StepMember, compile_graph
@@ -203,7 +204,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")  # as training runs
     try:
-        return _timed(step_all, steps, shape, device, generator, sync)
+        return _timed(step_all, steps, shape, device, generator, sync), engine.label
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -351,10 +352,11 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     shape = dataset_shape(graph)
     counts, examples = sample_mixes(graph)
-    measured = {}
+    measured, steps = {}, {}
     try:
         for mix, _ in counts.most_common(MIXES_MEASURED):
-            measured[mix] = epoch_seconds([examples[mix]] * pack, shape, torch_device, options=options) / pack
+            seconds, steps[mix] = epoch_seconds([examples[mix]] * pack, shape, torch_device, options=options)
+            measured[mix] = seconds / pack
         overhead = trial_overhead(prepared, str(template_path), shape, torch_device)
     finally:
         torch.set_num_threads(threads)
@@ -370,7 +372,8 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
         "device": str(torch_device), "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)
         if torch_device.type == "cpu" else None,
         "shape": shape.__dict__,
-        "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix)}
+        "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix),
+                   "step": steps.get(mix)}
                   for mix, _ in counts.most_common()],
         "mean_epoch_seconds": mean_epoch, "trial_overhead_seconds": overhead, "search_start_seconds": search_start,
         "worker_start_seconds": start,
@@ -402,7 +405,8 @@ def plan_lines(plan: dict) -> list[str]:
     lines.append(f"seconds per epoch on {plan['device']}{threads}, by architecture mix "
                  f"(share of trained samples; in a pack of {plan['pack']}):")
     for mix in plan["mixes"]:
-        seconds = "not measured (rare)" if mix["epoch_seconds"] is None else f"{mix['epoch_seconds']:.3g} s"
+        seconds = ("not measured (rare)" if mix["epoch_seconds"] is None
+                   else f"{mix['epoch_seconds']:.3g} s  ({mix['step']})")
         lines.append(f"  {' + '.join(mix['models']):<48} {100 * mix['share']:5.1f}%  {seconds}")
     lines.append(f"per trial besides its epochs: {plan['trial_overhead_seconds']:.2f} s (sample, check, compile); "
                  f"the search's start: {plan['search_start_seconds']:.1f} s; a worker's: "
