@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/pack_ops.py --packs 1,2,4,8 --hfta             # default graph below
     python benchmarks/pack_ops.py --graph examples/dml4.kt --packs 1,2,4 --device cuda --hfta
 
-A pack step is one union step of the K trials (`dclang.search.union.UnionStep`: one forward and
+A pack step is one step of the fused engine over the K trials (`dclang.compile.engine.Engine`: one forward and
 one backward for all, with `--hfta` nodes of one architecture fused across the trials; each trial
 with its own batch, optimizer state and k). The baseline is one trial alone: its own fused step
 (with `--hfta`, its nodes fused within it), as `dclang run` trains it. Reported per K: the
@@ -36,20 +36,19 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     import torch
 
     from dclang.bench import count_ops
-    from dclang.compile import StepOptions, compile_graph
+    from dclang.compile import Engine, StepMember, StepOptions, compile_graph
     from dclang.data.catalog import DATASETS
-    from dclang.search.union import StepMember, UnionStep
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import resolve_device
 
     dev = resolve_device(device)
     info = DATASETS[graph.graph["data"].dataset]
     train = graph.graph["train"]
     generator = torch.Generator().manual_seed(0)
 
-    def build(seed: int, options: StepOptions):
+    def build(seed: int, options: StepOptions | None, member: bool = False):
         return compile_graph(graph, num_classes=info.num_classes, in_channels=info.channels,
                              image_size=info.image_size, device=dev, seed=seed, steps_per_epoch=100, epochs=1,
-                             options=options)
+                             options=options, member=member)
 
     def batch():
         return (torch.randn(train.batch, info.channels, info.image_size, info.image_size, generator=generator).to(dev),
@@ -75,10 +74,11 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     alone_ops, alone_seconds = timed(lambda update: alone.step(x, y, update))
     rows = []
     for k in packs:
-        members = [StepMember.of(build(i, StepOptions(channels_last=False)), graph) for i in range(k)]
-        union = UnionStep(members, hfta=hfta)
+        members = [StepMember.of(build(i, None, member=True), graph) for i in range(k)]
+        engine = Engine(members, StepOptions(hfta=hfta), packed=True)
         data = [batch() for _ in range(k)]
-        ops, seconds = timed(lambda update, union=union, data=data: union.step([(xi, yi, update) for xi, yi in data]))
+        ops, seconds = timed(lambda update, engine=engine, data=data:
+                             engine.step_all([(xi, yi, update) for xi, yi in data]))
         rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": seconds,
                      "ops_ratio_to_one": ops / alone_ops, "seconds_ratio_to_one": seconds / alone_seconds,
                      "seconds_per_trial_step": seconds / k})

@@ -419,10 +419,10 @@ def bench_epoch(graph, dataset, *, device, options, workers: int, repeat: int = 
     from dclang.compile import compile_graph
     from dclang.data import BatchAugment, TransformedSplit, normalize, per_sample_transforms
     from dclang.data.batches import BatchIterator, epoch_generator
-    from dclang.train.loop import _AUGMENTS
+    from dclang.train.run import AUGMENTS
 
     data = graph.graph["data"]
-    crop, flip = _AUGMENTS[data.augment]
+    crop, flip = AUGMENTS[data.augment]
     batch = graph.graph["train"].batch
     steps = math.ceil(len(dataset.train) / batch)
     shape = dict(num_classes=dataset.num_classes, in_channels=dataset.channels, image_size=dataset.image_size)
@@ -579,7 +579,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     """
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
-    from dclang.train.loop import resolve_device, resolved_graph
+    from dclang.train.run import resolve_device, resolved_graph
 
     checked = load_with_overrides(file, overrides)
     if not checked.ok:

@@ -273,7 +273,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             continue  # duplicates are reported by passes.check_names
         g.add_edge(s, t, key=spec.key, spec=spec, decl=decl)
 
-    _derive_frozen_and_target(g)
+    derive_frozen_and_target(g)
     g.graph["sites"] = tuple(collect_sites(g))
     return g
 
@@ -320,18 +320,21 @@ def _edge_spec(decl: ast.EdgeDecl) -> EdgeSpec:
         # (eq. 1) and keep only the options cross-entropy has; node pairs stay KL likewise.
         loss_name, info = natural, loss_catalogue.LOSSES[natural]
         given = {k: a for k, a in given.items() if k in info.args}
-    values = {k: _num(plain(a.value, f"{key}.{k}")) for k, a in given.items()}
+    values = {k: as_number(plain(a.value, f"{key}.{k}")) for k, a in given.items()}
     full = {**(loss_catalogue.defaults(loss_name) if info else {}), **values}
     args = tuple((k, v) for k, v in full.items() if k not in ("T", "weight") and (info is None or k in info.args))
     return EdgeSpec(s, t, gate, loss_name, full.get("T", 1.0), full.get("weight", 1.0), args=args, **common)
 
 
-def _num(v: Any) -> Any:
+def as_number(v: Any) -> Any:
+    """A number as a float (so `T=2` and `T=2.0` are one value); anything else as it is.
+    Search's graph keys read options the same way."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-def _derive_frozen_and_target(g: nx.DiGraph) -> None:
-    """A node with no incoming edge that could be non-cutoff is a frozen teacher (paper 3.4)."""
+def derive_frozen_and_target(g: nx.DiGraph) -> None:
+    """A node with no incoming edge that could be non-cutoff is a frozen teacher (paper 3.4).
+    Search's graph keys derive it again after removing dead nodes."""
     targets = []
     for name, attrs in g.nodes(data=True):
         spec: NodeSpec = attrs["spec"]

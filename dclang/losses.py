@@ -111,7 +111,7 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     The edges share their loss, temperature, gate and weight (`edge_group_key`); `source_logits` and
     `target_logits` are their sources' and targets' logits stacked, (E, B, C), the sources
     None for edges from `label`; `labels` (B,) are shared by the edges, or (E, B) are each
-    edge's own (edges of different packed trials, `dclang.search.union`). Computing a group of
+    edge's own (edges of different packed trials, `dclang.compile.loss_plan`). Computing a group of
     edges as one tensor is what keeps a step's operation count from growing with its edges
     (K(K-1) of them between K nodes).
 

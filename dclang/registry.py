@@ -97,14 +97,35 @@ class Option:
     help: str = ""
 
 
-OPTIMIZERS: dict[str, dict[str, Option]] = {
-    "sgd": {
+@dataclass(frozen=True)
+class OptimizerKind:
+    """One optimizer, the one place it is described: what a `.kt` file may set (`args`), the
+    `torch.optim` class that runs it, torch's other hyperparameters as dclang always sets them
+    (`fixed`: written out, so that no torch version's defaults decide which packed trials can
+    share an update, `dclang.compile.sliced_optim.rule_of`), and its per-element state by
+    torch's names (the sliced optimizer keeps the same, so states translate both ways)."""
+
+    torch_class: str
+    args: dict[str, Option]
+    fixed: dict[str, Any]
+    state: tuple[str, ...]
+
+
+_ADAM_FIXED = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
+
+OPTIMIZER_KINDS: dict[str, OptimizerKind] = {
+    "sgd": OptimizerKind("SGD", {
         "lr": Option("float", 0.1), "momentum": Option("float", 0.9),
         "nesterov": Option("bool", True), "weight_decay": Option("float", 5e-4),
-    },
-    "adam": {"lr": Option("float", 1e-3), "weight_decay": Option("float", 0.0)},
-    "adamw": {"lr": Option("float", 1e-3), "weight_decay": Option("float", 1e-2)},
+    }, {"dampening": 0.0, "maximize": False}, ("momentum_buffer",)),
+    "adam": OptimizerKind("Adam", {"lr": Option("float", 1e-3), "weight_decay": Option("float", 0.0)},
+                          _ADAM_FIXED, ("exp_avg", "exp_avg_sq")),
+    "adamw": OptimizerKind("AdamW", {"lr": Option("float", 1e-3), "weight_decay": Option("float", 1e-2)},
+                           _ADAM_FIXED, ("exp_avg", "exp_avg_sq")),
 }
+
+#: each optimizer's settings, as the passes and the IR read them (a view of `OPTIMIZER_KINDS`)
+OPTIMIZERS: dict[str, dict[str, Option]] = {name: kind.args for name, kind in OPTIMIZER_KINDS.items()}
 
 SCHEDULES: dict[str, dict[str, Option]] = {
     "step": {"milestones": Option("int_list", ()), "gamma": Option("float", 0.1)},

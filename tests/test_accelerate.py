@@ -1,10 +1,10 @@
-"""The fast paths of dclang.compile.accelerate against the plain fused engine.
+"""The fast paths of the fused engine (dclang.compile.accelerate) against the plain fused engine.
 
 Exact options run in float64 and must agree with the fused engine (itself tested against the
 reference engine) to rtol 1e-10 / atol 1e-12 after 4 steps across an epoch boundary: they
 differ only in summation order. That covers HFTA (parameters, optimizer state and
-checkpoints in the fused engine's layout), channels-last, and the path compile and CUDA
-graphs share (the linear gate's weight as a device tensor). bf16 autocast rounds by design
+checkpoints in the fused engine's layout) and channels-last; every step takes the path compile
+and CUDA graphs take (the linear gate's weight as a device tensor). bf16 autocast rounds by design
 and is held to 5e-2 of fp32 in float32. `test_compile_*_SLOW` runs the real inductor
 backend (it needs gcc) on a one-`mlp` graph: tens of seconds to compile on two cores.
 CUDA graphs, and bf16 and channels-last on a GPU, run only where CUDA is available.
@@ -22,8 +22,7 @@ from tensor_trees import assert_tree_close
 
 import dclang.compile.accelerate as accelerate
 from dclang.api import check
-from dclang.compile import AcceleratedStep, StepOptions, compile_graph
-from dclang.compile.accelerate import HftaStep, compile_step
+from dclang.compile import Engine, StepOptions, compile_graph
 from dclang.compile.common import build_models
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -100,7 +99,7 @@ def assert_same_training(got_step, got_stats, want_step, want_stats, **tol):
 def test_hfta_equals_fused(text, float64):
     data = batches()
     fused, hfta = build(text=text), build(StepOptions(hfta=True), text=text)
-    assert isinstance(hfta, HftaStep) and [g.names for g in hfta.groups] == [["a", "b"], ["c", "d"]]
+    assert isinstance(hfta, Engine) and [[n for _, n in g.slices] for g in hfta.groups] == [["a", "b"], ["c", "d"]]
     assert_tree_close(hfta.state_dict(), fused.state_dict(), rtol=0, atol=0)
     want, got = train(fused, data), train(hfta, data)
     assert_same_training(hfta, got, fused, want, **TIGHT)
@@ -110,7 +109,7 @@ def test_hfta_nodes_are_views_of_the_fused_tensors(float64):
     hfta = build(StepOptions(hfta=True))
     group = hfta.groups[0]
     train(hfta, batches(2))
-    for k, name in enumerate(group.names):
+    for k, (_, name) in enumerate(group.slices):
         for key, value in group.fused.node_state_dict(k).items():
             assert torch.equal(hfta.models[name].state_dict()[key], value), f"{name}.{key}"
     weight = hfta.models["b"].state_dict()["0.weight"]
@@ -139,11 +138,10 @@ def test_fused_and_hfta_checkpoints_are_interchangeable(float64):
 @pytest.mark.parametrize("options", [StepOptions(channels_last=True), StepOptions(hfta=True, channels_last=True)],
                          ids=lambda o: o.label)
 def test_channels_last_and_the_tensor_linear_weight_equal_fused(options, float64):
-    """AcceleratedStep's own forward, losses and update (the path compile and CUDA graphs
-    take, with the linear gates' weight as a tensor) with NHWC tensors."""
+    """NHWC tensors, with and without HFTA."""
     data = batches()
     fused, fast = build(), build(options)
-    assert isinstance(fast, AcceleratedStep) and fast.models["a"][0].weight.is_contiguous(
+    assert fast.options.channels_last and fast.models["a"][0].weight.is_contiguous(
         memory_format=torch.channels_last)
     want, got = train(fused, data), train(fast, data)
     assert_same_training(fast, got, fused, want, **TIGHT)
@@ -168,7 +166,7 @@ def test_a_failing_compile_falls_back_to_eager_and_restores_batchnorm(float64, m
 
     monkeypatch.setattr(accelerate.torch, "compile", broken_compile)
     data = batches()
-    fused, fast = build(), compile_step(build())
+    fused, fast = build(), build(StepOptions(compile=True))
     with pytest.warns(UserWarning, match="torch.compile failed, running the step eagerly: RuntimeError"):
         got = train(fast, data)
     assert_same_training(fast, got, fused, train(fused, data), **TIGHT)
@@ -214,7 +212,7 @@ def test_options_are_checked():
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             build(StepOptions(cuda_graph=True))
     assert StepOptions(hfta=True, compile=True, precision="bf16").label == "fused+hfta+compile+bf16"
-    assert type(build(StepOptions())).__name__ == "FusedStep"
+    assert build(StepOptions()).label == "fused"
 
 
 def test_channels_last_is_on_by_default_for_convolutions_on_the_cpu():
@@ -227,10 +225,10 @@ def test_channels_last_is_on_by_default_for_convolutions_on_the_cpu():
         assert StepOptions(channels_last=not want).resolve(torch.device(device), models).channels_last is not want
     default = compile_graph(check(GRAPH).graph, num_classes=3, in_channels=1, image_size=8,
                             device=torch.device("cpu"), steps_per_epoch=1, epochs=1)
-    assert isinstance(default, AcceleratedStep) and default.options.label == "fused+channels_last"
+    assert default.label == "fused+channels_last"
     plain = compile_graph(mlp_only, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
                           steps_per_epoch=1, epochs=1)
-    assert type(plain).__name__ == "FusedStep"
+    assert plain.label == "fused"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -280,3 +278,42 @@ def test_an_hfta_step_dispatches_as_many_operations_for_eight_nodes_as_for_two()
     assert ops(8, hfta) - ops(2, hfta) <= 2 * 6
     plain = StepOptions(channels_last=False)
     assert ops(8, plain) - ops(2, plain) > 6 * 20  # separate models: each node's layers dispatch again
+
+
+class FakeCapture:
+    """`accelerate.CapturedStep` on the CPU: records each capture and replays by running the
+    engine's step eagerly, so the engine's capture logic runs around a real step."""
+
+    made: list[list[tuple]] = []
+
+    def __init__(self, engine, images, labels, ks):
+        FakeCapture.made.append([tuple(x.shape) for x in images])
+        self.engine, self.images, self.labels = engine, images, labels
+
+    def fits(self, images, labels):
+        return all(x.shape == s.shape and x.stride() == s.stride() for x, s in zip(images, self.images)) and all(
+            y.shape == s.shape for y, s in zip(labels, self.labels))
+
+    def replay(self, images, labels, ks):
+        return self.engine._eager_step(images, labels, ks)
+
+
+def test_a_step_is_captured_after_the_warm_up_and_again_when_the_learning_rate_changes(float64, monkeypatch):
+    """The CUDA-graph logic on the CPU, with a capture that records: three eager warm-up
+    steps, a capture at the fourth, replays, an epoch's short last batch run eagerly (no
+    capture for it), a capture again after the schedule moved the learning rate (an engine of
+    one graph holds it as a number); and the numbers are the plain engine's."""
+    monkeypatch.setattr(accelerate, "CapturedStep", FakeCapture)
+    FakeCapture.made = []
+    data = batches(8)
+    data[3] = (data[3][0][:9], data[3][1][:9])  # the first epoch's last batch is short
+    fused, fast = build(steps=4), build(steps=4)
+    fast.options = dataclasses.replace(fast.options, cuda_graph=True)  # CUDA only otherwise
+    want, got = train(fused, data, steps=4), []
+    for k, (x, y) in enumerate(data, start=1):
+        got.append(fast.step(x, y, k))
+        assert len(FakeCapture.made) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 1, 8: 1}[k], k
+        if k % 4 == 0:
+            fast.end_epoch()  # the step schedule: lr * 0.1 after epoch 1
+    assert FakeCapture.made == [[(16, 1, 8, 8)]]  # made at the 5th step, after the rate moved
+    assert_same_training(fast, got, fused, want, **TIGHT)

@@ -14,8 +14,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-import dclang.compile.fused
+import dclang.compile.loss_plan
 import dclang.compile.reference
 import dclang.losses
 from dclang.api import check
@@ -198,7 +199,7 @@ def test_frozen_nodes_never_change(engine, float64):
 def test_cutoff_edges_are_never_computed_but_every_node_runs_once(engine, float64, monkeypatch):
     # every edge's loss goes through losses.edge_losses: the reference engine's through
     # edge_loss, the fused engine's directly, a group of edges at a time
-    module = {"fused": dclang.compile.fused, "reference": dclang.losses}[engine]
+    module = {"fused": dclang.compile.loss_plan, "reference": dclang.losses}[engine]
     computed = []
 
     def recording_edge_losses(edges, *args, **kwargs):
@@ -276,6 +277,28 @@ def test_cosine_schedule_and_lr(engine):
     assert step.lr() == pytest.approx(0.001 + (0.01 - 0.001) * (1 + math.cos(math.pi / 2)) / 2)
 
 
+@pytest.mark.parametrize("schedule,kind,args", [
+    ("step", "MultiStepLR", dict(milestones=[1, 3, 3], gamma=0.1)),
+    ("cosine", "CosineAnnealingLR", dict(eta_min=0.001)),
+    ("constant", "LambdaLR", dict(lr_lambda=lambda epoch: 1.0)),
+])
+def test_a_schedule_is_torchs_scheduler(schedule, kind, args):
+    """`Schedule` (the learning rate after `done` epochs) against torch's scheduler stepped
+    epoch by epoch (its recursive form: equal to rounding)."""
+    from dclang.compile.optim import Schedule
+    from dclang.ir import ScheduleSpec
+
+    spec_args = {k: tuple(v) if k == "milestones" else v for k, v in args.items() if k != "lr_lambda"}
+    lr_after = Schedule(ScheduleSpec(schedule, spec_args), 0.05, 5)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.05)
+    scheduler = getattr(torch.optim.lr_scheduler, kind)(optimizer, **({"T_max": 5} if schedule == "cosine" else {}),
+                                                       **args)
+    for done in range(6):
+        assert lr_after(done) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12), done
+        optimizer.step()
+        scheduler.step()
+
+
 def test_evaluate_counts_and_restores_training_mode(float64):
     step = compiled(SGD_GRAPH, "fused")
     images = torch.randn(37, 1, 8, 8)
@@ -297,3 +320,16 @@ def test_compile_refuses_templates_and_unknown_engines():
         compile_graph(template, **args)
     with pytest.raises(ValueError, match="unknown engine 'jit'"):
         compile_graph(graph_of(SGD_GRAPH), engine="jit", **args)
+
+
+def test_a_checkpoint_that_kept_torchs_schedulers_resumes_at_its_epoch():
+    """Checkpoints written before schedules were a function of the epochs done hold torch's
+    scheduler states: their `last_epoch` is the count."""
+    step = compiled(GRAPHS["adam_mutual"], "fused")
+    train(step, batches(STEPS))  # one epoch
+    state = step.state_dict()
+    del state["epochs_done"]
+    state["schedulers"] = {"all": {"last_epoch": 1, "base_lrs": [0.01]}}
+    resumed = compiled(GRAPHS["adam_mutual"], "fused")
+    resumed.load_state_dict(state)
+    assert resumed.epochs_done == 1 and resumed.lr() == step.lr() != 0.01

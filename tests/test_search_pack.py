@@ -69,7 +69,7 @@ def test_a_trial_trained_in_a_pack_equals_the_trial_trained_alone(digits, hfta):
             return TrialRun(graph(text), dataset=digits, device=torch.device("cpu"),
                             on_epoch=lambda epoch, record: seen[name].append(record))
 
-        pack = Pack(2, hfta=hfta)
+        pack = Pack(2, options)
         pack.add("mate", run("mate", MATE))
         pack.add("short", run("short", SHORT))
         left = []
@@ -263,7 +263,8 @@ def test_the_pack_ops_benchmark_runs_and_its_ratios_are_to_the_lone_trial(tmp_pa
     assert [r["pack"] for r in rows] == [1, 2] and alone["label"].startswith("fused+hfta")
     for row in rows:
         assert row["ops_ratio_to_one"] == row["ops_per_step"] / alone["ops_per_step"]
-    assert rows[1]["ops_per_step"] == rows[0]["ops_per_step"]  # one union step whatever K
+    # a run is a pack of one, the same engine; K trials cost about one step of it, whatever K
+    assert all(row["ops_per_step"] <= 1.2 * alone["ops_per_step"] for row in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.sh does without a GPU")

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -314,18 +315,18 @@ def test_fast_path_options_reach_the_engine_and_change_no_number(tmp_path, digit
     """`--hfta` fuses the two mlps into one batched model; the metrics must be those of the
     plain fused engine (equal to 1e-6: fusion reorders no reduction of a node's own loss,
     only float32 rounding of the batched matmul may differ)."""
-    from dclang.compile import StepOptions, accelerate
+    from dclang.compile import StepOptions, engine
 
     built = []
-    original = accelerate.HftaStep.__init__
-    monkeypatch.setattr(accelerate.HftaStep, "__init__",
-                        lambda self, *a, **kw: (built.append(self), original(self, *a, **kw))[1])
+    original = engine.fuse_models
+    monkeypatch.setattr(engine, "fuse_models",
+                        lambda models, **kw: (built.append(len(models)), original(models, **kw))[1])
     graph = graph_of(kt(TWIN))
     plain = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits)
     assert not built
     fused = train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits,
                         options=StepOptions(hfta=True))
-    assert len(built) == 1  # the option reached compile_graph
+    assert built == [2]  # the option reached the engine: the two mlps fused
     assert (plain.summary["step"], fused.summary["step"]) == ("fused", "fused+hfta")  # mlps: no channels-last
     for a, b in zip(untimed(plain.records), untimed(fused.records)):
         for node in ("s", "p"):
@@ -342,6 +343,11 @@ def test_run_refuses_fast_paths_on_the_reference_engine(tmp_path):
                                        "--hfta", "--no-progress"])
     assert result.exit_code == 1
     assert "fast paths apply to the fused engine" in result.output and "Traceback" not in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "run"), "--cuda-graph",
+                                           "--device", "cpu", "--no-progress"])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "--cuda-graph captures the step in a CUDA graph, but the device is cpu" in result.output
 
 
 def test_the_validation_loss_is_each_nodes_cross_entropy_on_the_validation_split(digits):
@@ -377,3 +383,26 @@ label -> p2 : through
         assert loss[name] == pytest.approx(F.cross_entropy(z, val.labels).item(), rel=1e-5)
         assert accuracy[name] == pytest.approx((z.argmax(1) == val.labels).double().mean().item())
     assert evaluate_nodes(step, split_batches(val, digits.mean, digits.std), ["e"]).read()[1] is None  # not asked
+
+
+def test_a_run_driven_a_step_at_a_time_is_train_graph(digits):
+    """The public `Run` driven as its docstring shows (what a search worker does) gives the
+    records `train_graph` gives, to the number."""
+    from dclang.train.metrics import EpochStats
+    from dclang.train.run import Run
+
+    graph = graph_of(kt(TWIN))
+    want = untimed(train_graph(graph, run_dir=None, device="cpu", progress=False, dataset=digits).records)
+    run = Run.prepare(graph, device="cpu", dataset=digits, progress=False)
+    run.compile(run.initial_states(cache=None))
+    got, deterministic = [], torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # as train_graph trains on the CPU
+    try:
+        for epoch in range(1, run.epochs + 1):
+            started, lr, stats = time.perf_counter(), run.step.lr(), EpochStats()
+            for images, labels, k in run.batches(epoch):
+                stats.add(run.step.step(images, labels, k), len(labels), k)
+            got.append(run.end_epoch(epoch, stats.read(), lr=lr, started=started))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert untimed(got) == want

@@ -1,9 +1,10 @@
 """Lower a checked IR to a `TrainStep`: the models, their optimizers and one training step.
 
 Two engines compute the same thing: `reference` is the paper's loop written plainly (the
-oracle), `fused` (the default) does one forward, one backward and one optimizer step for the
-whole graph; tests hold them equal. `options` (`StepOptions`, see `dclang.compile.accelerate`)
-executes the fused engine faster (HFTA, torch.compile, bf16, channels-last, CUDA graphs).
+oracle), `fused` (the default, `dclang.compile.engine.Engine`) does one forward, one backward
+and one optimizer step for the whole graph, or for K packed graphs at once; tests hold them
+equal. `options` (`StepOptions`, see `dclang.compile.accelerate`) execute the fused engine
+faster (HFTA, torch.compile, bf16, channels-last, CUDA graphs).
 
     >>> step = compile_graph(graph, num_classes=10, in_channels=1, image_size=8,
     ...                      device=torch.device("cpu"), steps_per_epoch=20, epochs=2)
@@ -15,8 +16,9 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from dclang.compile.accelerate import AcceleratedStep, HftaStep, StepOptions, apply_options
-from dclang.compile.common import StepStats, TrainStep, build_models
+from dclang.compile.accelerate import StepOptions
+from dclang.compile.common import StatSums, StepStats, TrainStep, build_models
+from dclang.compile.engine import Engine, StepMember
 from dclang.compile.fused import FusedStep
 from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.reference import ReferenceStep
@@ -28,16 +30,22 @@ _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": Referen
 def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                   device: torch.device, engine: str = "fused", init_states: dict[str, dict] | None = None,
                   seed: int = 0, steps_per_epoch: int, epochs: int,
-                  options: StepOptions | None = None) -> TrainStep | AcceleratedStep:
+                  options: StepOptions | None = None, member: bool = False) -> TrainStep | Engine:
     """A `TrainStep` for a checked, concrete graph (no `choice(...)` left open).
 
     `init_states` maps node names to state_dicts loaded after the seeded construction
     (pre-trained teachers, resumed nodes); `steps_per_epoch * epochs` is k_end, the number
     of updates the linear gate (eq. 6) counts towards. `options` apply to the fused engine
     only (the reference engine stays the plain oracle); None is `StepOptions()`, the plain
-    fused engine. An accelerated step is an `AcceleratedStep`, which passes every attribute
-    but `step` through to the `TrainStep` it wraps.
+    fused engine. The fused engine is an `Engine` of this one graph, which passes every
+    attribute it does not have itself through to the graph's `FusedStep`.
+
+    `member=True` returns the graph's `FusedStep` alone, for an engine over several graphs
+    (`Engine([...members], options)`: packed trials) to execute: it has no optimizer of its
+    own, and takes no `options` (the engine's are what apply).
     """
+    if member and (engine != "fused" or options is not None):
+        raise ValueError("a member of an engine is a plain fused step: the engine's options apply to it")
     options = options or StepOptions()
     if engine not in _CLASSES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -53,9 +61,11 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
         keep_freed_memory()  # process-wide: every engine's steps reuse their memory (see host_memory)
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                           device=device, init_states=init_states, seed=seed)
-    cls = HftaStep if options.hfta else _CLASSES[engine]
-    step = cls(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
-    return apply_options(step, options) if engine == "fused" else step
+    step = _CLASSES[engine](graph, models, num_classes=num_classes, device=device, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs)
+    if member or engine != "fused":
+        return step
+    return Engine([StepMember.of(step, graph)], options)
 
 
-__all__ = ["ENGINES", "AcceleratedStep", "StepOptions", "StepStats", "TrainStep", "compile_graph"]
+__all__ = ["ENGINES", "Engine", "StatSums", "StepMember", "StepOptions", "StepStats", "TrainStep", "compile_graph"]

@@ -3,14 +3,15 @@ evaluation. The engines differ only in how losses become updates (`step`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 
+from dclang.compile.optim import Schedule
 from dclang.ensembles import ensemble_order, ensemble_outputs
 from dclang.feature_losses import layer_edge_loss
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
@@ -55,6 +56,86 @@ class StepStats:
 MEAN_FIELDS = ("node_loss", "edge_loss", "edge_gate", "edge_pass")
 
 
+class StatSums:
+    """Epoch sums of the step statistics of one or several trainings (an engine's members), in
+    one device vector, each member's block laid out as its `StepStats.keys()` (counts, then
+    batch means weighted by batch size), with the first update each became non-finite. The
+    one statistics path: `dclang.train.metrics.EpochStats` is the sums of one training, an
+    engine of several members keeps one for all. No host sync until `read`."""
+
+    def __init__(self, keys: list[list[tuple[str, str]]], device: torch.device,
+                 carried: list[tuple[Tensor, Tensor, int] | None] | None = None):
+        self.keys = keys
+        sizes = [len(k) for k in keys]
+        self.offsets = [sum(sizes[:m]) for m in range(len(sizes) + 1)]
+        total = self.offsets[-1]
+        self.sums = torch.zeros(total, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros(total, dtype=torch.long, device=device)
+        self.samples = [0] * len(keys)
+        self.is_mean = torch.tensor([f != "node_correct" for ks in keys for f, _ in ks], device=device)
+        self.sizes = torch.tensor(sizes, device=device)
+        self.total = total
+        for m, given in enumerate(carried or []):
+            if given is not None:
+                sums, bad, samples = given
+                self.sums[self.offsets[m]:self.offsets[m + 1]] = sums
+                self.first_bad[self.offsets[m]:self.offsets[m + 1]] = bad
+                self.samples[m] = samples
+        self._weights: dict[tuple[int, ...], Tensor] = {}
+        self._orders: dict[tuple[int, ...], Tensor] = {}
+
+    def _per_slot(self, values: Sequence[int], dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.sums.device, non_blocking=True).repeat_interleave(
+            self.sizes, output_size=self.total)
+
+    def add(self, values: Tensor, batch_sizes: list[int], ks: list[int]) -> None:
+        """Add one step's statistics (member order, float64); no host sync."""
+        key = tuple(batch_sizes)
+        if key not in self._weights:
+            self._weights[key] = torch.where(self.is_mean, self._per_slot(batch_sizes, torch.float64), 1.0)
+        k = ks[0] if len(set(ks)) == 1 else self._per_slot(ks, torch.long)  # one update number: no copy
+        self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
+        self.sums += values * self._weights[key]
+        for m, b in enumerate(batch_sizes):
+            self.samples[m] += b
+
+    def take(self, m: int) -> tuple[Tensor, Tensor, int]:
+        """Member m's sums, first non-finite updates and sample count so far; its block reset."""
+        block = slice(self.offsets[m], self.offsets[m + 1])
+        out = (self.sums[block].clone(), self.first_bad[block].clone(), self.samples[m])
+        self.sums[block] = 0
+        self.first_bad[block] = 0
+        self.samples[m] = 0
+        return out
+
+    def peek(self, m: int) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+        """Member m's epoch so far: (means / accuracies per (field, name), first non-finite
+        update per key); one host sync."""
+        block = slice(self.offsets[m], self.offsets[m + 1])
+        return self._means(m, self.sums[block], self.first_bad[block], self.samples[m])
+
+    def read(self, m: int) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+        """`peek`, and member m's block reset for its next epoch."""
+        return self._means(m, *self.take(m))
+
+    def _means(self, m: int, sums: Tensor, bad: Tensor, samples: int):
+        means = {key: s / samples for key, s in zip(self.keys[m], sums.tolist())}
+        return means, {key: b for key, b in zip(self.keys[m], bad.tolist()) if b}
+
+    def reorder(self, pieces: list[Tensor], order: list[int]) -> list[Tensor]:
+        """Pieces holding several members' blocks each (in `order`) as one vector in member order."""
+        flat = torch.cat(pieces)
+        key = tuple(order)
+        if key not in self._orders:  # one permutation per arrangement of the members (few): kept
+            starts, at = {}, 0
+            for m in order:
+                starts[m] = at
+                at += self.offsets[m + 1] - self.offsets[m]
+            perm = [starts[m] + i for m in range(len(order)) for i in range(self.offsets[m + 1] - self.offsets[m])]
+            self._orders[key] = torch.tensor(perm, device=flat.device)
+        return [flat.index_select(0, self._orders[key])]
+
+
 def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                  device: torch.device, init_states: dict[str, dict] | None, seed: int) -> dict[str, nn.Module]:
     """Every model node, built in declaration order from one seed, so two engines (or two runs)
@@ -83,8 +164,9 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
 class TrainStep:
     """One training step of a compiled graph, plus what a training loop needs around it.
 
-    Subclasses set `engine`, fill `optimizers` and `schedulers` (keyed by node, or by one
-    name for a shared optimizer) and implement `step`.
+    Subclasses set `engine`, fill `optimizers` (keyed by node, or by one name for a shared
+    optimizer) and implement `step`. The learning rate follows `schedule` over the epochs
+    done; `end_epoch` writes it into every optimizer.
     """
 
     engine: str
@@ -94,9 +176,10 @@ class TrainStep:
         """What executes the step, fast paths named (`summary.json`'s `step`, the bench's names)."""
         return self.engine
 
-    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, num_classes: int, device: torch.device,
                  steps_per_epoch: int, epochs: int):
         self.models = models
+        self.num_classes = num_classes  # every output's last dimension
         self.trainable = trainable_nodes(graph)
         self.frozen = frozen_nodes(graph)
         self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
@@ -105,9 +188,12 @@ class TrainStep:
         self.epochs = epochs
         self.k_end = steps_per_epoch * epochs
         self.optimizers: dict[str, Optimizer] = {}
-        self.schedulers: dict[str, LRScheduler] = {}
+        train = graph.graph["train"]
+        self.optimizer_spec = train.optimizer
+        self.schedule = Schedule(train.schedule, train.optimizer.args["lr"], epochs)
+        self.epochs_done = 0
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
-        self.layers = LayerCapture(models, self.layer_ends(), fused=self.fused_slices())
+        self.layers = LayerCapture(models, self.layer_ends())
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
@@ -118,11 +204,6 @@ class TrainStep:
         """(node, layer) of both ends of every live edge between layers: what `layers` keeps."""
         return [end for e in self.edges if e.on_layers
                 for end in ((e.source, e.source_layer), (e.target, e.target_layer))]
-
-    def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
-        """Nodes the step computes inside a fused network, with (that `FusedModel`, the
-        node's slice): where their layers are captured (none here; HFTA has them)."""
-        return {}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits of every model node on the same batch, each node forwarded once (paper 3.4).
@@ -176,13 +257,18 @@ class TrainStep:
         return stats
 
     def end_epoch(self) -> None:
-        """Advance every learning-rate schedule by one epoch."""
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        """Advance the learning-rate schedule by one epoch."""
+        self.epochs_done += 1
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr()
 
     def lr(self) -> float:
-        """The current learning rate of the first trainable node."""
-        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        """The current learning rate (every trainable node's: one `train` block)."""
+        return self.schedule(self.epochs_done)
 
     def train(self) -> None:
         """Training mode for trainable nodes; frozen nodes stay in eval mode."""
@@ -194,6 +280,11 @@ class TrainStep:
         self.training = False
         for model in self.models.values():
             model.eval()
+
+    def fused_slices(self) -> dict[str, tuple[nn.Module, int]]:
+        """Nodes computed inside a fused network, with (that `FusedModel`, the node's slice):
+        none for a graph's own step (an engine's HFTA groups have them, `Engine.fused_slices`)."""
+        return {}
 
     def evaluate(self, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Tensor]:
         """Top-1 correct count of every model node, then every ensemble, over `images`, in
@@ -207,13 +298,14 @@ class TrainStep:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: every model (frozen ones too, so a checkpoint
-        stands alone), optimizer and scheduler. Like `nn.Module.state_dict`, the tensors are
-        the live ones: save them or `copy.deepcopy` them to keep a snapshot."""
+        stands alone), optimizer, and the epochs done (the schedule's position). Like
+        `nn.Module.state_dict`, the tensors are the live ones: save them or `copy.deepcopy`
+        them to keep a snapshot."""
         return {
             "engine": self.engine,
             "models": {name: model.state_dict() for name, model in self.models.items()},
             "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()},
-            "schedulers": {key: sched.state_dict() for key, sched in self.schedulers.items()},
+            "epochs_done": self.epochs_done,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,5 +316,7 @@ class TrainStep:
             model.load_state_dict(state["models"][name])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
-        for key, sched in self.schedulers.items():
-            sched.load_state_dict(state["schedulers"][key])
+        # a checkpoint written when torch's schedulers kept the count holds it as their last_epoch
+        self.epochs_done = state["epochs_done"] if "epochs_done" in state else max(
+            (sched["last_epoch"] for sched in state["schedulers"].values()), default=0)
+        self._set_lr()

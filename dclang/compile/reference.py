@@ -8,24 +8,21 @@ update, so every node learns from the same predictions (paper 3.4).
 from __future__ import annotations
 
 import networkx as nx
-import torch
 from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep
-from dclang.compile.optim import build_optimizer, build_scheduler
+from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
 
 
 class ReferenceStep(TrainStep):
     engine = "reference"
 
-    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], *, device: torch.device,
-                 steps_per_epoch: int, epochs: int):
-        super().__init__(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], **kwargs):
+        super().__init__(graph, models, **kwargs)
         train = graph.graph["train"]
         for name in self.trainable:
             self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
-            self.schedulers[name] = build_scheduler(train.schedule, self.optimizers[name], epochs)
 
     def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output

@@ -28,6 +28,7 @@ import click
 from dclang.cli_options import DEVICE, EPOCHS, ETA, PACK, SEED, SLOT, TOP_K, TRIALS, WORKERS
 from dclang.diagnostics import DiagnosticError, UserError
 from dclang.search import PRUNERS, SAMPLERS
+from dclang.train.command import fast_path_flags, fast_path_options, fast_paths_asked, step_options
 
 #: seconds between two looks at the study while workers run
 POLL = 1.0
@@ -81,9 +82,7 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.option("--pack", type=PACK, default=1, show_default=True,
               help="K: trials each worker trains at once, as one step: one forward and one backward for all "
                    "(see docs/search.md).")
-@click.option("--hfta", is_flag=True,
-              help="Fuse nodes of one architecture, within and across a pack's trials (HFTA); implies the "
-                   "packed worker loop.")
+@fast_path_options
 @click.option("--plan", is_flag=True,
               help="Print the search's cost plan (space, distinct graphs, ASHA's epochs, time for D workers and "
                    "pack K), measured on synthetic batches; trains nothing and needs no data.")
@@ -94,24 +93,34 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                    output: Path | None, epochs: int | None, device: str, data_dir: Path | None,
                    storage: str | None, study_name: str | None, resume: bool, as_worker: bool, top_k: int,
                    sampler: str | None, seed: int | None, pruner: str | None, eta: int | None,
-                   min_resource: int | None, teacher_cache: Path | None, pack: int, hfta: bool, plan: bool,
+                   min_resource: int | None, teacher_cache: Path | None, pack: int, compile_: bool,
+                   precision: str, channels_last: bool | None, hfta: bool, cuda_graph: bool, plan: bool,
                    trainer: str | None, slot: int | None) -> None:
     """Search a template's choice(...) sites for the graph whose target is most accurate
-    on the validation split: random sampling (or TPE) with ASHA early stopping (paper 3.5)."""
+    on the validation split: random sampling (or TPE) with ASHA early stopping (paper 3.5).
+
+    The fast paths (--compile, --precision, --channels-last, --hfta, --cuda-graph) are `dclang
+    run`'s: the trials are trained by the same engine, and --plan measures with them. Any of
+    them (--hfta: nodes of one architecture fused within and across a pack's trials) implies
+    the packed worker loop, a pack of one by default."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = str(data_dir) if data_dir else None
+    flags = dict(compile_=compile_, precision=precision, channels_last=channels_last, hfta=hfta, cuda_graph=cuda_graph)
+    asked = fast_paths_asked(**flags)  # none asked: workers train each trial alone, not even as a pack of one
     if plan:
         if template is None:
             raise click.UsageError("--plan needs --template T.kt")
         from dclang.search.plan import print_plan
 
         print_plan(template, trials=trials or 100, workers=max(workers, 1), pack=pack, epochs=epochs, device=device,
-                   eta=eta or 2, min_resource=min_resource or 1, pruner=pruner or "asha", hfta=hfta)
+                   eta=eta or 2, min_resource=min_resource or 1, pruner=pruner or "asha",
+                   options=step_options(**flags) if asked else None)
         return
     if as_worker:
-        _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, hfta)
+        _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack,
+              step_options(**flags) if asked else None)
         return
     if output is None:
         raise click.UsageError("give the output folder with -o OUT")
@@ -153,7 +162,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
     worker_args = ["--storage", storage, "--study", study_name, "--teacher-cache", str(cache)]
     worker_args += ["--data-dir", data] if data else []
     worker_args += ["--trainer", trainer] if trainer else []
-    worker_args += ["--pack", str(pack)] + ["--hfta"] * hfta
+    worker_args += ["--pack", str(pack)] + (fast_path_flags(**flags) if asked else [])
     if workers == 0:
         _say(f"waiting for workers: on each machine run `dclang search --worker --storage {redact(storage)} "
              f"--study {study_name}`")
@@ -180,7 +189,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                                              f"continue with `dclang search --resume -o {output}`")
 
 
-def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, hfta) -> None:
+def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, options) -> None:
     """`--worker`: everything about the study comes from the study."""
     given = _flags_given(ctx, _STUDY_FLAGS + ("trials", "resume", "top_k", "workers"))
     if given:
@@ -196,11 +205,6 @@ def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer
 
         teacher_cache = output / "teachers" if output else default_cache()
     label = f"local-{slot}" if slot is not None else f"{socket.gethostname()}-{os.getpid()}"
-    options = None
-    if hfta:
-        from dclang.compile import StepOptions
-
-        options = StepOptions(hfta=True)
     run_worker(storage, study_name, worker=label, device=device, data_dir=data, teacher_cache=teacher_cache,
                trainer=trainer, slot=slot, pack=pack, options=options)
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import networkx as nx
 
-from dclang.ir import LABEL, NO_NODE, Open, _derive_frozen_and_target, _num
+from dclang.ir import LABEL, NO_NODE, Open, as_number, derive_frozen_and_target
 from dclang.passes.check_reachability import influencing_nodes
 
 #: fields that name a node or edge, compared through the mapping instead of by value; and
@@ -164,7 +164,7 @@ def without_dead_nodes(graph: nx.DiGraph) -> nx.DiGraph:
 def _substitute(value: Any, picks: dict[str, Any]) -> Any:
     """`value` with every `Open` replaced by its pick, as lowering a sampled text would give it."""
     if isinstance(value, Open):
-        return _num(picks[value.site])
+        return as_number(picks[value.site])
     if isinstance(value, dict):
         return {k: _substitute(v, picks) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -190,7 +190,7 @@ def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     # an ensemble whose choice picked `none` is left out of the trial, with its edges
     g.remove_nodes_from([n for n, spec in template.nodes(data="spec")
                          if spec.is_ensemble and g.nodes[n]["spec"].model == NO_NODE])
-    _derive_frozen_and_target(g)
+    derive_frozen_and_target(g)
     return g
 
 
@@ -349,7 +349,7 @@ def count_distinct(template: nx.DiGraph, *, limit: int | None = None) -> SpaceCo
         return count_distinct_slowly(template)
     compiled = _Compiled(template)
     sites = template.graph["sites"]
-    texts = [[json.dumps(_plain(_num(o), {})) for o in site.options] for site in sites]
+    texts = [[json.dumps(_plain(as_number(o), {})) for o in site.options] for site in sites]
     trainable = 0
     keys: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())  # digests: millions of graphs
     for index in itertools.product(*(range(len(site.options)) for site in sites)):

@@ -1,10 +1,11 @@
-"""Packed trials: one worker process trains up to K trials as one union step.
+"""Packed trials: one worker process trains up to K trials as one engine of K members.
 
 One trial per process leaves most of an accelerator idle and pays a process, a dataset in
 memory and a CUDA context per trial. A packed worker holds K trials (`--pack K`) and trains
 them as the union of their graphs: one forward and one backward for all of them per step
-(`dclang.search.union.UnionStep`), with nodes of one architecture fused across trials when
-HFTA is on (`--hfta`). What makes a trial's figures its own is kept per trial, exactly as
+(`dclang.compile.engine.Engine`, the engine `dclang run` trains one graph with), with nodes
+of one architecture fused across trials when HFTA is on (`--hfta`) and every other fast path
+of `dclang run` as asked (`StepOptions`). What makes a trial's figures its own is kept per trial, exactly as
 `train_graph` keeps it for one run: its models and optimizer state, its learning-rate schedule,
 its update number `k` (the linear gates), its data order and augmentation (a generator seeded
 with the trial's seed and its own epoch). So a trial trained in a pack computes what it
@@ -13,7 +14,7 @@ computes alone, to rounding, whoever its pack mates are and whenever they join o
 
 Each trial reaches the end of its epochs on its own schedule: at its epoch's end it is
 evaluated and reported, ASHA decides, and a pruned or finished trial leaves the pack while
-the others go on; the worker fills the slot with a new trial at once, and the union is rebuilt
+the others go on; the worker fills the slot with a new trial at once, and the engine is rebuilt
 around the trials it then holds.
 """
 
@@ -21,22 +22,20 @@ from __future__ import annotations
 
 import signal
 import time
-import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import torch
 
-from dclang.search.union import UnionStep
+from dclang.compile import Engine, StepOptions
 
 
 class TrialRun:
-    """One trial's training cut into steps: what `train_graph` does for a graph without a
-    run folder (its own pieces: `_prepare`, the teachers, `_compile`, `epoch_batches`,
-    `end_epoch`), the steps themselves taken by the pack's union step.
+    """One trial's training cut into steps: a `dclang.train.run.Run` without a run folder,
+    compiled as an engine member (no optimizer of its own), the steps themselves taken by the
+    pack's engine.
 
     `on_epoch(epoch, record)` is called after each epoch's evaluation with the record
     `train_graph` gives its own `on_epoch`; whatever it raises (optuna's TrialPruned) leaves
@@ -45,31 +44,20 @@ class TrialRun:
 
     def __init__(self, graph: nx.DiGraph, *, dataset, device: torch.device, on_epoch: Callable[[int, dict], None],
                  teacher_cache: Path | None = None, data_dir: str | None = None):
-        from dclang.compile import StepOptions
-        from dclang.train.loop import _compile, _prepare, train_graph
-        from dclang.train.teachers import init_states
+        from dclang.train.run import Run
 
-        self.run = _prepare(graph, dist=None, run_dir=None, device=str(device), engine="fused", seed=None,
-                            epochs=None, data_dir=data_dir, dataset=dataset, progress=False)
-        pretrain = partial(train_graph, device=str(device), engine="fused", data_dir=data_dir, progress=False,
-                           dataset=dataset)
-        states = init_states(self.run.graph, dataset=dataset, cache=teacher_cache, pretrain=pretrain)
-        # the plain fused step: the union executes it (its models, schedule, losses, evaluation)
-        self.training = _compile(self.run, states, StepOptions(channels_last=False))
-        self.step = self.training.step
+        self.run = Run.prepare(graph, device=str(device), data_dir=data_dir, dataset=dataset, progress=False)
+        self.step = self.run.compile(self.run.initial_states(teacher_cache), member=True)
         self.graph, self.epochs, self.on_epoch = self.run.graph, self.run.epochs, on_epoch
         self.batch = self.run.batch
-        self.optimizer = self.graph.graph["train"].optimizer.name
         self.records: list[dict] = []
         self.epoch = 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        from dclang.train.loop import epoch_batches
-
         self.epoch += 1
         self.started, self.lr = time.perf_counter(), self.step.lr()
-        self.batches = epoch_batches(self.run, self.training, self.epoch)
+        self.batches = self.run.batches(self.epoch)
         self.index = 0
 
     @property
@@ -88,11 +76,7 @@ class TrialRun:
     def finish_epoch(self, read: tuple[dict, dict]) -> dict:
         """After the epoch's last step: evaluate, report (`on_epoch`) and return the epoch's
         record. `read` is the epoch's statistics (`EpochStats.read`)."""
-        from dclang.train.loop import end_epoch
-
-        with warnings.catch_warnings():  # the union steps the weights; the trial's own optimizer never does
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            record = end_epoch(self.run, self.training, self.epoch, read, lr=self.lr, started=self.started)
+        record = self.run.end_epoch(self.epoch, read, lr=self.lr, started=self.started)
         self.records.append(record)
         epoch = self.epoch
         if epoch < self.epochs:
@@ -104,15 +88,15 @@ class TrialRun:
 
 
 class Pack:
-    """Up to K trial runs stepped together as one union step (`UnionStep`); with `hfta`, nodes
-    of one architecture are fused across them."""
+    """Up to K trial runs stepped together by one engine (`Engine`) executed with `options`
+    (with `hfta`, nodes of one architecture are fused across the trials)."""
 
-    def __init__(self, size: int, *, hfta: bool = False):
+    def __init__(self, size: int, options: StepOptions | None = None):
         if size < 1:
             raise ValueError(f"a pack holds at least one trial, got {size}")
-        self.size, self.hfta = size, hfta
+        self.size, self.options = size, options or StepOptions()
         self.runs: dict[Any, TrialRun] = {}
-        self.union: UnionStep | None = None
+        self.engine: Engine | None = None
 
     def add(self, key: Any, run: TrialRun) -> None:
         assert len(self.runs) < self.size, "the pack is full"
@@ -122,12 +106,14 @@ class Pack:
     def free(self) -> int:
         return self.size - len(self.runs)
 
-    def _union(self, members: list[TrialRun]) -> UnionStep:
-        """The union step of `members`, rebuilt when the pack's trials changed."""
-        if self.union is None or self.union.members != members:
-            carried = self.union.carry(members) if self.union is not None else None
-            self.union = UnionStep(members, hfta=self.hfta, carried=carried)
-        return self.union
+    def _engine(self, members: list[TrialRun]) -> Engine:
+        """The engine of `members`, rebuilt when the pack's trials changed."""
+        if self.engine is None or self.engine.members != members:
+            carried = self.engine.carry(members) if self.engine is not None else None
+            if self.options.compile:  # the old engine's compiled code goes: the new one compiles anew, never
+                torch._dynamo.reset()  # reaching torch's limit of recompilations of one function
+            self.engine = Engine(members, self.options, carried=carried, packed=True)
+        return self.engine
 
     def step(self, on_error: Callable[[Any, BaseException], None], on_done: Callable[[Any, TrialRun], None]) -> None:
         """One step of every run. A run that raises at its epoch's end (pruned, diverged)
@@ -138,11 +124,11 @@ class Pack:
             return
         runs = list(self.runs.items())
         try:
-            union = self._union([run for _, run in runs])
-            union.step([run.next_batch() for _, run in runs])
+            engine = self._engine([run for _, run in runs])
+            engine.step_all([run.next_batch() for _, run in runs])
         except Exception as exc:  # noqa: BLE001 (any error of the shared step fails every trial in it, with that error)
             self.runs.clear()
-            self.union = None
+            self.engine = None
             for key, _ in runs:
                 on_error(key, exc)
             return
@@ -150,7 +136,7 @@ class Pack:
             if not run.stepped():
                 continue
             try:
-                run.finish_epoch(union.sums.read(m))
+                run.finish_epoch(engine.read(m))
             except Exception as exc:  # noqa: BLE001 (optuna.TrialPruned too: the trial ends with what it raised)
                 del self.runs[key]
                 on_error(key, exc)
@@ -172,7 +158,7 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     it comes, so ASHA judges every trial at every epoch and a pruned trial's slot is refilled
     at once. Ctrl-C or SIGTERM fails every running trial of the pack as `interrupted` and
     queues each to run again; a killed worker's trials are failed and retried by `study.reap`.
-    Of `options` (`StepOptions`) only `hfta` applies: it fuses nodes across the pack's trials.
+    `options` (`StepOptions`) are `dclang run`'s fast paths, applied to the pack's engine.
     """
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
@@ -181,10 +167,11 @@ def work_packed(study, config, objective, *, size: int, options=None) -> None:
     from dclang.search.space import Realized
     from dclang.search.study import counted, reap, retry
     from dclang.search.worker import INTERRUPTED, WAIT_POLL, Waiting, say
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import check_options, resolve_device
 
     device = resolve_device(objective.device)
-    pack = Pack(size, hfta=bool(options and options.hfta))
+    check_options(options, device)
+    pack = Pack(size, options)
     running: dict[int, tuple[optuna.Trial, list[dict]]] = {}
     waiting: dict[int, tuple[optuna.Trial, Any]] = {}  # trials whose graph an earlier trial trains
 

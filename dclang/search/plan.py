@@ -231,34 +231,27 @@ def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
             headers["x_test"][0][0])
 
 
-def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> float:
-    """Seconds for one epoch of each of `graphs` trained together in one process: a pack's
-    union step (`dclang.search.union`) when there are several or HFTA is on, as a packed worker
-    trains them, else the graph's own step. A few synthetic steps, times the steps per epoch,
-    plus each one's evaluation of the validation and test splits."""
+def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=None) -> tuple[float, str]:
+    """Seconds for one epoch of each of `graphs` trained together in one process by one engine
+    (`dclang.compile.engine.Engine`) executed with `options`, as a packed worker (or, for one
+    graph, `dclang run`) trains them, and what executed it (the engine's label, e.g.
+    `fused+hfta+channels_last`). A few synthetic steps, times the steps per epoch, plus each
+    one's evaluation of the validation and test splits."""
     import torch
 
-    from dclang.compile import StepOptions, compile_graph
-    from dclang.search.union import StepMember, UnionStep
+    from dclang.compile import Engine, StepMember, compile_graph
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(shape.batch, shape.channels, shape.image_size, shape.image_size,
                          generator=generator).to(device)
     labels = torch.randint(0, shape.num_classes, (shape.batch,), generator=generator).to(device)
-    packed = len(graphs) > 1 or bool(options and options.hfta)
     steps = [compile_graph(g, num_classes=shape.num_classes, in_channels=shape.channels,
                            image_size=shape.image_size, device=device, steps_per_epoch=shape.steps_per_epoch,
-                           epochs=max(1, g.graph["train"].epochs),
-                           options=StepOptions(channels_last=False) if packed else options) for g in graphs]
-    if packed:
-        union = UnionStep([StepMember.of(step, g) for step, g in zip(steps, graphs)],
-                          hfta=bool(options and options.hfta))
+                           epochs=max(1, g.graph["train"].epochs), member=True) for g in graphs]
+    engine = Engine([StepMember.of(step, g) for step, g in zip(steps, graphs)], options, packed=len(graphs) > 1)
 
-        def step_all(k: int) -> None:
-            union.step([(images, labels, k)] * len(steps))
-    else:
-        def step_all(k: int) -> None:
-            steps[0].step(images, labels, k=k)
+    def step_all(k: int) -> None:
+        engine.step_all([(images, labels, k)] * len(steps))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -267,7 +260,7 @@ def epoch_seconds(graphs: list[nx.DiGraph], shape: Shape, device, *, options=Non
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")  # as training runs
     try:
-        return _timed(step_all, steps, shape, device, generator, sync)
+        return _timed(step_all, steps, shape, device, generator, sync), engine.label
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -376,18 +369,17 @@ def _duration(seconds: float) -> str:
 
 
 def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epochs: int | None, device: str,
-              eta: int, min_resource: int, pruner: str, hfta: bool = False,
+              eta: int, min_resource: int, pruner: str, options=None,
               count_limit: int = COUNT_LIMIT) -> dict:
     """Everything the plan prints, as a dict (`print_plan` writes it out)."""
     import torch
 
     from dclang.api import check
-    from dclang.compile import StepOptions
     from dclang.search.equivalence import count_distinct, space_size
     from dclang.search.space import prepare_template, search_space
     from dclang.search.study import StudyConfig
     from dclang.syntax.format import format_module
-    from dclang.train.loop import resolve_device
+    from dclang.train.run import resolve_device
 
     text = template_path.read_text(encoding="utf-8")
     checked = check(text, str(template_path))
@@ -415,12 +407,12 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     if torch_device.type == "cpu":  # each of D workers gets its share of the cores (`dclang search` sets it)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     shape = dataset_shape(graph)
-    options = StepOptions(hfta=True) if hfta else None
     counts, examples = sample_mixes(graph)
-    measured = {}
+    measured, steps = {}, {}
     try:
         for mix, _ in counts.most_common(MIXES_MEASURED):
-            measured[mix] = epoch_seconds([examples[mix]] * pack, shape, torch_device, options=options) / pack
+            seconds, steps[mix] = epoch_seconds([examples[mix]] * pack, shape, torch_device, options=options)
+            measured[mix] = seconds / pack
         overhead = trial_overhead(prepared, str(template_path), shape, torch_device)
     finally:
         torch.set_num_threads(threads)
@@ -436,7 +428,8 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
         "device": str(torch_device), "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)
         if torch_device.type == "cpu" else None,
         "shape": shape.__dict__,
-        "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix)}
+        "mixes": [{"models": list(mix), "share": counts[mix] / total, "epoch_seconds": measured.get(mix),
+                   "step": steps.get(mix)}
                   for mix, _ in counts.most_common()],
         "mean_epoch_seconds": mean_epoch, "trial_overhead_seconds": overhead, "search_start_seconds": search_start,
         "worker_start_seconds": start,
@@ -468,7 +461,8 @@ def plan_lines(plan: dict) -> list[str]:
     lines.append(f"seconds per epoch on {plan['device']}{threads}, by architecture mix "
                  f"(share of trained samples; in a pack of {plan['pack']}):")
     for mix in plan["mixes"]:
-        seconds = "not measured (rare)" if mix["epoch_seconds"] is None else f"{mix['epoch_seconds']:.3g} s"
+        seconds = ("not measured (rare)" if mix["epoch_seconds"] is None
+                   else f"{mix['epoch_seconds']:.3g} s  ({mix['step']})")
         lines.append(f"  {' + '.join(mix['models']):<48} {100 * mix['share']:5.1f}%  {seconds}")
     lines.append(f"per trial besides its epochs: {plan['trial_overhead_seconds']:.2f} s (sample, check, compile); "
                  f"the search's start: {plan['search_start_seconds']:.1f} s; a worker's: "

@@ -306,7 +306,8 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
-    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path.
+    (`dclang.search.pack`); `options` (`StepOptions`: any fast path) also go through the packed
+    path, a pack of one being what `dclang run` trains.
 
     The parent stops its workers with SIGTERM, after Ctrl-C reached it: a worker it started
     ignores SIGINT (Ctrl-C at the terminal reaches the whole process group), so each gets one
@@ -350,7 +351,8 @@ def _work(storage_url: str, study_name: str, *, worker: str, device: str, data_d
         from dclang.search.pack import work_packed
 
         if not real:
-            raise UserError("a packed worker (--pack, --hfta) trains with dclang's own steps", "leave out --trainer")
+            raise UserError("a packed worker (--pack, or a fast path such as --hfta) trains with dclang's own engine",
+                            "leave out --trainer")
         with STOPS.allowing():
             work_packed(study, config, objective, size=pack, options=options)
     else:

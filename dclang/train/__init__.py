@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 from dclang.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
-    from dclang.train.loop import RunResult, resolve_device, train_graph
+    from dclang.train.loop import RunResult, train_graph
+    from dclang.train.run import Run, resolve_device
     from dclang.train.rundir import RunDir, graph_key, graph_text
     from dclang.train.teachers import default_cache
 
 _LAZY = {
-    "train_graph": "dclang.train.loop", "RunResult": "dclang.train.loop", "resolve_device": "dclang.train.loop",
+    "train_graph": "dclang.train.loop", "RunResult": "dclang.train.loop", "resolve_device": "dclang.train.run",
+    "Run": "dclang.train.run",
     "RunDir": "dclang.train.rundir", "graph_text": "dclang.train.rundir", "graph_key": "dclang.train.rundir",
     "default_cache": "dclang.train.teachers",
 }

@@ -154,6 +154,51 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
         raise click.UsageError(f"--seeds expects comma-separated integers like 0,1,2, got {seeds!r}") from exc
 
 
+#: the fused engine's fast paths (`dclang.compile.StepOptions`): `dclang run`'s flags, which
+#: `dclang search` takes too (its trials are trained by the same engine)
+_FAST_PATHS = [
+    click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start)."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                 help="bf16 autocast (CUDA)."),
+    click.option("--channels-last/--no-channels-last", default=None,
+                 help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on "
+                      "CUDA]."),
+    click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model."),
+    click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA)."),
+]
+
+
+def fast_path_options(command):
+    """A click command with the fast-path flags (`_FAST_PATHS`), passed as compile_, precision,
+    channels_last, hfta and cuda_graph."""
+    for option in reversed(_FAST_PATHS):
+        command = option(command)
+    return command
+
+
+def step_options(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool, cuda_graph: bool):
+    """The `StepOptions` the fast-path flags ask for."""
+    from dclang.compile import StepOptions
+
+    return StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
+                       cuda_graph=cuda_graph)
+
+
+def fast_paths_asked(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
+                     cuda_graph: bool) -> bool:
+    """Whether any fast-path flag was given (without importing torch)."""
+    return compile_ or precision != "fp32" or channels_last is not None or hfta or cuda_graph
+
+
+def fast_path_flags(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
+                    cuda_graph: bool) -> list[str]:
+    """The flags that ask for these fast paths again (what `dclang search` hands its workers)."""
+    flags = ["--compile"] * compile_ + ["--precision", precision] + ["--hfta"] * hfta + ["--cuda-graph"] * cuda_graph
+    if channels_last is not None:
+        flags.append("--channels-last" if channels_last else "--no-channels-last")
+    return flags
+
+
 @click.command("run")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -171,13 +216,7 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
                    "train.optimizer.lr=0.05, n2.model=cnn_small. Repeatable.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 autocast (CUDA).")
-@click.option("--channels-last/--no-channels-last", default=None,
-              help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on CUDA].")
-@click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model.")
-@click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
+@fast_path_options
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
                 seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
                 no_progress: bool, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
@@ -199,12 +238,11 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
                         f"search it with `dclang search --template {shlex.quote(str(file))} --trials 20 -o "
                         f"{shlex.quote(f'searches/{file.stem}')}`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
-    from dclang.compile import StepOptions
     from dclang.plots import write_node_curves
     from dclang.train.loop import train_graph
 
-    options = StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
-                          cuda_graph=cuda_graph)
+    options = step_options(compile_=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
+                           cuda_graph=cuda_graph)
     if engine != "fused" and not options.plain:
         raise UserError(f"the fast paths apply to the fused engine, not `{engine}`",
                         "the reference engine stays the plain loop it is measured against; drop --engine")

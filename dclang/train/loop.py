@@ -7,28 +7,28 @@ Each epoch: a permutation and the batch augmentation drawn from one generator se
 (seed, epoch), so a resumed run sees the batches the uninterrupted run saw; one
 `TrainStep.step` per batch with statistics summed on the device; one host sync to read them;
 then the evaluation selection needs (`dclang.train.evaluate`: val every epoch, test for the
-weights val selects, constant nodes once). Val alone selects (`best.pt` is the epoch of the
-target's best val accuracy); test is reported, never used to choose anything.
+weights val selects, constant nodes once). Val alone selects (`best.pt` is the
+epoch of the target's best val accuracy); test is reported, never used to choose anything.
 
 `train_graph` reads as the run goes: prepare (check the settings, claim the run folder,
 load the data: everything that can be refused is refused before any work), find the
 checkpoint to resume, the teachers' weights, compile, restore, then per epoch train,
-evaluate and write. Teachers are pre-trained by `train_graph` itself, handed to
-`teachers.init_states` as its `pretrain`: this module imports the teacher cache, not the
-other way round.
+evaluate and write. Preparing, compiling, the epoch's batches and its end are the public
+`dclang.train.run.Run`'s, which a packed search worker drives too; this module adds the
+run folder (resume, checkpoints, metrics, summary) and the progress bar. Teachers are
+pre-trained by `train_graph` itself, handed to `teachers.init_states` as its `pretrain`:
+the teacher cache never imports the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import platform
 import random
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import networkx as nx
@@ -37,19 +37,10 @@ import torch
 
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
-from dclang.ir import model_nodes, reported_nodes
-from dclang.train.evaluate import EpochEvaluation
-from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, check_finite, epoch_record, percent, say
-from dclang.train.rundir import RunDir, graph_text, setting_changes
-from dclang.train.teachers import init_states
-
-#: the augmentation a dataset gets when its data block names none: the paper's for natural
-#: images, no flip for digits (a mirrored digit is another shape), none for the user's own data
-DEFAULT_AUGMENT = {"digits": "pad_crop", "cifar10": "pad_crop_flip", "cifar100": "pad_crop_flip",
-                   "tinyimagenet": "pad_crop_flip"}
-
-#: augment name -> (random crop, random flip)
-_AUGMENTS = {"pad_crop_flip": (True, True), "pad_crop": (True, False), "flip": (False, True), "none": (False, False)}
+from dclang.ir import reported_nodes
+from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, percent, say
+from dclang.train.run import Run
+from dclang.train.rundir import RunDir, setting_changes
 
 
 @dataclass
@@ -59,33 +50,6 @@ class RunResult:
     summary: dict
     records: list[dict]
 
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when PyTorch sees a GPU, else the CPU; `cuda` without one is an error,
-    never a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"unknown device `{device}`", "use --device auto, cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: PyTorch sees no CUDA GPU on this machine "
-                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})",
-                            "use --device cpu (or auto)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)",
-                            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif resolved.type != "cpu":
-        raise UserError(f"device `{device}` is not supported", "use --device auto, cpu, cuda or cuda:N")
-    return resolved
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also every CUDA device
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -107,73 +71,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def resolved_graph(graph: nx.DiGraph, *, epochs: int, seed: int) -> nx.DiGraph:
-    """A copy of `graph` with what this run decided filled in: epochs, seed, the augmentation
-    (the dataset's default when the file names none), and the data `path` and `init` paths
-    made absolute (they are relative to the .kt file). Its canonical text is `graph.kt`."""
-    g = graph.copy()
-    base = Path(graph.graph.get("path") or ".").parent
-    data = graph.graph["data"]
-    g.graph["data"] = dataclasses.replace(
-        data, augment=data.augment or DEFAULT_AUGMENT.get(data.dataset, "none"),
-        path=None if data.path is None else str((base / data.path).resolve()))
-    g.graph["train"] = dataclasses.replace(graph.graph["train"], epochs=epochs, seed=seed)
-    for _, attrs in g.nodes(data=True):
-        if attrs["spec"].init is not None:
-            attrs["spec"] = dataclasses.replace(attrs["spec"], init=str((base / attrs["spec"].init).resolve()))
-    return g
-
-
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-@dataclass
-class _Run:
-    """What a run settled before training: its resolved graph (and canonical text), data,
-    run folder, device and the process group under torchrun."""
-
-    graph: nx.DiGraph
-    text: str
-    dataset: object
-    rundir: RunDir | None
-    device: torch.device
-    dist: object | None
-    engine: str
-    seed: int
-    epochs: int
-    progress: bool
-
-    @property
-    def target(self) -> str:
-        return self.graph.graph["target"]
-
-    @property
-    def names(self) -> list[str]:
-        return model_nodes(self.graph)
-
-    @property
-    def batch(self) -> int:
-        return self.graph.graph["train"].batch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.dataset.train) // self.batch)
-
-
-@dataclass
-class _Training:
-    """The compiled step, the splits on the device and what evaluates them after each epoch."""
-
-    step: object
-    label: str  # what runs, fast paths named (summary.json's `step`)
-    train: object
-    val: object
-    test: object
-    augment: object
-    evaluation: EpochEvaluation
 
 
 def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
@@ -195,81 +96,30 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
 
     dist = distributed.setup(device)  # this process's rank under torchrun; None alone (and for teachers)
     try:
-        run = _prepare(graph, dist=dist, run_dir=run_dir, device=device, engine=engine, seed=seed, epochs=epochs,
-                       data_dir=data_dir, dataset=dataset, progress=progress)
+        run = Run.prepare(graph, dist=dist, run_dir=run_dir, device=device, engine=engine, seed=seed,
+                          epochs=epochs, data_dir=data_dir, dataset=dataset, progress=progress, options=options)
         checkpoint, records = _to_resume(run, resume)
         # A resumed run's checkpoint holds every model, teachers included: no need to load them.
-        pretrain = partial(train_graph, device=device, engine=engine, data_dir=data_dir, progress=run.progress,
-                           dataset=run.dataset)
-        states = None if checkpoint else init_states(run.graph, dataset=run.dataset, cache=teacher_cache,
-                                                     pretrain=pretrain)
+        states = None if checkpoint else run.initial_states(teacher_cache)
         with _training_mode(run):
-            training = _compile(run, states, options)
-            best_val = _restore(run, training, checkpoint, records)
+            run.compile(states, options)
+            best_val = _restore(run, checkpoint, records)
             for epoch in range(len(records) + 1, run.epochs + 1):
-                records.append(_train_epoch(run, training, epoch))
-                best_val = _write_epoch(run, training, records, best_val)
+                records.append(_train_epoch(run, epoch))
+                best_val = _write_epoch(run, records, best_val)
                 if on_epoch is not None:
                     on_epoch(epoch, records[-1])
     finally:
         distributed.release(dist)
         if run_dir is not None:
             RunDir(run_dir).release()  # the folder's lock (`RunDir.claim`): free at once for the next run
-    result = RunResult(_summary(run, training, records), records)
+    result = RunResult(_summary(run, records), records)
     if run.progress:
         print(accuracy_table(result.summary), flush=True)
     return result
 
 
-def _prepare(graph: nx.DiGraph, *, dist, run_dir: Path | None, device: str, engine: str, seed: int | None,
-             epochs: int | None, data_dir: str | None, dataset, progress: bool) -> _Run:
-    """Check the settings, claim the run folder and load the data: whatever a run refuses,
-    it refuses here, before a teacher is pre-trained or a step compiled."""
-    from dclang.compile import ENGINES
-
-    if graph.graph["sites"]:
-        raise UserError(f"`{graph.graph['name']}` is a search template (open choices: "
-                        + ", ".join(s.name for s in graph.graph["sites"]) + ")", "train it with `dclang search`")
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine `{engine}`", "use " + " or ".join(ENGINES))
-    torch_device = resolve_device(dist.device if dist else device)
-    train_spec = graph.graph["train"]
-    seed = train_spec.seed if seed is None else seed
-    epochs = train_spec.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise UserError(f"epochs must be at least 1, got {epochs}")
-    g = resolved_graph(graph, epochs=epochs, seed=seed)
-    rundir = RunDir(run_dir) if run_dir is not None else None
-    if dist is not None:
-        rundir = dist.rank_zero(rundir)
-    if rundir is not None:
-        rundir.claim(g.graph["name"])  # rank 0 alone, under torchrun
-    if dataset is None:
-        dataset = _load_dataset(g.graph["data"], data_dir)
-    run = _Run(g, graph_text(g), dataset, rundir, torch_device, dist, engine, seed, epochs,
-               progress and (dist is None or dist.is_main))
-    if run.batch > len(dataset.train):
-        raise UserError(f"batch = {run.batch} is larger than the training split ({len(dataset.train)} images of "
-                        f"{dataset.name}): every epoch would be a single step",
-                        "lower `batch` in the train block (or --set train.batch=N), or train on more images "
-                        "(a smaller val_split)")
-    if len(dataset.val) == 0:
-        say("warning: the validation split is empty (val_split = 0), so best.pt is the last epoch; "
-            "test accuracy is never used to select")
-    return run
-
-
-def _load_dataset(data_spec, data_dir: str | None):
-    from dclang.data import DataError, load_dataset
-
-    try:
-        return load_dataset(data_spec.dataset, data_dir=data_dir, val_split=data_spec.val_split,
-                            split_seed=data_spec.split_seed, path=data_spec.path)
-    except DataError as exc:
-        raise UserError(str(exc)) from exc
-
-
-def _to_resume(run: _Run, resume: bool) -> tuple[dict | None, list[dict]]:
+def _to_resume(run: Run, resume: bool) -> tuple[dict | None, list[dict]]:
     """(last.pt, the metrics up to its epoch) of the run to continue, or (None, []) to start
     one; every file read back is checked, and a run that differs says which settings do."""
     rundir = run.rundir
@@ -301,7 +151,7 @@ def _to_resume(run: _Run, resume: bool) -> tuple[dict | None, list[dict]]:
 
 
 @contextlib.contextmanager
-def _training_mode(run: _Run) -> Iterator[None]:
+def _training_mode(run: Run) -> Iterator[None]:
     """Deterministic algorithms on the CPU (the previous setting restored after), and a CUDA
     out-of-memory error as a UserError saying what to lower."""
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -315,51 +165,29 @@ def _training_mode(run: _Run) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _compile(run: _Run, states: dict | None, options) -> _Training:
-    """The seeded step, and the splits on the device."""
-    from dclang.compile import compile_graph
-    from dclang.data import BatchAugment
-
-    seed_everything(run.seed)
-    dataset = run.dataset
-    train, val, test = (s.to(run.device) for s in (dataset.train, dataset.val, dataset.test))
-    data = run.graph.graph["data"]
-    crop, flip = _AUGMENTS[data.augment]
-    augment = BatchAugment(data.pad, crop, flip, dataset.mean, dataset.std)
-    step = compile_graph(run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                         image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
-                         seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options)
-    label = step.label
-    if run.dist is not None:  # each process trains on its slice of every batch
-        step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
-    evaluation = EpochEvaluation(step, run.graph, val=val, test=test, mean=dataset.mean, std=dataset.std,
-                                 epochs=run.epochs, batch=run.batch)
-    return _Training(step, label, train, val, test, augment, evaluation)
-
-
-def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: list[dict]) -> float | None:
+def _restore(run: Run, checkpoint: dict | None, records: list[dict]) -> float | None:
     """Load the checkpoint's models, optimizers and RNG states into the compiled step; write
     graph.kt and metrics.jsonl (`records`: cut back to the checkpoint). Returns the best val
     so far."""
     best_val = None
     if checkpoint is not None:
         try:
-            training.step.load_state_dict(checkpoint["train_step"])
+            run.step.load_state_dict(checkpoint["train_step"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"cannot resume from {run.rundir.last}: {str(exc).splitlines()[0]}",
                             f"resume with the same --engine, or delete {run.rundir.root} to start afresh") from exc
         _set_rng_state(checkpoint["rng"], run.device)
         best_val = checkpoint["best_val"]
-    training.evaluation.restore(records)  # what the epochs done measured: evaluated again by none
+    run.evaluation.restore(records)  # what the epochs done measured: evaluated again by none
     if run.rundir is not None:
         run.rundir.write_graph(run.graph, run.text)
         run.rundir.write_metrics(records)
     return best_val
 
 
-def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
+def _train_epoch(run: Run, epoch: int) -> dict:
     """One epoch: the seeded batches through the step, then val and test; its record."""
-    steps = _epoch_steps(run, training, epoch)
+    steps = _epoch_steps(run, epoch)
     while True:
         try:
             next(steps)
@@ -367,51 +195,26 @@ def _train_epoch(run: _Run, training: _Training, epoch: int) -> dict:
             return end.value
 
 
-def _epoch_steps(run: _Run, training: _Training, epoch: int) -> Generator[None, None, dict]:
+def _epoch_steps(run: Run, epoch: int) -> Generator[None, None, dict]:
     """`_train_epoch` a step at a time: yields after each step and returns the epoch's record
     (after val and test) once the batches are done."""
     started = time.perf_counter()
-    step = training.step
+    step = run.step
     lr = step.lr()
     stats, shown = EpochStats(), time.monotonic()
     show_bar = run.progress and sys.stderr.isatty()
     with _bar(run.steps_per_epoch, f"epoch {epoch}/{run.epochs}", show_bar) as bar:
-        for images, labels, k in epoch_batches(run, training, epoch):
+        for images, labels, k in run.batches(epoch):
             stats.add(step.step(images, labels, k), len(labels), k)
             yield
             bar.update()
             if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
                 bar.set_postfix_str(_postfix(stats, run.target), refresh=False)
                 shown = time.monotonic()
-    return end_epoch(run, training, epoch, stats.read(), lr=lr, started=started)
+    return run.end_epoch(epoch, stats.read(), lr=lr, started=started)
 
 
-def epoch_batches(run: _Run, training: _Training, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The epoch's (augmented images, labels, k), k the 1-based update number, in the run's
-    seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
-    steps them (`_epoch_steps` for one run, a packed worker for several) sees the same batches."""
-    from dclang.data.batches import BatchIterator, epoch_generator
-
-    generator = epoch_generator(run.seed, epoch, run.device)
-    for i, (images, labels) in enumerate(BatchIterator(training.train, run.batch, generator)):
-        yield training.augment(images, generator), labels, (epoch - 1) * run.steps_per_epoch + i + 1
-
-
-def end_epoch(run: _Run, training: _Training, epoch: int, read: tuple[dict, dict], *, lr: float,
-              started: float) -> dict:
-    """After an epoch's steps: stop on a non-finite loss, advance the schedule, evaluate what
-    selection needs (`training.evaluation`); the epoch's record. `read` is the epoch's
-    statistics (`EpochStats.read`)."""
-    means, first_bad = read
-    train_seconds = time.perf_counter() - started
-    check_finite(first_bad, epoch)
-    training.step.end_epoch()
-    figures = training.evaluation.after_epoch(epoch)
-    return epoch_record(epoch, lr, means, reported_nodes(run.graph), figures, time.perf_counter() - started,
-                        train_seconds)
-
-
-def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: float | None) -> float | None:
+def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float | None:
     """The epoch's files (metrics, summary, best.pt when the target's val improved, last.pt
     last: the commit point) and its progress line. Returns the best val so far."""
     record = records[-1]
@@ -419,10 +222,10 @@ def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: 
     improved = val is None or best_val is None or val > best_val
     if improved:
         best_val = val
-    rundir, step, classes = run.rundir, training.step, run.dataset.num_classes
+    rundir, step, classes = run.rundir, run.step, run.dataset.num_classes
     if rundir is not None:
         rundir.write_metrics(records)
-        rundir.write_summary(_summary(run, training, records))
+        rundir.write_summary(_summary(run, records))
         if improved:
             rundir.save_best({"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
                               "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
@@ -434,12 +237,12 @@ def _write_epoch(run: _Run, training: _Training, records: list[dict], best_val: 
     return best_val
 
 
-def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
+def _summary(run: Run, records: list[dict]) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
     import dclang
 
-    graph, dataset, step, epochs, target = run.graph, run.dataset, training.step, run.epochs, run.target
+    graph, dataset, step, epochs, target = run.graph, run.dataset, run.step, run.epochs, run.target
     nodes = {}
     for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
         spec = graph.nodes[name]["spec"]
@@ -463,7 +266,7 @@ def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
         "nodes": nodes,
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
-        "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": training.label,
+        "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": run.label,
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from dclang.compile import StepStats
+from dclang.compile import StatSums, StepStats
 from dclang.diagnostics import UserError
 
 
@@ -23,34 +23,22 @@ def say(message: str) -> None:
 
 
 class EpochStats:
-    """Sums of one epoch's StepStats, kept on the device."""
+    """Sums of one epoch's StepStats, kept on the device: the `StatSums` of one training."""
 
     def __init__(self) -> None:
-        self.keys: list[tuple[str, str]] = []
-        self.sums: torch.Tensor | None = None
-        self.first_bad: torch.Tensor | None = None  # 0: finite so far, else the first bad update k
-        self.samples = 0
-        self._is_mean: torch.Tensor | None = None
+        self.sums: StatSums | None = None
 
     def add(self, stats: StepStats, batch_size: int, k: int) -> None:
         """Add one step's statistics (no host sync)."""
         counts, means = stats.vectors()
         if self.sums is None:
-            self.keys = stats.keys()
-            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=counts.device)
-            self.first_bad = torch.zeros(len(self.keys), dtype=torch.long, device=counts.device)
-            self._is_mean = torch.arange(len(self.keys), device=counts.device) >= len(counts)
-        values = torch.cat([counts.to(torch.float64), means.to(torch.float64)])
-        self.first_bad = torch.where(~torch.isfinite(values) & (self.first_bad == 0), k, self.first_bad)
-        self.sums += torch.where(self._is_mean, values * batch_size, values)
-        self.samples += batch_size
+            self.sums = StatSums([stats.keys()], counts.device)
+        self.sums.add(torch.cat([counts.to(torch.float64), means.to(torch.float64)]), [batch_size], [k])
 
     def read(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
         """(epoch means / accuracies per (field, name), first non-finite update per key):
         the one host sync of the epoch."""
-        sums, bad = self.sums.tolist(), self.first_bad.tolist()
-        means = {key: s / self.samples for key, s in zip(self.keys, sums)}
-        return means, {key: b for key, b in zip(self.keys, bad) if b}
+        return self.sums.peek(0)
 
 
 def check_finite(first_bad: dict[tuple[str, str], int], epoch: int) -> None:
