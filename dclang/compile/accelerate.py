@@ -42,8 +42,9 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats
+from dclang.compile.common import StepStats, frozen_forward
 from dclang.compile.fused import FusedStep
+from dclang.diagnostics import UserError
 from dclang.gates import gate_weights
 
 PRECISIONS = ("fp32", "bf16")
@@ -198,11 +199,7 @@ class HftaStep(FusedStep):
         for name, model in self.models.items():
             if name in self.grouped:
                 continue
-            if name in self.frozen:
-                with torch.inference_mode():
-                    logits[name] = model(images)
-            else:
-                logits[name] = model(images)
+            logits[name] = frozen_forward(model, images) if name in self.frozen else model(images)
         return {name: logits[name] for name in self.models}
 
     def train(self) -> None:
@@ -314,6 +311,7 @@ class AcceleratedStep:
         self.compiled_shape: tuple | None = None
         self.eager_steps = 0
         self.graph: _CapturedStep | None = None
+        self.side: torch.cuda.Stream | None = None  # the one stream the warm-up and the capture run on
         if options.cuda_graph:
             for group in inner.optimizer.param_groups:
                 if "capturable" in group:  # Adam/AdamW keep their step count on the device then
@@ -369,6 +367,11 @@ class AcceleratedStep:
         with self._autocast():
             logits, node_losses, edge_results = losses(images, labels, self.linear_weight)
         torch.stack(list(node_losses.values())).sum().backward()
+        # the layers this forward captured hold its autograd graph, and with it each parameter's
+        # AccumulateGrad node, which is bound to the stream it was made on: kept past the step it
+        # makes the next step's gradients cross streams (torch warns; a CUDA graph's capture
+        # runs on a stream of its own). Nothing reads them after the backward.
+        self.inner.layers.features.clear()
         return logits, node_losses, edge_results
 
     def _eager_step(self, images: Tensor, labels: Tensor) -> StepStats:
@@ -393,15 +396,20 @@ class AcceleratedStep:
         try:
             return self._forward_backward(images, labels)
         except Exception as exc:  # noqa: BLE001 (whatever the compiler raises; the eager retry re-raises real errors)
-            warnings.warn(f"torch.compile failed, running the step eagerly: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}", stacklevel=3)
+            failure = _first_line(exc)
+            warnings.warn(f"torch.compile failed, running the step eagerly: {failure}", stacklevel=3)
             self.compiled = None
             with torch.no_grad():
                 for name, model in self.inner.models.items():
                     for k, b in model.named_buffers():
                         b.copy_(buffers[name][k])
             self.inner.optimizer.zero_grad()
+        try:
             return self._forward_backward(images, labels)
+        except Exception as exc:  # noqa: BLE001 (said as a UserError: what failed, and what to do)
+            raise UserError(f"torch.compile failed ({failure}), and the eager step after it failed too "
+                            f"({_first_line(exc)})", "run without --compile; `dclang --debug` shows the traceback"
+                            ) from exc
 
     def _graph_step(self, images: Tensor, labels: Tensor) -> StepStats:
         if self.graph is not None and self.graph.fits(images, labels):
@@ -410,14 +418,22 @@ class AcceleratedStep:
             # warm-up steps, and batches of another shape (an epoch's last) than the captured one
             if self.eager_steps >= CUDA_GRAPH_WARMUP:
                 return self._eager_step(images, labels)
-            side = torch.cuda.Stream(self.inner.device)
-            side.wait_stream(torch.cuda.current_stream(self.inner.device))
-            with torch.cuda.stream(side):
-                stats = self._eager_step(images, labels)
-            torch.cuda.current_stream(self.inner.device).wait_stream(side)
-            return stats
-        self.graph = _CapturedStep(self, images, labels)
+            # PyTorch's whole-network capture: warm up (forward, backward, optimizer step, the
+            # gradients made there) on one side stream, the stream the capture then runs on
+            return self._on_side_stream(self._eager_step, images, labels)
+        self.graph = _CapturedStep(self, images, labels)  # captured on `self.side` too
         return self.graph.replay(images, labels)
+
+    def _on_side_stream(self, fn, *args):
+        """`fn(*args)` on the step's side stream, ordered after and before the current stream's work."""
+        current = torch.cuda.current_stream(self.inner.device)
+        if self.side is None:
+            self.side = torch.cuda.Stream(self.inner.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            out = fn(*args)
+        current.wait_stream(self.side)
+        return out
 
 
 class _CapturedStep:
@@ -434,7 +450,7 @@ class _CapturedStep:
         self.lr = inner.lr()
         inner.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=step.side):
             logits, node_losses, edge_results = step._forward_backward(self.images, self.labels)
             inner.optimizer.step()
             stats = inner.stats(logits, self.labels, node_losses, edge_results)
@@ -450,6 +466,10 @@ class _CapturedStep:
         self.labels.copy_(labels)
         self.graph.replay()
         return StepStats.from_vectors(self.keys, self.counts.clone(), self.means.clone())
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 _NO_LABELS = torch.empty(0, dtype=torch.long)  # gate_weights' device for the host-side linear weight

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from dclang.compile.accelerate import alias_to_slice, convolutional, own_storage
+from dclang.compile.common import frozen_forward
 from dclang.compile.fused import FusedStep
 from dclang.compile.sliced_optim import STATE, SlicedOptimizer, rule_of
 from dclang.ensembles import ensemble_outputs
@@ -271,11 +272,7 @@ class UnionStep:
             for node, model in step.models.items():
                 if node in logits[m]:
                     continue
-                if node in step.frozen:
-                    with torch.inference_mode():
-                        logits[m][node] = model(images[m])
-                else:
-                    logits[m][node] = model(images[m])
+                logits[m][node] = frozen_forward(model, images[m]) if node in step.frozen else model(images[m])
             outputs.append(ensemble_outputs({n: logits[m][n] for n in step.models}, step.ensembles))
         return outputs, split
 

@@ -29,6 +29,7 @@ import logging
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -287,17 +288,20 @@ def device_for(device: str, slot: int | None) -> str:
 
 def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
                teacher_cache: Path, trainer: str | None = None, slot: int | None = None, pack: int = 1,
-               options=None) -> None:
+               options=None, autotune: bool = False) -> None:
     """Work on the study until it has its trials; a stopped worker's trial is retried.
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
-    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path."""
+    (`dclang.search.pack`); `options` (`StepOptions`, HFTA) also go through the packed path.
+    With `autotune`, dclang's trainer measures each trial's fast paths on CUDA (`train_graph`)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent stops its workers with SIGTERM
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
-                          data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)
+                          data_dir=data_dir, teacher_cache=teacher_cache,
+                          trainer=partial(load_trainer(trainer), autotune=True) if real and autotune else
+                          load_trainer(trainer), preload=real)
     from dclang.ir import build_graph, is_open
 
     template_graph = build_graph(objective.template)

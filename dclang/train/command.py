@@ -139,6 +139,14 @@ def load_with_overrides(path: Path, overrides: tuple[str, ...]):
 # ---------------------------------------------------------------- run
 
 
+def fast_paths_given(options, precision: str | None) -> list[str]:
+    """The fast-path flags the user gave (`--precision` counts when given at all): any of them
+    means the user chose, and nothing is autotuned."""
+    given = ["--compile"] * options.compile + ["--precision"] * (precision is not None)
+    given += ["--channels-last/--no-channels-last"] * (options.channels_last is not None)
+    return given + ["--hfta"] * options.hfta + ["--cuda-graph"] * options.cuda_graph
+
+
 def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
     if seed is not None and seeds:
         raise click.UsageError("give --seed or --seeds, not both")
@@ -167,20 +175,25 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 autocast (CUDA).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 autocast (CUDA) [default: fp32].")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on CUDA].")
 @click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model.")
 @click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
+@click.option("--autotune/--no-autotune", default=True, show_default=True,
+              help="On CUDA, without fast-path flags: time the fast paths on the first batches and train with the "
+                   "fastest (a few seconds at start; says what it chose).")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let CUDA fp32 convolutions and matrix products use TF32 (recorded in summary.json).")
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
                 seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
-                no_progress: bool, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
-                cuda_graph: bool) -> None:
+                no_progress: bool, compile_: bool, precision: str | None, channels_last: bool | None, hfta: bool,
+                cuda_graph: bool, autotune: bool, tf32: bool) -> None:
     """Train the graph in FILE and write a run directory (metrics, summary, checkpoints).
 
     The fast paths (--compile, --precision, --channels-last, --hfta, --cuda-graph) change how
     the fused engine computes a step, never what it computes; `dclang bench` says which win.
+    On CUDA, given none of them, the run times them on its first batches and takes the fastest.
     """
     checked = load_with_overrides(file, overrides)
     if not checked.ok:
@@ -194,11 +207,14 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
                         f"search it with `dclang search --template {file} -o OUT`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
     from dclang.compile import StepOptions
+    from dclang.compile.tf32 import set_tf32
     from dclang.plots import write_node_curves
     from dclang.train.loop import train_graph
 
-    options = StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
+    options = StepOptions(compile=compile_, precision=precision or "fp32", channels_last=channels_last, hfta=hfta,
                           cuda_graph=cuda_graph)
+    autotune = autotune and engine == "fused" and fast_paths_given(options, precision) == []
+    set_tf32(tf32)
     if engine != "fused" and not options.plain:
         raise UserError(f"the fast paths apply to the fused engine, not `{engine}`",
                         "the reference engine stays the plain loop it is measured against; drop --engine")
@@ -210,7 +226,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
         if len(plan) > 1:
             click.echo(f"run with seed {s} into {out}", err=True)
         train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
-                    resume=resume, progress=not no_progress, options=options)
+                    resume=resume, progress=not no_progress, options=options, autotune=autotune)
         write_node_curves(out)
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)

@@ -179,7 +179,7 @@ class _Training:
 def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
                 seed: int | None = None, epochs: int | None = None, data_dir: str | None = None,
                 resume: bool = False, on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                teacher_cache: Path | None = None, dataset=None, options=None) -> RunResult:
+                teacher_cache: Path | None = None, dataset=None, options=None, autotune: bool = False) -> RunResult:
     """Train a checked, concrete graph; write the run directory when `run_dir` is given.
 
     `seed` and `epochs` override the train block (the linear gate's k_end and the schedule
@@ -188,6 +188,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
     a run directory that `resume=True` continues. User mistakes raise `UserError`.
     `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
+    With `autotune`, a run alone on CUDA times the candidate options on its first batches and
+    takes the fastest (`dclang.compile.autotune`; `options` are then ignored), saying so.
 
     Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
     """
@@ -204,7 +206,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
         states = None if checkpoint else init_states(run.graph, dataset=run.dataset, cache=teacher_cache,
                                                      pretrain=pretrain)
         with _training_mode(run):
-            training = _compile(run, states, options)
+            training = _compile(run, states, options, autotune=autotune)
             best_val = _restore(run, training, checkpoint, records)
             for epoch in range(len(records) + 1, run.epochs + 1):
                 records.append(_train_epoch(run, training, epoch))
@@ -313,8 +315,9 @@ def _training_mode(run: _Run) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _compile(run: _Run, states: dict | None, options) -> _Training:
-    """The seeded step, and the splits on the device."""
+def _compile(run: _Run, states: dict | None, options, *, autotune: bool = False) -> _Training:
+    """The seeded step (its options measured first with `autotune`), and the splits on the device."""
+    from dclang.compile import autotune as tuning
     from dclang.compile import compile_graph
     from dclang.data import BatchAugment
 
@@ -324,13 +327,34 @@ def _compile(run: _Run, states: dict | None, options) -> _Training:
     data = run.graph.graph["data"]
     crop, flip = _AUGMENTS[data.augment]
     augment = BatchAugment(data.pad, crop, flip, dataset.mean, dataset.std)
-    step = compile_graph(run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                         image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
-                         seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options)
+    build = partial(compile_graph, run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
+                    image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
+                    seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs)
+    if autotune and run.engine == "fused" and run.dist is None and tuning.applies(run.device):
+        tuned = tuning.autotune(run.graph, lambda o: build(options=o), _first_batches(run, train, augment),
+                                device=run.device)
+        options = tuned.options
+        if run.progress:
+            say(tuned.line())
+    step = build(options=options)
     label = step.label
     if run.dist is not None:  # each process trains on its slice of every batch
         step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
     return _Training(step, label, train, val, test, augment)
+
+
+def _first_batches(run: _Run, train, augment, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to `n` full batches of the first epoch, augmented, from a generator of their own (the
+    epoch's batches are drawn again, the same, from a new one): what `autotune` times on."""
+    from dclang.data.batches import BatchIterator, epoch_generator
+
+    generator = epoch_generator(run.seed, 1, run.device)
+    batches = []
+    for images, labels in BatchIterator(train, run.batch, generator, drop_last=True):
+        batches.append((augment(images, generator), labels))
+        if len(batches) == n:
+            break
+    return batches
 
 
 def _restore(run: _Run, training: _Training, checkpoint: dict | None, records: list[dict]) -> float | None:
@@ -455,6 +479,7 @@ def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
     import dclang
+    from dclang.compile.tf32 import tf32_enabled
 
     graph, dataset, step, epochs, target = run.graph, run.dataset, training.step, run.epochs, run.target
     nodes = {}
@@ -481,6 +506,7 @@ def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
         "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": training.label,
+        "tf32": tf32_enabled(),
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,

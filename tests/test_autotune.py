@@ -1,0 +1,203 @@
+"""Choosing the fast paths on a GPU (`dclang.compile.autotune`), the TF32 policy
+(`dclang.compile.tf32`), and what went wrong on an H200 held on the CPU: inference tensors in
+a step, layer captures outliving their step, a compile failure followed by an eager one.
+
+The measurement runs on CUDA only; here it runs on the CPU (`AUTOTUNE_DEVICES` widened), with
+the real steps and, where the choice itself is tested, a timer that reports given times
+(speed is measured in benchmarks, never in tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dclang.compile.accelerate as accelerate
+from dclang.api import check
+from dclang.cli import main
+from dclang.compile import StepOptions, compile_graph
+from dclang.compile import autotune as tuning
+from dclang.compile.tf32 import set_tf32, tf32, tf32_enabled
+from dclang.data import load_dataset
+from dclang.diagnostics import UserError
+from dclang.train.loop import train_graph
+
+# two cnn_tiny nodes (HFTA groups them), a frozen one, an edge between layers
+GRAPH = """
+graph tune
+data digits { val_split = 300 }
+train {
+  epochs = 1
+  batch = 32
+  optimizer = sgd(lr=0.05, momentum=0.9)
+}
+node a : cnn_tiny [target]
+node b : cnn_tiny
+node t : cnn_tiny [frozen]
+label -> a : through
+label -> b : through
+b -> a : linear
+a -> b : correct kl(T=2)
+t.conv2 -> a.conv2 : through at(p=2)
+"""
+
+
+def graph(text: str = GRAPH):
+    checked = check(text, "<test>")
+    assert checked.ok, checked.errors
+    return checked.graph
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", data_dir=None, val_split=300, split_seed=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    tuning._CHOSEN.clear()
+    yield
+    tuning._CHOSEN.clear()
+
+
+def build(options: StepOptions, text: str = GRAPH):
+    return compile_graph(graph(text), num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"),
+                         seed=0, steps_per_epoch=4, epochs=1, options=options)
+
+
+def batches(n: int = 2):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- TF32
+
+
+def test_tf32_switches_convolutions_and_matrix_products_together_and_the_block_restores_them():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32(True):
+        assert tf32_enabled() and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with tf32(False):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert tf32_enabled()
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("flag, want", [([], True), (["--no-tf32"], False)])
+def test_dclang_run_sets_tf32_and_records_it(tmp_path, flag, want):
+    kt = tmp_path / "one.kt"
+    kt.write_text("graph one\ndata digits { val_split = 300 }\ntrain { epochs = 1\n batch = 256 }\n"
+                  "node a : mlp [target]\nlabel -> a : through\n")
+    with tf32(not want):  # the flag, not what the process had, decides
+        done = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "run"), "--device", "cpu",
+                                         "--no-progress", *flag])
+        assert done.exit_code == 0, done.output
+        assert tf32_enabled() is want
+        set_tf32(not want)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["tf32"] is want
+
+
+# ---------------------------------------------------------------- candidates and the choice
+
+
+def test_candidates_are_the_options_valid_for_the_graph():
+    labels = [o.label for o in tuning.candidates(graph(), torch.device("cuda"), convolutional=True)]
+    assert labels[0] == "fused" and len(labels) == len(set(labels)) == 12
+    assert "fused+hfta+bf16+channels_last+cudagraph" in labels and "fused+cudagraph" in labels
+    assert not any("bf16" in label and "cudagraph" not in label for label in labels)  # bf16 only replayed
+    assert not any("compile" in label for label in labels)
+    on_cpu = tuning.candidates(graph(), torch.device("cpu"), convolutional=True)
+    assert [o.label for o in on_cpu] == ["fused", "fused+channels_last", "fused+hfta", "fused+hfta+channels_last"]
+    lone_mlp = graph("graph m\ndata digits { }\nnode a : mlp [target]\nlabel -> a : through\n")
+    assert [o.label for o in tuning.candidates(lone_mlp, torch.device("cuda"), convolutional=False)] == [
+        "fused", "fused+cudagraph", "fused+bf16+cudagraph"]
+    assert tuning.applies(torch.device("cuda")) and not tuning.applies(torch.device("cpu"))
+
+
+def test_autotune_takes_the_fastest_that_works_and_says_so():
+    """The timer reports given times; a candidate that fails to build is named, not chosen."""
+    given = {"fused": 0.040, "fused+channels_last": 0.036, "fused+hfta": 0.010, "fused+hfta+channels_last": 0.020}
+    built: list[str] = []
+
+    def build_noting(options):
+        built.append(options.label)
+        if options.label == "fused+hfta":
+            raise RuntimeError("no fused kernel here")
+        return build(options)
+
+    def timer(run, device):
+        run()
+        return given[built[-1]]
+
+    before = torch.get_rng_state()
+    tuned = tuning.autotune(graph(), build_noting, batches(), device=torch.device("cpu"), timer=timer, warmup=1,
+                            steps=2)
+    assert tuned.options.label == "fused+hfta+channels_last"
+    assert tuned.seconds == {k: v for k, v in given.items() if k != "fused+hfta"}
+    assert tuned.failed == {"fused+hfta": "RuntimeError: no fused kernel here"}
+    line = tuned.line()
+    assert line.startswith("autotune: fused+hfta+channels_last") and "fused 40.0" in line and "--no-autotune" in line
+    assert torch.equal(torch.get_rng_state(), before)
+    again = tuning.autotune(graph(), build_noting, batches(), device=torch.device("cpu"), timer=timer)
+    assert again.options == tuned.options and not again.measured  # once per graph shape in a process
+
+
+def test_training_after_the_measurement_is_the_training_with_the_chosen_options(digits, monkeypatch):
+    """Every record and every final weight equal, bit for bit, to a run given the chosen options."""
+    monkeypatch.setattr(tuning, "AUTOTUNE_DEVICES", ("cuda", "cpu"))
+
+    def run(**kwargs):
+        result = train_graph(graph(), run_dir=None, device="cpu", dataset=digits, progress=False, **kwargs)
+        return [r["nodes"] for r in result.records], result.summary["step"]
+
+    tuned_records, tuned_label = run(autotune=True)
+    (chosen,) = tuning._CHOSEN.values()
+    given_records, given_label = run(options=chosen.options)
+    assert tuned_label == given_label == chosen.options.label
+    assert tuned_records == given_records
+
+
+# ---------------------------------------------------------------- what went wrong on the GPU, held on the CPU
+
+
+def test_a_frozen_node_computes_ordinary_tensors_in_a_step():
+    """Not inference tensors: autograd may not save those, and torch.compile's tracing breaks on
+    inference mode inside the step (the kd_dml --compile failure on an H200)."""
+    for options in (StepOptions(channels_last=False), StepOptions(hfta=True, channels_last=False)):
+        step = build(options)
+        logits = step.forward(batches(1)[0][0])
+        assert not logits["t"].is_inference() and not logits["t"].requires_grad
+        assert logits["a"].requires_grad
+
+
+def test_no_layer_capture_outlives_its_step():
+    """A captured layer holds its forward's autograd graph, and each parameter's AccumulateGrad
+    node with it; kept into the next step, a CUDA graph's warm-up crosses streams (torch's
+    "AccumulateGrad node's stream does not match" warning on `attention.kt --cuda-graph`)."""
+    step = build(StepOptions(precision="bf16", channels_last=False))  # an accelerated step on the CPU
+    images, labels = batches(1)[0]
+    step.step(images, labels, 1)
+    assert step.inner.layers.features == {}
+
+
+def test_a_compile_failure_that_breaks_the_eager_retry_is_a_user_error(monkeypatch):
+    """A failing compiler can leave torch's thread-local state behind (here: autograd switched
+    off), so the eager retry fails too: the user is told both, not shown a traceback."""
+    def leaky_compile(fn, **_):
+        def run(*args):
+            torch._C._set_grad_enabled(False)  # as a trace cut short leaves its modes entered
+            raise RuntimeError("Inference tensors cannot be saved for backward")
+        return run
+
+    monkeypatch.setattr(accelerate.torch, "compile", leaky_compile)
+    step = build(StepOptions(compile=True, channels_last=False))
+    images, labels = batches(1)[0]
+    try:
+        with pytest.warns(UserWarning, match="torch.compile failed"), pytest.raises(UserError) as caught:
+            step.step(images, labels, 1)
+    finally:
+        torch._C._set_grad_enabled(True)
+    assert "torch.compile failed (RuntimeError: Inference tensors" in caught.value.message
+    assert "and the eager step after it failed too" in caught.value.message and "--compile" in caught.value.hint
