@@ -107,3 +107,33 @@ def test_bench_times_layer_edges_side_by_side(tmp_path):
     assert set(out["engines"]) == {"reference", "fused", "fused-no-layer-edges"}
     # the same graph without the edge between layers: fewer operations, nothing else removed
     assert 0 < out["engines"]["fused-no-layer-edges"]["ops_per_step"] < out["engines"]["fused"]["ops_per_step"]
+
+
+def test_bench_lists_the_combinations_and_skips_cuda_ones_on_a_cpu_with_the_reason(tiny):
+    out = json.loads(bench(tiny, "--steps", 1, "--warmup", 1, "--device", "cpu", "--variants",
+                           "fused+hfta+channels_last", "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused+hfta+channels_last"}
+    for name in ("fused+cudagraph", "fused+hfta+cudagraph", "fused+hfta+bf16+channels_last+cudagraph", "fused+bf16"):
+        assert out["skipped"][name] == "CUDA only", name
+
+
+def test_a_variant_failing_while_timed_is_a_note_not_a_traceback(tiny, monkeypatch):
+    """A compiled step that works while warming up and then fails (a recompilation, say): the
+    bench goes on with the others and says why that one has no figures."""
+    import dclang.compile.accelerate as accelerate
+
+    def flaky_compile(fn, **_):
+        calls = []
+
+        def run(*args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("recompiling failed")
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(accelerate.torch, "compile", flaky_compile)
+    out = json.loads(bench(tiny, "--steps", 2, "--warmup", 1, "--device", "cpu", "--variants", "fused+compile",
+                           "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused"}
+    assert out["skipped"]["fused+compile"] == "failed: RuntimeError: recompiling failed"
