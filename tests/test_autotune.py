@@ -201,3 +201,40 @@ def test_a_compile_failure_that_breaks_the_eager_retry_is_a_user_error(monkeypat
         torch._C._set_grad_enabled(True)
     assert "torch.compile failed (RuntimeError: Inference tensors" in caught.value.message
     assert "and the eager step after it failed too" in caught.value.message and "--compile" in caught.value.hint
+
+
+# ---------------------------------------------------------------- on a GPU (benchmarks/gpu.sh runs these)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def build_cuda(options: StepOptions):
+    return compile_graph(graph(), num_classes=10, in_channels=1, image_size=8, device=torch.device("cuda"),
+                         seed=0, steps_per_epoch=100, epochs=1, options=options)
+
+
+@cuda
+def test_cuda_autotune_times_every_candidate_and_leaves_the_random_streams():
+    """Every combination (HFTA, channels-last, CUDA graphs, bf16 with a graph) builds, captures
+    and steps on this graph with a frozen node and an edge between layers."""
+    data = [(x.cuda(), y.cuda()) for x, y in batches(2)]
+    before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    tuned = tuning.autotune(graph(), build_cuda, data, device=torch.device("cuda"), warmup=tuning.WARMUP, steps=2)
+    assert tuned.failed == {}
+    assert len(tuned.seconds) == 12 and tuned.options.label in tuned.seconds
+    assert torch.equal(torch.cuda.get_rng_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+
+
+@cuda
+def test_cuda_graph_steps_with_layer_edges_warn_nothing():
+    """The warm-up and the capture on one side stream, no captured layer kept past its step:
+    no "AccumulateGrad node's stream does not match" warning (`attention.kt --cuda-graph`)."""
+    import warnings
+
+    step = build_cuda(StepOptions(cuda_graph=True, channels_last=False))
+    data = [(x.cuda(), y.cuda()) for x, y in batches(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(1, 8):
+            step.step(*data[k % 2], k)
+    assert step.graph is not None
