@@ -18,11 +18,11 @@ exactly as if they had been given as flags. `tests/test_autotune.py` holds that 
 
 torch.compile is not a candidate (it takes minutes to start, more than a run saves by it on
 most graphs; `--compile` asks for it). bf16 is a candidate only with a CUDA graph: eager bf16
-autocast casts every weight to bf16 in the forward and every weight's gradient back to fp32
-in the backward, two more kernels per parameter tensor per step (the fused kd_dml step
-dispatches ~1,500 operations in fp32 and ~2,500 under bf16 autocast, counted on the CPU:
-`docs/training.md`), which is why `fused+bf16` was slower than fp32 on an H200 (0.047 s
-against 0.040); replayed from a CUDA graph those casts cost their few bytes, not a launch each.
+autocast casts weights to bf16 in the forward and their gradients back to fp32 in the
+backward, kernels that fp32 does not launch (the fused kd_dml step dispatches 1,554 operations
+in fp32 and 1,893 under bf16 autocast, counted on the CPU: docs/training.md), on a step whose
+time is launches, which is why `fused+bf16` was slower than fp32 on an H200 (0.047 s against
+0.040 s a step); replayed from a CUDA graph those casts cost their bytes, not a launch each.
 
 On the CPU nothing is measured (`AUTOTUNE_DEVICES`): the rule `StepOptions.resolve` applies,
 measured once and written down in benchmarks/README.md. A choice is kept per process for
