@@ -553,24 +553,25 @@ def _mib(n: int) -> str:
 
 def render(result: dict) -> str:
     """The step benchmark as a table, plus the epoch comparison when there is one."""
+    w = max(22, *(len(name) + 2 for name in result["engines"]))  # the variant column
     lines = [f"{result['graph']}: batch {result['batch']}, {result['shape']['in_channels']}x"
              f"{result['shape']['image_size']}x{result['shape']['image_size']}, {result['shape']['num_classes']} "
              f"classes on {result['device']}",
              f"{result['steps']} timed steps per variant after {result['warmup']} warm-up, interleaved round-robin; "
              f"medians (and the fastest step: the least disturbed on a busy machine)",
-             f"{'variant':<22}{'s/step':>10}{'min':>9}{'images/s':>11}{'peak mem':>12}{'x reference':>13}{'x floor':>9}"
-             f"{'ops/step':>10}"
+             f"{'variant':<{w}}{'s/step':>10}{'min':>9}{'images/s':>11}{'peak mem':>12}{'x reference':>13}"
+             f"{'x floor':>9}{'ops/step':>10}"
              + ("  MFU" if any("mfu" in e for e in result["engines"].values()) else "")]
     for name, e in result["engines"].items():
         mfu = f"  {100 * e['mfu']:.1f}%" if "mfu" in e else ""
-        lines.append(f"{name:<22}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
+        lines.append(f"{name:<{w}}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
                      f"{_mib(e['peak_mem_bytes']):>12}"
                      f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}"
                      f"{e.get('ops_per_step', '-'):>10}{mfu}")
         if e.get("note"):
-            lines.append(f"{'':<22}note: {e['note']}")
-    lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
-                 f"{'':>44}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
+            lines.append(f"{'':<{w}}note: {e['note']}")
+    lines.append(f"{'floor':<{w}}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
+                 f"{'':>45}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
     engines = result["engines"]
     if WITHOUT_LAYER_EDGES in engines and "fused" in engines:
         cost = engines["fused"]["s_per_step"] / engines[WITHOUT_LAYER_EDGES]["s_per_step"] - 1
