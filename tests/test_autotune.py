@@ -159,6 +159,27 @@ def test_training_after_the_measurement_is_the_training_with_the_chosen_options(
     assert tuned_records == given_records
 
 
+def test_dclang_run_measures_without_fast_path_flags_and_not_with_one(tmp_path, monkeypatch):
+    from dclang.train.command import fast_paths_given
+
+    assert fast_paths_given(StepOptions(), None) == []
+    assert fast_paths_given(StepOptions(channels_last=False, cuda_graph=True), "fp32") == [
+        "--precision", "--channels-last/--no-channels-last", "--cuda-graph"]
+    monkeypatch.setattr(tuning, "AUTOTUNE_DEVICES", ("cuda", "cpu"))
+    kt = tmp_path / "tune.kt"
+    kt.write_text(GRAPH.replace("batch = 32", "batch = 256"))
+    runner = CliRunner()
+    for i, (flags, measured) in enumerate([([], True), (["--hfta"], False), (["--no-autotune"], False)]):
+        out = tmp_path / f"run{i}"
+        done = runner.invoke(main, ["run", str(kt), "-o", str(out), "--device", "cpu", *flags])
+        assert done.exit_code == 0, done.output
+        lines = [line for line in done.stderr.splitlines() if line.startswith("autotune: ")]
+        step = json.loads((out / "summary.json").read_text())["step"]
+        assert bool(lines) is measured, (flags, done.stderr)
+        if measured:
+            assert lines[0].startswith(f"autotune: {step}, the fastest")
+
+
 # ---------------------------------------------------------------- what went wrong on the GPU, held on the CPU
 
 
