@@ -317,6 +317,8 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     import torch
 
     from dclang.compile.accelerate import convolutional
+    from dclang.compile.tf32 import tf32_enabled
+    from dclang.compile.thread_state import restored_on_failure
     from dclang.data import normalize
 
     k_end = warmup + steps + 2  # + the FLOP-counting step (fused) and the op-counting step
@@ -340,14 +342,15 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         try:
-            if name == "floor":
-                variant = _floor(graph, shape, device, images, labels)
-            else:
-                variant = _build(name, engine, options, graph, shape, device, k_end, images, labels)
-                if options is not None and options.channels_last and not convolutional(variant.state.models):
-                    skipped[name] = "no convolution in the graph: the same step as fused"
-                    continue
-            _warm(variant, warmup, device, before)
+            with restored_on_failure():  # a failed compile's leftovers must not fail the variants after it
+                if name == "floor":
+                    variant = _floor(graph, shape, device, images, labels)
+                else:
+                    variant = _build(name, engine, options, graph, shape, device, k_end, images, labels)
+                    if options is not None and options.channels_last and not convolutional(variant.state.models):
+                        skipped[name] = "no convolution in the graph: the same step as fused"
+                        continue
+                _warm(variant, warmup, device, before)
         except Exception as exc:  # a fast path that does not work here is reported, not fatal
             if name in BASELINES:
                 raise
@@ -365,8 +368,9 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
             _sync(device)
             started = time.perf_counter()
             try:
-                variant.run(k)
-                _sync(device)
+                with restored_on_failure():
+                    variant.run(k)
+                    _sync(device)
             except Exception as exc:  # a fast path failing mid-way is reported, and not timed further
                 if variant.name in BASELINES:
                     raise
@@ -414,7 +418,8 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     return {
         "engines": engines, "floor_s_per_step": floor_s, "floor_s_per_step_min": min(floor.times),
         "floor_peak_mem_bytes": floor.peak_mem_bytes, "floor_ops_per_step": ops["floor"],
-        "device": describe_device(device), "steps": steps, "warmup": warmup, "batch": batch,
+        "device": describe_device(device), "tf32": tf32_enabled() if device.type == "cuda" else None,
+        "steps": steps, "warmup": warmup, "batch": batch,
         "graph": graph.graph["name"], "shape": shape, "flops_per_step": flops,
         "peak_mem_method": ("cuda max_memory_allocated over build + warm-up" if device.type == "cuda" else
                             "cpu: own tensor bytes + VmHWM growth during one warm step"),
@@ -610,9 +615,11 @@ def render(result: dict) -> str:
               help="--epoch runs of each side (alternating); the median is reported.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where downloadable datasets live (--epoch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let CUDA fp32 convolutions and matrix products use TF32, as `dclang run` does by default.")
 def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int | None, variants: str | None,
                   overrides: tuple[str, ...], epoch: bool, workers: int, repeat: int, data_dir: str | None,
-                  as_json: bool) -> None:
+                  as_json: bool, tf32: bool) -> None:
     """Time the engines and fast paths on FILE's graph with random batches of its dataset's shape.
 
     Prints per variant the median seconds per step, images/s, peak memory, the ratio of its
@@ -620,6 +627,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     summed), the computing operations one step dispatches (each a kernel launch on a GPU),
     on CUDA the achieved TFLOP/s and MFU, and which variant `dclang run` uses here.
     """
+    from dclang.compile.tf32 import set_tf32
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
     from dclang.train.loop import resolve_device, resolved_graph
@@ -632,6 +640,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     train = checked.graph.graph["train"]
     graph = resolved_graph(checked.graph, epochs=train.epochs, seed=train.seed)  # as `dclang run` trains it
     torch_device = resolve_device(device)
+    set_tf32(tf32)
     data = graph.graph["data"]
     info = DATASETS.get(data.dataset)
     dataset = None

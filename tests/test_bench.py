@@ -137,3 +137,30 @@ def test_a_variant_failing_while_timed_is_a_note_not_a_traceback(tiny, monkeypat
                            "--json").stdout)
     assert set(out["engines"]) == {"reference", "fused"}
     assert out["skipped"]["fused+compile"] == "failed: RuntimeError: recompiling failed"
+
+
+def test_a_compiler_leaving_torch_state_behind_fails_its_variant_only(tiny, monkeypatch):
+    """torch 2.11 on an H200: a failed compile left the Python dispatcher's key on, and building
+    the next variant raised "PythonDispatcherTLS was not set". The bench puts torch's thread
+    state back after a failing variant."""
+    import torch
+
+    import dclang.compile.accelerate as accelerate
+
+    def leaky_compile(fn, **_):
+        calls = []
+
+        def run(*args):  # compiles, then fails while timed, leaving the key on
+            calls.append(1)
+            if len(calls) == 1:
+                return fn(*args)
+            torch._C._dispatch_tls_set_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher, True)
+            raise RuntimeError("backend failed")
+        return run
+
+    monkeypatch.setattr(accelerate.torch, "compile", leaky_compile)
+    out = json.loads(bench(tiny, "--steps", 2, "--warmup", 1, "--device", "cpu", "--variants",
+                           "fused+compile,fused+hfta", "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused+hfta"}
+    assert out["skipped"]["fused+compile"] == "failed: RuntimeError: backend failed"
+    assert all(len(engine) > 0 for engine in out["engines"].values()) and out["floor_ops_per_step"] > 0

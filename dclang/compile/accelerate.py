@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, frozen_forward
 from dclang.compile.fused import FusedStep
+from dclang.compile.thread_state import restored_on_failure
 from dclang.diagnostics import UserError
 from dclang.gates import gate_weights
 
@@ -390,11 +391,13 @@ class AcceleratedStep:
         """The compiled forward-backward, or, when compiling fails, the eager one (for good).
 
         Nothing is updated before the optimizer step, except BatchNorm's running statistics
-        in the forward, which are restored before the eager retry.
+        in the forward, which are restored before the eager retry, as is torch's thread state
+        (`dclang.compile.thread_state`).
         """
         buffers = {name: {k: b.clone() for k, b in model.named_buffers()} for name, model in self.inner.models.items()}
         try:
-            return self._forward_backward(images, labels)
+            with restored_on_failure():  # what a failed trace leaves in torch's thread state, put back
+                return self._forward_backward(images, labels)
         except Exception as exc:  # noqa: BLE001 (whatever the compiler raises; the eager retry re-raises real errors)
             failure = _first_line(exc)
             warnings.warn(f"torch.compile failed, running the step eagerly: {failure}", stacklevel=3)

@@ -9,8 +9,8 @@ place:
 - training (`dclang run`, `dclang search`, `dclang bench`) turns TF32 **on** by default, as
   most training code does: SGD's noise dwarfs the rounding, and a step of a CIFAR ResNet is
   bound by launches and bandwidth, not by fp32 arithmetic, so leaving speed on the table
-  would buy nothing measurable in accuracy. `--no-tf32` turns it off; `summary.json` records
-  which (`tf32`).
+  would buy nothing measurable in accuracy. `--no-tf32` turns it off; a CUDA run's
+  `summary.json` records which (`tf32`).
 - tests that hold two ways of computing a step equal (fused against reference, a union
   against its trials alone, each fast path against plain fused) turn it **off** with
   `tf32(False)`: TF32 rounds each product to ~1e-3 relative, far above their tolerances,

@@ -506,7 +506,7 @@ def _summary(run: _Run, training: _Training, records: list[dict]) -> dict:
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
         "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": training.label,
-        "tf32": tf32_enabled(),
+        "tf32": tf32_enabled() if run.device.type == "cuda" else None,  # the CPU never uses it
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,
