@@ -141,7 +141,12 @@ def test_autotune_takes_the_fastest_that_works_and_says_so():
     assert line.startswith("autotune: fused+hfta+channels_last") and "fused 40.0" in line and "--no-autotune" in line
     assert torch.equal(torch.get_rng_state(), before)
     again = tuning.autotune(graph(), build_noting, batches(), device=torch.device("cpu"), timer=timer)
-    assert again.options == tuned.options and not again.measured  # once per graph shape in a process
+    assert again.options == tuned.options and not again.measured  # once per architecture mix in a process
+    other_gate = graph(GRAPH.replace("b -> a : linear", "b -> a : correct"))
+    assert not tuning.autotune(other_gate, build_noting, batches(), device=torch.device("cpu"), timer=timer).measured
+    mlp_b = GRAPH.replace("node b : cnn_tiny", "node b : mlp")
+    assert tuning.autotune(graph(mlp_b), lambda options: build(options, text=mlp_b), batches(),
+                           device=torch.device("cpu"), timer=lambda run, device: 1.0, warmup=1, steps=1).measured
 
 
 def test_training_after_the_measurement_is_the_training_with_the_chosen_options(digits, monkeypatch):

@@ -166,13 +166,15 @@ _CHOSEN: dict[tuple, Tuned] = {}
 
 
 def _key(graph: nx.DiGraph, batches: Sequence[Batch], device: torch.device) -> tuple:
-    """What the speed of a step depends on: every node's model and role, every live edge
-    (ends, layers, gate, loss), the optimizer's kind, the batch's shape and the device."""
-    nodes = tuple((name, str(attrs["spec"].model), attrs["spec"].frozen)
-                  for name, attrs in graph.nodes(data=True) if "spec" in attrs)
-    edges = tuple(sorted((e.key, e.gate, e.loss) for e in live_edges(graph)))
+    """What decides which options are fastest: the architecture mix (every node's model and
+    whether it trains), the layers edges capture, the optimizer's kind, the batch's shape and
+    the device. Not the gates and losses of the edges between outputs: a few operations on
+    logits whichever they are, so a search's trials of one mix share one measurement."""
+    nodes = tuple(sorted((str(attrs["spec"].model), attrs["spec"].frozen)
+                         for _, attrs in graph.nodes(data=True) if "spec" in attrs))
+    layers = tuple(sorted((e.source_layer, e.target_layer) for e in live_edges(graph) if e.on_layers))
     images, _ = batches[0]
-    return nodes, edges, graph.graph["train"].optimizer.name, tuple(images.shape), str(device)
+    return nodes, layers, graph.graph["train"].optimizer.name, tuple(images.shape), str(device)
 
 
 def _sync(device: torch.device) -> None:
