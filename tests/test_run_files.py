@@ -346,7 +346,7 @@ def test_no_message_names_a_flag_that_does_not_exist():
         for node in ast.walk(ast.parse(source.read_text())):
             if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
                 continue
-            for found in re.finditer(r"(?<![\w-])--[a-z][a-z_-]*", node.value):
+            for found in re.finditer(r"(?<![\w-])--[a-z][a-z0-9_-]*", node.value):
                 named = re.search(r"dclang (\w+)[^.;:`\n]*$", node.value[:found.start()])  # in the same phrase
                 command = named.group(1) if named and named.group(1) in commands else "run"
                 if found.group() not in commands[command] and found.group() != "--nproc_per_node":
