@@ -200,8 +200,8 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
     """(name, engine, StepOptions) of every variant that applies here, and why others do not.
 
     The fused variants are every option set `dclang run` chooses among on CUDA
-    (`autotune.candidates`: HFTA, channels-last, CUDA graphs, bf16 with a graph, and their
-    combinations), then eager bf16 and torch.compile, which it does not time at start; on
+    (`autotune.candidates`: HFTA, channels-last, CUDA graphs, bf16, and their
+    combinations), then torch.compile, which it does not time at start; on
     the CPU the CUDA-only ones are listed as skipped, with the reason. Compiled variants come
     last: a compiler that fails is built after everything else, so it cannot disturb them."""
     import torch
@@ -211,8 +211,7 @@ def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[st
     from dclang.ir import live_edges
 
     everywhere = candidates(graph, torch.device("cpu"), convolutional=True)
-    on_cuda = [*candidates(graph, torch.device("cuda"), convolutional=True),
-               StepOptions(precision="bf16", channels_last=False)]
+    on_cuda = candidates(graph, torch.device("cuda"), convolutional=True)
     # `fused` keeps the models' own layout, the floor's, whatever `dclang run` picks by default
     specs = [("reference", "reference", None)]
     skipped = {}
@@ -436,7 +435,7 @@ def run_default(device, models, engines: dict) -> str:
 
     if applies(device):
         timed = [name for name in engines if name.startswith("fused") and "compile" not in name
-                 and name != WITHOUT_LAYER_EDGES and not ("bf16" in name and "cudagraph" not in name)]
+                 and name != WITHOUT_LAYER_EDGES]
         if timed:
             return min(timed, key=lambda name: engines[name]["s_per_step"])
     return StepOptions().resolve(device, models).label

@@ -12,7 +12,9 @@ engine on the CPU wherever it can run there; `dclang bench` measures which ones 
   tensor cores read fastest. Exact up to summation order. Left unset it is on where it was
   measured to win: on the CPU, for graphs with convolutions (`StepOptions.resolve`).
 - `precision="bf16"`: forward and losses under bf16 autocast; weights, gradients and the
-  optimizer stay fp32. Rounds, by design: close to fp32, not equal.
+  optimizer stay fp32. Rounds, by design: close to fp32, not equal. The convolutions' and
+  linear layers' weights are cast to bf16 all at once per step, and their gradients back
+  (`dclang.compile.bf16_weights`), not one kernel per tensor as autocast alone would.
 - `compile`: torch.compile of the forward and the losses (AOTAutograd compiles the matching
   backward); the optimizer step stays eager, already a few multi-tensor kernels. Compilation
   failing falls back to eager with a warning. Compiled once, with static shapes, for the
@@ -42,6 +44,7 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
+from dclang.compile.bf16_weights import Bf16Weights
 from dclang.compile.common import StepStats, frozen_forward
 from dclang.compile.fused import FusedStep
 from dclang.compile.thread_state import restored_on_failure
@@ -279,6 +282,14 @@ class HftaStep(FusedStep):
 # ---------------------------------------------------------------- the accelerated step
 
 
+def computing_modules(step: FusedStep) -> list[nn.Module]:
+    """The modules a step's forward runs: HFTA's fused networks in place of their nodes' models."""
+    if isinstance(step, HftaStep):
+        return [group.fused for group in step.groups] + [
+            model for name, model in step.models.items() if name not in step.grouped]
+    return list(step.models.values())
+
+
 def to_channels_last(step: FusedStep) -> None:
     """Convert a step's models (their 4-D weights) to channels-last, in place."""
     if isinstance(step, HftaStep):
@@ -305,6 +316,9 @@ class AcceleratedStep:
         self.inner, self.options = inner, options
         if options.channels_last:
             to_channels_last(inner)
+        # bf16 weights cast all at once (not under compile, which fuses autocast's casts itself)
+        self.bf16_weights = (Bf16Weights(computing_modules(inner)) if options.precision == "bf16"
+                             and not options.compile else None)
         self.has_linear = any(edge.gate == "linear" for edge in inner.edges)
         self.linear_weight = torch.ones((), device=inner.device)
         # static shapes: one compilation, for the first batch's shape (see _eager_step)
@@ -365,9 +379,12 @@ class AcceleratedStep:
 
     def _forward_backward(self, images: Tensor, labels: Tensor, *, compiled: bool = True):
         losses = self.compiled if compiled and self.compiled is not None else self._losses
-        with self._autocast():
+        weights = self.bf16_weights.in_use() if self.bf16_weights is not None else contextlib.nullcontext()
+        with self._autocast(), weights:
             logits, node_losses, edge_results = losses(images, labels, self.linear_weight)
         torch.stack(list(node_losses.values())).sum().backward()
+        if self.bf16_weights is not None:
+            self.bf16_weights.gradients_back()
         # the layers this forward captured hold its autograd graph, and with it each parameter's
         # AccumulateGrad node, which is bound to the stream it was made on: kept past the step it
         # makes the next step's gradients cross streams (torch warns; a CUDA graph's capture

@@ -17,12 +17,10 @@ afterwards (`torch.random.fork_rng`). The real step is then built with the chose
 exactly as if they had been given as flags. `tests/test_autotune.py` holds that on the CPU.
 
 torch.compile is not a candidate (it takes minutes to start, more than a run saves by it on
-most graphs; `--compile` asks for it). bf16 is a candidate only with a CUDA graph: eager bf16
-autocast casts weights to bf16 in the forward and their gradients back to fp32 in the
-backward, kernels that fp32 does not launch (the fused kd_dml step dispatches 1,554 operations
-in fp32 and 1,893 under bf16 autocast, counted on the CPU: docs/training.md), on a step whose
-time is launches, which is why `fused+bf16` was slower than fp32 on an H200 (0.047 s against
-0.040 s a step); replayed from a CUDA graph those casts cost their bytes, not a launch each.
+most graphs; `--compile` asks for it). bf16 is: its weights are cast all at once
+(`dclang.compile.bf16_weights`), so it launches about as many kernels as fp32, where autocast
+alone cast each weight and each gradient on its own (1,893 operations a kd_dml step against
+fp32's 1,554, counted on the CPU: why `fused+bf16` was slower than fp32 on an H200).
 
 On the CPU nothing is measured (`AUTOTUNE_DEVICES`): the rule `StepOptions.resolve` applies,
 measured once and written down in benchmarks/README.md. A choice is kept per process for
@@ -81,24 +79,20 @@ def applies(device: torch.device) -> bool:
     return device.type in AUTOTUNE_DEVICES
 
 
-def candidates(graph: nx.DiGraph, device: torch.device, *, convolutional: bool) -> list[StepOptions]:
+def candidates(graph: nx.DiGraph, device: torch.device, *, convolutional: bool,
+               precision: str | None = None) -> list[StepOptions]:
     """Every option set worth timing for this graph, the plain fused engine first.
 
     HFTA where two trainable nodes share an architecture; channels-last where a node has a
-    convolution; CUDA graphs and bf16 on CUDA, bf16 only with a graph (see the module doc).
+    convolution; CUDA graphs and bf16 on CUDA; only `precision` where the user chose one.
     """
     cuda = device.type == "cuda"
     hfta = [False, True] if hfta_groups(graph, trainable_nodes(graph)) else [False]
     layouts = [False, True] if convolutional else [False]
-    graphs = [False, True] if cuda else [False]
-    out = []
-    for cuda_graph in graphs:
-        for precision in ("fp32", "bf16") if cuda_graph else ("fp32",):
-            for h in hfta:
-                for channels_last in layouts:
-                    out.append(StepOptions(hfta=h, channels_last=channels_last, precision=precision,
-                                           cuda_graph=cuda_graph))
-    return out
+    precisions = (precision,) if precision else ("fp32", "bf16") if cuda else ("fp32",)
+    return [StepOptions(hfta=h, channels_last=channels_last, precision=p, cuda_graph=cuda_graph)
+            for cuda_graph in ([False, True] if cuda else [False])
+            for p in precisions for h in hfta for channels_last in layouts]
 
 
 def time_step(run: Callable[[], object], device: torch.device) -> float:
@@ -125,13 +119,15 @@ def measure(step, batches: Sequence[Batch], *, device: torch.device, warmup: int
 
 
 def autotune(graph: nx.DiGraph, build: Callable[[StepOptions], object], batches: Sequence[Batch], *,
-             device: torch.device, timer: Timer = time_step, warmup: int = WARMUP, steps: int = STEPS) -> Tuned:
-    """The fastest of `candidates` for `graph`, each built by `build(options)` (a fresh step from
-    the run's seeded weights) and timed on `batches` (full batches of the run, on `device`).
+             device: torch.device, precision: str | None = None, timer: Timer = time_step, warmup: int = WARMUP,
+             steps: int = STEPS) -> Tuned:
+    """The fastest of `candidates` for `graph` (of `precision` alone when given), each built by
+    `build(options)` (a fresh step from the run's seeded weights) and timed on `batches` (full
+    batches of the run, on `device`).
 
     The first candidate (plain fused) must work; any other that raises is recorded as failed
     and not chosen. The global random streams are left as they were found."""
-    key = _key(graph, batches, device)
+    key = (*_key(graph, batches, device), precision)
     if key in _CHOSEN:
         chosen = _CHOSEN[key]
         return Tuned(chosen.options, chosen.seconds, chosen.failed, measured=False)
@@ -139,8 +135,8 @@ def autotune(graph: nx.DiGraph, build: Callable[[StepOptions], object], batches:
     failed: dict[str, str] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a candidate's warnings (HFTA falling back) are not the run's
-        plain = build(StepOptions(channels_last=False))
-        options = candidates(graph, device, convolutional=convolutional(plain.models))
+        plain = build(StepOptions(channels_last=False, precision=precision or "fp32"))
+        options = candidates(graph, device, convolutional=convolutional(plain.models), precision=precision)
         for i, option in enumerate(options):
             step = plain if i == 0 else None
             try:

@@ -139,12 +139,12 @@ def load_with_overrides(path: Path, overrides: tuple[str, ...]):
 # ---------------------------------------------------------------- run
 
 
-def fast_paths_given(options, precision: str | None) -> list[str]:
-    """The fast-path flags the user gave (`--precision` counts when given at all): any of them
-    means the user chose, and nothing is autotuned."""
-    given = ["--compile"] * options.compile + ["--precision"] * (precision is not None)
-    given += ["--channels-last/--no-channels-last"] * (options.channels_last is not None)
-    return given + ["--hfta"] * options.hfta + ["--cuda-graph"] * options.cuda_graph
+def fast_paths_given(options) -> list[str]:
+    """The fast-path flags the user gave: any of them means the user chose, and nothing is
+    autotuned (`--precision` alone only narrows what autotune tries)."""
+    layout = options.channels_last is not None
+    return (["--compile"] * options.compile + ["--channels-last/--no-channels-last"] * layout
+            + ["--hfta"] * options.hfta + ["--cuda-graph"] * options.cuda_graph)
 
 
 def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
@@ -182,7 +182,7 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 @click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
 @click.option("--autotune/--no-autotune", default=True, show_default=True,
               help="On CUDA, without fast-path flags: time the fast paths on the first batches and train with the "
-                   "fastest (a few seconds at start; says what it chose).")
+                   "fastest (a few seconds at start; says what it chose). --precision only narrows its choice.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="Let CUDA fp32 convolutions and matrix products use TF32 (recorded in summary.json).")
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
@@ -213,11 +213,13 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
 
     options = StepOptions(compile=compile_, precision=precision or "fp32", channels_last=channels_last, hfta=hfta,
                           cuda_graph=cuda_graph)
-    autotune = autotune and engine == "fused" and fast_paths_given(options, precision) == []
-    set_tf32(tf32)
     if engine != "fused" and not options.plain:
         raise UserError(f"the fast paths apply to the fused engine, not `{engine}`",
                         "the reference engine stays the plain loop it is measured against; drop --engine")
+    autotune = autotune and engine == "fused" and not fast_paths_given(options)
+    if autotune and precision is None:
+        options = None  # autotune's to choose, the precision included
+    set_tf32(tf32)
 
     root = run_dir or Path("runs") / graph.graph["name"]
     plan = _seeds(seed, seeds)

@@ -189,7 +189,8 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     a run directory that `resume=True` continues. User mistakes raise `UserError`.
     `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
     With `autotune`, a run alone on CUDA times the candidate options on its first batches and
-    takes the fastest (`dclang.compile.autotune`; `options` are then ignored), saying so.
+    takes the fastest (`dclang.compile.autotune`), saying so; of `options` only the precision
+    counts then, and only when given (`options` not None).
 
     Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
     """
@@ -332,7 +333,7 @@ def _compile(run: _Run, states: dict | None, options, *, autotune: bool = False)
                     seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs)
     if autotune and run.engine == "fused" and run.dist is None and tuning.applies(run.device):
         tuned = tuning.autotune(run.graph, lambda o: build(options=o), _first_batches(run, train, augment),
-                                device=run.device)
+                                device=run.device, precision=options.precision if options else None)
         options = tuned.options
         if run.progress:
             say(tuned.line())
