@@ -175,9 +175,11 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 autocast (CUDA) [default: fp32].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="bf16 autocast [default: fp32; on CUDA autotune's choice].")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on CUDA].")
+              help="Channels-last memory format [default: on for graphs with convolutions on the CPU; on CUDA "
+                   "autotune's choice].")
 @click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model.")
 @click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA).")
 @click.option("--autotune/--no-autotune", default=True, show_default=True,
@@ -193,7 +195,8 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
 
     The fast paths (--compile, --precision, --channels-last, --hfta, --cuda-graph) change how
     the fused engine computes a step, never what it computes; `dclang bench` says which win.
-    On CUDA, given none of them, the run times them on its first batches and takes the fastest.
+    On CUDA, given none of them (--precision aside), the run times them on its first batches and
+    takes the fastest.
     """
     checked = load_with_overrides(file, overrides)
     if not checked.ok:
