@@ -60,8 +60,10 @@ def _why(part: dict) -> str:
     if part.get("timed_out"):
         return f"timed out after {part['seconds']} s"
     if part.get("exit_code"):
-        tail = (part.get("stderr_tail") or part.get("output_tail") or "").strip().splitlines()
-        return f"exit {part['exit_code']}: {tail[-1] if tail else ''}"[:300]
+        tail = [ln.strip() for ln in (part.get("stderr_tail") or part.get("output_tail") or "").splitlines()
+                if ln.strip()]
+        errors = [ln for ln in tail if ln.lower().startswith("error") or "Error" in ln]
+        return f"exit {part['exit_code']}: {(errors or tail or [''])[-1]}"[:300]
     return "no figure in its output"
 
 
