@@ -57,7 +57,7 @@ class Bf16Weights:
     def in_use(self) -> Iterator[None]:
         """The block (a forward) with the copies, refreshed, in the layers' weights' places."""
         with torch.no_grad():
-            torch._foreach_copy_(self.bf16, self.fp32)
+            _copy_all(self.bf16, self.fp32)
         for layer, name, _, copy in self.slots:
             layer._parameters[name] = copy
         try:
@@ -80,9 +80,19 @@ class Bf16Weights:
                 self.grads[id(param)] = torch.empty_like(param)
             param.grad = self.grads[id(param)]
         if fresh:
-            torch._foreach_copy_([param.grad for param, _ in fresh], [copy.grad for _, copy in fresh])
+            _copy_all([param.grad for param, _ in fresh], [copy.grad for _, copy in fresh])
         for _, copy in pairs:
             copy.grad = None
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """`target.copy_(source)` for each pair: one multi-tensor copy where torch has it (its
+    `_foreach_copy_`, which converts dtypes), one copy each before."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(targets, sources)
+        return
+    for target, source in zip(targets, sources):
+        target.copy_(source)
 
 
 __all__ = ["Bf16Weights"]
