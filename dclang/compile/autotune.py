@@ -3,8 +3,8 @@
 Which of HFTA, channels-last, bf16 and CUDA graphs pays off depends on the graph (how many
 nodes share an architecture, how small the models are), the batch and the card; on an H200
 a CIFAR ResNet step is bound by kernel launches, not arithmetic, so options that remove
-launches (CUDA graphs, HFTA) win and options that add some (bf16's casts, without a graph)
-lose. No fixed rule gets that right for every graph, so on CUDA `dclang run` and
+launches (CUDA graphs, HFTA) win, and arithmetic in bf16 or a memory layout barely matters.
+No fixed rule gets that right for every graph, so on CUDA `dclang run` and
 `dclang search` measure: every candidate (`candidates`) is built from the run's seeded
 weights, stepped `WARMUP` times untimed (a CUDA graph is captured there) and `STEPS` times
 timed, each step synchronised, on the run's first batches; the fastest median wins and one
@@ -24,7 +24,7 @@ fp32's 1,554, counted on the CPU: why `fused+bf16` was slower than fp32 on an H2
 
 On the CPU nothing is measured (`AUTOTUNE_DEVICES`): the rule `StepOptions.resolve` applies,
 measured once and written down in benchmarks/README.md. A choice is kept per process for
-each graph shape (`_key`), so a search's trials of one architecture mix measure once.
+each architecture mix and batch shape (`_key`), so a search's trials of one mix measure once.
 """
 
 from __future__ import annotations
