@@ -198,29 +198,34 @@ def _floor(graph, shape: dict, device, images, labels) -> Variant:
 
 
 def variant_specs(graph, device) -> tuple[list[tuple[str, str, object]], dict[str, str]]:
-    """(name, engine, StepOptions) of every variant that applies here, and why others do not."""
-    from dclang.compile import StepOptions
-    from dclang.compile.accelerate import hfta_groups
-    from dclang.ir import live_edges, trainable_nodes
+    """(name, engine, StepOptions) of every variant that applies here, and why others do not.
 
+    The fused variants are every option set `dclang run` chooses among on CUDA
+    (`autotune.candidates`: HFTA, channels-last, CUDA graphs, bf16, and their
+    combinations), then torch.compile, which it does not time at start; on
+    the CPU the CUDA-only ones are listed as skipped, with the reason. Compiled variants come
+    last: a compiler that fails is built after everything else, so it cannot disturb them."""
+    import torch
+
+    from dclang.compile import StepOptions
+    from dclang.compile.autotune import candidates
+    from dclang.ir import live_edges
+
+    everywhere = candidates(graph, torch.device("cpu"), convolutional=True)
+    on_cuda = candidates(graph, torch.device("cuda"), convolutional=True)
     # `fused` keeps the models' own layout, the floor's, whatever `dclang run` picks by default
-    specs = [("reference", "reference", None), ("fused", "fused", StepOptions(channels_last=False)),
-             ("fused+channels_last", "fused", StepOptions(channels_last=True)),
-             ("fused+compile", "fused", StepOptions(compile=True, channels_last=False))]
+    specs = [("reference", "reference", None)]
     skipped = {}
-    if not hfta_groups(graph, trainable_nodes(graph)):
+    for options in on_cuda:
+        if options in everywhere or device.type == "cuda":
+            specs.append((options.label, "fused", options))
+        else:
+            skipped[options.label] = "CUDA only"
+    if "fused+hfta" not in {name for name, _, _ in specs} | set(skipped):
         skipped["fused+hfta"] = "no two trainable nodes share an architecture"
-    else:
-        specs.append(("fused+hfta", "fused", StepOptions(hfta=True, channels_last=False)))
     if any(e.on_layers for e in live_edges(graph)):  # what the edges between layers cost, side by side
         specs.append((WITHOUT_LAYER_EDGES, "fused", StepOptions(channels_last=False)))
-    cuda_only = [("fused+bf16", StepOptions(precision="bf16", channels_last=False)),
-                 ("fused+cudagraph", StepOptions(cuda_graph=True, channels_last=False))]
-    for name, options in cuda_only:
-        if device.type == "cuda":
-            specs.append((name, "fused", options))
-        else:
-            skipped[name] = "CUDA only"
+    specs.append(("fused+compile", "fused", StepOptions(compile=True, channels_last=False)))
     return specs, skipped
 
 
@@ -247,9 +252,11 @@ def _build(name: str, engine: str, options, graph, shape: dict, device, k_end: i
                    precision=getattr(options, "precision", "fp32"))
 
 
-#: the variants whose every operation goes through PyTorch's dispatcher, so `count_ops` sees
-#: each (a compiled step runs inductor's kernels, a CUDA graph replays without dispatching)
-EAGER = ("reference", "fused", "fused+channels_last", "fused+hfta", "fused+bf16", WITHOUT_LAYER_EDGES, "floor")
+def eager(name: str) -> bool:
+    """Whether every operation of the variant goes through PyTorch's dispatcher, so that
+    `count_ops` sees each (a compiled step runs inductor's kernels, a CUDA graph replays
+    without dispatching)."""
+    return "compile" not in name and "cudagraph" not in name
 
 
 def count_ops(run: Callable[[int], object], k: int) -> int:
@@ -309,8 +316,9 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     """Time every variant that applies (or those in `only`) and the floor; see the module doc."""
     import torch
 
-    from dclang.compile import StepOptions
     from dclang.compile.accelerate import convolutional
+    from dclang.compile.tf32 import tf32_enabled
+    from dclang.compile.thread_state import restored_on_failure
     from dclang.data import normalize
 
     k_end = warmup + steps + 2  # + the FLOP-counting step (fused) and the op-counting step
@@ -328,24 +336,25 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
                             "choose among " + ", ".join([n for n, _, _ in specs] + list(skipped)))
         specs = [s for s in specs if s[0] in only or s[0] in ("reference", "fused")]  # the baselines
     variants: list[Variant] = []
-    for name, engine, options in [*specs, ("floor", None, None)]:
+    for name, engine, options in [("floor", None, None), *specs]:
         log(f"building and warming up {name}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         try:
-            if name == "floor":
-                variant = _floor(graph, shape, device, images, labels)
-            else:
-                variant = _build(name, engine, options, graph, shape, device, k_end, images, labels)
-                if options is not None and options.channels_last and not convolutional(variant.state.models):
-                    skipped[name] = "no convolution in the graph: the same step as fused"
-                    continue
-            _warm(variant, warmup, device, before)
+            with restored_on_failure():  # a failed compile's leftovers must not fail the variants after it
+                if name == "floor":
+                    variant = _floor(graph, shape, device, images, labels)
+                else:
+                    variant = _build(name, engine, options, graph, shape, device, k_end, images, labels)
+                    if options is not None and options.channels_last and not convolutional(variant.state.models):
+                        skipped[name] = "no convolution in the graph: the same step as fused"
+                        continue
+                _warm(variant, warmup, device, before)
         except Exception as exc:  # a fast path that does not work here is reported, not fatal
-            if name in ("reference", "fused", "floor"):
+            if name in BASELINES:
                 raise
-            skipped[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            skipped[name] = _failed(exc)
             continue
         variants.append(variant)
     if device.type != "cuda":
@@ -355,12 +364,19 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     log(f"timing {steps} interleaved rounds")
     for r in range(steps):
         k = warmup + r + 1
-        for i in range(len(variants)):
-            variant = variants[(i + r) % len(variants)]
+        for variant in [variants[(i + r) % len(variants)] for i in range(len(variants))]:
             _sync(device)
             started = time.perf_counter()
-            variant.run(k)
-            _sync(device)
+            try:
+                with restored_on_failure():
+                    variant.run(k)
+                    _sync(device)
+            except Exception as exc:  # a fast path failing mid-way is reported, and not timed further
+                if variant.name in BASELINES:
+                    raise
+                skipped[variant.name] = _failed(exc)
+                variants.remove(variant)
+                continue
             variant.times.append(time.perf_counter() - started)
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -369,7 +385,15 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     with FlopCounterMode(display=False) as counter:
         fused.run(k_end - 1)
     flops = counter.get_total_flops()
-    ops = {v.name: count_ops(v.run, k_end) for v in variants if v.name in EAGER}
+    ops = {}
+    for v in variants:
+        if eager(v.name):
+            try:
+                ops[v.name] = count_ops(v.run, k_end)
+            except Exception as exc:  # noqa: BLE001 (counting is a figure, not the benchmark: noted)
+                if v.name in BASELINES:
+                    raise
+                v.note = "; ".join(filter(None, [v.note, f"operations not counted: {_failed(exc)}"]))
 
     floor = next(v for v in variants if v.name == "floor")
     floor_s = statistics.median(floor.times)
@@ -394,13 +418,36 @@ def bench_steps(graph, *, steps: int, warmup: int, device, batch: int, shape: di
     return {
         "engines": engines, "floor_s_per_step": floor_s, "floor_s_per_step_min": min(floor.times),
         "floor_peak_mem_bytes": floor.peak_mem_bytes, "floor_ops_per_step": ops["floor"],
-        "device": describe_device(device), "steps": steps, "warmup": warmup, "batch": batch,
+        "device": describe_device(device), "tf32": tf32_enabled() if device.type == "cuda" else None,
+        "steps": steps, "warmup": warmup, "batch": batch,
         "graph": graph.graph["name"], "shape": shape, "flops_per_step": flops,
         "peak_mem_method": ("cuda max_memory_allocated over build + warm-up" if device.type == "cuda" else
                             "cpu: own tensor bytes + VmHWM growth during one warm step"),
         "skipped": skipped,
-        "run_default": StepOptions().resolve(device, fused.state.models).label,
+        "run_default": run_default(device, fused.state.models, engines),
     }
+
+
+def run_default(device, models, engines: dict) -> str:
+    """What `dclang run` trains with here without flags: on CUDA the fastest of the options it
+    times at start (`autotune`), as this bench timed them; elsewhere the fixed rule."""
+    from dclang.compile import StepOptions
+    from dclang.compile.autotune import applies
+
+    if applies(device):
+        timed = [name for name in engines if name.startswith("fused") and "compile" not in name
+                 and name != WITHOUT_LAYER_EDGES]
+        if timed:
+            return min(timed, key=lambda name: engines[name]["s_per_step"])
+    return StepOptions().resolve(device, models).label
+
+
+#: the variants a bench cannot do without: their failure is the bench's
+BASELINES = ("reference", "fused", "floor")
+
+
+def _failed(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 # ---------------------------------------------------------------- one epoch end to end
@@ -511,24 +558,25 @@ def _mib(n: int) -> str:
 
 def render(result: dict) -> str:
     """The step benchmark as a table, plus the epoch comparison when there is one."""
+    w = max(22, *(len(name) + 2 for name in result["engines"]))  # the variant column
     lines = [f"{result['graph']}: batch {result['batch']}, {result['shape']['in_channels']}x"
              f"{result['shape']['image_size']}x{result['shape']['image_size']}, {result['shape']['num_classes']} "
              f"classes on {result['device']}",
              f"{result['steps']} timed steps per variant after {result['warmup']} warm-up, interleaved round-robin; "
              f"medians (and the fastest step: the least disturbed on a busy machine)",
-             f"{'variant':<22}{'s/step':>10}{'min':>9}{'images/s':>11}{'peak mem':>12}{'x reference':>13}{'x floor':>9}"
-             f"{'ops/step':>10}"
+             f"{'variant':<{w}}{'s/step':>10}{'min':>9}{'images/s':>11}{'peak mem':>12}{'x reference':>13}"
+             f"{'x floor':>9}{'ops/step':>10}"
              + ("  MFU" if any("mfu" in e for e in result["engines"].values()) else "")]
     for name, e in result["engines"].items():
         mfu = f"  {100 * e['mfu']:.1f}%" if "mfu" in e else ""
-        lines.append(f"{name:<22}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
+        lines.append(f"{name:<{w}}{e['s_per_step']:>10.4f}{e['s_per_step_min']:>9.4f}{e['images_per_s']:>11.1f}"
                      f"{_mib(e['peak_mem_bytes']):>12}"
                      f"{e['ratio_to_reference']:>13.3f}{e['ratio_to_floor']:>9.3f}"
                      f"{e.get('ops_per_step', '-'):>10}{mfu}")
         if e.get("note"):
-            lines.append(f"{'':<22}note: {e['note']}")
-    lines.append(f"{'floor':<22}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
-                 f"{'':>44}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
+            lines.append(f"{'':<{w}}note: {e['note']}")
+    lines.append(f"{'floor':<{w}}{result['floor_s_per_step']:>10.4f}{result['floor_s_per_step_min']:>9.4f}"
+                 f"{'':>45}{result['floor_ops_per_step']:>10}   (each node's own plain step, summed)")
     engines = result["engines"]
     if WITHOUT_LAYER_EDGES in engines and "fused" in engines:
         cost = engines["fused"]["s_per_step"] / engines[WITHOUT_LAYER_EDGES]["s_per_step"] - 1
@@ -567,9 +615,11 @@ def render(result: dict) -> str:
               help="--epoch runs of each side (alternating); the median is reported.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where downloadable datasets live (--epoch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let CUDA fp32 convolutions and matrix products use TF32, as `dclang run` does by default.")
 def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int | None, variants: str | None,
                   overrides: tuple[str, ...], epoch: bool, workers: int, repeat: int, data_dir: str | None,
-                  as_json: bool) -> None:
+                  as_json: bool, tf32: bool) -> None:
     """Time the engines and fast paths on FILE's graph with random batches of its dataset's shape.
 
     Prints per variant the median seconds per step, images/s, peak memory, the ratio of its
@@ -577,6 +627,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     summed), the computing operations one step dispatches (each a kernel launch on a GPU),
     on CUDA the achieved TFLOP/s and MFU, and which variant `dclang run` uses here.
     """
+    from dclang.compile.tf32 import set_tf32
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
     from dclang.train.run import resolve_device, resolved_graph
@@ -593,6 +644,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
         import logging  # toolkit is installed but torch has no CUDA runtime: no news on a CPU
 
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    set_tf32(tf32)
     data = graph.graph["data"]
     info = DATASETS.get(data.dataset)
     dataset = None

@@ -25,6 +25,16 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 CUDA kernels without TF32 (`dclang.compile.tf32`): what a test holding two ways of
+    computing a step equal in float32 compares, since TF32 rounds each product to ~1e-3."""
+    from dclang.compile.tf32 import tf32
+
+    with tf32(False):
+        yield
+
+
 # ---------------------------------------------------------------- golden files
 
 

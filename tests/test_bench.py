@@ -107,3 +107,60 @@ def test_bench_times_layer_edges_side_by_side(tmp_path):
     assert set(out["engines"]) == {"reference", "fused", "fused-no-layer-edges"}
     # the same graph without the edge between layers: fewer operations, nothing else removed
     assert 0 < out["engines"]["fused-no-layer-edges"]["ops_per_step"] < out["engines"]["fused"]["ops_per_step"]
+
+
+def test_bench_lists_the_combinations_and_skips_cuda_ones_on_a_cpu_with_the_reason(tiny):
+    out = json.loads(bench(tiny, "--steps", 1, "--warmup", 1, "--device", "cpu", "--variants",
+                           "fused+hfta+channels_last", "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused+hfta+channels_last"}
+    for name in ("fused+cudagraph", "fused+hfta+cudagraph", "fused+hfta+bf16+channels_last+cudagraph", "fused+bf16"):
+        assert out["skipped"][name] == "CUDA only", name
+
+
+def test_a_variant_failing_while_timed_is_a_note_not_a_traceback(tiny, monkeypatch):
+    """A compiled step that works while warming up and then fails (a recompilation, say): the
+    bench goes on with the others and says why that one has no figures."""
+    import dclang.compile.accelerate as accelerate
+
+    def flaky_compile(fn, **_):
+        calls = []
+
+        def run(*args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("recompiling failed")
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(accelerate.torch, "compile", flaky_compile)
+    out = json.loads(bench(tiny, "--steps", 2, "--warmup", 1, "--device", "cpu", "--variants", "fused+compile",
+                           "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused"}
+    assert out["skipped"]["fused+compile"] == "failed: RuntimeError: recompiling failed"
+
+
+def test_a_compiler_leaving_torch_state_behind_fails_its_variant_only(tiny, monkeypatch):
+    """torch 2.11 on an H200: a failed compile left the Python dispatcher's key on, and building
+    the next variant raised "PythonDispatcherTLS was not set". The bench puts torch's thread
+    state back after a failing variant."""
+    import torch
+
+    import dclang.compile.accelerate as accelerate
+
+    def leaky_compile(fn, **_):
+        calls = []
+
+        def run(*args):  # compiles, then fails while timed, leaving the key on
+            calls.append(1)
+            if len(calls) == 1:
+                return fn(*args)
+            torch._C._dispatch_tls_set_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher, True)
+            raise RuntimeError("backend failed")
+        return run
+
+    monkeypatch.setattr(accelerate.torch, "compile", leaky_compile)
+    out = json.loads(bench(tiny, "--steps", 2, "--warmup", 1, "--device", "cpu", "--variants",
+                           "fused+compile,fused+hfta", "--json").stdout)
+    assert set(out["engines"]) == {"reference", "fused", "fused+hfta"}
+    assert out["skipped"]["fused+compile"] == "failed: RuntimeError: backend failed"
+    assert all(len(engine) > 0 for engine in out["engines"].values()) and out["floor_ops_per_step"] > 0

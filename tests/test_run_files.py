@@ -355,7 +355,7 @@ def test_no_message_names_a_flag_that_does_not_exist():
     unknown = []
     for source in sources:
         for text in _strings(ast.parse(source.read_text())):
-            for found in re.finditer(r"(?<![\w-])--[a-z][a-z_-]*", text):
+            for found in re.finditer(r"(?<![\w-])--[a-z][a-z0-9_-]*", text):
                 named = re.search(r"dclang (\w+)[^.;:`\n]*$", text[:found.start()])  # in the same phrase
                 command = named.group(1) if named and named.group(1) in commands else "run"
                 if found.group() not in commands[command] and found.group() != "--nproc_per_node":

@@ -13,7 +13,9 @@ run there; `dclang bench` measures which ones pay off.
   tensor cores read fastest. Exact up to summation order. Left unset it is on where it was
   measured to win: on the CPU, for graphs with convolutions (`StepOptions.resolve`).
 - `precision="bf16"`: forward and losses under bf16 autocast; weights, gradients and the
-  optimizer stay fp32. Rounds, by design: close to fp32, not equal.
+  optimizer stay fp32. Rounds, by design: close to fp32, not equal. The convolutions' and
+  linear layers' weights are cast to bf16 all at once per step, and their gradients back
+  (`dclang.compile.bf16_weights`), not one kernel per tensor as autocast alone would.
 - `compile`: torch.compile of the forward and the losses (AOTAutograd compiles the matching
   backward); the optimizer step stays eager, already a few multi-tensor kernels. Compilation
   failing falls back to eager with a warning. Compiled once, with static shapes, for the
@@ -146,21 +148,23 @@ def own_storage(model: nn.Module) -> None:
 # ---------------------------------------------------------------- CUDA graphs
 
 
-def side_stream(device: torch.device):
-    """Where the eager steps before a capture run: a side stream on CUDA (as torch.cuda.graphs
-    asks of warm-up), nothing on another device."""
-    if device.type != "cuda":
+def side_stream(stream: torch.cuda.Stream | None):
+    """Run the block on `stream`, a side stream on CUDA (as torch.cuda.graphs asks of warm-up),
+    ordered after and before the current stream's work; nothing without one (another device).
+    An engine keeps one such stream for its warm-up steps and its capture alike: the gradients
+    the warm-up makes, and their AccumulateGrad nodes, belong to the stream the capture runs on."""
+    if stream is None:
         return contextlib.nullcontext()
-    return _on_side_stream(device)
+    return _on_side_stream(stream)
 
 
 @contextlib.contextmanager
-def _on_side_stream(device: torch.device):
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+def _on_side_stream(side: torch.cuda.Stream):
+    current = torch.cuda.current_stream(side.device)
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         yield
-    torch.cuda.current_stream(device).wait_stream(side)
+    current.wait_stream(side)
 
 
 class CapturedStep:
@@ -178,7 +182,7 @@ class CapturedStep:
         engine.zero_grad()  # gradients are allocated inside the graph
         self.engine = engine
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=engine.side):  # the warm-up's stream
             self.stats = engine.forward_backward(self.images, self.labels)
             engine.apply_update()
 

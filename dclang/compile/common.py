@@ -161,6 +161,20 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
     return {name: model.to(device) for name, model in models.items()}
 
 
+def frozen_forward(model: nn.Module, images: Tensor) -> Tensor:
+    """A frozen node's logits inside a training step: without autograd, as ordinary tensors.
+
+    Not `torch.inference_mode`: its outputs are inference tensors, which autograd refuses to
+    save for backward, and inside torch.compile's traced region (AOTAutograd) inference mode
+    breaks tracing ("Inference tensors cannot be saved for backward" with torch 2.11 on CUDA);
+    a failed trace there can leave the dispatcher's thread-local state behind, so that even the
+    eager retry failed. `no_grad` records nothing either, and its outputs are safe everywhere:
+    eager, compiled, captured in a CUDA graph. Evaluation, which no step ever sees, keeps
+    inference mode."""
+    with torch.no_grad():
+        return model(images)
+
+
 class TrainStep:
     """One training step of a compiled graph, plus what a training loop needs around it.
 
@@ -211,14 +225,8 @@ class TrainStep:
         Every node runs, even one that feeds no live edge, because every node's accuracy is
         reported. Frozen nodes run without autograd: nothing flows back to them.
         """
-        logits = {}
-        for name, model in self.models.items():
-            if name in self.frozen:
-                with torch.inference_mode():
-                    logits[name] = model(images)
-            else:
-                logits[name] = model(images)
-        return logits
+        return {name: frozen_forward(model, images) if name in self.frozen else model(images)
+                for name, model in self.models.items()}
 
     def outputs(self, images: Tensor) -> dict[str, Tensor]:
         """`forward`'s logits, then every ensemble node's output computed from them

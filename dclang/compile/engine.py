@@ -55,10 +55,13 @@ from torch import Tensor, nn
 
 from dclang.compile import accelerate
 from dclang.compile.accelerate import CUDA_GRAPH_WARMUP, StepOptions, alias_to_slice, fusable_groups, own_storage
-from dclang.compile.common import StatSums, StepStats, TrainStep
+from dclang.compile.bf16_weights import Bf16Weights
+from dclang.compile.common import StatSums, StepStats, TrainStep, frozen_forward
 from dclang.compile.loss_plan import LossPlan, stat_keys
 from dclang.compile.optim import build_optimizer
 from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
+from dclang.compile.thread_state import restored_on_failure
+from dclang.diagnostics import UserError
 from dclang.ensembles import ensemble_outputs
 from dclang.gates import gate_weights
 from dclang.models.fused import fuse_models, stack_inputs
@@ -158,6 +161,11 @@ class Engine:
         self.eager_steps = 0
         self.graph: accelerate.CapturedStep | None = None
         self.first_shapes: list | None = None  # what a CUDA graph is captured for
+        # the one stream the warm-up steps and the capture run on (`accelerate.side_stream`)
+        self.side = torch.cuda.Stream(self.device) if self.options.cuda_graph else None
+        # bf16 weights cast all at once (not under compile, which fuses autocast's casts itself)
+        self.bf16_weights = (Bf16Weights(self._computing_modules()) if self.options.precision == "bf16"
+                             and not self.options.compile else None)
         self.train()
 
     # ------------------------------------------------------------ building
@@ -180,6 +188,12 @@ class Engine:
                 alias_to_slice(model, fused, s)
             groups.append(_Group(slices, fused, shared))
         return groups
+
+    def _computing_modules(self) -> list[nn.Module]:
+        """The modules the forward runs: the fused networks in place of their nodes' models."""
+        return [g.fused for g in self.groups] + [
+            model for m, step in enumerate(self.steps) for node, model in step.models.items()
+            if (m, node) not in self.fused_nodes]
 
     def _capture_layers(self) -> None:
         """A member with edges between layers keeps them with forward hooks, a fused node's from
@@ -459,26 +473,38 @@ class Engine:
             self.steps[m].models[node].zero_grad(set_to_none=True)
         losses = self.compiled if compiled and self.compiled is not None else self._forward_losses
         self._plans_for(labels)
-        with self._autocast():
+        weights = self.bf16_weights.in_use() if self.bf16_weights is not None else contextlib.nullcontext()
+        with self._autocast(), weights:
             total, stats = losses(images, labels, self.linear_weights)
         total.backward()
+        if self.bf16_weights is not None:
+            self.bf16_weights.gradients_back()
         for g in split:
             self._gather_gradients(g)
+        # the layers this forward captured hold its autograd graph, and with it each parameter's
+        # AccumulateGrad node, bound to the stream it was made on: kept past the step, they make
+        # the next step's gradients cross streams (torch warns; a capture runs on its own stream).
+        # Nothing reads them after the backward.
+        for step in self.steps:
+            step.layers.features.clear()
         return stats
 
     def _first_compiled(self, images: list[Tensor], labels: list[Tensor]) -> Tensor:
         """The compiled forward-backward, or, when compiling fails, the eager one (for good).
 
         Nothing is updated before the optimizer step, except BatchNorm's running statistics
-        in the forward, which are restored before the eager retry.
+        in the forward, which are restored before the eager retry, as is torch's thread state
+        (`dclang.compile.thread_state`). An eager step failing after that is a UserError that
+        names both failures.
         """
         buffers = [{(n, k): b.clone() for n, model in step.models.items() for k, b in model.named_buffers()}
                    for step in self.steps]
         try:
-            return self.forward_backward(images, labels)
+            with restored_on_failure():  # what a failed trace leaves in torch's thread state, put back
+                return self.forward_backward(images, labels)
         except Exception as exc:  # noqa: BLE001 (whatever the compiler raises; the eager retry re-raises real errors)
-            warnings.warn(f"torch.compile failed, running the step eagerly: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}", stacklevel=4)
+            failure = _first_line(exc)
+            warnings.warn(f"torch.compile failed, running the step eagerly: {failure}", stacklevel=4)
             self.compiled = None
             with torch.no_grad():
                 for step, saved in zip(self.steps, buffers):
@@ -486,7 +512,12 @@ class Engine:
                         for k, b in model.named_buffers():
                             b.copy_(saved[(n, k)])
             self.zero_grad()
+        try:
             return self.forward_backward(images, labels)
+        except Exception as exc:  # noqa: BLE001 (said as a UserError: what failed, and what to do)
+            raise UserError(f"torch.compile failed ({failure}), and the eager step after it failed too "
+                            f"({_first_line(exc)})", "run without --compile; `dclang --debug` shows the traceback"
+                            ) from exc
 
     def _graph_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int]) -> Tensor:
         """Replay the captured step; or capture it, after the warm-up, for the batch shapes of
@@ -502,7 +533,7 @@ class Engine:
             return self.graph.replay(images, labels, ks)
         if self.eager_steps >= CUDA_GRAPH_WARMUP:
             return self._eager_step(images, labels, ks)
-        with accelerate.side_stream(self.device):  # warm-up: what a capture must find allocated
+        with accelerate.side_stream(self.side):  # warm-up: what a capture must find allocated
             return self._eager_step(images, labels, ks)
 
     def _split(self, images: list[Tensor]) -> list[_Group]:
@@ -572,13 +603,13 @@ class Engine:
             for node, model in step.models.items():
                 if node in logits[m]:
                     continue
-                if node in step.frozen:
-                    with torch.inference_mode():
-                        logits[m][node] = model(images[m])
-                else:
-                    logits[m][node] = model(images[m])
+                logits[m][node] = frozen_forward(model, images[m]) if node in step.frozen else model(images[m])
             outputs.append(ensemble_outputs({n: logits[m][n] for n in step.models}, step.ensembles))
         return outputs
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 _NO_LABELS = torch.empty(0, dtype=torch.long)  # gate_weights' device for the host-side linear weight

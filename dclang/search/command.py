@@ -86,6 +86,11 @@ def _flags_given(ctx: click.Context, names) -> list[str]:
 @click.option("--plan", is_flag=True,
               help="Print the search's cost plan (space, distinct graphs, ASHA's epochs, time for D workers and "
                    "pack K), measured on synthetic batches; trains nothing and needs no data.")
+@click.option("--autotune/--no-autotune", default=True, show_default=True,
+              help="On CUDA, a worker training one trial at a time times the fast paths on a trial's first batches "
+                   "and trains with the fastest (once per architecture mix; see `dclang run --help`).")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let CUDA fp32 convolutions and matrix products use TF32.")
 @click.option("--trainer", hidden=True, help="module:function replacing dclang's train_graph (tests).")
 @click.option("--slot", type=SLOT, hidden=True, help="This worker's number among the parent's workers.")
 @click.pass_context
@@ -95,6 +100,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                    sampler: str | None, seed: int | None, pruner: str | None, eta: int | None,
                    min_resource: int | None, teacher_cache: Path | None, pack: int, compile_: bool,
                    precision: str, channels_last: bool | None, hfta: bool, cuda_graph: bool, plan: bool,
+                   autotune: bool, tf32: bool,
                    trainer: str | None, slot: int | None) -> None:
     """Search a template's choice(...) sites for the graph whose target is most accurate
     on the validation split: random sampling (or TPE) with ASHA early stopping (paper 3.5).
@@ -120,7 +126,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         return
     if as_worker:
         _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack,
-              step_options(**flags) if asked else None)
+              step_options(**flags) if asked else None, autotune=autotune, tf32=tf32)
         return
     if output is None:
         raise click.UsageError("give the output folder with -o OUT")
@@ -163,6 +169,7 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
     worker_args += ["--data-dir", data] if data else []
     worker_args += ["--trainer", trainer] if trainer else []
     worker_args += ["--pack", str(pack)] + (fast_path_flags(**flags) if asked else [])
+    worker_args += ["--autotune" if autotune else "--no-autotune", "--tf32" if tf32 else "--no-tf32"]
     if workers == 0:
         _say(f"waiting for workers: on each machine run `dclang search --worker --storage {redact(storage)} "
              f"--study {study_name}`")
@@ -189,8 +196,10 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
                                              f"continue with `dclang search --resume -o {output}`")
 
 
-def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, options) -> None:
-    """`--worker`: everything about the study comes from the study."""
+def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, options, *,
+          autotune: bool, tf32: bool) -> None:
+    """`--worker`: everything about the study comes from the study; how it computes (TF32, the
+    fast paths) is the worker's."""
     given = _flags_given(ctx, _STUDY_FLAGS + ("trials", "resume", "top_k", "workers"))
     if given:
         raise UserError(f"{', '.join(given)} cannot be given to a worker: it takes the study's configuration "
@@ -205,8 +214,12 @@ def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer
 
         teacher_cache = output / "teachers" if output else default_cache()
     label = f"local-{slot}" if slot is not None else f"{socket.gethostname()}-{os.getpid()}"
+    if trainer is None:  # a replacement trainer (tests) needs no torch
+        from dclang.compile.tf32 import set_tf32
+
+        set_tf32(tf32)
     run_worker(storage, study_name, worker=label, device=device, data_dir=data, teacher_cache=teacher_cache,
-               trainer=trainer, slot=slot, pack=pack, options=options)
+               trainer=trainer, slot=slot, pack=pack, options=options, autotune=autotune and options is None)
 
 
 def _create(template: Path, trials: int, storage: str, study_name: str | None, **flags):

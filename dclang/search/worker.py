@@ -29,6 +29,7 @@ import logging
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -301,13 +302,14 @@ def device_for(device: str, slot: int | None) -> str:
 
 def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
                teacher_cache: Path, trainer: str | None = None, slot: int | None = None, pack: int = 1,
-               options=None) -> None:
+               options=None, autotune: bool = False) -> None:
     """Work on the study until it has its trials; a stopped worker's trial is retried.
 
     `slot` is this worker's number among the workers `dclang search` started (None for a
     worker that joined by itself). `pack` > 1 trains that many trials at once in this process
     (`dclang.search.pack`); `options` (`StepOptions`: any fast path) also go through the packed
-    path, a pack of one being what `dclang run` trains.
+    path, a pack of one being what `dclang run` trains. With `autotune`, dclang's trainer
+    measures each trial's fast paths on CUDA (`train_graph`).
 
     The parent stops its workers with SIGTERM, after Ctrl-C reached it: a worker it started
     ignores SIGINT (Ctrl-C at the terminal reaches the whole process group), so each gets one
@@ -318,7 +320,7 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
     STOPS.install(*((signal.SIGTERM,) if slot is not None else (signal.SIGINT, signal.SIGTERM)))
     try:
         _work(storage_url, study_name, worker=worker, device=device, data_dir=data_dir, teacher_cache=teacher_cache,
-              trainer=trainer, slot=slot, pack=pack, options=options)
+              trainer=trainer, slot=slot, pack=pack, options=options, autotune=autotune)
     except KeyboardInterrupt:
         with contextlib.suppress(UserError):  # stopped before the study was open: nothing to hand back
             hand_back(load_study(open_storage(storage_url), study_name, where=redact(storage_url))[0])
@@ -327,11 +329,14 @@ def run_worker(storage_url: str, study_name: str, *, worker: str, device: str, d
 
 
 def _work(storage_url: str, study_name: str, *, worker: str, device: str, data_dir: str | None,
-          teacher_cache: Path, trainer: str | None, slot: int | None, pack: int, options) -> None:
+          teacher_cache: Path, trainer: str | None, slot: int | None, pack: int, options,
+          autotune: bool) -> None:
     study, config = load_study(open_storage(storage_url), study_name, worker=worker, where=redact(storage_url))
     real = trainer is None  # a replacement trainer (tests) gets neither a dataset nor a GPU dealt out: no torch
     objective = Objective(study, config, worker=worker, device=device_for(device, slot) if real else device,
-                          data_dir=data_dir, teacher_cache=teacher_cache, trainer=load_trainer(trainer), preload=real)
+                          data_dir=data_dir, teacher_cache=teacher_cache,
+                          trainer=partial(load_trainer(trainer), autotune=True) if real and autotune else
+                          load_trainer(trainer), preload=real)
     from dclang.ir import build_graph, is_open
 
     template_graph = build_graph(objective.template)

@@ -143,6 +143,14 @@ def load_with_overrides(path: Path, overrides: tuple[str, ...]):
 # ---------------------------------------------------------------- run
 
 
+def fast_paths_given(options) -> list[str]:
+    """The fast-path flags the user gave: any of them means the user chose, and nothing is
+    autotuned (`--precision` alone only narrows what autotune tries)."""
+    layout = options.channels_last is not None
+    return (["--compile"] * options.compile + ["--channels-last/--no-channels-last"] * layout
+            + ["--hfta"] * options.hfta + ["--cuda-graph"] * options.cuda_graph)
+
+
 def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
     if seed is not None and seeds:
         raise click.UsageError("give --seed or --seeds, not both")
@@ -158,11 +166,11 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int | None]:
 #: `dclang search` takes too (its trials are trained by the same engine)
 _FAST_PATHS = [
     click.option("--compile", "compile_", is_flag=True, help="torch.compile the fused step (slow to start)."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                 help="bf16 autocast (CUDA)."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+                 help="bf16 autocast [default: fp32; on CUDA autotune's choice]."),
     click.option("--channels-last/--no-channels-last", default=None,
-                 help="Channels-last memory format [default: on for graphs with convolutions on the CPU, off on "
-                      "CUDA]."),
+                 help="Channels-last memory format [default: on for graphs with convolutions on the CPU; on "
+                      "CUDA autotune's choice]."),
     click.option("--hfta", is_flag=True, help="Fuse same-architecture trainable nodes into one batched model."),
     click.option("--cuda-graph", is_flag=True, help="Capture the whole step in a CUDA graph (CUDA)."),
 ]
@@ -176,24 +184,26 @@ def fast_path_options(command):
     return command
 
 
-def step_options(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool, cuda_graph: bool):
-    """The `StepOptions` the fast-path flags ask for."""
+def step_options(*, compile_: bool, precision: str | None, channels_last: bool | None, hfta: bool,
+                 cuda_graph: bool):
+    """The `StepOptions` the fast-path flags ask for (fp32 where no precision is given)."""
     from dclang.compile import StepOptions
 
-    return StepOptions(compile=compile_, precision=precision, channels_last=channels_last, hfta=hfta,
+    return StepOptions(compile=compile_, precision=precision or "fp32", channels_last=channels_last, hfta=hfta,
                        cuda_graph=cuda_graph)
 
 
-def fast_paths_asked(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
+def fast_paths_asked(*, compile_: bool, precision: str | None, channels_last: bool | None, hfta: bool,
                      cuda_graph: bool) -> bool:
     """Whether any fast-path flag was given (without importing torch)."""
-    return compile_ or precision != "fp32" or channels_last is not None or hfta or cuda_graph
+    return compile_ or precision not in (None, "fp32") or channels_last is not None or hfta or cuda_graph
 
 
-def fast_path_flags(*, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
+def fast_path_flags(*, compile_: bool, precision: str | None, channels_last: bool | None, hfta: bool,
                     cuda_graph: bool) -> list[str]:
     """The flags that ask for these fast paths again (what `dclang search` hands its workers)."""
-    flags = ["--compile"] * compile_ + ["--precision", precision] + ["--hfta"] * hfta + ["--cuda-graph"] * cuda_graph
+    flags = (["--compile"] * compile_ + ["--precision", precision] * bool(precision) + ["--hfta"] * hfta
+             + ["--cuda-graph"] * cuda_graph)
     if channels_last is not None:
         flags.append("--channels-last" if channels_last else "--no-channels-last")
     return flags
@@ -217,14 +227,21 @@ def fast_path_flags(*, compile_: bool, precision: str, channels_last: bool | Non
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, per-epoch lines or final table.")
 @fast_path_options
+@click.option("--autotune/--no-autotune", default=True, show_default=True,
+              help="On CUDA, without fast-path flags: time the fast paths on the first batches and train with the "
+                   "fastest (a few seconds at start; says what it chose). --precision only narrows its choice.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let CUDA fp32 convolutions and matrix products use TF32 (recorded in summary.json).")
 def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: str, seed: int | None,
                 seeds: str | None, data_dir: str | None, engine: str, overrides: tuple[str, ...], resume: bool,
-                no_progress: bool, compile_: bool, precision: str, channels_last: bool | None, hfta: bool,
-                cuda_graph: bool) -> None:
+                no_progress: bool, compile_: bool, precision: str | None, channels_last: bool | None, hfta: bool,
+                cuda_graph: bool, autotune: bool, tf32: bool) -> None:
     """Train the graph in FILE and write a run directory (metrics, summary, checkpoints).
 
     The fast paths (--compile, --precision, --channels-last, --hfta, --cuda-graph) change how
     the fused engine computes a step, never what it computes; `dclang bench` says which win.
+    On CUDA, given none of them (--precision aside), the run times them on its first batches and
+    takes the fastest.
     """
     checked = load_with_overrides(file, overrides)
     if not checked.ok:
@@ -238,6 +255,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
                         f"search it with `dclang search --template {shlex.quote(str(file))} --trials 20 -o "
                         f"{shlex.quote(f'searches/{file.stem}')}`, or fix every choice with --set "
                         f"(e.g. --set {graph.graph['sites'][0].name}=...)")
+    from dclang.compile.tf32 import set_tf32
     from dclang.plots import write_node_curves
     from dclang.train.loop import train_graph
 
@@ -246,6 +264,10 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
     if engine != "fused" and not options.plain:
         raise UserError(f"the fast paths apply to the fused engine, not `{engine}`",
                         "the reference engine stays the plain loop it is measured against; drop --engine")
+    autotune = autotune and engine == "fused" and not fast_paths_given(options)
+    if autotune and precision is None:
+        options = None  # autotune's to choose, the precision included
+    set_tf32(tf32)
 
     root = run_dir or Path("runs") / graph.graph["name"]
     plan = _seeds(seed, seeds)
@@ -256,7 +278,7 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
             click.echo(f"run with seed {s} into {out}", err=True)
         try:
             train_graph(graph, run_dir=out, device=device, engine=engine, seed=s, epochs=epochs, data_dir=data_dir,
-                        resume=resume, progress=not no_progress, options=options)
+                        resume=resume, progress=not no_progress, options=options, autotune=autotune)
         except KeyboardInterrupt:
             _stopped(out, graph.graph["target"], epochs or graph.graph["train"].epochs)
         click.echo(_results(out, write_node_curves(out)))

@@ -80,7 +80,7 @@ def _describe(device: torch.device) -> str:
 def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto", engine: str = "fused",
                 seed: int | None = None, epochs: int | None = None, data_dir: str | None = None,
                 resume: bool = False, on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                teacher_cache: Path | None = None, dataset=None, options=None) -> RunResult:
+                teacher_cache: Path | None = None, dataset=None, options=None, autotune: bool = False) -> RunResult:
     """Train a checked, concrete graph; write the run directory when `run_dir` is given.
 
     `seed` and `epochs` override the train block (the linear gate's k_end and the schedule
@@ -89,6 +89,9 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
     epoch's files are written; whatever it raises (optuna's TrialPruned) propagates, leaving
     a run directory that `resume=True` continues. User mistakes raise `UserError`.
     `options` (`dclang.compile.StepOptions`) picks the fused engine's fast paths; None is plain.
+    With `autotune`, a run alone on CUDA times the candidate options on its first batches and
+    takes the fastest (`dclang.compile.autotune`), saying so; of `options` only the precision
+    counts then, and only when given (`options` not None).
 
     Started by torchrun (WORLD_SIZE > 1), it trains data-parallel: see `dclang.train.distributed`.
     """
@@ -102,7 +105,7 @@ def train_graph(graph: nx.DiGraph, *, run_dir: Path | None, device: str = "auto"
         # A resumed run's checkpoint holds every model, teachers included: no need to load them.
         states = None if checkpoint else run.initial_states(teacher_cache)
         with _training_mode(run):
-            run.compile(states, options)
+            run.compile(states, options, autotune=autotune)
             best_val = _restore(run, checkpoint, records)
             for epoch in range(len(records) + 1, run.epochs + 1):
                 records.append(_train_epoch(run, epoch))
@@ -241,6 +244,7 @@ def _summary(run: Run, records: list[dict]) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
     import dclang
+    from dclang.compile.tf32 import tf32_enabled
 
     graph, dataset, step, epochs, target = run.graph, run.dataset, run.step, run.epochs, run.target
     nodes = {}
@@ -267,6 +271,7 @@ def _summary(run: Run, records: list[dict]) -> dict:
         "wall_seconds": sum(r["seconds"] for r in records), "train_seconds": train_seconds,
         "steps": steps, "steps_per_second": steps / train_seconds if train_seconds else None,
         "seed": run.seed, "device": _describe(run.device), "engine": run.engine, "step": run.label,
+        "tf32": tf32_enabled() if run.device.type == "cuda" else None,  # the CPU never uses it
         "versions": {"dclang": dclang.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "num_classes": dataset.num_classes, "channels": dataset.channels,

@@ -200,19 +200,31 @@ class Run:
                            progress=self.progress, dataset=self.dataset)
         return init_states(self.graph, dataset=self.dataset, cache=cache, pretrain=pretrain)
 
-    def compile(self, states: dict | None, options=None, *, member: bool = False):
+    def compile(self, states: dict | None, options=None, *, member: bool = False, autotune: bool = False):
         """The seeded step (`compile_graph` with `options`), and the splits on the device.
-        `member`: a step that an engine over several runs updates (it builds no optimizer)."""
+        `member`: a step that an engine over several runs updates (it builds no optimizer).
+        `autotune`: on CUDA, alone (fused engine, not under torchrun), the options are measured
+        first on the run's first batches (`dclang.compile.autotune`, which says what it chose);
+        of `options` only the precision counts then, and only when given (`options` not None)."""
+        from dclang.compile import autotune as tuning
         from dclang.compile import compile_graph
 
         seed_everything(self.seed)
         dataset = self.dataset
         self.train, self.val, self.test = (s.to(self.device) for s in (dataset.train, dataset.val, dataset.test))
         self.augment = batch_augment(self.graph.graph["data"], dataset)
-        step = compile_graph(self.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                             image_size=dataset.image_size, device=self.device, engine=self.engine,
-                             init_states=states, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
-                             epochs=self.epochs, options=options, member=member)
+        build = partial(compile_graph, self.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
+                        image_size=dataset.image_size, device=self.device, engine=self.engine,
+                        init_states=states, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
+                        epochs=self.epochs, member=member)
+        if (autotune and not member and self.engine == "fused" and self.dist is None
+                and tuning.applies(self.device)):
+            tuned = tuning.autotune(self.graph, lambda o: build(options=o), self._first_batches(),
+                                    device=self.device, precision=options.precision if options else None)
+            options = tuned.options
+            if self.progress:
+                say(tuned.line())
+        step = build(options=options)
         self.label = step.label
         if self.dist is not None:  # each process trains on its slice of every batch
             step = self.dist.wrap(step, train_size=len(self.train), batch=self.batch)
@@ -230,6 +242,19 @@ class Run:
         generator = epoch_generator(self.seed, epoch, self.device)
         for i, (images, labels) in enumerate(BatchIterator(self.train, self.batch, generator)):
             yield self.augment(images, generator), labels, (epoch - 1) * self.steps_per_epoch + i + 1
+
+    def _first_batches(self, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to `n` full batches of the first epoch, augmented, from a generator of their own
+        (the epoch's batches are drawn again, the same, from a new one): what autotune times on."""
+        from dclang.data.batches import BatchIterator, epoch_generator
+
+        generator = epoch_generator(self.seed, 1, self.device)
+        batches = []
+        for images, labels in BatchIterator(self.train, self.batch, generator, drop_last=True):
+            batches.append((self.augment(images, generator), labels))
+            if len(batches) == n:
+                break
+        return batches
 
     def end_epoch(self, epoch: int, read: tuple[dict, dict], *, lr: float, started: float) -> dict:
         """After an epoch's steps: stop on a non-finite loss, advance the schedule, evaluate what
