@@ -320,7 +320,7 @@ def _read_npz(path: Path) -> _Official:
 
     The rules, each refused with the array and the file it broke (docs/language.md states
     them for users): x_* are uint8 images, (N, H, W), (N, H, W, C) or (N, C, H, W) with
-    C = 1 or 3 (`_npz_images`), square, one shape in both; y_* are integer labels of shape
+    C = 1 or 3 (`npz_images`), square, one shape in both; y_* are integer labels of shape
     (N,), one per image; neither split is empty. The class count is max(y_train) + 1, every
     class from 0 to it has a training image (a gap would be an output never trained), and
     y_test holds only those classes. Other arrays in the file are ignored.
@@ -338,7 +338,7 @@ def _read_npz(path: Path) -> _Official:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, or object arrays
         raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
 
-    x_train, x_test = _npz_images(path, "x_train", arrays["x_train"]), _npz_images(path, "x_test", arrays["x_test"])
+    x_train, x_test = npz_images(path, "x_train", arrays["x_train"]), npz_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"npz: x_train and x_test in {path} differ in (channels, height, width): "
                         f"{x_train.shape[1:]} vs {x_test.shape[1:]}")
@@ -362,7 +362,7 @@ def _listed(values: np.ndarray, most: int = 8) -> str:
     return shown + (f" and {values.size - most} more" if values.size > most else "")
 
 
-def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+def npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     """x as uint8 NCHW from (N, H, W) grayscale, (N, H, W, C) or (N, C, H, W) with C in {1, 3}.
 
     A 4-D array is NHWC when its last dimension is 1 or 3 and its second is not, else NCHW.

@@ -189,14 +189,14 @@ def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
     """(classes, (channels, height, width), training images, test images) of an npz dataset,
     read from the headers of its `.npy` members: the images are never loaded (the labels
     of y_train are, for the class count, max + 1, as training counts it). The images' dtype
-    and layout are checked by the rule loading applies (`_npz_images`, on an empty array of
+    and layout are checked by the rule loading applies (`npz_images`, on one image of
     their shape)."""
     import zipfile
 
     import numpy as np
 
     from dclang.data import DataError
-    from dclang.data.sources import _npz_images
+    from dclang.data.sources import npz_images
 
     headers = {}
     try:
@@ -220,10 +220,13 @@ def npz_sizes(path: Path) -> tuple[int, tuple[int, int, int], int, int]:
                         "y_train, x_test, y_test") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from None
-    images = {key: _npz_images(path, key, np.empty((0, *headers[key][0][1:]), dtype=headers[key][1]))
+    for key in ("x_train", "x_test"):
+        if not headers[key][0] or headers[key][0][0] == 0:
+            raise DataError(f"npz: {key} in {path} has no images (shape {headers[key][0]}); "
+                            "every split needs at least one")
+    # one image of each array's shape and dtype: the layout rule loading applies, without the pixels
+    images = {key: npz_images(path, key, np.zeros((1, *headers[key][0][1:]), dtype=headers[key][1]))
               for key in ("x_train", "x_test")}
-    if not headers["x_train"][0] or headers["x_train"][0][0] == 0:
-        raise DataError(f"npz: x_train in {path} has no images")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
         raise DataError(f"npz: y_train in {path} has shape {labels.shape} and dtype {labels.dtype}; expected "
                         f"integer class labels, one per image of x_train")
