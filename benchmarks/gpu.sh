@@ -4,8 +4,9 @@
 #   tests      every CUDA test (the rest of the suite is CPU and runs anywhere)
 #   bench_kd   `dclang bench examples/kd_dml.kt`: every option combination `dclang run` chooses among;
 #              goal: what it picks by itself >= 3x the reference engine's step
-#   pack_ops   a union step of K = 1, 8, 16 three-ResNet32 trials (benchmarks/pack_ops.py);
-#              goals: <= 1.0 ms per trial-step at K = 16, <= 1.5 ms at K = 8
+#   pack_ops   a union step of K = 1, 8, 16 three-ResNet32 trials (benchmarks/pack_ops.py), with
+#              HFTA alone, with CUDA graphs, and with bf16 + channels-last + CUDA graphs;
+#              goals: <= 1.0 ms per trial-step at K = 16, <= 1.5 ms at K = 8 (the fastest variant)
 #   plan       `dclang search --plan` for examples/search3.kt, T = 1500, E = 200, one GPU; goal <= 6 h
 #   run_kd     `dclang run examples/kd_dml.kt` for one epoch without flags: what autotune chose, steps/s
 #   compile    `dclang bench examples/kd_dml.kt --variants fused+compile` (torch.compile on CUDA, a
@@ -25,8 +26,8 @@ set -uo pipefail
 OUT="${1:-benchmarks/gpu.json}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET="${GPU_SH_BUDGET:-345}"
-PACK_OPS_FLAGS="${PACK_OPS_FLAGS:---hfta}"
-PLAN_FLAGS="${PLAN_FLAGS:---pack 16 --hfta}"
+PACK_OPS_FLAGS="${PACK_OPS_FLAGS:---variants hfta,hfta+cudagraph,hfta+bf16+channels_last+cudagraph}"
+PLAN_FLAGS="${PLAN_FLAGS:---pack 16 --hfta --precision bf16 --channels-last --cuda-graph}"
 WORK="$(mktemp -d -t dclang-gpu.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 started=$(date +%s)
@@ -61,7 +62,7 @@ NPZ=(--set data.dataset=npz --set "data.path=$WORK/cifar_like.npz" --set data.va
 
 part tests 75 "$PYTHON" -m pytest -q -rs -p no:cacheprovider -k "cuda or CUDA or gpu" \
     tests/test_accelerate.py tests/test_autotune.py tests/test_data.py tests/test_train.py \
-    tests/test_search_pack.py tests/test_union.py
+    tests/test_search_pack.py tests/test_union.py tests/test_evaluate.py
 
 part bench_kd 55 "$PYTHON" -m dclang bench examples/kd_dml.kt --device cuda --steps 10 --warmup 5 --json \
     --variants "$("$PYTHON" - <<'EOF'
@@ -75,7 +76,7 @@ EOF
 )"
 
 # shellcheck disable=SC2086  # the flags are words
-part pack_ops 45 "$PYTHON" benchmarks/pack_ops.py --graph benchmarks/graphs/three_resnet32.kt --packs 1,8,16 \
+part pack_ops 100 "$PYTHON" benchmarks/pack_ops.py --graph benchmarks/graphs/three_resnet32.kt --packs 1,8,16 \
     --device cuda --steps 10 $PACK_OPS_FLAGS --json "$WORK/pack_ops.json"
 
 # shellcheck disable=SC2086

@@ -72,16 +72,22 @@ def _goal(goal: str, target: str, figure: float | None, met: bool | None, detail
 
 
 def _union_goals(part: dict) -> list[dict]:
-    rows = {row["pack"]: row for row in (part.get("result") or {}).get("rows", [])}
+    """Per K, the fastest of the variants pack_ops.py measured (each variant's lone trial with
+    the same options), named in the detail."""
+    result = part.get("result") or {}
+    variants = result.get("variants") or ({"as run": result} if result.get("rows") else {})
     out = []
     for k, limit in ((16, 1.0), (8, 1.5)):
         name = f"union of K={k} three-ResNet32 trials, ms per trial-step"
-        if k in rows:
-            ms = 1e3 * rows[k]["seconds_per_trial_step"]
-            alone = 1e3 * part["result"]["alone"]["seconds_per_step"]
+        measured = [(v, row, r["alone"]) for v, r in variants.items() for row in r.get("rows", []) if row["pack"] == k]
+        if measured:
+            variant, row, alone = min(measured, key=lambda m: m[1]["seconds_per_trial_step"])
+            ms = 1e3 * row["seconds_per_trial_step"]
+            others = ", ".join(f"{v} {1e3 * r['seconds_per_trial_step']:.2f}" for v, r, _ in measured if v != variant)
             out.append(_goal(name, f"<= {limit}", ms, ms <= limit,
-                             f"{ms:.2f} ms (a step {1e3 * rows[k]['seconds_per_step']:.1f} ms; one trial alone "
-                             f"{alone:.1f} ms, {part['result']['alone']['label']})"))
+                             f"{ms:.2f} ms with {variant} (a step {1e3 * row['seconds_per_step']:.1f} ms; one trial "
+                             f"alone {1e3 * alone['seconds_per_step']:.1f} ms, {alone['label']})"
+                             + (f"; other variants, ms: {others}" if others else "")))
         else:
             out.append(_goal(name, f"<= {limit}", None, None, f"no figure: {_why(part)}"))
     return out

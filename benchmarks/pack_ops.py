@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/pack_ops.py --packs 1,2,4,8 --hfta             # default graph below
     python benchmarks/pack_ops.py --graph examples/dml4.kt --packs 1,2,4 --device cuda --hfta
+    python benchmarks/pack_ops.py --graph benchmarks/graphs/three_resnet32.kt --packs 8,16 --device cuda \
+        --variants hfta,hfta+cudagraph,hfta+bf16+channels_last+cudagraph
 
 A pack step is one step of the fused engine over the K trials (`dclang.compile.engine.Engine`: one forward and
 one backward for all, with `--hfta` nodes of one architecture fused across the trials; each trial
@@ -10,6 +12,11 @@ with its own batch, optimizer state and k). The baseline is one trial alone: its
 computing operations a pack step dispatches (`dclang.bench.count_ops`, each a kernel launch on a
 GPU), the median seconds of a pack step, and both divided by the lone trial's. Synthetic batches
 of the graph's dataset shape: no data is read.
+
+`--variants` measures the pack and the lone trial with each set of fast paths (words joined by
+`+`: hfta, bf16, channels_last, cudagraph, compile; `plain` for none), the same options for
+both; a CUDA-graph variant's operations are not counted (a replay dispatches none). The first
+variant's figures are also the report's top-level `alone` and `rows`.
 """
 
 from __future__ import annotations
@@ -32,11 +39,25 @@ edges * -> * : through
 """
 
 
-def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> dict:
+def options_of(variant: str):
+    """`StepOptions` from a variant's words (`hfta+bf16+channels_last+cudagraph`, `plain`)."""
+    from dclang.compile import StepOptions
+
+    words = set(variant.split("+")) - {"plain", "fused"}
+    unknown = words - {"hfta", "bf16", "channels_last", "cudagraph", "compile"}
+    if unknown:
+        raise SystemExit(f"pack_ops.py: unknown fast path(s) {', '.join(sorted(unknown))} in `{variant}`")
+    return StepOptions(hfta="hfta" in words, precision="bf16" if "bf16" in words else "fp32",
+                       channels_last=True if "channels_last" in words else None, cuda_graph="cudagraph" in words,
+                       compile="compile" in words)
+
+
+def measure(graph, *, packs: list[int], device: str, options, steps: int) -> dict:
     import torch
 
     from dclang.bench import count_ops
-    from dclang.compile import Engine, StepMember, StepOptions, compile_graph
+    from dclang.compile import Engine, StepMember, compile_graph
+    from dclang.compile.accelerate import CUDA_GRAPH_WARMUP
     from dclang.data.catalog import DATASETS
     from dclang.train.run import resolve_device
 
@@ -45,7 +66,7 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
     train = graph.graph["train"]
     generator = torch.Generator().manual_seed(0)
 
-    def build(seed: int, options: StepOptions | None, member: bool = False):
+    def build(seed: int, options, member: bool = False):
         return compile_graph(graph, num_classes=info.num_classes, in_channels=info.channels,
                              image_size=info.image_size, device=dev, seed=seed, steps_per_epoch=100, epochs=1,
                              options=options, member=member)
@@ -54,12 +75,14 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
         return (torch.randn(train.batch, info.channels, info.image_size, info.image_size, generator=generator).to(dev),
                 torch.randint(0, info.num_classes, (train.batch,), generator=generator).to(dev))
 
-    def timed(run) -> tuple[int, float]:
-        for update in (1, 2):  # warm-up
+    warmup = CUDA_GRAPH_WARMUP + 2 if options.cuda_graph else 2  # a capture comes after its eager warm-up
+
+    def timed(run) -> tuple[int | None, float]:
+        for update in range(1, warmup + 1):
             run(update)
-        ops = count_ops(run, 3)
+        ops = None if options.cuda_graph else count_ops(run, warmup + 1)
         times = []
-        for update in range(4, 4 + steps):
+        for update in range(warmup + 2, warmup + 2 + steps):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             started = time.perf_counter()
@@ -69,19 +92,20 @@ def measure(graph, *, packs: list[int], device: str, hfta: bool, steps: int) -> 
             times.append(time.perf_counter() - started)
         return ops, statistics.median(times)
 
-    alone = build(0, StepOptions(hfta=hfta))  # channels-last where `dclang run` puts it (CPU convolutions)
+    alone = build(0, options)  # channels-last left unset: where `dclang run` puts it (CPU convolutions)
     x, y = batch()
     alone_ops, alone_seconds = timed(lambda update: alone.step(x, y, update))
     rows = []
     for k in packs:
         members = [StepMember.of(build(i, None, member=True), graph) for i in range(k)]
-        engine = Engine(members, StepOptions(hfta=hfta), packed=True)
+        engine = Engine(members, options, packed=True)
         data = [batch() for _ in range(k)]
         ops, seconds = timed(lambda update, engine=engine, data=data:
                              engine.step_all([(xi, yi, update) for xi, yi in data]))
         rows.append({"pack": k, "ops_per_step": ops, "seconds_per_step": seconds,
-                     "ops_ratio_to_one": ops / alone_ops, "seconds_ratio_to_one": seconds / alone_seconds,
-                     "seconds_per_trial_step": seconds / k})
+                     "ops_ratio_to_one": None if ops is None else ops / alone_ops,
+                     "seconds_ratio_to_one": seconds / alone_seconds, "seconds_per_trial_step": seconds / k})
+        del engine, members
     return {"alone": {"label": alone.label, "ops_per_step": alone_ops, "seconds_per_step": alone_seconds},
             "rows": rows}
 
@@ -94,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="cnn_tiny", help="the default graph's model")
     parser.add_argument("--packs", default="1,2,4,8")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hfta", action="store_true")
+    parser.add_argument("--hfta", action="store_true", help="the one variant `hfta` (without --variants)")
+    parser.add_argument("--variants", help="fast paths to measure with, e.g. hfta,hfta+bf16+channels_last+cudagraph")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -102,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     checked = check(text, str(args.graph or "<three_tiny>"))
     if not checked.ok:
         raise SystemExit(f"{args.graph} does not check")
-    measured = measure(checked.graph, packs=[int(k) for k in args.packs.split(",")], device=args.device,
-                       hfta=args.hfta, steps=args.steps)
+    variants = (args.variants or ("hfta" if args.hfta else "plain")).split(",")
+    packs = [int(k) for k in args.packs.split(",")]
+    measured = {v: measure(checked.graph, packs=packs, device=args.device, options=options_of(v), steps=args.steps)
+                for v in variants}
     report = {"benchmark": "ops per packed step", "graph": str(args.graph or "three_tiny"), "device": args.device,
-              "hfta": args.hfta, **measured}
+              "hfta": "hfta" in variants[0].split("+"), **measured[variants[0]], "variants": measured}
     out = json.dumps(report, indent=2)
     print(out)
     if args.json:
