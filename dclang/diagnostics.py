@@ -211,24 +211,43 @@ def render_all(diagnostics: Sequence[Diagnostic], source: str, path: str, color:
     return "\n\n".join(out)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _mode(path: str | os.PathLike) -> int | str:
+    """The file's mode, or why there is none, in words that fit after its name."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def _kind(mode: int) -> str:
+    return next((word for test, word in _KINDS if test(mode)), "something else")
 
 
 def not_a_file(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be read as a file, in words that fit after its name ("does not
     exist", "is a directory", "is a character device, not a regular file"); None when it is
     a regular file. A device such as /dev/zero would never end, so it is refused unread."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+    mode = _mode(path)
+    if isinstance(mode, str):
+        return mode
     if stat.S_ISREG(mode):
         return None
-    kind = next((word for test, word in _KINDS if test(mode)), "something else")
-    return "is a directory" if stat.S_ISDIR(mode) else f"is {kind}, not a regular file"
+    return "is a directory" if stat.S_ISDIR(mode) else f"is {_kind(mode)}, not a regular file"
+
+
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a folder ("does not exist", "is a file, not a folder");
+    None when it is one."""
+    mode = _mode(path)
+    if isinstance(mode, str):
+        return mode
+    return None if stat.S_ISDIR(mode) else f"is {_kind(mode)}, not a folder"
 
 
 def unwritable(path: str | os.PathLike, exc: OSError, *, folder: bool = False) -> UserError:

@@ -2,7 +2,9 @@
 
 Each reader returns the official (train, test) splits as uint8 tensors; `load_dataset` then
 carves the seeded validation split out of train. torchvision, scikit-learn and PIL are
-imported inside the reader that needs them, so loading CIFAR never pays for scikit-learn.
+imported inside the reader that needs them, so loading CIFAR never pays for scikit-learn;
+torchvision through `import_library`, so a torchvision built for another torch is an error
+naming both versions, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from dclang.data.catalog import DATASETS, DataError, default_data_dir
 from dclang.data.dataset import Dataset, Split, carve_validation, channel_stats
+from dclang.diagnostics import not_a_file, not_a_folder
 
 # The usual published statistics of each official training set; their own data for the rest.
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -117,15 +120,14 @@ def _read_cifar(root: Path, download: bool, *, title: str, tv_class_name: str, n
     official one, and these readers must also accept re-pickled or test copies. The shapes,
     dtypes and label ranges are checked instead, so a damaged file is still refused.
     """
-    import torchvision.datasets
+    from dclang.models.library import import_library
 
-    tv = getattr(torchvision.datasets, tv_class_name)
+    tv = getattr(import_library("torchvision.datasets"), tv_class_name)
     folder = root / tv.base_folder
     expected = [name for name, _md5 in tv.train_list + tv.test_list]
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing and download:
-        from torchvision.datasets.utils import download_and_extract_archive
-
+        download_and_extract_archive = import_library("torchvision.datasets.utils").download_and_extract_archive
         try:
             download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
         except Exception as exc:  # network, disk or checksum: all end in the same advice
@@ -278,6 +280,10 @@ def _read_imagefolder(path: Path) -> _Official:
     Classes are the sorted subfolders of train/; the test split may lack some of them but may
     not add new ones. Images are read as RGB and must all have one square size.
     """
+    problem = not_a_folder(path)
+    if problem is not None:
+        raise DataError(f"imagefolder: {path} {problem}; the data block's `path` must name a folder holding "
+                        f"train/<class>/ and test/<class>/ (or val/) folders of images")
     train_dir = path / "train"
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     if not train_dir.is_dir() or not test_dir.is_dir():
@@ -325,9 +331,10 @@ def _read_npz(path: Path) -> _Official:
     class from 0 to it has a training image (a gap would be an output never trained), and
     y_test holds only those classes. Other arrays in the file are ignored.
     """
-    if not path.is_file():
-        raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, y_train, "
-                        f"x_test, y_test")
+    problem = not_a_file(path)
+    if problem is not None:
+        raise DataError(f"npz: {path} {problem}; the data block's `path` must name an .npz file with arrays x_train, "
+                        f"y_train, x_test, y_test")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
