@@ -335,15 +335,7 @@ def _read_npz(path: Path) -> _Official:
     if problem is not None:
         raise DataError(f"npz: {path} {problem}; the data block's `path` must name an .npz file with arrays x_train, "
                         f"y_train, x_test, y_test")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
-            if missing:
-                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it has "
-                                f"{', '.join(archive.files) or 'none'}, and needs x_train, y_train, x_test, y_test")
-            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, or object arrays
-        raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
+    arrays = _npz_arrays(path)
 
     x_train, x_test = _npz_images(path, "x_train", arrays["x_train"]), _npz_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -362,6 +354,56 @@ def _read_npz(path: Path) -> _Official:
         raise DataError(f"npz: y_test in {path} has label(s) {_listed(strange)} that y_train never has (its classes "
                         f"are 0..{num_classes - 1}): a model cannot learn a class it never trains on")
     return _Official(_split(x_train, y_train), _split(x_test, y_test), num_classes, None, None)
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of an .npz, each refused before it is read when its header says it
+    holds Python objects (never unpickled) or more bytes than the file has (a damaged or
+    hostile header would otherwise allocate that much: 58 TiB for a shape of 10^12 images)."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            head = file.read(8)
+        if head.startswith(b"PK"):
+            raise DataError(f"npz: cannot read {path}: it starts as a zip archive but its end is missing (truncated "
+                            f"or damaged); write it again with np.savez")
+        raise DataError(f"npz: {path} is not an .npz file (a zip archive of .npy arrays, as np.savez writes); it "
+                        f"starts with {head!r}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [k for k in _NPZ_KEYS if k not in members]
+            if missing:
+                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it has "
+                                f"{', '.join(members) or 'none'}, and needs {', '.join(_NPZ_KEYS)}")
+            arrays = {}
+            for key in _NPZ_KEYS:
+                with archive.open(members[key]) as file:
+                    _npz_header(path, key, file, members[key].file_size)
+                with archive.open(members[key]) as file:
+                    arrays[key] = np.lib.format.read_array(file, allow_pickle=False)
+            return arrays
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a damaged zip or .npy
+        raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
+    except MemoryError as exc:
+        raise DataError(f"npz: {path} does not fit in this machine's memory ({exc})") from exc
+
+
+def _npz_header(path: Path, key: str, file, size: int) -> None:
+    """Check one .npy member's header against what it may hold and the bytes it has."""
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read_header(file)
+    if dtype.hasobject:
+        raise DataError(f"npz: {key} in {path} holds Python objects (dtype {dtype}), which dclang never unpickles; "
+                        f"store numbers: uint8 images and integer labels")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = size - file.tell()
+    if declared > held:
+        raise DataError(f"npz: {key} in {path} declares shape {shape} of {dtype} ({declared:,} bytes) but holds "
+                        f"{held:,}: the file is truncated or damaged")
 
 
 def _listed(values: np.ndarray, most: int = 8) -> str:
