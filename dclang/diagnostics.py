@@ -121,8 +121,19 @@ MAX_TEXT = 300
 _MORE = "..."
 
 
+#: control characters as the Unicode pictures of them (NUL as U+2400), one column wide each:
+#: a NUL or an escape sequence in a file is shown, never sent to the terminal to act on
+_VISIBLE = {**{code: 0x2400 + code for code in range(32) if code != 0x0A}, 0x09: 0x20, 0x7F: 0x2421}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters (but line ends) shown as symbols; tabs as spaces."""
+    return text.translate(_VISIBLE)
+
+
 def clip(text: str, limit: int = MAX_TEXT) -> str:
     """`text`, or its start and end around `...` when it is longer than `limit`."""
+    text = visible(text)
     if len(text) <= limit:
         return text
     keep = limit - len(_MORE)
@@ -171,7 +182,7 @@ def render(diag: Diagnostic, source: str, path: str, color: bool = False, width:
         pad = " " * w
         out.append(f"{pad}--> {path}:{sp.line}:{sp.column}")
         text = lines[sp.line - 1] if 0 < sp.line <= len(lines) else ""
-        text = text.replace("\t", " ")
+        text = visible(text)
         end = max(sp.end_column, sp.column + 1) if sp.end_line == sp.line else len(text) + 1
         start = min(sp.column, len(text) + 1) - 1
         text, start, stop = excerpt(text, start, max(start + 1, min(end, len(text) + 1) - 1))
