@@ -138,3 +138,13 @@ def test_the_docs_state_each_setting_range():
             bounds = option.range
             parts = (bounds.count, bounds.fraction) if isinstance(bounds, ranges.CountOrFraction) else (bounds,)
             assert all(part.words in row for part in parts), (key, row)
+
+
+def test_each_option_of_a_choice_is_held_to_the_range():
+    """A search template cannot hide an out-of-range value behind a `choice(...)`."""
+    text = ("graph g\ndata digits { }\ntrain { epochs = choice(10, 1000000000000) }\nnode a : cnn_tiny [target]\n"
+            "node b : cnn_tiny\nlabel -> a : through\nlabel -> b : through\nb -> a : through kl(T=choice(2, 500))\n")
+    checked = check(text, "t.kt")
+    assert [(d.code, d.span.line, d.span.column) for d in checked.errors] == [("E404", 3, 29), ("E401", 8, 33)]
+    assert checked.errors[0].message == "`epochs` must be from 1 to 100000, but got 1000000000000"
+    assert checked.errors[1].message == "`T` must be in (0, 100], but got 500"
