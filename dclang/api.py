@@ -48,10 +48,14 @@ def parse(text: str) -> ast.Module:
 def check(text: str, path: str = "<input>") -> Checked:
     """Parse, lower and run every pass; collect all diagnostics."""
     from dclang.passes import PASSES
+    from dclang.passes.check_structure import too_many_nodes
 
     module, diags = parse_module(text)
     if module is None:
         return Checked(path, text, None, None, tuple(diags))
+    too_large = too_many_nodes(module)
+    if too_large:
+        return Checked(path, text, module, None, tuple(too_large))
     graph = build_graph(module)
     graph.graph["path"] = path
     found = []

@@ -229,3 +229,21 @@ def test_a_broken_torchvision_on_the_data_path_names_the_versions(tmp_path):
     said = f"torchvision 0.28.0 cannot be imported with torch {metadata.version('torch')}: operator torchvision::nms"
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.count(said) == 2, done.stdout
+
+
+# ---------------------------------------------------------------- graphs too large to check
+
+
+def test_more_nodes_than_a_graph_may_have_is_e311_before_bulk_edges_are_expanded():
+    """3000 nodes and `edges * -> *` would be 9 million edges (12 GB and minutes in check): the
+    node count is checked before lowering, at the first node past the limit."""
+    from dclang.passes.check_structure import MAX_NODES
+
+    def graph(n: int) -> str:
+        return ("graph g\ndata digits { }\nnode a : mlp [target]\n" + "".join(f"node n{i} : mlp\n" for i in range(n))
+                + "edges * -> * : through\nedges label -> * : through\n")
+
+    checked = check(graph(3000), "g.kt")
+    assert [(d.code, d.span.line, d.span.column) for d in checked.diagnostics] == [("E311", 3 + MAX_NODES, 6)]
+    assert checked.diagnostics[0].message == f"3,001 nodes; a graph has at most {MAX_NODES}"
+    assert check(graph(MAX_NODES - 1), "g.kt").ok
