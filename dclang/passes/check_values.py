@@ -21,7 +21,7 @@ _KIND_WORDS = {
     "call": "a name or a call like `sgd(lr=0.1)`",
 }
 
-def out_of_range(key: str, number: ast.Number, bounds) -> Diagnostic:
+def _out_of_range(key: str, number: ast.Number, bounds) -> Diagnostic:
     """E401 for a temperature, E402 for a loss weight, E404 for any other number, at the number."""
     code = {"T": "E401", "weight": "E402"}.get(key, "E404")
     return error(code, f"`{key}` {bounds.rule}, but got {clip(number.text, 40)}", number.span, "out of range")
@@ -71,7 +71,7 @@ def check_value(value: ast.Value, kind: str, key: str, where: str, bounds=None) 
                       help=f"floating point numbers end near 1.8e308 and whole numbers at {_INT_LIMIT:.1e}")]
     if bounds is not None:
         numbers = value.items if isinstance(value, ast.ListValue) else (value,)
-        return [out_of_range(key, number, bounds) for number in numbers
+        return [_out_of_range(key, number, bounds) for number in numbers
                 if isinstance(number, ast.Number) and number.value not in bounds]
     if key == "augment" and isinstance(value, ast.Ident) and value.name not in registry.AUGMENTS:
         return [error("E209", f"unknown augmentation `{value.name}`", value.span,
