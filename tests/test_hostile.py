@@ -247,3 +247,14 @@ def test_more_nodes_than_a_graph_may_have_is_e311_before_bulk_edges_are_expanded
     assert [(d.code, d.span.line, d.span.column) for d in checked.diagnostics] == [("E311", 3 + MAX_NODES, 6)]
     assert checked.diagnostics[0].message == f"3,001 nodes; a graph has at most {MAX_NODES}"
     assert check(graph(MAX_NODES - 1), "g.kt").ok
+
+
+def test_a_dataset_file_that_is_a_folder_is_said_to_be_one(tmp_path):
+    """CIFAR's batches and Tiny ImageNet's lists are files: one that is a folder is named as
+    such, not reported missing (and never downloaded over)."""
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"data_batch_1 is a directory; it should be the file of that name"):
+        load_dataset("cifar10", data_dir=tmp_path, val_split=0, split_seed=0, download=False)
+    (tmp_path / "tiny-imagenet-200" / "wnids.txt").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"wnids.txt is a directory; it should be the file of that name"):
+        load_dataset("tinyimagenet", data_dir=tmp_path, val_split=0, split_seed=0, download=False)

@@ -125,6 +125,7 @@ def _read_cifar(root: Path, download: bool, *, title: str, tv_class_name: str, n
     tv = getattr(import_library("torchvision.datasets"), tv_class_name)
     folder = root / tv.base_folder
     expected = [name for name, _md5 in tv.train_list + tv.test_list]
+    _refuse_odd_files([folder / name for name in expected])
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing and download:
         download_and_extract_archive = import_library("torchvision.datasets.utils").download_and_extract_archive
@@ -169,6 +170,16 @@ def _read_cifar_batch(file: Path, num_classes: int) -> tuple[np.ndarray, list[in
                         f"'labels' (or 'fine_labels') of N ints in [0, {num_classes}); delete it and "
                         f"download or extract the archive again")
     return data, [int(y) for y in labels]
+
+
+def _refuse_odd_files(files: list[Path]) -> None:
+    """A file a reader needs that exists but is no regular file (a folder, a device): said so,
+    where "not found" would send the user looking for a file that is there."""
+    for file in files:
+        problem = not_a_file(file)
+        if problem is not None and os.path.lexists(file):
+            raise DataError(f"{file} {problem}; it should be the file of that name from the dataset's archive: "
+                            f"move it away and extract the archive again")
 
 
 def _cifar_missing(title: str, tv: type, root: Path, folder: Path, missing: list[str], why: str) -> str:
@@ -235,6 +246,7 @@ def _read_tinyimagenet(root: Path, download: bool) -> _Official:
     folder = root / "tiny-imagenet-200"
     wnids_file = folder / "wnids.txt"
     annotations = folder / "val" / "val_annotations.txt"
+    _refuse_odd_files([wnids_file, annotations])
     for needed in (wnids_file, annotations):
         if not needed.is_file():
             raise DataError(
