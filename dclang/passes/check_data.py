@@ -1,4 +1,5 @@
-"""A data block's `path` must be what its dataset reads: a file for `npz`, a folder for `imagefolder`.
+"""A data block's `path` must be what its dataset reads: a file for `npz`, a folder for `imagefolder`,
+and no `path` at all for the datasets dclang finds itself (`--data-dir` says where those are).
 
 A path that exists but is the wrong kind (a folder named `data.npz`, `/dev/zero`, a file
 where the image folders should be) is reported here, at the string, before anything is
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dclang import registry
 from dclang.diagnostics import Diagnostic, error, not_a_file, not_a_folder
 from dclang.syntax import ast
 
@@ -25,6 +27,11 @@ def check_data(module: ast.Module, graph) -> list[Diagnostic]:
     for block in module.of(ast.DataBlock)[:1]:
         dataset = block.dataset.text
         setting = next((s for s in block.settings if s.key.text == "path"), None)
+        if setting is not None and dataset not in _WANTED and registry.dataset_info(dataset) is not None:
+            out.append(error("E604", f"`{dataset}` reads no `path`", setting.key.span,
+                             "only `npz` and `imagefolder` read one",
+                             help=f"leave `path` out; `dclang run --data-dir DIR` says where {dataset} is stored"))
+            continue
         if dataset not in _WANTED or setting is None or not isinstance(setting.value, ast.String):
             continue
         problem_of, wanted = _WANTED[dataset]
