@@ -129,6 +129,7 @@ def load_safely(path: str | os.PathLike, *, require_hash: bool = False) -> Any:
     """
     import io
     import pickle
+    import struct
 
     import torch
 
@@ -152,7 +153,8 @@ def load_safely(path: str | os.PathLike, *, require_hash: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError("holds Python objects other than tensors, which a safe load refuses", "E601",
                               "dclang never runs code from a checkpoint; save `model.state_dict()` instead") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError, TypeError,
+            AssertionError, struct.error) as exc:  # what torch.load raises on damaged bytes: more than it documents
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         what = "is truncated or damaged" if data.startswith(b"PK") else "cannot be read"
         raise CheckpointError(f"{what} ({first})", "E601", damaged) from exc

@@ -121,8 +121,19 @@ MAX_TEXT = 300
 _MORE = "..."
 
 
+#: control characters as the Unicode pictures of them (NUL as U+2400), one column wide each:
+#: a NUL or an escape sequence in a file is shown, never sent to the terminal to act on
+_VISIBLE = {**{code: 0x2400 + code for code in range(32) if code != 0x0A}, 0x09: 0x20, 0x7F: 0x2421}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters (but line ends) shown as symbols; tabs as spaces."""
+    return text.translate(_VISIBLE)
+
+
 def clip(text: str, limit: int = MAX_TEXT) -> str:
     """`text`, or its start and end around `...` when it is longer than `limit`."""
+    text = visible(text)
     if len(text) <= limit:
         return text
     keep = limit - len(_MORE)
@@ -171,7 +182,7 @@ def render(diag: Diagnostic, source: str, path: str, color: bool = False, width:
         pad = " " * w
         out.append(f"{pad}--> {path}:{sp.line}:{sp.column}")
         text = lines[sp.line - 1] if 0 < sp.line <= len(lines) else ""
-        text = text.replace("\t", " ")
+        text = visible(text)
         end = max(sp.end_column, sp.column + 1) if sp.end_line == sp.line else len(text) + 1
         start = min(sp.column, len(text) + 1) - 1
         text, start, stop = excerpt(text, start, max(start + 1, min(end, len(text) + 1) - 1))
@@ -211,24 +222,43 @@ def render_all(diagnostics: Sequence[Diagnostic], source: str, path: str, color:
     return "\n\n".join(out)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _mode(path: str | os.PathLike) -> int | str:
+    """The file's mode, or why there is none, in words that fit after its name."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def _kind(mode: int) -> str:
+    return next((word for test, word in _KINDS if test(mode)), "something else")
 
 
 def not_a_file(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be read as a file, in words that fit after its name ("does not
     exist", "is a directory", "is a character device, not a regular file"); None when it is
     a regular file. A device such as /dev/zero would never end, so it is refused unread."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+    mode = _mode(path)
+    if isinstance(mode, str):
+        return mode
     if stat.S_ISREG(mode):
         return None
-    kind = next((word for test, word in _KINDS if test(mode)), "something else")
-    return "is a directory" if stat.S_ISDIR(mode) else f"is {kind}, not a regular file"
+    return "is a directory" if stat.S_ISDIR(mode) else f"is {_kind(mode)}, not a regular file"
+
+
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a folder ("does not exist", "is a file, not a folder");
+    None when it is one."""
+    mode = _mode(path)
+    if isinstance(mode, str):
+        return mode
+    return None if stat.S_ISDIR(mode) else f"is {_kind(mode)}, not a folder"
 
 
 def unwritable(path: str | os.PathLike, exc: OSError, *, folder: bool = False) -> UserError:

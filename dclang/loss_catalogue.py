@@ -11,7 +11,8 @@ and `dclang.losses` / `dclang.feature_losses` implement exactly these formulas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+
+from dclang import ranges
 
 #: what an edge's ends must be for a loss: the label and a node's logits (`label`), two
 #: nodes' logits (`logits`), or a layer of each of two nodes (`layer`)
@@ -20,23 +21,18 @@ ENDPOINTS = ("label", "logits", "layer")
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument of a loss: its default and the rule its value must satisfy."""
+    """One argument of a loss: its default and the range its value must lie in."""
 
     default: float
-    check: Callable[[float], bool]
-    rule: str  # the range in words, e.g. "must be > 0"
+    range: ranges.Range
     help: str = ""
 
 
-_POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
-_NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
-
-
 def _T(default: float) -> Arg:
-    return Arg(default, **_POSITIVE, help="softmax temperature")
+    return Arg(default, ranges.TEMPERATURE, help="softmax temperature")
 
 
-WEIGHT = Arg(1.0, **_NONNEGATIVE, help="multiplies the edge loss")
+WEIGHT = Arg(1.0, ranges.MULTIPLIER, help="multiplies the edge loss")
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,8 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
              "a_n = T^2 KL(softmax(z_s/T) || softmax(z_t/T))", _MEAN, "T^2",
              "Hinton et al. 2015; Minami et al. 2020, eq. 2"),
     LossInfo("dkd", "logits",
-             {"alpha": Arg(1.0, **_NONNEGATIVE, help="weight of the target-class term TCKD"),
-              "beta": Arg(8.0, **_NONNEGATIVE, help="weight of the non-target term NCKD"),
+             {"alpha": Arg(1.0, ranges.MULTIPLIER, help="weight of the target-class term TCKD"),
+              "beta": Arg(8.0, ranges.MULTIPLIER, help="weight of the non-target term NCKD"),
               "T": _T(4.0), "weight": WEIGHT},
              "a_n = T^2 (alpha KL(b_s || b_t) + beta KL(q_s || q_t)); b = (p_y, 1 - p_y), "
              "q = softmax over the non-target classes, at temperature T",
@@ -80,7 +76,7 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
              _MEAN, "T^2",
              "Sun et al. 2024, Logit Standardization in Knowledge Distillation (CVPR)",
              "sd is the Bessel-corrected standard deviation over the classes, as in the authors' code"),
-    LossInfo("at", "layer", {"p": Arg(2.0, **_POSITIVE, help="power of the activations"), "weight": WEIGHT},
+    LossInfo("at", "layer", {"p": Arg(2.0, ranges.POWER, help="power of the activations"), "weight": WEIGHT},
              "a_n = mean_j (q_s,j - q_t,j)^2; Q_j = mean_c |A_c,j|^p over channels, q = Q / ||Q||_2 over positions j",
              _MEAN, "none (the paper's beta/2 = 500: write weight=500)",
              "Zagoruyko & Komodakis 2017, Paying More Attention to Attention (ICLR)",
@@ -119,7 +115,7 @@ def catalogue_table() -> str:
             "|---|---|---|---|---|---|---|"]
     cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a `|` would end the cell)
     for info in LOSSES.values():
-        args = ", ".join(f"`{k}`={a.default:g} ({a.rule.removeprefix('must be ')})" for k, a in info.args.items())
+        args = ", ".join(f"`{k}`={a.default:g} {a.range.words}" for k, a in info.args.items())
         rows.append(f"| `{info.name}` | {info.endpoints} | {args} | {cell(info.formula)} | {info.reduction} "
                     f"| {cell(info.scaling)} | {info.reference} |")
     return "\n".join(rows)

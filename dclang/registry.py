@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dclang import loss_catalogue
+from dclang import loss_catalogue, ranges
 
 # ---------------------------------------------------------------- models
 
@@ -90,11 +90,13 @@ LABEL = "label"
 
 @dataclass(frozen=True)
 class Option:
-    """One setting or argument: its type (for messages and conversion) and default."""
+    """One setting or argument: its type (for messages and conversion), default, and the
+    range a number (or each number of a list) must lie in (`dclang.ranges`)."""
 
     type: str  # int | float | bool | str | name | int_list | number
     default: Any = None
     help: str = ""
+    range: ranges.Range | ranges.CountOrFraction | None = None
 
 
 @dataclass(frozen=True)
@@ -115,12 +117,14 @@ _ADAM_FIXED = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize":
 
 OPTIMIZER_KINDS: dict[str, OptimizerKind] = {
     "sgd": OptimizerKind("SGD", {
-        "lr": Option("float", 0.1), "momentum": Option("float", 0.9),
-        "nesterov": Option("bool", True), "weight_decay": Option("float", 5e-4),
+        "lr": Option("float", 0.1, range=ranges.LR), "momentum": Option("float", 0.9, range=ranges.MOMENTUM),
+        "nesterov": Option("bool", True), "weight_decay": Option("float", 5e-4, range=ranges.WEIGHT_DECAY),
     }, {"dampening": 0.0, "maximize": False}, ("momentum_buffer",)),
-    "adam": OptimizerKind("Adam", {"lr": Option("float", 1e-3), "weight_decay": Option("float", 0.0)},
+    "adam": OptimizerKind("Adam", {"lr": Option("float", 1e-3, range=ranges.LR),
+                                    "weight_decay": Option("float", 0.0, range=ranges.WEIGHT_DECAY)},
                           _ADAM_FIXED, ("exp_avg", "exp_avg_sq")),
-    "adamw": OptimizerKind("AdamW", {"lr": Option("float", 1e-3), "weight_decay": Option("float", 1e-2)},
+    "adamw": OptimizerKind("AdamW", {"lr": Option("float", 1e-3, range=ranges.LR),
+                                      "weight_decay": Option("float", 1e-2, range=ranges.WEIGHT_DECAY)},
                            _ADAM_FIXED, ("exp_avg", "exp_avg_sq")),
 }
 
@@ -128,8 +132,9 @@ OPTIMIZER_KINDS: dict[str, OptimizerKind] = {
 OPTIMIZERS: dict[str, dict[str, Option]] = {name: kind.args for name, kind in OPTIMIZER_KINDS.items()}
 
 SCHEDULES: dict[str, dict[str, Option]] = {
-    "step": {"milestones": Option("int_list", ()), "gamma": Option("float", 0.1)},
-    "cosine": {"eta_min": Option("float", 0.0)},
+    "step": {"milestones": Option("int_list", (), range=ranges.MILESTONE),
+             "gamma": Option("float", 0.1, range=ranges.GAMMA)},
+    "cosine": {"eta_min": Option("float", 0.0, range=ranges.Range(0, ranges.LR.high))},
     "constant": {},
 }
 
@@ -141,19 +146,20 @@ AUGMENTS: dict[str, str] = {
 }
 
 DATA_SETTINGS: dict[str, Option] = {
-    "val_split": Option("number", 0.1, "images held out of train for model selection: a count or a fraction"),
-    "split_seed": Option("int", 0, "seed of the validation split (fixed across runs of a study)"),
+    "val_split": Option("number", 0.1, "images held out of train for model selection: a count or a fraction",
+                        ranges.VAL_SPLIT),
+    "split_seed": Option("int", 0, "seed of the validation split (fixed across runs of a study)", ranges.SEED),
     "augment": Option("name", None, "one of " + ", ".join(AUGMENTS)),
-    "pad": Option("int", 4, "pixels of reflect padding before the random crop"),
+    "pad": Option("int", 4, "pixels of reflect padding before the random crop", ranges.PAD),
     "path": Option("str", None, "file or folder for `npz` and `imagefolder` data"),
 }
 
 TRAIN_SETTINGS: dict[str, Option] = {
-    "epochs": Option("int", 200),
-    "batch": Option("int", 64),
+    "epochs": Option("int", 200, range=ranges.EPOCHS),
+    "batch": Option("int", 64, range=ranges.BATCH),
     "optimizer": Option("call", "sgd"),
     "schedule": Option("call", "constant"),
-    "seed": Option("int", 0),
+    "seed": Option("int", 0, range=ranges.SEED),
 }
 
 NODE_ATTRIBUTES: dict[str, str] = {

@@ -155,15 +155,20 @@ def _problem(summary, records) -> str:
     for i, record in enumerate(records, start=1):
         if not (isinstance(record, dict) and record.get("epoch") == i
                 and _scores(record.get("nodes"), set(nodes), ("val_acc", "train_loss", "test_acc"), nullable=True)
-                and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))):
+                and _scores(record["nodes"], set(nodes), tuple(key for key, _, _ in _CURVES), nullable=True,
+                            optional=True)
+                and _scores(record.get("edges"), set(records[0].get("edges") or ()), ("gate", "pass_rate"))
+                and _scores(record["edges"], set(record["edges"]), ("loss",), nullable=True, optional=True)):
             return f"line {i} of metrics.jsonl is not the record of epoch {i} with every node's accuracies"
     return ""
 
 
-def _scores(table, names: set, keys: tuple[str, ...], nullable: bool = False) -> bool:
-    """`table` maps exactly `names` to dicts whose `keys` are numbers (or null, when `nullable`)."""
+def _scores(table, names: set, keys: tuple[str, ...], nullable: bool = False, optional: bool = False) -> bool:
+    """`table` maps exactly `names` to dicts whose `keys` are numbers (or null, when `nullable`;
+    or absent, when `optional`: keys older runs did not record, such as an edge's `loss`)."""
     def number(v) -> bool:
-        return (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        return ((v is None and nullable) or (v is ... and optional)
+                or (isinstance(v, (int, float)) and not isinstance(v, bool)))
 
     return isinstance(table, dict) and set(table) == names and all(
         isinstance(entry, dict) and all(number(entry.get(k, ...)) for k in keys) for entry in table.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import textwrap
@@ -202,6 +203,22 @@ def test_a_damaged_run_is_left_out_with_a_note(runs, tmp_path, damage):
     assert f"{bad}: left out" in result.output and "Traceback" not in result.output
     alone = CliRunner().invoke(main, ["report", str(bad), "-o", str(tmp_path / "r2")])
     assert alone.exit_code == 1 and f"{bad}: left out" in alone.output
+
+
+@pytest.mark.parametrize("where, key", [("edges", "loss"), ("nodes", "val_loss"), ("nodes", "train_loss")])
+def test_a_metrics_value_that_is_not_a_number_leaves_the_run_out(runs, tmp_path, where, key):
+    """Every value the tables and figures read is checked: an edge's loss or a node's curve
+    point written as text is a note naming the line, not a traceback in the plots."""
+    from dclang.cli import main
+
+    bad = Path(shutil.copytree(runs / "dml" / "seed0", tmp_path / "bad"))
+    records = [json.loads(line) for line in (bad / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    entry = next(iter(records[1][where].values()))
+    entry[key] = "high"
+    (bad / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    result = CliRunner().invoke(main, ["report", str(bad), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{bad}: left out, line 2 of metrics.jsonl is not the record of epoch 2" in result.output
 
 
 def test_dclang_run_writes_each_nodes_curves(tmp_path):

@@ -109,7 +109,9 @@ def per_sample_transforms(pad: int, flip: bool, mean: Sequence[float], std: Sequ
     `image_size` is the crop size torchvision's RandomCrop needs; without crop or with pad 0
     there is no RandomCrop.
     """
-    from torchvision import transforms
+    from dclang.models.library import import_library
+
+    transforms = import_library("torchvision.transforms")
 
     steps: list[Callable] = []
     if crop and pad:

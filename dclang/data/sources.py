@@ -2,7 +2,9 @@
 
 Each reader returns the official (train, test) splits as uint8 tensors; `load_dataset` then
 carves the seeded validation split out of train. torchvision, scikit-learn and PIL are
-imported inside the reader that needs them, so loading CIFAR never pays for scikit-learn.
+imported inside the reader that needs them, so loading CIFAR never pays for scikit-learn;
+torchvision through `import_library`, so a torchvision built for another torch is an error
+naming both versions, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from dclang.data.catalog import DATASETS, DataError, default_data_dir
 from dclang.data.dataset import Dataset, Split, carve_validation, channel_stats
+from dclang.diagnostics import not_a_file, not_a_folder
 
 # The usual published statistics of each official training set; their own data for the rest.
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -117,15 +120,15 @@ def _read_cifar(root: Path, download: bool, *, title: str, tv_class_name: str, n
     official one, and these readers must also accept re-pickled or test copies. The shapes,
     dtypes and label ranges are checked instead, so a damaged file is still refused.
     """
-    import torchvision.datasets
+    from dclang.models.library import import_library
 
-    tv = getattr(torchvision.datasets, tv_class_name)
+    tv = getattr(import_library("torchvision.datasets"), tv_class_name)
     folder = root / tv.base_folder
     expected = [name for name, _md5 in tv.train_list + tv.test_list]
+    _refuse_odd_files([folder / name for name in expected])
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing and download:
-        from torchvision.datasets.utils import download_and_extract_archive
-
+        download_and_extract_archive = import_library("torchvision.datasets.utils").download_and_extract_archive
         try:
             download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
         except Exception as exc:  # network, disk or checksum: all end in the same advice
@@ -167,6 +170,16 @@ def _read_cifar_batch(file: Path, num_classes: int) -> tuple[np.ndarray, list[in
                         f"'labels' (or 'fine_labels') of N ints in [0, {num_classes}); delete it and "
                         f"download or extract the archive again")
     return data, [int(y) for y in labels]
+
+
+def _refuse_odd_files(files: list[Path]) -> None:
+    """A file a reader needs that exists but is no regular file (a folder, a device): said so,
+    where "not found" would send the user looking for a file that is there."""
+    for file in files:
+        problem = not_a_file(file)
+        if problem is not None and os.path.lexists(file):
+            raise DataError(f"{file} {problem}; it should be the file of that name from the dataset's archive: "
+                            f"move it away and extract the archive again")
 
 
 def _cifar_missing(title: str, tv: type, root: Path, folder: Path, missing: list[str], why: str) -> str:
@@ -233,6 +246,7 @@ def _read_tinyimagenet(root: Path, download: bool) -> _Official:
     folder = root / "tiny-imagenet-200"
     wnids_file = folder / "wnids.txt"
     annotations = folder / "val" / "val_annotations.txt"
+    _refuse_odd_files([wnids_file, annotations])
     for needed in (wnids_file, annotations):
         if not needed.is_file():
             raise DataError(
@@ -278,6 +292,10 @@ def _read_imagefolder(path: Path) -> _Official:
     Classes are the sorted subfolders of train/; the test split may lack some of them but may
     not add new ones. Images are read as RGB and must all have one square size.
     """
+    problem = not_a_folder(path)
+    if problem is not None:
+        raise DataError(f"imagefolder: {path} {problem}; the data block's `path` must name a folder holding "
+                        f"train/<class>/ and test/<class>/ (or val/) folders of images")
     train_dir = path / "train"
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     if not train_dir.is_dir() or not test_dir.is_dir():
@@ -325,18 +343,11 @@ def _read_npz(path: Path) -> _Official:
     class from 0 to it has a training image (a gap would be an output never trained), and
     y_test holds only those classes. Other arrays in the file are ignored.
     """
-    if not path.is_file():
-        raise DataError(f"npz: no file {path}; the data block's `path` must name an .npz with arrays x_train, y_train, "
-                        f"x_test, y_test")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
-            if missing:
-                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it has "
-                                f"{', '.join(archive.files) or 'none'}, and needs x_train, y_train, x_test, y_test")
-            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, or object arrays
-        raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
+    problem = not_a_file(path)
+    if problem is not None:
+        raise DataError(f"npz: {path} {problem}; the data block's `path` must name an .npz file with arrays x_train, "
+                        f"y_train, x_test, y_test")
+    arrays = _npz_arrays(path)
 
     x_train, x_test = npz_images(path, "x_train", arrays["x_train"]), npz_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -355,6 +366,56 @@ def _read_npz(path: Path) -> _Official:
         raise DataError(f"npz: y_test in {path} has label(s) {_listed(strange)} that y_train never has (its classes "
                         f"are 0..{num_classes - 1}): a model cannot learn a class it never trains on")
     return _Official(_split(x_train, y_train), _split(x_test, y_test), num_classes, None, None)
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of an .npz, each refused before it is read when its header says it
+    holds Python objects (never unpickled) or more bytes than the file has (a damaged or
+    hostile header would otherwise allocate that much: 58 TiB for a shape of 10^12 images)."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            head = file.read(8)
+        if head.startswith(b"PK"):
+            raise DataError(f"npz: cannot read {path}: it starts as a zip archive but its end is missing (truncated "
+                            f"or damaged); write it again with np.savez")
+        raise DataError(f"npz: {path} is not an .npz file (a zip archive of .npy arrays, as np.savez writes); it "
+                        f"starts with {head!r}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [k for k in _NPZ_KEYS if k not in members]
+            if missing:
+                raise DataError(f"npz: {path} lacks the array(s) {', '.join(missing)}; it has "
+                                f"{', '.join(members) or 'none'}, and needs {', '.join(_NPZ_KEYS)}")
+            arrays = {}
+            for key in _NPZ_KEYS:
+                with archive.open(members[key]) as file:
+                    _npz_header(path, key, file, members[key].file_size)
+                with archive.open(members[key]) as file:
+                    arrays[key] = np.lib.format.read_array(file, allow_pickle=False)
+            return arrays
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a damaged zip or .npy
+        raise DataError(f"npz: cannot read {path} as an .npz of plain arrays: {exc}") from exc
+    except MemoryError as exc:
+        raise DataError(f"npz: {path} does not fit in this machine's memory ({exc})") from exc
+
+
+def _npz_header(path: Path, key: str, file, size: int) -> None:
+    """Check one .npy member's header against what it may hold and the bytes it has."""
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read_header(file)
+    if dtype.hasobject:
+        raise DataError(f"npz: {key} in {path} holds Python objects (dtype {dtype}), which dclang never unpickles; "
+                        f"store numbers: uint8 images and integer labels")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = size - file.tell()
+    if declared > held:
+        raise DataError(f"npz: {key} in {path} declares shape {shape} of {dtype} ({declared:,} bytes) but holds "
+                        f"{held:,}: the file is truncated or damaged")
 
 
 def _listed(values: np.ndarray, most: int = 8) -> str:

@@ -13,6 +13,21 @@ from dclang.diagnostics import Diagnostic, error, warning
 from dclang.ir import LABEL, Open, expand_edges
 from dclang.syntax import ast
 
+#: the most nodes a graph may declare: the paper's largest graphs have 7, every node is a
+#: network trained in the same step, and `edges * -> *` joins every pair (3000 nodes would
+#: make 9 million edges and fill any memory before a check ends)
+MAX_NODES = 100
+
+
+def too_many_nodes(module: ast.Module) -> list[Diagnostic]:
+    """E311 at the first node past `MAX_NODES`; run before lowering, which expands bulk edges."""
+    nodes = module.of(ast.NodeDecl)
+    if len(nodes) <= MAX_NODES:
+        return []
+    return [error("E311", f"{len(nodes):,} nodes; a graph has at most {MAX_NODES}", nodes[MAX_NODES].name.span,
+                  f"node {MAX_NODES + 1}", help="every node is a network trained in the same step; "
+                                                 "split the study into several graphs")]
+
 
 def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
     out: list[Diagnostic] = []

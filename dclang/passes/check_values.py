@@ -1,6 +1,8 @@
 """Every value must have the right type and a sensible range.
 
-Rules are stated with the values that broke them ("`T` must be > 0, but got 0"). Each option
+Rules are stated with the values that broke them ("`T` must be in (0, 100], but got 0"); every
+number has a range (`dclang.ranges`, the command line's where an option sets the same thing),
+so no setting can ask for a run that never ends or a number no tensor can hold. Each option
 of a `choice(...)` is checked as if it had been written alone, so a template cannot hide a
 bad value behind a choice, and an empty `choice()` is an error of its own.
 """
@@ -8,10 +10,9 @@ bad value behind a choice, and an empty `choice()` is an error of its own.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 from dclang import loss_catalogue, registry
-from dclang.diagnostics import Diagnostic, did_you_mean, error, warning
+from dclang.diagnostics import Diagnostic, clip, did_you_mean, error, warning
 from dclang.syntax import ast
 
 _KIND_WORDS = {
@@ -20,23 +21,10 @@ _KIND_WORDS = {
     "call": "a name or a call like `sgd(lr=0.1)`",
 }
 
-# extra range rules: key -> (predicate, rule text)
-_RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "epochs": (lambda v: v > 0, "must be > 0"),
-    "batch": (lambda v: v > 0, "must be > 0"),
-    "seed": (lambda v: v >= 0, "must be >= 0"),
-    "split_seed": (lambda v: v >= 0, "must be >= 0"),
-    "pad": (lambda v: v >= 0, "must be >= 0"),
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "eta_min": (lambda v: v >= 0, "must be >= 0"),
-    "val_split": (lambda v: (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
-                  "must be a count >= 0 or a fraction in [0, 1)"),
-    "T": (lambda v: v > 0, "must be > 0"),
-    "weight": (lambda v: v >= 0, "must be >= 0"),
-}
+def _out_of_range(key: str, number: ast.Number, bounds) -> Diagnostic:
+    """E401 for a temperature, E402 for a loss weight, E404 for any other number, at the number."""
+    code = {"T": "E401", "weight": "E402"}.get(key, "E404")
+    return error(code, f"`{key}` {bounds.rule}, but got {clip(number.text, 40)}", number.span, "out of range")
 
 
 #: whole numbers beyond this overflow the 64-bit integers of torch and NumPy
@@ -67,24 +55,24 @@ def _has_kind(value: ast.Value, kind: str) -> bool:
     raise ValueError(kind)
 
 
-def check_value(value: ast.Value, kind: str, key: str, where: str) -> list[Diagnostic]:
-    """Check one value (or each option of a choice) against its kind and range."""
+def check_value(value: ast.Value, kind: str, key: str, where: str, bounds=None) -> list[Diagnostic]:
+    """Check one value (or each option of a choice) against its kind and `bounds`, a
+    `dclang.ranges` range (of each item, for a list)."""
     if isinstance(value, ast.Choice):
         if not value.options:
             return [error("E403", f"empty `choice()` for {where}", value.span, "nothing to choose from",
                           help="list at least one option: `choice(a, b)`")]
-        return [d for option in value.options for d in check_value(option, kind, key, where)]
+        return [d for option in value.options for d in check_value(option, kind, key, where, bounds)]
     if not _has_kind(value, kind):
         return [error("E400", f"{where} must be {_KIND_WORDS[kind]}", value.span, "wrong kind of value")]
     if isinstance(value, ast.Number) and not _representable(value.value):
-        return [error("E404", f"{where} must be a finite number of sensible size, but got {value.text}",
+        return [error("E404", f"{where} must be a finite number of sensible size, but got {clip(value.text, 40)}",
                       value.span, "too large to compute with",
                       help=f"floating point numbers end near 1.8e308 and whole numbers at {_INT_LIMIT:.1e}")]
-    if key in _RANGES and isinstance(value, ast.Number):
-        ok, rule = _RANGES[key]
-        if not ok(value.value):
-            code = {"T": "E401", "weight": "E402"}.get(key, "E404")
-            return [error(code, f"`{key}` {rule}, but got {value.text}", value.span, "out of range")]
+    if bounds is not None:
+        numbers = value.items if isinstance(value, ast.ListValue) else (value,)
+        return [_out_of_range(key, number, bounds) for number in numbers
+                if isinstance(number, ast.Number) and number.value not in bounds]
     if key == "augment" and isinstance(value, ast.Ident) and value.name not in registry.AUGMENTS:
         return [error("E209", f"unknown augmentation `{value.name}`", value.span,
                       help=did_you_mean(value.name, registry.AUGMENTS, "augmentations"))]
@@ -97,7 +85,7 @@ def _check_call(value: ast.Value, table: dict, key: str) -> list[Diagnostic]:
     options = table[value.name.text]
     return [d for arg in value.args if arg.name.text in options
             for d in check_value(arg.value, options[arg.name.text].type, arg.name.text,
-                                 f"`{value.name.text}` option `{arg.name.text}`")]
+                                 f"`{value.name.text}` option `{arg.name.text}`", options[arg.name.text].range)]
 
 
 def check_values(module: ast.Module, graph) -> list[Diagnostic]:
@@ -116,7 +104,8 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
                                           + ("`sgd(lr=choice(0.1, 0.05))`" if setting.key.text == "optimizer"
                                              else "`step(milestones=[60, 120, 180], gamma=choice(0.1, 0.2))`")))
                     continue
-                out += check_value(setting.value, option.type, setting.key.text, f"`{setting.key.text}`")
+                out += check_value(setting.value, option.type, setting.key.text, f"`{setting.key.text}`",
+                                   option.range)
                 if setting.key.text in ("optimizer", "schedule"):
                     sub = registry.OPTIMIZERS if setting.key.text == "optimizer" else registry.SCHEDULES
                     out += _check_call(setting.value, sub, setting.key.text)
@@ -166,22 +155,9 @@ def _check_loss(edge: ast.EdgeDecl) -> list[Diagnostic]:
         info = loss_catalogue.LOSSES.get(call.name.text)
         for arg in call.args if info is not None else ():
             if arg.name.text in info.args:
-                out += _check_loss_arg(arg.value, arg.name.text, info.args[arg.name.text])
+                out += check_value(arg.value, "float", arg.name.text, f"`{arg.name.text}`",
+                                   info.args[arg.name.text].range)
     return out
-
-
-def _check_loss_arg(value: ast.Value, key: str, arg: loss_catalogue.Arg) -> list[Diagnostic]:
-    if isinstance(value, ast.Choice):
-        if not value.options:
-            return [error("E403", f"empty `choice()` for `{key}`", value.span, "nothing to choose from",
-                          help="list at least one option: `choice(a, b)`")]
-        return [d for option in value.options for d in _check_loss_arg(option, key, arg)]
-    if not isinstance(value, ast.Number):
-        return [error("E400", f"`{key}` must be {_KIND_WORDS['float']}", value.span, "wrong kind of value")]
-    if not arg.check(value.value):
-        code = {"T": "E401", "weight": "E402"}.get(key, "E404")
-        return [error(code, f"`{key}` {arg.rule}, but got {value.text}", value.span, "out of range")]
-    return []
 
 
 def _check_layer_choice(layer: ast.Choice) -> list[Diagnostic]:

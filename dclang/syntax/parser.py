@@ -32,6 +32,20 @@ class _TooDeep(Exception):
         self.token = token
 
 
+#: a number written with more characters than this is beyond every range of the language
+#: (64-bit whole numbers have 19 digits); converting one of millions of digits to an int
+#: would take minutes, and Python refuses beyond 4300
+MAX_NUMBER = 100
+
+
+class _TooLong(Exception):
+    """Raised by the post-lexer at a number longer than `MAX_NUMBER` characters."""
+
+    def __init__(self, token: Token):
+        super().__init__(str(token)[:MAX_NUMBER])
+        self.token = token
+
+
 class _NewlinesInBrackets(PostLex):
     """Drop newlines inside (), [] and {}: statements end at a newline, values may span lines.
 
@@ -52,6 +66,8 @@ class _NewlinesInBrackets(PostLex):
                 depth = max(0, depth - 1)
             elif token.type == "_NL" and depth:
                 continue
+            elif token.type == "NUMBER" and len(token) > MAX_NUMBER:
+                raise _TooLong(token)
             yield token
 
 
@@ -281,7 +297,7 @@ def _tokens(text: str) -> list[Token]:
     try:
         for tok in _parser().lex(text, dont_ignore=False):
             out.append(tok)
-    except (UnexpectedInput, _TooDeep):
+    except (UnexpectedInput, _TooDeep, _TooLong):
         pass
     return out
 
@@ -396,6 +412,10 @@ def parse_module(text: str) -> tuple[ast.Module | None, list[Diagnostic]]:
                             f"level {MAX_NESTING + 1} opens here",
                             help="no setting needs values nested this deep: a list holds numbers, "
                                  "like `milestones = [60, 120]`")]
+    except _TooLong as exc:
+        return None, [error("E404", f"a number {len(exc.token):,} characters long", Span.from_token(exc.token),
+                            "beyond every range", help="every number of the language has a range "
+                                                       "(docs/language.md); whole numbers end at 19 digits")]
     items = _ToAst().transform(tree)
     return ast.Module(items, tuple(_scan_comments(text))), []
 
