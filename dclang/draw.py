@@ -224,6 +224,11 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
         bottom.node("legend", table, shape="plaintext", fontsize="9")
 
 
+#: edges a picture may have: `dot` lays out 900 edges (31 nodes, `edges * -> *`) in about a
+#: minute and 10,000 in more than five, and a picture of a few hundred is already unreadable
+MAX_DRAWN_EDGES = 400
+
+
 def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,
            params: dict[str, int] | None = None) -> Path:
     """Write the drawing; the suffix of `out` picks the format (svg, png, pdf or dot)."""
@@ -232,12 +237,19 @@ def render(graph: nx.DiGraph, out: str | Path, *, show_cutoff: bool = False,
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise UserError(f"cannot draw to `{out.name}`: unknown format `.{fmt}`",
+        what = f"unknown format `.{fmt}`" if fmt else "it has no suffix to say the format"
+        raise UserError(f"cannot draw to `{out.name}`: {what}",
                         "give the output a suffix of " + ", ".join(f".{f}" for f in FORMATS))
     dot = to_graphviz(graph, show_cutoff=show_cutoff, params=params)
     if fmt == "dot":
         data = dot.source.encode("utf-8")
     else:
+        drawn = sum("->" in line for line in dot.body)
+        if drawn > MAX_DRAWN_EDGES:
+            raise UserError(f"{drawn} edges are too many to lay out in a picture (at most {MAX_DRAWN_EDGES}: "
+                            "Graphviz takes minutes on such a graph, and nobody could read it)",
+                            f"draw to `{out.with_suffix('.dot').name}` (the graph's text, written at once)"
+                            + (", or leave out the cutoff edges (no --show-cutoff)" if show_cutoff else ""))
         try:
             data = dot.pipe(format=fmt)
         except graphviz.ExecutableNotFound as exc:

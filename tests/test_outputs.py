@@ -119,3 +119,16 @@ def test_a_read_only_file_system(tmp_path):
     assert f"cannot write {folder}/g.svg: {folder} is on a read-only file system" in result.stderr
     assert f"cannot write {folder}/g.kt: {folder} is on a read-only file system" in result.stderr
     assert (folder / "g.kt").read_text(encoding="utf-8") == UNFORMATTED
+
+
+def test_a_graph_too_dense_to_draw_is_refused_at_once_and_still_written_as_dot(tmp_path):
+    """40 nodes joined each to each: 820 drawn edges, which `dot` would lay out for minutes."""
+    nodes = "".join(f"node n{i} : cnn_tiny{' [target]' * (i == 0)}\n" for i in range(40))
+    kt = tmp_path / "dense.kt"
+    kt.write_text(f"graph dense\ndata digits {{ val_split = 100 }}\ntrain {{ epochs = 1 }}\n{nodes}"
+                  "edges * -> * : through\n")
+    refused = CliRunner().invoke(main, ["draw", str(kt), "-o", str(tmp_path / "dense.svg")])
+    assert refused.exit_code == 1 and "820 edges are too many to lay out" in refused.output, refused.output
+    assert "dense.dot" in refused.output and not (tmp_path / "dense.svg").exists()
+    written = CliRunner().invoke(main, ["draw", str(kt), "-o", str(tmp_path / "dense.dot")])
+    assert written.exit_code == 0 and (tmp_path / "dense.dot").read_text().count("->") >= 820

@@ -361,3 +361,17 @@ def test_no_message_names_a_flag_that_does_not_exist():
                 if found.group() not in commands[command] and found.group() != "--nproc_per_node":
                     unknown.append((source.name, command, found.group()))
     assert isinstance(main, click.Group) and not unknown, unknown
+
+
+def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path):
+    """Data that cannot be loaded is found after the folder is claimed: the folder the run made
+    goes again, and a folder the user made stays, as empty as it was."""
+    kt = tmp_path / "bad.kt"
+    kt.write_text('graph bad\ndata npz { path = "missing.npz" }\ntrain { epochs = 1  batch = 8 }\n'
+                  "node s : cnn_tiny [target]\nlabel -> s : through\n")
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    kept.mkdir()
+    for out in (made, kept):
+        result = CliRunner().invoke(main, ["run", str(kt), "-o", str(out), "--device", "cpu", "--no-progress"])
+        assert result.exit_code == 1 and "missing.npz does not exist" in result.output, result.output
+    assert not made.exists() and kept.is_dir() and list(kept.iterdir()) == []

@@ -159,17 +159,24 @@ class Run:
         rundir = RunDir(run_dir) if run_dir is not None else None
         if dist is not None:
             rundir = dist.rank_zero(rundir)
+        fresh = rundir is not None and rundir.fresh()
+        made = rundir is not None and not rundir.root.exists()
         if rundir is not None:
             rundir.claim(g.graph["name"])  # rank 0 alone, under torchrun
-        if dataset is None:
-            dataset = _load_dataset(g.graph["data"], data_dir)
-        run = cls(g, graph_text(g), dataset, rundir, torch_device, dist, engine, seed, epochs,
-                  progress and (dist is None or dist.is_main), data_dir)
-        if run.batch > len(dataset.train):
-            raise UserError(f"batch = {run.batch} is larger than the training split ({len(dataset.train)} images of "
-                            f"{dataset.name}): every epoch would be a single step",
-                            "lower `batch` in the train block (or --set train.batch=N), or train on more images "
-                            "(a smaller val_split)")
+        try:
+            if dataset is None:
+                dataset = _load_dataset(g.graph["data"], data_dir)
+            run = cls(g, graph_text(g), dataset, rundir, torch_device, dist, engine, seed, epochs,
+                      progress and (dist is None or dist.is_main), data_dir)
+            if run.batch > len(dataset.train):
+                raise UserError(f"batch = {run.batch} is larger than the training split ({len(dataset.train)} "
+                                f"images of {dataset.name}): every epoch would be a single step",
+                                "lower `batch` in the train block (or --set train.batch=N), or train on more "
+                                "images (a smaller val_split)")
+        except BaseException:  # refused before any work: a folder this run made is taken away again
+            if fresh:
+                rundir.abandon(made=made)
+            raise
         if len(dataset.val) == 0:
             say("warning: the validation split is empty (val_split = 0), so best.pt is the last epoch; "
                 "test accuracy is never used to select")

@@ -34,6 +34,7 @@ and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -274,6 +275,20 @@ class RunDir:
         handle = _HELD.pop(str(self.root.resolve()), None)
         if handle is not None:
             handle.close()
+
+    def fresh(self) -> bool:
+        """Whether the folder holds nothing yet: absent, or empty (what `abandon` may undo)."""
+        return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
+
+    def abandon(self, *, made: bool) -> None:
+        """Undo a `claim` of a fresh folder, for a run refused before any work: its manifest
+        and lock go, and the folder too when this run `made` it and nothing else is in it."""
+        self.release()
+        for path in (self.manifest, self.lock):
+            path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # something else was put there meanwhile: it stays
+                self.root.rmdir()
 
     def _check_manifest(self) -> None:
         try:
