@@ -7,6 +7,7 @@ checked like any file, so a mistake in an override is reported at its place, wit
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -281,7 +282,8 @@ def run_command(file: Path, run_dir: Path | None, epochs: int | None, device: st
                         resume=resume, progress=not no_progress, options=options, autotune=autotune)
         except KeyboardInterrupt:
             _stopped(out, graph.graph["target"], epochs or graph.graph["train"].epochs)
-        click.echo(_results(out, write_node_curves(out)))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes the run's files
+            click.echo(_results(out, write_node_curves(out)))
     if len(plan) > 1:
         click.echo(f"mean ± std over the seeds: dclang report {root}", err=True)
 
