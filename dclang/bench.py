@@ -627,6 +627,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     summed), the computing operations one step dispatches (each a kernel launch on a GPU),
     on CUDA the achieved TFLOP/s and MFU, and which variant `dclang run` uses here.
     """
+    from dclang.compile.accelerate import quiet_cpu_compiler
     from dclang.compile.tf32 import set_tf32
     from dclang.data import DATASETS, DataError, load_dataset
     from dclang.train.command import load_with_overrides
@@ -640,10 +641,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     train = checked.graph.graph["train"]
     graph = resolved_graph(checked.graph, epochs=train.epochs, seed=train.seed)  # as `dclang run` trains it
     torch_device = resolve_device(device)
-    if torch_device.type == "cpu":  # inductor's CPU build imports cpp_extension, which warns when a CUDA
-        import logging  # toolkit is installed but torch has no CUDA runtime: no news on a CPU
-
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_cpu_compiler(torch_device)
     set_tf32(tf32)
     data = graph.graph["data"]
     info = DATASETS.get(data.dataset)

@@ -145,6 +145,16 @@ def own_storage(model: nn.Module) -> None:
                 module._buffers[leaf] = buffer.clone()
 
 
+def quiet_cpu_compiler(device: torch.device) -> None:
+    """torch.compile's CPU build (inductor) imports `torch.utils.cpp_extension`, which logs "No
+    CUDA runtime is found" when a CUDA toolkit is installed but torch has no CUDA runtime: no
+    news on a CPU, so that logger says only errors there."""
+    if device.type == "cpu":
+        import logging
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 # ---------------------------------------------------------------- CUDA graphs
 
 

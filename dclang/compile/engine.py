@@ -156,6 +156,8 @@ class Engine:
         self.linear_weights = torch.ones(len(self.members), dtype=torch.float64, device=self.device)
         self._plans: dict[tuple[int, ...], tuple[LossPlan, Tensor | None]] = {}
         # torch.compile: static shapes, compiled for the first batch shapes (see `_eager_step`)
+        if self.options.compile:
+            accelerate.quiet_cpu_compiler(self.device)
         self.compiled = torch.compile(self._forward_losses, dynamic=False) if self.options.compile else None
         self.compiled_shapes: tuple | None = None
         self.eager_steps = 0
