@@ -35,6 +35,23 @@ def no_tf32():
         yield
 
 
+# ---------------------------------------------------------------- a broken torchvision
+
+
+@pytest.fixture
+def broken_torchvision(tmp_path) -> Path:
+    """A folder to put first on PYTHONPATH holding a real `torchvision` package whose import
+    fails as a torchvision built for another torch does, with its own metadata (0.28.0)."""
+    fake = tmp_path / "site"
+    (fake / "torchvision").mkdir(parents=True)
+    (fake / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n', encoding="utf-8")
+    (fake / "torchvision-0.28.0.dist-info").mkdir()
+    (fake / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n", encoding="utf-8")
+    return fake
+
+
 # ---------------------------------------------------------------- golden files
 
 

@@ -205,17 +205,11 @@ def test_dclang_run_on_a_data_path_that_is_a_folder_stops_at_check(runner, tmp_p
 # ---------------------------------------------------------------- a broken torchvision
 
 
-def test_a_broken_torchvision_on_the_data_path_names_the_versions(tmp_path):
+def test_a_broken_torchvision_on_the_data_path_names_the_versions(tmp_path, broken_torchvision):
     """The data readers and the per-image baseline transforms import torchvision through
     `import_library`: a torchvision built for another torch (here a real package first on the
     path whose import fails as such a one does) is an error naming both versions."""
-    fake = tmp_path / "site"
-    (fake / "torchvision").mkdir(parents=True)
-    (fake / "torchvision" / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n', encoding="utf-8")
-    (fake / "torchvision-0.28.0.dist-info").mkdir()
-    (fake / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n", encoding="utf-8")
+    fake = broken_torchvision
     probe = ("import sys\nfrom dclang.data import load_dataset, per_sample_transforms\n"
              "from dclang.diagnostics import UserError\n"
              "for call in (lambda: load_dataset('cifar10', data_dir=sys.argv[1], val_split=0, split_seed=0,"

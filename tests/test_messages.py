@@ -134,16 +134,10 @@ def test_a_vit_whose_patches_do_not_divide_the_images_is_found_by_check():
     assert diag.code == "E222" and "patch size does not divide 8x8" in diag.message
 
 
-def test_a_torchvision_that_does_not_match_torch_is_a_clear_error(tmp_path):
+def test_a_torchvision_that_does_not_match_torch_is_a_clear_error(tmp_path, broken_torchvision):
     """A real failing import: a `torchvision` package first on the path whose import raises what a
     torchvision built for another torch raises, with its own distribution metadata (0.28.0)."""
-    fake = tmp_path / "site"
-    (fake / "torchvision").mkdir(parents=True)
-    (fake / "torchvision" / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n', encoding="utf-8")
-    (fake / "torchvision-0.28.0.dist-info").mkdir()
-    (fake / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n", encoding="utf-8")
+    fake = broken_torchvision
     kt = tmp_path / "g.kt"
     kt.write_text("graph g\ndata digits { }\nnode r : torchvision.resnet18 [target]\nlabel -> r : through\n",
                   encoding="utf-8")
