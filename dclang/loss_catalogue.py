@@ -133,6 +133,25 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
              "channel counts may differ, spatial sizes must match"),
 )}
 
+_COUNT = dict(check=lambda v: v >= 1 and v == int(v), rule="must be a whole number >= 1")
+
+#: losses whose computation is ready (`dclang.crd`) but whose edges need each batch's sample
+#: indices, which the training step does not receive yet: `dclang check` names them as such
+#: (E203) rather than as unknown. Moving an entry into LOSSES makes the language take it.
+AWAITING_INDICES: dict[str, LossInfo] = {info.name: info for info in (
+    LossInfo("crd", "logits or layer",
+             {"feat_dim": Arg(128, **_COUNT, help="size of the embeddings"),
+              "nce_k": Arg(4096, **_COUNT, help="negatives drawn per sample"),
+              "T": _T(0.07), "weight": WEIGHT},
+             "a_n = -log(P_n0 / (P_n0 + K/N + eps)) - sum_{j=1..K} log((K/N) / (P_nj + K/N + eps)), both "
+             "directions; P_nj = exp(v_n . m_idx(n,j) / T) / Z, v = L2-normalised linear embedding, m the other "
+             "end's memory bank, idx(n,0) = n",
+             _MEAN, "none (the authors' code uses 0.8: write weight=0.8)",
+             "Tian et al. 2020, Contrastive Representation Distillation (ICLR)",
+             "the edge owns both embedding heads (trained with the target) and a memory bank of N training "
+             "samples per end (momentum 0.5), kept in the target's checkpoints"),
+)}
+
 #: the loss an edge has when none is written: `ce` from `label`, `kl` between nodes' logits;
 #: an edge between layers must name its loss
 NATURAL = {"label": "ce", "logits": "kl"}

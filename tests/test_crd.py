@@ -1,0 +1,197 @@
+"""Contrastive representation distillation (`dclang.crd`): values, gradients, banks, state.
+
+The NCE loss, the normalising constants and the banks' momentum update are held against numpy
+written here from Tian et al.'s formulas with explicit loops, in float64, to rtol 1e-10;
+gradients (the target's features and both heads) against central finite differences of that
+numpy (h = 1e-6, rtol 1e-6 / atol 1e-8) and `torch.autograd.gradcheck`. The module's state
+(heads, banks, Z) goes through a real checkpoint file and continues identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from dclang.api import check
+from dclang.crd import CRD, add_crd, crd_edge_loss
+from dclang.ir import EdgeSpec
+from dclang.models import build_model
+from dclang.models.connector import CONNECTORS, connector_of, own, without_connectors
+
+VALUES = dict(rtol=1e-10, atol=1e-12)
+GRADS = dict(rtol=1e-6, atol=1e-8)
+B, N, K, D = 5, 20, 6, 4
+
+
+def unit(x):
+    return x / np.sqrt((x ** 2).sum(axis=1, keepdims=True))
+
+
+def np_crd(fs, ft, params, memory_s, memory_t, z, indices, negatives, T):
+    """a_n of both directions, the Z used and the updated banks, from explicit loops."""
+    ws, bs, wt, bt = params
+    vs, vt = unit(fs.reshape(B, -1) @ ws.T + bs), unit(ft.reshape(B, -1) @ wt.T + bt)
+    contrast = [[indices[n]] + list(negatives[n]) for n in range(B)]
+    scores = [np.array([[np.exp(memory[c] @ v[n] / T) for c in contrast[n]] for n in range(B)])
+              for memory, v in ((memory_s, vt), (memory_t, vs))]
+    z = [z[i] if z[i] >= 0 else scores[i].mean() * N for i in range(2)]
+    noise = K / N
+    a = np.zeros(B)
+    for i in range(2):
+        p = scores[i] / z[i]
+        for n in range(B):
+            a[n] -= np.log(p[n, 0] / (p[n, 0] + noise + 1e-7))
+            a[n] -= sum(np.log(noise / (p[n, j] + noise + 1e-7)) for j in range(1, K + 1))
+    banks = []
+    for memory, v in ((memory_s, vs), (memory_t, vt)):
+        memory = memory.copy()
+        for n in range(B):
+            moved = 0.5 * memory[indices[n]] + 0.5 * v[n]
+            memory[indices[n]] = moved / np.sqrt((moved ** 2).sum())
+        banks.append(memory)
+    return a, z, banks
+
+
+@pytest.fixture
+def setup(float64):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    module = CRD(12, 8, N, feat_dim=D, nce_k=K, T=0.5)
+    fs, ft = rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 2, 2, 2))
+    indices = torch.tensor([3, 17, 0, 9, 11])
+    negatives = torch.tensor(rng.integers(0, N, size=(B, K)))
+    return module, fs, ft, indices, negatives
+
+
+def state(module):
+    return ([p.detach().numpy().copy() for p in (module.embed_source.linear.weight, module.embed_source.linear.bias,
+                                                 module.embed_target.linear.weight, module.embed_target.linear.bias)],
+            module.memory_source.numpy().copy(), module.memory_target.numpy().copy(), module.z.numpy().copy())
+
+
+def test_values_first_z_and_bank_update(setup):
+    module, fs, ft, indices, negatives = setup
+    params, mem_s, mem_t, z = state(module)
+    assert (z < 0).all()
+    a = module(torch.tensor(fs), torch.tensor(ft), indices, negatives)
+    want, want_z, (bank_s, bank_t) = np_crd(fs, ft, params, mem_s, mem_t, z, indices.numpy(), negatives.numpy(), 0.5)
+    np.testing.assert_allclose(a.detach().numpy(), want, **VALUES)
+    np.testing.assert_allclose(module.z.numpy(), want_z, **VALUES)
+    np.testing.assert_allclose(module.memory_source.numpy(), bank_s, **VALUES)
+    np.testing.assert_allclose(module.memory_target.numpy(), bank_t, **VALUES)
+    # a second batch keeps Z and reads the updated banks
+    a2 = module(torch.tensor(2 * fs), torch.tensor(-ft), indices, negatives)
+    want2, z2, _ = np_crd(2 * fs, -ft, params, bank_s, bank_t, np.array(want_z), indices.numpy(), negatives.numpy(),
+                          0.5)
+    np.testing.assert_allclose(a2.detach().numpy(), want2, **VALUES)
+    assert module.z.tolist() == list(want_z) == list(z2)
+
+
+def test_gradients_of_the_target_and_both_heads(setup):
+    """With Z set (after a first batch), the loss of the target's features and of both
+    heads' weights against central differences of the numpy loss."""
+    module, fs, ft, indices, negatives = setup
+    module(torch.tensor(fs), torch.tensor(ft), torch.tensor([1, 2, 4, 5, 6]), negatives)  # sets Z, moves banks
+    params, mem_s, mem_t, z = state(module)
+    fresh = copy.deepcopy(module)
+    w = np.linspace(0.5, 1.5, B)
+    source, target = torch.tensor(fs, requires_grad=True), torch.tensor(ft, requires_grad=True)
+    (torch.tensor(w) * fresh(source, target, indices, negatives)).sum().backward()
+    assert source.grad is None
+
+    def numeric(f, x, h=1e-6):
+        grad = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            up, down = x.copy(), x.copy()
+            up[i] += h
+            down[i] -= h
+            grad[i] = ((w * f(up)).sum() - (w * f(down)).sum()) / (2 * h)
+        return grad
+
+    loss = lambda fs_, ft_, p: np_crd(fs_, ft_, p, mem_s, mem_t, z, indices.numpy(), negatives.numpy(), 0.5)[0]  # noqa: E731
+    np.testing.assert_allclose(target.grad.numpy(), numeric(lambda x: loss(fs, x, params), ft), **GRADS)
+    for i, linear in ((0, fresh.embed_source.linear), (2, fresh.embed_target.linear)):
+        with_weight = lambda x, i=i: loss(fs, ft, params[:i] + [x] + params[i + 1:])  # noqa: E731
+        np.testing.assert_allclose(linear.weight.grad.numpy(), numeric(with_weight, params[i]), **GRADS)
+
+    def pure(x):
+        return copy.deepcopy(module)(torch.tensor(fs), x, indices, negatives)
+
+    assert torch.autograd.gradcheck(pure, (torch.tensor(ft, requires_grad=True),))
+
+
+def test_negatives_are_drawn_uniformly_from_the_training_set(setup):
+    module, fs, ft, indices, _ = setup
+    torch.manual_seed(5)
+    a = copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices)
+    torch.manual_seed(5)
+    drawn = torch.randint(0, N, (B, K))
+    torch.testing.assert_close(a, copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices, drawn),
+                               rtol=0, atol=0)
+
+
+def test_nce_k_must_be_smaller_than_the_training_set():
+    with pytest.raises(ValueError, match="nce_k must be smaller"):
+        CRD(4, 4, 10, nce_k=10)
+
+
+def test_the_gate_weighs_each_samples_nce_loss(setup):
+    module, fs, ft, indices, negatives = setup
+    edge = EdgeSpec("t", "s", "correct", "crd", 0.5, 0.8)
+    logits, labels = torch.tensor(np.random.default_rng(1).normal(size=(B, 3))), torch.tensor([0, 1, 2, 0, 1])
+    g = (logits.argmax(dim=1) == labels).double()
+    assert 0 < g.sum() < B
+    a = copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices, negatives).detach()
+    owner = torch.nn.Sequential(torch.nn.Identity())
+    own(owner, edge, module)
+    loss, weights = crd_edge_loss(edge, torch.tensor(fs), torch.tensor(ft), logits, labels, indices, owner,
+                                  k=1, k_end=1, negatives=negatives)
+    torch.testing.assert_close(loss, (0.8 * g * a).mean(), **VALUES)
+    assert weights.tolist() == g.tolist()
+
+
+def test_the_target_owns_heads_and_banks_through_a_checkpoint(tmp_path, float64):
+    """`add_crd` gives the target a CRD module sized by the ends: its parameters are the
+    target's, its banks and Z are in the target's state and come back from a real file,
+    after which the two copies compute the same; the target's forward never runs it."""
+    graph = check("""graph g
+data digits { val_split = 300 }
+node s : cnn_tiny [target]
+node t : cnn_tiny
+label -> s : through
+label -> t : through
+t.conv2 -> s.pool : through rkd()
+t -> s : through rkd()
+""").graph
+    for u, v, key, spec in list(graph.edges(keys=True, data="spec")):
+        if spec.loss == "rkd":
+            graph.edges[u, v, key]["spec"] = dataclasses.replace(spec, loss="crd", T=0.07,
+                                                                 args=(("feat_dim", 8.0), ("nce_k", 16.0)))
+    torch.manual_seed(0)
+    models = {n: build_model("cnn_tiny", 10, 1, 8) for n in ("s", "t")}
+    add_crd(graph, models, (1, 8, 8), 10, 100)
+    edges = {spec.key: spec for _, _, spec in graph.edges(data="spec")}
+    layer, logits = connector_of(models["s"], edges["t.conv2->s.pool"]), connector_of(models["s"], edges["t->s"])
+    assert layer.embed_source.linear.in_features == 16 * 8 * 8 and layer.embed_target.linear.in_features == 16
+    assert logits.embed_source.linear.in_features == 10 and layer.memory_source.shape == (100, 8)
+    assert {id(p) for p in layer.parameters()} <= {id(p) for p in models["s"].parameters()}
+    assert models["s"](torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    x, indices = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 7, 99])
+    logits(models["t"](x), models["s"](x), indices)  # moves the banks and sets Z
+    path = tmp_path / "s.pt"
+    torch.save(models["s"].state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert f"{CONNECTORS}.t__None__None.memory_source" in state and f"{CONNECTORS}.t__None__None.z" in state
+    assert not any(k.startswith(CONNECTORS) for k in without_connectors(state))
+    torch.manual_seed(1)
+    again = {"s": build_model("cnn_tiny", 10, 1, 8), "t": models["t"]}
+    add_crd(graph, again, (1, 8, 8), 10, 100)
+    again["s"].load_state_dict(state)
+    negatives = torch.randint(0, 100, (4, 16))
+    first = logits(models["t"](x), models["s"](x), indices, negatives)
+    second = connector_of(again["s"], edges["t->s"])(models["t"](x), again["s"](x), indices, negatives)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
