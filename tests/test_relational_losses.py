@@ -29,6 +29,7 @@ from dclang.feature_losses import layer_edge_loss, nst_per_sample
 from dclang.ir import EdgeSpec
 from dclang.losses import edge_losses
 from dclang.relational_losses import pkt_loss, rkd_loss
+from dclang.search.space import realize, search_space
 from dclang.syntax.format import format_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -338,3 +339,44 @@ def test_the_examples_check(example):
     checked = check((ROOT / "examples" / example).read_text())
     assert checked.ok, checked.errors
     assert any(spec.loss == "rkd" for _, _, spec in checked.graph.edges(data="spec"))
+
+
+def test_hfta_with_the_new_losses_equals_the_fused_engine(float64):
+    """`s` and `p` fused into one network (HFTA): the new losses between their logits and
+    layers, read from the fused network, equal the separate models' over four steps."""
+    graph = check(HEAD + EDGES).graph
+    steps = {hfta: compile_graph(graph, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
+                                 seed=0, steps_per_epoch=2, epochs=2,
+                                 options=StepOptions(hfta=hfta, channels_last=False)) for hfta in (False, True)}
+    assert [g.names for g in steps[True].groups] == [["s", "p"]]
+    gen = torch.Generator().manual_seed(4)
+    for k in range(1, 5):
+        x, y = torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+        stats = {hfta: step.step(x, y, k) for hfta, step in steps.items()}
+        for key, loss in stats[False].edge_loss.items():
+            torch.testing.assert_close(stats[True].edge_loss[key], loss, rtol=1e-9, atol=1e-12, msg=key)
+    for node, model in steps[False].models.items():
+        for key, value in steps[True].models[node].state_dict().items():
+            torch.testing.assert_close(value, model.state_dict()[key], rtol=1e-9, atol=1e-12, msg=f"{node}.{key}")
+
+
+def test_a_bulk_edge_with_a_loss_over_pairs_keeps_cross_entropy_from_the_label():
+    text = HEAD.replace("label -> s : through\nlabel -> p : through\n", "edges * -> * : correct pkt(weight=2)\n")
+    checked = check(text)
+    assert checked.ok, checked.errors
+    losses = {spec.key: (spec.loss, spec.gate, spec.weight) for _, _, spec in checked.graph.edges(data="spec")}
+    assert losses == {"label->s": ("ce", "correct", 2.0), "label->p": ("ce", "correct", 2.0),
+                      "p->s": ("pkt", "correct", 2.0), "s->p": ("pkt", "correct", 2.0)}
+
+
+def test_search_picks_among_the_new_losses():
+    template = parse(HEAD + "p.pool -> s.pool : through choice(rkd(), pkt(), sp())\n"
+                            "p.conv2 -> s.conv2 : through nst(weight=choice(1, 50))\n"
+                            "p -> s : through rkd(angle=choice(0, 2))\n")
+    space = {p.name: p.choices for p in search_space(template)}
+    assert space == {"p.pool->s.pool.loss": ("rkd()", "pkt()", "sp()"), "p.conv2->s.conv2.weight": (1, 50),
+                     "p->s.angle": (0, 2)}
+    trial = realize(template, {name: choices[1] for name, choices in space.items()})
+    assert trial.ok, trial.problem
+    assert {"p.pool -> s.pool : through pkt()", "p.conv2 -> s.conv2 : through nst(weight=50)",
+            "p -> s : through rkd(angle=2)"} <= {re.sub(" +", " ", line) for line in trial.text.splitlines()}
