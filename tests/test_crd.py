@@ -1,10 +1,11 @@
 """Contrastive representation distillation (`dclang.crd`): values, gradients, banks, state.
 
-The NCE loss, the normalising constants and the banks' momentum update are held against numpy
-written here from Tian et al.'s formulas with explicit loops, in float64, to rtol 1e-10;
-gradients (the target's features and both heads) against central finite differences of that
-numpy (h = 1e-6, rtol 1e-6 / atol 1e-8) and `torch.autograd.gradcheck`. The module's state
-(heads, banks, Z) goes through a real checkpoint file and continues identically.
+The NCE loss, the normalising constants and the banks' momentum update are held against
+numpy written here from Tian et al.'s formulas with explicit loops, in float64, to rtol
+1e-10; gradients (the target's features and both heads) against central finite differences
+of that numpy (`test_loss_catalogue.numeric_grad`, h = 1e-6, rtol 1e-6 / atol 1e-8) and
+`torch.autograd.gradcheck`. The module's state (heads, banks, Z) goes through a real
+checkpoint file and continues identically.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_loss_catalogue import numeric_grad
 
 from dclang.api import check
 from dclang.crd import CRD, add_crd, crd_edge_loss
@@ -98,25 +100,16 @@ def test_gradients_of_the_target_and_both_heads(setup):
     module(torch.tensor(fs), torch.tensor(ft), torch.tensor([1, 2, 4, 5, 6]), negatives)  # sets Z, moves banks
     params, mem_s, mem_t, z = state(module)
     fresh = copy.deepcopy(module)
-    w = np.linspace(0.5, 1.5, B)
+    w = np.linspace(0.5, 1.5, B)  # the weights numeric_grad gives the samples
     source, target = torch.tensor(fs, requires_grad=True), torch.tensor(ft, requires_grad=True)
     (torch.tensor(w) * fresh(source, target, indices, negatives)).sum().backward()
     assert source.grad is None
 
-    def numeric(f, x, h=1e-6):
-        grad = np.zeros_like(x)
-        for i in np.ndindex(x.shape):
-            up, down = x.copy(), x.copy()
-            up[i] += h
-            down[i] -= h
-            grad[i] = ((w * f(up)).sum() - (w * f(down)).sum()) / (2 * h)
-        return grad
-
     loss = lambda fs_, ft_, p: np_crd(fs_, ft_, p, mem_s, mem_t, z, indices.numpy(), negatives.numpy(), 0.5)[0]  # noqa: E731
-    np.testing.assert_allclose(target.grad.numpy(), numeric(lambda x: loss(fs, x, params), ft), **GRADS)
+    np.testing.assert_allclose(target.grad.numpy(), numeric_grad(lambda x: loss(fs, x, params), ft)[0], **GRADS)
     for i, linear in ((0, fresh.embed_source.linear), (2, fresh.embed_target.linear)):
         with_weight = lambda x, i=i: loss(fs, ft, params[:i] + [x] + params[i + 1:])  # noqa: E731
-        np.testing.assert_allclose(linear.weight.grad.numpy(), numeric(with_weight, params[i]), **GRADS)
+        np.testing.assert_allclose(linear.weight.grad.numpy(), numeric_grad(with_weight, params[i])[0], **GRADS)
 
     def pure(x):
         return copy.deepcopy(module)(torch.tensor(fs), x, indices, negatives)

@@ -2,10 +2,11 @@
 
 Values are held against numpy written here from the papers' formulas with explicit loops, in
 float64, to rtol 1e-10; gradients against central finite differences of those numpy
-functions (h = 1e-6, rtol 1e-6 / atol 1e-8) and by `torch.autograd.gradcheck`. The gates'
-meaning for a loss over pairs (each pair weighted by min(g_i, g_j), each triplet by the min of
-its three) is held against the same loops; then the front end (check, fmt, draw) and the
-engines (fused equals reference in float64, a digits run end to end).
+functions (`test_loss_catalogue.numeric_grad`, h = 1e-6, rtol 1e-6 / atol 1e-8) and by
+`torch.autograd.gradcheck`. The gates' meaning for a loss over pairs (each pair weighted by
+min(g_i, g_j), each triplet by the min of its three) is held against the same loops; then
+the front end (check, fmt, draw, search) and the engines (fused equals reference in float64,
+HFTA equals fused, a digits run end to end).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_loss_catalogue import numeric_grad
 
 from dclang.api import check, parse
 from dclang.cli import main
@@ -93,26 +95,13 @@ def np_nst(fs, ft):
     return np.array(out)
 
 
-def central_grad(f, x, h=1e-6):
-    """d sum(w * f(x)) / dx, f scalar or per sample (w fixed weights), by central differences."""
-    n = np.size(f(x))
-    w = np.linspace(0.5, 1.5, n) if n > 1 else np.ones(1)
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = ((w * f(up)).sum() - (w * f(down)).sum()) / (2 * h)
-    return grad, w
-
-
 def check_against(torch_fn, np_fn, source, target):
     """Values equal; the target's gradient equals the numeric one; the source gets none;
     and gradcheck agrees on the torch function's own derivative."""
     s, t = torch.tensor(source, requires_grad=True), torch.tensor(target, requires_grad=True)
     got = torch_fn(s, t)
     np.testing.assert_allclose(got.detach().numpy(), np_fn(source, target), **VALUES)
-    want, w = central_grad(lambda x: np_fn(source, x), target)
+    want, w = numeric_grad(lambda x: np.atleast_1d(np_fn(source, x)), target)
     (torch.tensor(w) * got).sum().backward()
     np.testing.assert_allclose(t.grad.numpy(), want, **GRADS)
     assert s.grad is None, "a gradient reached the source"
@@ -220,8 +209,8 @@ def test_gates_weigh_each_pair_by_its_smallest_gate(rng, gate, loss, args):
     got, weights = edge_losses([spec], s[None], t[None], labels, k=2, k_end=8)
     np.testing.assert_allclose(got.detach().numpy(), [3 * np_fn(zs, zt)], **VALUES)
     assert weights[0].tolist() == g.tolist()
-    got.sum().backward()
-    want, _ = central_grad(lambda x: 3 * np_fn(zs, x), zt)
+    want, w = numeric_grad(lambda x: np.atleast_1d(3 * np_fn(zs, x)), zt)
+    (torch.tensor(w) * got).sum().backward()
     np.testing.assert_allclose(t.grad.numpy(), want, **GRADS)
     # the same edge between layers: features flattened per sample, gate from the source's logits
     fs, ft = rng.normal(size=(6, 2, 1, 2)), rng.normal(size=(6, 1, 2, 2))
