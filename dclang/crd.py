@@ -17,8 +17,9 @@ sample and far from the source's embeddings of other samples of the training set
 
 Each sample n is contrasted with its own bank entry (the positive) and `nce_k` entries drawn
 uniformly from the training set (negatives; as in the authors' code a draw may hit the
-positive). Its loss, in both directions (the target's embedding against the source's bank,
-and the source's embedding against the target's bank), is NCE's:
+positive), from a stream of the module's own seeded by the update number. Its loss, in both
+directions (the target's embedding against the source's bank, and the source's embedding
+against the target's bank), is NCE's:
 
     a_n = -log(P_n0 / (P_n0 + K/N + eps)) - sum_j log((K/N) / (P_nj + K/N + eps)),
     P_nj = exp(v_n . m_idx(n,j) / T) / Z, eps = 1e-7.
@@ -39,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dclang.diagnostics import UserError
 from dclang.gates import gate_weights
 from dclang.ir import EdgeSpec, live_edges
-from dclang.loss_catalogue import AWAITING_INDICES
+from dclang.loss_catalogue import LOSSES
 from dclang.models.connector import connector_of, own
 
 #: the arguments of `crd(...)` with their defaults (`dclang.loss_catalogue`)
-DEFAULTS = {key: arg.default for key, arg in AWAITING_INDICES["crd"].args.items()}
+DEFAULTS = {key: arg.default for key, arg in LOSSES["crd"].args.items()}
 #: the bank's momentum and NCE's eps, the authors' values
 MOMENTUM, EPS = 0.5, 1e-7
 
@@ -80,16 +82,23 @@ class CRD(nn.Module):
         self.register_buffer("memory_source", torch.rand(n_data, feat_dim) * 2 * bound - bound)
         self.register_buffer("memory_target", torch.rand(n_data, feat_dim) * 2 * bound - bound)
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of (target vs source bank, source vs target bank)
+        # the negatives' stream: drawn from the seeded construction, so a rebuilt module has it too
+        self.seed = int(torch.randint(0, 2 ** 31, ()))
 
-    def forward(self, source: Tensor, target: Tensor, indices: Tensor, negatives: Tensor | None = None) -> Tensor:
+    def negatives(self, indices: Tensor, k: int) -> Tensor:
+        """`nce_k` bank entries per sample, uniform over the training set, for update `k`: a
+        function of the module's seed and k alone, so every engine, in any order of edges, and
+        a resumed run draw the same ones."""
+        generator = torch.Generator(device=indices.device).manual_seed(self.seed * 1_000_003 + k)
+        return torch.randint(0, self.n_data, (len(indices), self.nce_k), device=indices.device, generator=generator)
+
+    def forward(self, source: Tensor, target: Tensor, indices: Tensor, negatives: Tensor) -> Tensor:
         """a_n of the batch, shape (B,), then the banks updated with the batch.
 
         `indices` (B,) are the samples' positions in the training set; `negatives` (B, nce_k)
-        the bank entries to contrast with, drawn uniformly (torch's default generator) when
-        None. The source is detached here, whatever the caller passed."""
+        the bank entries to contrast with (`negatives`). The source is detached here,
+        whatever the caller passed."""
         v_source, v_target = self.embed_source(source.detach()), self.embed_target(target)
-        if negatives is None:
-            negatives = torch.randint(0, self.n_data, (len(indices), self.nce_k), device=indices.device)
         contrast = torch.cat([indices[:, None], negatives], dim=1)  # (B, 1 + K): the positive first
         scores = torch.stack([self._scores(self.memory_source, contrast, v_target),
                               self._scores(self.memory_target, contrast, v_source)])  # (2, B, 1 + K)
@@ -119,6 +128,22 @@ class CRD(nn.Module):
         memory.index_copy_(0, indices, F.normalize(moved, dim=1))
 
 
+def check_crd(graph, *, train_size: int, plain: bool) -> None:
+    """Refuse, as a mistake the user can fix, a `crd` edge the run cannot train: more
+    negatives than training samples, or a fast path (none passes the batch's positions yet)."""
+    for edge in live_edges(graph):
+        if edge.loss != "crd":
+            continue
+        where = f"line {edge.span.line}: " if edge.span is not None else ""
+        nce_k = int(dict(edge.args)["nce_k"])
+        if nce_k >= train_size:
+            raise UserError(f"{where}`{edge.key}` draws nce_k={nce_k} negatives per sample from "
+                            f"{train_size} training samples", f"write `crd(nce_k=N)` with N < {train_size}")
+        if not plain:
+            raise UserError(f"{where}`{edge.key}` (crd) runs on the plain fused and reference engines only",
+                            "drop --hfta, --compile, --precision, --channels-last and --cuda-graph")
+
+
 def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, int], num_classes: int,
             n_data: int) -> None:
     """Give each target of a live `crd` edge its CRD module (`connector.own`): heads sized by
@@ -140,16 +165,17 @@ def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, in
 
 
 def crd_edge_loss(edge: EdgeSpec, source: Tensor, target: Tensor, source_logits: Tensor, labels: Tensor,
-                  indices: Tensor, target_model: nn.Module, *, k: int, k_end: int,
-                  negatives: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  indices: Tensor, target_model: nn.Module, *, k: int, k_end: int) -> tuple[Tensor, Tensor]:
     """L_{s,t} of a `crd` edge and the gate weights it used, (B,): the batch mean of
     weight x g_n x a_n, g_n decided by the source's logits, like `layer_edge_loss`. `source`
     and `target` are the ends' layers or logits; `indices` the batch's positions in the
-    training split; the CRD module is the target model's own (`add_crd`)."""
-    per_sample = connector_of(target_model, edge)(source, target, indices, negatives)
+    training split; the CRD module is the target model's own (`add_crd`), its negatives
+    those of update k."""
+    module = connector_of(target_model, edge)
+    per_sample = module(source, target, indices, module.negatives(indices, k))
     weights = gate_weights(edge.gate, source_logits=source_logits.detach(), labels=labels, k=k, k_end=k_end,
                            batch=labels.shape[0], dtype=per_sample.dtype)
     return (edge.weight * weights * per_sample).mean(), weights
 
 
-__all__ = ["CRD", "DEFAULTS", "EPS", "MOMENTUM", "Embed", "add_crd", "crd_edge_loss"]
+__all__ = ["CRD", "DEFAULTS", "EPS", "MOMENTUM", "Embed", "add_crd", "check_crd", "crd_edge_loss"]

@@ -31,6 +31,7 @@ class Arg:
 
 
 _POSITIVE = dict(check=lambda v: v > 0, rule="must be > 0")
+_COUNT = dict(check=lambda v: v >= 1 and v == int(v), rule="must be a whole number >= 1")
 _NONNEGATIVE = dict(check=lambda v: v >= 0, rule="must be >= 0")
 
 
@@ -54,6 +55,7 @@ class LossInfo:
     reference: str
     note: str = ""
     pairs: bool = False  # a loss over pairs (or triplets) of the batch's samples, gated per pair
+    needs_indices: bool = False  # reads each batch's positions in the training split (crd's memory bank)
 
     @property
     def on_layers(self) -> bool:
@@ -106,7 +108,7 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
              "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (ICCV)",
              "compares B x B similarities, so any two layer shapes work; a_n is row n of the batch loss, "
              "so the mean over n is the paper's (1/B^2) ||G_s - G_t||_F^2"),
-    # losses over the batch's embeddings (logits, or a layer flattened per sample): their terms
+    # losses over the batch's embeddings (logits, or a layer flattened per sample): rkd and pkt's terms
     # are pairs or triplets of samples, each gated by the smallest gate weight among its samples
     LossInfo("rkd", "logits or layer",
              {"distance": Arg(1.0, **_NONNEGATIVE, help="weight of the distance-wise term"),
@@ -131,14 +133,6 @@ LOSSES: dict[str, LossInfo] = {info.name: info for info in (
              "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
              "MMD^2 between the two sets of channel maps of one sample: per sample, so gated like `at`; "
              "channel counts may differ, spatial sizes must match"),
-)}
-
-_COUNT = dict(check=lambda v: v >= 1 and v == int(v), rule="must be a whole number >= 1")
-
-#: losses whose computation is ready (`dclang.crd`) but whose edges need each batch's sample
-#: indices, which the training step does not receive yet: `dclang check` names them as such
-#: (E203) rather than as unknown. Moving an entry into LOSSES makes the language take it.
-AWAITING_INDICES: dict[str, LossInfo] = {info.name: info for info in (
     LossInfo("crd", "logits or layer",
              {"feat_dim": Arg(128, **_COUNT, help="size of the embeddings"),
               "nce_k": Arg(4096, **_COUNT, help="negatives drawn per sample"),
@@ -149,7 +143,8 @@ AWAITING_INDICES: dict[str, LossInfo] = {info.name: info for info in (
              _MEAN, "none (the authors' code uses 0.8: write weight=0.8)",
              "Tian et al. 2020, Contrastive Representation Distillation (ICLR)",
              "the edge owns both embedding heads (trained with the target) and a memory bank of N training "
-             "samples per end (momentum 0.5), kept in the target's checkpoints"),
+             "samples per end (momentum 0.5), kept in the target's checkpoints; it reads each batch's positions in "
+             "the training split", needs_indices=True),
 )}
 
 #: the loss an edge has when none is written: `ce` from `label`, `kl` between nodes' logits;
@@ -167,15 +162,12 @@ def defaults(name: str) -> dict[str, float]:
 
 
 def catalogue_table() -> str:
-    """The Markdown table `docs/training.md` holds (kept in step by tests/test_loss_catalogue.py),
-    the losses awaiting sample indices last."""
+    """The Markdown table `docs/training.md` holds (kept in step by tests/test_loss_catalogue.py)."""
     rows = ["| loss | endpoints | arguments (default, range) | per-sample a_n | reduction | scaling | reference |",
             "|---|---|---|---|---|---|---|"]
     cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a `|` would end the cell)
-    for info in [*LOSSES.values(), *AWAITING_INDICES.values()]:
+    for info in LOSSES.values():
         args = ", ".join(f"`{k}`={a.default:g} ({a.rule.removeprefix('must be ')})" for k, a in info.args.items())
-        awaiting = " (needs sample indices: not yet in graphs)" if info.name in AWAITING_INDICES else ""
-        name = f"`{info.name}`{awaiting}"
-        rows.append(f"| {name} | {info.endpoints} | {args} | {cell(info.formula)} | {info.reduction} "
+        rows.append(f"| `{info.name}` | {info.endpoints} | {args} | {cell(info.formula)} | {info.reduction} "
                     f"| {cell(info.scaling)} | {info.reference} |")
     return "\n".join(rows)

@@ -11,19 +11,25 @@ checkpoint file and continues identically.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from test_loss_catalogue import numeric_grad
 
 from dclang.api import check
+from dclang.cli import main
+from dclang.compile import StepOptions, compile_graph
 from dclang.crd import CRD, add_crd, crd_edge_loss
 from dclang.ir import EdgeSpec
 from dclang.models import build_model
 from dclang.models.connector import CONNECTORS, connector_of, own, without_connectors
 
+ROOT = Path(__file__).resolve().parent.parent
 VALUES = dict(rtol=1e-10, atol=1e-12)
 GRADS = dict(rtol=1e-6, atol=1e-8)
 B, N, K, D = 5, 20, 6, 4
@@ -117,14 +123,13 @@ def test_gradients_of_the_target_and_both_heads(setup):
     assert torch.autograd.gradcheck(pure, (torch.tensor(ft, requires_grad=True),))
 
 
-def test_negatives_are_drawn_uniformly_from_the_training_set(setup):
-    module, fs, ft, indices, _ = setup
-    torch.manual_seed(5)
-    a = copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices)
-    torch.manual_seed(5)
-    drawn = torch.randint(0, N, (B, K))
-    torch.testing.assert_close(a, copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices, drawn),
-                               rtol=0, atol=0)
+def test_negatives_are_a_function_of_the_module_and_the_update(setup):
+    module, _, _, indices, _ = setup
+    torch.manual_seed(0)
+    rebuilt = CRD(12, 8, N, feat_dim=D, nce_k=K, T=0.5)  # built from the same seeded stream
+    first = module.negatives(indices, 3)
+    assert first.shape == (B, K) and 0 <= first.min() and first.max() < N
+    assert torch.equal(first, rebuilt.negatives(indices, 3)) and not torch.equal(first, module.negatives(indices, 4))
 
 
 def test_nce_k_must_be_smaller_than_the_training_set():
@@ -138,32 +143,33 @@ def test_the_gate_weighs_each_samples_nce_loss(setup):
     logits, labels = torch.tensor(np.random.default_rng(1).normal(size=(B, 3))), torch.tensor([0, 1, 2, 0, 1])
     g = (logits.argmax(dim=1) == labels).double()
     assert 0 < g.sum() < B
-    a = copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices, negatives).detach()
+    a = copy.deepcopy(module)(torch.tensor(fs), torch.tensor(ft), indices, module.negatives(indices, 1)).detach()
     owner = torch.nn.Sequential(torch.nn.Identity())
     own(owner, edge, module)
     loss, weights = crd_edge_loss(edge, torch.tensor(fs), torch.tensor(ft), logits, labels, indices, owner,
-                                  k=1, k_end=1, negatives=negatives)
+                                  k=1, k_end=1)
     torch.testing.assert_close(loss, (0.8 * g * a).mean(), **VALUES)
     assert weights.tolist() == g.tolist()
+
+
+GRAPH = """graph crd
+data digits { val_split = 300 }
+train { epochs = 1  batch = 32 }
+node s : cnn_tiny [target]
+node t : cnn_tiny
+label -> s : through
+label -> t : through
+t.conv2 -> s.pool : through crd(feat_dim=8, nce_k=16)
+t -> s : correct crd(feat_dim=8, nce_k=16, T=0.1)
+s.pool -> t.pool : linear crd(feat_dim=4, nce_k=8, weight=0.8)
+"""
 
 
 def test_the_target_owns_heads_and_banks_through_a_checkpoint(tmp_path, float64):
     """`add_crd` gives the target a CRD module sized by the ends: its parameters are the
     target's, its banks and Z are in the target's state and come back from a real file,
     after which the two copies compute the same; the target's forward never runs it."""
-    graph = check("""graph g
-data digits { val_split = 300 }
-node s : cnn_tiny [target]
-node t : cnn_tiny
-label -> s : through
-label -> t : through
-t.conv2 -> s.pool : through rkd()
-t -> s : through rkd()
-""").graph
-    for u, v, key, spec in list(graph.edges(keys=True, data="spec")):
-        if spec.loss == "rkd":
-            graph.edges[u, v, key]["spec"] = dataclasses.replace(spec, loss="crd", T=0.07,
-                                                                 args=(("feat_dim", 8.0), ("nce_k", 16.0)))
+    graph = check(GRAPH).graph
     torch.manual_seed(0)
     models = {n: build_model("cnn_tiny", 10, 1, 8) for n in ("s", "t")}
     add_crd(graph, models, (1, 8, 8), 10, 100)
@@ -174,7 +180,7 @@ t -> s : through rkd()
     assert {id(p) for p in layer.parameters()} <= {id(p) for p in models["s"].parameters()}
     assert models["s"](torch.randn(2, 1, 8, 8)).shape == (2, 10)
     x, indices = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 7, 99])
-    logits(models["t"](x), models["s"](x), indices)  # moves the banks and sets Z
+    logits(models["t"](x), models["s"](x), indices, logits.negatives(indices, 1))  # moves the banks and sets Z
     path = tmp_path / "s.pt"
     torch.save(models["s"].state_dict(), path)
     state = torch.load(path, weights_only=True)
@@ -188,3 +194,101 @@ t -> s : through rkd()
     first = logits(models["t"](x), models["s"](x), indices, negatives)
     second = connector_of(again["s"], edges["t->s"])(models["t"](x), again["s"](x), indices, negatives)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- in graphs
+
+
+def compiled(engine, graph=None):
+    options = StepOptions(channels_last=False) if engine == "fused" else None
+    return compile_graph(graph or check(GRAPH).graph, num_classes=3, in_channels=1, image_size=8,
+                         device=torch.device("cpu"), engine=engine, seed=0, steps_per_epoch=2, epochs=2,
+                         options=options, train_size=40)
+
+
+def batches(n=4):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(10, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,), generator=gen),
+             torch.randperm(40, generator=gen)[:10]) for _ in range(n)]
+
+
+def train(step, data, first_k=1):
+    return [step.step(x, y, k, index) for k, (x, y, index) in enumerate(data, start=first_k)]
+
+
+def test_fused_equals_reference_with_crd_edges(float64):
+    """Every weight, bank and Z, and every statistic, after four steps, to 1e-10."""
+    data = batches()
+    reference, fused = compiled("reference"), compiled("fused")
+    assert reference.needs_indices and fused.needs_indices
+    for ref, fus in zip(train(reference, data), train(fused, data)):
+        for field in ("node_loss", "edge_loss", "edge_gate", "edge_pass"):
+            for key, want in getattr(ref, field).items():
+                torch.testing.assert_close(getattr(fus, field)[key], want, rtol=1e-10, atol=1e-12, msg=key)
+    for name, model in reference.models.items():
+        state = model.state_dict()
+        assert any("memory_source" in key for key in state)
+        for key, value in fused.models[name].state_dict().items():
+            torch.testing.assert_close(value, state[key], rtol=1e-10, atol=1e-12, msg=f"{name}.{key}")
+
+
+def test_a_resumed_step_continues_with_its_banks(float64):
+    data = batches(4)
+    whole = compiled("fused")
+    train(whole, data)
+    first = compiled("fused")
+    train(first, data[:2])
+    saved = copy.deepcopy(first.state_dict())
+    resumed = compiled("fused", check(GRAPH).graph)
+    resumed.load_state_dict(saved)
+    train(resumed, data[2:], first_k=3)
+    for name, model in whole.models.items():
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(resumed.models[name].state_dict()[key], value, rtol=0, atol=0,
+                                       msg=f"{name}.{key}")
+
+
+def test_a_crd_step_without_indices_says_so():
+    step = compiled("reference")
+    x, y, _ = batches(1)[0]
+    with pytest.raises(ValueError, match="needs the batch's positions"):
+        step.step(x.float(), y, 1)
+
+
+def test_check_takes_crd_and_checks_its_arguments():
+    assert check(GRAPH).ok, check(GRAPH).errors
+    bad = GRAPH.replace("crd(feat_dim=8, nce_k=16)", "crd(feat_dim=0.5, nce_k=16)")
+    errors = check(bad).errors
+    assert [(e.code, e.span.line) for e in errors] == [("E404", 8)] and "whole number" in errors[0].message
+    wrong = GRAPH.replace("label -> t : through", "label -> t : through crd()")
+    assert [e.code for e in check(wrong).errors] == ["E312"]
+
+
+def test_a_tiny_digits_run_trains_crd_end_to_end(tmp_path):
+    """`dclang run` of GRAPH on digits: one epoch, finite losses, the banks in the checkpoint;
+    too many negatives and a fast path are refused before training, without a traceback."""
+    kt = tmp_path / "crd.kt"
+    kt.write_text(GRAPH)
+    result = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"t.conv2->s.pool", "t->s", "s.pool->t.pool"} <= set(record["edges"])
+    assert all(math.isfinite(e["loss"]) for e in record["edges"].values()), record["edges"]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert any(k.endswith("memory_source") for k in last["train_step"]["models"]["s"])
+    kt.write_text(GRAPH.replace("nce_k=16)", "nce_k=5000)"))
+    refused = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "big"), "--no-progress",
+                                        "--device", "cpu"])
+    assert refused.exit_code != 0 and "line 8: `t.conv2->s.pool` draws nce_k=5000" in refused.output
+    assert "Traceback" not in refused.output
+    kt.write_text(GRAPH)
+    refused = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "hfta"), "--no-progress", "--hfta",
+                                        "--device", "cpu"])
+    assert refused.exit_code != 0 and "plain fused and reference engines" in refused.output
+
+
+@pytest.mark.parametrize("example", ["crd.kt", "digits_crd.kt"])
+def test_the_examples_check(example):
+    checked = check((ROOT / "examples" / example).read_text())
+    assert checked.ok, checked.errors
+    assert any(spec.loss == "crd" for _, _, spec in checked.graph.edges(data="spec"))

@@ -12,6 +12,8 @@ executes the fused engine faster (HFTA, torch.compile, bf16, channels-last, CUDA
 
 from __future__ import annotations
 
+import dataclasses
+
 import networkx as nx
 import torch
 
@@ -20,6 +22,7 @@ from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.reference import ReferenceStep
+from dclang.ir import live_edges
 
 ENGINES = ("fused", "reference")
 _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": ReferenceStep}
@@ -28,7 +31,7 @@ _CLASSES: dict[str, type[TrainStep]] = {"fused": FusedStep, "reference": Referen
 def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
                   device: torch.device, engine: str = "fused", init_states: dict[str, dict] | None = None,
                   seed: int = 0, steps_per_epoch: int, epochs: int,
-                  options: StepOptions | None = None) -> TrainStep | AcceleratedStep:
+                  options: StepOptions | None = None, train_size: int | None = None) -> TrainStep | AcceleratedStep:
     """A `TrainStep` for a checked, concrete graph (no `choice(...)` left open).
 
     `init_states` maps node names to state_dicts loaded after the seeded construction
@@ -36,7 +39,10 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     of updates the linear gate (eq. 6) counts towards. `options` apply to the fused engine
     only (the reference engine stays the plain oracle); None is `StepOptions()`, the plain
     fused engine. An accelerated step is an `AcceleratedStep`, which passes every attribute
-    but `step` through to the `TrainStep` it wraps.
+    but `step` through to the `TrainStep` it wraps. `train_size`, the number of training
+    samples, sizes the memory banks of `crd` edges (`dclang.crd`); their steps take each
+    batch's positions in the training split (`TrainStep.needs_indices`), on the plain
+    engines only.
     """
     options = options or StepOptions()
     if engine not in _CLASSES:
@@ -49,10 +55,18 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
+    crd = [e.key for e in live_edges(graph) if e.loss == "crd"]
+    if crd and not options.plain:
+        raise ValueError(f"`crd` edges ({', '.join(crd)}) run on the plain fused and reference engines only: "
+                         "drop --hfta, --compile, --precision, --channels-last and --cuda-graph")
+    if crd:  # the plain step, in the models' own layout: no fast path passes the batch's positions yet
+        options = dataclasses.replace(options, channels_last=False)
+    if crd and train_size is None:
+        raise ValueError(f"`crd` edges ({', '.join(crd)}) need train_size, the size of their memory banks")
     if device.type == "cpu":
         keep_freed_memory()  # process-wide: every engine's steps reuse their memory (see host_memory)
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                          device=device, init_states=init_states, seed=seed)
+                          device=device, init_states=init_states, seed=seed, train_size=train_size)
     cls = HftaStep if options.hfta else _CLASSES[engine]
     step = cls(graph, models, device=device, steps_per_epoch=steps_per_epoch, epochs=epochs)
     return apply_options(step, options) if engine == "fused" else step

@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats, TrainStep
+from dclang.compile.common import StepStats, TrainStep, computed_alone
 from dclang.compile.optim import build_optimizer, build_scheduler
 from dclang.ir import LABEL
 from dclang.losses import edge_group_key, edge_losses, node_loss
@@ -35,7 +35,7 @@ class FusedStep(TrainStep):
         self.schedulers["all"] = build_scheduler(train.schedule, self.optimizer, epochs)
         groups: dict[tuple, list] = {}
         for edge in self.edges:
-            if not edge.on_layers:  # an edge between layers is computed alone (`layer_edge_result`)
+            if not computed_alone(edge):  # an edge between layers, or crd, is computed alone (`layer_edge_result`)
                 groups.setdefault(edge_group_key(edge), []).append(edge)
         self.edge_groups = list(groups.values())
         # each group's rows of the stacked logits (networks, then ensembles): targets, then
@@ -54,16 +54,16 @@ class FusedStep(TrainStep):
         The HFTA variant (`dclang.compile.accelerate.HftaStep`) updates fused tensors instead."""
         return [p for name in self.trainable for p in self.models[name].parameters()]
 
-    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
+    def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)
-        node_losses, edge_results = self.losses(logits, labels, k=k)
+        node_losses, edge_results = self.losses(logits, labels, k=k, indices=indices)
         self.optimizer.zero_grad()
         torch.stack(list(node_losses.values())).sum().backward()
         self.optimizer.step()
         return self.stats(logits, labels, node_losses, edge_results)
 
-    def losses(self, logits: dict[str, Tensor], labels: Tensor, *, k: int, linear_weight: Tensor | None = None
-               ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    def losses(self, logits: dict[str, Tensor], labels: Tensor, *, k: int, linear_weight: Tensor | None = None,
+               indices: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Every trainable node's loss and every live edge's (loss, gate weights), keyed as the
         reference engine keys them.
 
@@ -85,8 +85,8 @@ class FusedStep(TrainStep):
             loss, weights = _linear_scaled(group[0], loss, weights, linear_weight)
             results.update((e.key, lw) for e, lw in zip(group, zip(loss.unbind(0), weights.unbind(0))))
         for edge in self.edges:
-            if edge.on_layers:
-                loss, weights = self.layer_edge_result(edge, logits, labels, k=gate_k)
+            if computed_alone(edge):
+                loss, weights = self.layer_edge_result(edge, logits, labels, k=gate_k, indices=indices)
                 results[edge.key] = _linear_scaled(edge, loss, weights, linear_weight)
         edge_results = {e.key: results[e.key] for e in self.edges}
         node_losses = {t: node_loss([edge_results[e.key][0] for e in self.edges if e.target == t])

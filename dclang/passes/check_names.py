@@ -6,7 +6,7 @@ line of the first.
 
 from __future__ import annotations
 
-from dclang import loss_catalogue, registry
+from dclang import registry
 from dclang.diagnostics import Diagnostic, did_you_mean, error, suggest
 from dclang.ir import LABEL, expand_edges
 from dclang.passes.check_models import check_model
@@ -76,11 +76,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
                                  help=did_you_mean(_text(word), registry.GATES, "gates")))
         for call in edge.loss_calls():  # the loss, or each option of a choice of losses
             name = call.name.text
-            if name in loss_catalogue.AWAITING_INDICES:
-                out.append(error("E203", f"`{name}` cannot train yet", call.name.span, "not yet in graphs",
-                                 help=f"`{name}` needs each batch's sample indices, which the training step does "
-                                      "not receive yet (docs/training.md, the loss catalogue)"))
-            elif name not in registry.LOSSES:
+            if name not in registry.LOSSES:
                 out.append(error("E203", f"unknown loss `{name}`", call.name.span, "no loss with this name",
                                  help=did_you_mean(name, registry.LOSSES, "losses")))
             else:

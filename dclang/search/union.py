@@ -114,6 +114,9 @@ class UnionStep:
                  channels_last: bool | None = None):
         carried = carried or Carried()
         self.members = list(members)
+        if any(m.step.needs_indices for m in self.members):
+            raise ValueError("a trial with a `crd` edge cannot be packed: its step reads each batch's positions "
+                             "in the training split, which a packed step does not pass; search it without --pack")
         self.device = self.members[0].step.device
         for member in self.members:
             own_storage_of(member)  # let go of a previous union's fused tensors

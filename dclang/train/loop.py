@@ -316,6 +316,7 @@ def _training_mode(run: _Run) -> Iterator[None]:
 def _compile(run: _Run, states: dict | None, options) -> _Training:
     """The seeded step, and the splits on the device."""
     from dclang.compile import compile_graph
+    from dclang.crd import check_crd
     from dclang.data import BatchAugment
 
     seed_everything(run.seed)
@@ -324,10 +325,15 @@ def _compile(run: _Run, states: dict | None, options) -> _Training:
     data = run.graph.graph["data"]
     crop, flip = _AUGMENTS[data.augment]
     augment = BatchAugment(data.pad, crop, flip, dataset.mean, dataset.std)
+    check_crd(run.graph, train_size=len(train), plain=options is None or options.plain)
     step = compile_graph(run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
                          image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
-                         seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options)
+                         seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options,
+                         train_size=len(train))
     label = step.label
+    if run.dist is not None and step.needs_indices:
+        raise UserError("a `crd` edge does not train data-parallel yet: its memory bank would differ between "
+                        "the processes", "train it in one process")
     if run.dist is not None:  # each process trains on its slice of every batch
         step = run.dist.wrap(step, train_size=len(train), batch=run.batch)
     return _Training(step, label, train, val, test, augment)
@@ -371,8 +377,8 @@ def _epoch_steps(run: _Run, training: _Training, epoch: int) -> Generator[None, 
     stats, shown = EpochStats(), time.monotonic()
     show_bar = run.progress and sys.stderr.isatty()
     with _bar(run.steps_per_epoch, f"epoch {epoch}/{run.epochs}", show_bar) as bar:
-        for images, labels, k in epoch_batches(run, training, epoch):
-            stats.add(step.step(images, labels, k), len(labels), k)
+        for images, labels, k, *indices in epoch_batches(run, training, epoch, indices=step.needs_indices):
+            stats.add(step.step(images, labels, k, *indices), len(labels), k)
             yield
             bar.update()
             if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step
@@ -381,15 +387,17 @@ def _epoch_steps(run: _Run, training: _Training, epoch: int) -> Generator[None, 
     return end_epoch(run, training, epoch, stats.read(), lr=lr, started=started)
 
 
-def epoch_batches(run: _Run, training: _Training, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def epoch_batches(run: _Run, training: _Training, epoch: int, *, indices: bool = False) -> Iterator[tuple]:
     """The epoch's (augmented images, labels, k), k the 1-based update number, in the run's
     seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
-    steps them (`_epoch_steps` for one run, a packed worker for several) sees the same batches."""
+    steps them (`_epoch_steps` for one run, a packed worker for several) sees the same batches.
+    With `indices`, each tuple ends with the samples' positions in the training split (`crd`)."""
     from dclang.data.batches import BatchIterator, epoch_generator
 
     generator = epoch_generator(run.seed, epoch, run.device)
-    for i, (images, labels) in enumerate(BatchIterator(training.train, run.batch, generator)):
-        yield training.augment(images, generator), labels, (epoch - 1) * run.steps_per_epoch + i + 1
+    for i, (images, labels, index) in enumerate(BatchIterator(training.train, run.batch, generator).indexed()):
+        k = (epoch - 1) * run.steps_per_epoch + i + 1
+        yield (training.augment(images, generator), labels, k) + ((index,) if indices else ())
 
 
 def end_epoch(run: _Run, training: _Training, epoch: int, read: tuple[dict, dict], *, lr: float,
