@@ -98,7 +98,9 @@ class CRD(nn.Module):
         `indices` (B,) are the samples' positions in the training set; `negatives` (B, nce_k)
         the bank entries to contrast with (`negatives`). The source is detached here,
         whatever the caller passed."""
-        v_source, v_target = self.embed_source(source.detach()), self.embed_target(target)
+        # a frozen source's features come from inference mode: its head must save a normal copy
+        source = source.clone() if source.is_inference() else source.detach()
+        v_source, v_target = self.embed_source(source), self.embed_target(target)
         contrast = torch.cat([indices[:, None], negatives], dim=1)  # (B, 1 + K): the positive first
         scores = torch.stack([self._scores(self.memory_source, contrast, v_target),
                               self._scores(self.memory_target, contrast, v_source)])  # (2, B, 1 + K)

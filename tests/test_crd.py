@@ -21,13 +21,15 @@ import torch
 from click.testing import CliRunner
 from test_loss_catalogue import numeric_grad
 
-from dclang.api import check
+from dclang.api import check, parse
 from dclang.cli import main
 from dclang.compile import StepOptions, compile_graph
 from dclang.crd import CRD, add_crd, crd_edge_loss
+from dclang.draw import to_graphviz
 from dclang.ir import EdgeSpec
 from dclang.models import build_model
 from dclang.models.connector import CONNECTORS, connector_of, own, without_connectors
+from dclang.syntax.format import format_module
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = dict(rtol=1e-10, atol=1e-12)
@@ -157,8 +159,10 @@ data digits { val_split = 300 }
 train { epochs = 1  batch = 32 }
 node s : cnn_tiny [target]
 node t : cnn_tiny
+node f : cnn_tiny [frozen]
 label -> s : through
 label -> t : through
+f.conv1 -> s.conv1 : through crd(feat_dim=4, nce_k=8)
 t.conv2 -> s.pool : through crd(feat_dim=8, nce_k=16)
 t -> s : correct crd(feat_dim=8, nce_k=16, T=0.1)
 s.pool -> t.pool : linear crd(feat_dim=4, nce_k=8, weight=0.8)
@@ -171,7 +175,7 @@ def test_the_target_owns_heads_and_banks_through_a_checkpoint(tmp_path, float64)
     after which the two copies compute the same; the target's forward never runs it."""
     graph = check(GRAPH).graph
     torch.manual_seed(0)
-    models = {n: build_model("cnn_tiny", 10, 1, 8) for n in ("s", "t")}
+    models = {n: build_model("cnn_tiny", 10, 1, 8) for n in ("s", "t", "f")}
     add_crd(graph, models, (1, 8, 8), 10, 100)
     edges = {spec.key: spec for _, _, spec in graph.edges(data="spec")}
     layer, logits = connector_of(models["s"], edges["t.conv2->s.pool"]), connector_of(models["s"], edges["t->s"])
@@ -187,7 +191,7 @@ def test_the_target_owns_heads_and_banks_through_a_checkpoint(tmp_path, float64)
     assert f"{CONNECTORS}.t__None__None.memory_source" in state and f"{CONNECTORS}.t__None__None.z" in state
     assert not any(k.startswith(CONNECTORS) for k in without_connectors(state))
     torch.manual_seed(1)
-    again = {"s": build_model("cnn_tiny", 10, 1, 8), "t": models["t"]}
+    again = {"s": build_model("cnn_tiny", 10, 1, 8), "t": models["t"], "f": models["f"]}
     add_crd(graph, again, (1, 8, 8), 10, 100)
     again["s"].load_state_dict(state)
     negatives = torch.randint(0, 100, (4, 16))
@@ -227,7 +231,7 @@ def test_fused_equals_reference_with_crd_edges(float64):
                 torch.testing.assert_close(getattr(fus, field)[key], want, rtol=1e-10, atol=1e-12, msg=key)
     for name, model in reference.models.items():
         state = model.state_dict()
-        assert any("memory_source" in key for key in state)
+        assert any("memory_source" in key for key in state) == (name != "f")  # a frozen source owns none
         for key, value in fused.models[name].state_dict().items():
             torch.testing.assert_close(value, state[key], rtol=1e-10, atol=1e-12, msg=f"{name}.{key}")
 
@@ -259,7 +263,7 @@ def test_check_takes_crd_and_checks_its_arguments():
     assert check(GRAPH).ok, check(GRAPH).errors
     bad = GRAPH.replace("crd(feat_dim=8, nce_k=16)", "crd(feat_dim=0.5, nce_k=16)")
     errors = check(bad).errors
-    assert [(e.code, e.span.line) for e in errors] == [("E404", 8)] and "whole number" in errors[0].message
+    assert [(e.code, e.span.line) for e in errors] == [("E404", 10)] and "whole number" in errors[0].message
     wrong = GRAPH.replace("label -> t : through", "label -> t : through crd()")
     assert [e.code for e in check(wrong).errors] == ["E312"]
 
@@ -279,7 +283,7 @@ def test_a_tiny_digits_run_trains_crd_end_to_end(tmp_path):
     kt.write_text(GRAPH.replace("nce_k=16)", "nce_k=5000)"))
     refused = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "big"), "--no-progress",
                                         "--device", "cpu"])
-    assert refused.exit_code != 0 and "line 8: `t.conv2->s.pool` draws nce_k=5000" in refused.output
+    assert refused.exit_code != 0 and "line 10: `t.conv2->s.pool` draws nce_k=5000" in refused.output
     assert "Traceback" not in refused.output
     kt.write_text(GRAPH)
     refused = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "hfta"), "--no-progress", "--hfta",
@@ -292,3 +296,14 @@ def test_the_examples_check(example):
     checked = check((ROOT / "examples" / example).read_text())
     assert checked.ok, checked.errors
     assert any(spec.loss == "crd" for _, _, spec in checked.graph.edges(data="spec"))
+
+
+def test_fmt_round_trips_and_draw_labels_crd():
+    once = format_module(parse(GRAPH))
+    assert format_module(parse(once)) == once
+    specs = lambda t: {spec.key: spec for _, _, spec in check(t).graph.edges(data="spec")}  # noqa: E731
+    assert specs(once) == specs(GRAPH)
+    dot = to_graphviz(check(GRAPH).graph).source
+    for label in ("crd feat_dim=8 nce_k=16", "correct crd T=0.1 feat_dim=8 nce_k=16",
+                  "linear crd feat_dim=4 nce_k=8 ×0.8"):
+        assert label in dot, (label, dot)
