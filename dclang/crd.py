@@ -83,7 +83,7 @@ class CRD(nn.Module):
         self.register_buffer("memory_target", torch.rand(n_data, feat_dim) * 2 * bound - bound)
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of (target vs source bank, source vs target bank)
         # the negatives' stream: drawn from the seeded construction, so a rebuilt module has it too
-        self.seed = int(torch.randint(0, 2 ** 31, ()))
+        self.seed = int(torch.randint(0, 2 ** 31, (), device="cpu"))
 
     def negatives(self, indices: Tensor, k: int) -> Tensor:
         """`nce_k` bank entries per sample, uniform over the training set, for update `k`: a
@@ -147,11 +147,12 @@ def check_crd(graph, *, train_size: int, plain: bool) -> None:
 
 
 def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, int], num_classes: int,
-            n_data: int) -> None:
+            n_data: int | None) -> None:
     """Give each target of a live `crd` edge its CRD module (`connector.own`): heads sized by
     the ends' flattened layers (`taps.layer_shapes`, meta device) or by the classes for
-    logits, banks of the `n_data` training samples. Like `add_connectors`, the caller seeds
-    the random stream; modules are created in edge order, after the models."""
+    logits, banks of the `n_data` training samples (None: the smallest banks, nce_k + 1, for
+    counting parameters where the training set is not loaded). Like `add_connectors`, the
+    caller seeds the random stream; modules are created in edge order, after the models."""
     from dclang.models.taps import layer_shapes
 
     def size(node: str, layer) -> int:
@@ -161,9 +162,10 @@ def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, in
 
     for edge in live_edges(graph):
         if edge.loss == "crd":
+            args = dict(edge.args)
             own(models[edge.target], edge, CRD(size(edge.source, edge.source_layer),
-                                               size(edge.target, edge.target_layer), n_data, **dict(edge.args),
-                                               T=edge.T))
+                                               size(edge.target, edge.target_layer),
+                                               n_data or int(args["nce_k"]) + 1, **args, T=edge.T))
 
 
 def crd_edge_loss(edge: EdgeSpec, source: Tensor, target: Tensor, source_logits: Tensor, labels: Tensor,

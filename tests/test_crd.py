@@ -27,7 +27,7 @@ from dclang.compile import StepOptions, compile_graph
 from dclang.crd import CRD, add_crd, crd_edge_loss
 from dclang.draw import to_graphviz
 from dclang.ir import EdgeSpec
-from dclang.models import build_model
+from dclang.models import build_model, parameter_counts
 from dclang.models.connector import CONNECTORS, connector_of, own, without_connectors
 from dclang.syntax.format import format_module
 
@@ -182,6 +182,8 @@ def test_the_target_owns_heads_and_banks_through_a_checkpoint(tmp_path, float64)
     assert layer.embed_source.linear.in_features == 16 * 8 * 8 and layer.embed_target.linear.in_features == 16
     assert logits.embed_source.linear.in_features == 10 and layer.memory_source.shape == (100, 8)
     assert {id(p) for p in layer.parameters()} <= {id(p) for p in models["s"].parameters()}
+    counted = {node: n for node, _, n in parameter_counts(graph)}  # what `dclang check --params` shows
+    assert counted["s"] == sum(p.numel() for p in models["s"].parameters()) > counted["f"]
     assert models["s"](torch.randn(2, 1, 8, 8)).shape == (2, 10)
     x, indices = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 7, 99])
     logits(models["t"](x), models["s"](x), indices, logits.negatives(indices, 1))  # moves the banks and sets Z
