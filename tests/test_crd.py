@@ -25,6 +25,8 @@ from dclang.api import check, parse
 from dclang.cli import main
 from dclang.compile import StepOptions, compile_graph
 from dclang.crd import CRD, add_crd, crd_edge_loss
+from dclang.data.batches import BatchIterator
+from dclang.data.dataset import Split
 from dclang.draw import to_graphviz
 from dclang.ir import EdgeSpec
 from dclang.models import build_model, parameter_counts
@@ -309,3 +311,16 @@ def test_fmt_round_trips_and_draw_labels_crd():
     for label in ("crd feat_dim=8 nce_k=16", "correct crd T=0.1 feat_dim=8 nce_k=16",
                   "linear crd feat_dim=4 nce_k=8 ×0.8"):
         assert label in dot, (label, dot)
+
+
+def test_batches_carry_their_positions_in_the_split():
+    """`BatchIterator.indexed`: each batch with the positions it was cut from, the same
+    batches plain iteration gives, every position once per epoch."""
+    images = torch.arange(23 * 4, dtype=torch.uint8).reshape(23, 1, 2, 2).contiguous()
+    split = Split(images, torch.arange(23))
+    batches = BatchIterator(split, 5, torch.Generator().manual_seed(0))
+    seen = []
+    for (x, y, index), (x2, y2) in zip(batches.indexed(), batches, strict=True):
+        assert torch.equal(x, images[index]) and torch.equal(y, index) and torch.equal(x, x2) and torch.equal(y, y2)
+        seen += index.tolist()
+    assert sorted(seen) == list(range(23))
