@@ -20,8 +20,8 @@ train {
   seed = 0
 }
 
-node student : wrn16_2  [target]
-node teacher : wrn40_2  [frozen]  # pre-trained on labels (cached), never updated
+node student : wrn16_2 [target]
+node teacher : wrn40_2 [frozen]  # pre-trained on labels (cached), never updated
 
 label        -> student      : through
 teacher      -> student      : through kl(T=4)

@@ -2,8 +2,8 @@
 # distillation (Tian et al. 2020, Contrastive Representation Distillation, ICLR). A
 # WideResNet-16-2 teacher (pre-trained on labels, frozen) teaches a ResNet20 student through
 # their pooled features, each contrasted with 512 other training images' from the memory
-# bank (digits has about 1000 training images, so the paper's 16384 cannot be drawn), besides
-# the labels.
+# bank (digits keeps 637 training images beside 800 for validation, so the paper's 16384
+# cannot be drawn), besides the labels.
 graph digits_crd
 
 data digits {

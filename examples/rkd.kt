@@ -19,8 +19,8 @@ train {
   seed = 0
 }
 
-node student : wrn16_2  [target]
-node teacher : wrn40_2  [frozen]  # pre-trained on labels (cached), never updated
+node student : wrn16_2 [target]
+node teacher : wrn40_2 [frozen]  # pre-trained on labels (cached), never updated
 
 label        -> student      : through
 teacher.pool -> student.pool : through rkd(distance=1, angle=2, weight=25)
