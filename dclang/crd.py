@@ -132,7 +132,8 @@ class CRD(nn.Module):
 
 def check_crd(graph, *, train_size: int, plain: bool) -> None:
     """Refuse, as a mistake the user can fix, a `crd` edge the run cannot train: more
-    negatives than training samples, or a fast path (none passes the batch's positions yet)."""
+    negatives than training samples, or a fast path (none passes the batch's positions yet,
+    `plain` is False). `compile_graph` asks, once the training set's size is known."""
     for edge in live_edges(graph):
         if edge.loss != "crd":
             continue

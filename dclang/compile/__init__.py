@@ -22,6 +22,7 @@ from dclang.compile.common import StepStats, TrainStep, build_models
 from dclang.compile.fused import FusedStep
 from dclang.compile.host_memory import keep_freed_memory
 from dclang.compile.reference import ReferenceStep
+from dclang.crd import check_crd
 from dclang.ir import live_edges
 
 ENGINES = ("fused", "reference")
@@ -56,13 +57,12 @@ def compile_graph(graph: nx.DiGraph, *, num_classes: int, in_channels: int, imag
         raise ValueError(f"`steps_per_epoch >= 1` and `epochs >= 1` must hold, "
                          f"but got (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
     crd = [e.key for e in live_edges(graph) if e.loss == "crd"]
-    if crd and not options.plain:
-        raise ValueError(f"`crd` edges ({', '.join(crd)}) run on the plain fused and reference engines only: "
-                         "drop --hfta, --compile, --precision, --channels-last and --cuda-graph")
-    if crd:  # the plain step, in the models' own layout: no fast path passes the batch's positions yet
+    if crd:
+        if train_size is None:
+            raise ValueError(f"`crd` edges ({', '.join(crd)}) need train_size, the size of their memory banks")
+        check_crd(graph, train_size=train_size, plain=options.plain)
+        # the plain step, in the models' own layout: no fast path passes the batch's positions yet
         options = dataclasses.replace(options, channels_last=False)
-    if crd and train_size is None:
-        raise ValueError(f"`crd` edges ({', '.join(crd)}) need train_size, the size of their memory banks")
     if device.type == "cpu":
         keep_freed_memory()  # process-wide: every engine's steps reuse their memory (see host_memory)
     models = build_models(graph, num_classes=num_classes, in_channels=in_channels, image_size=image_size,

@@ -316,7 +316,6 @@ def _training_mode(run: _Run) -> Iterator[None]:
 def _compile(run: _Run, states: dict | None, options) -> _Training:
     """The seeded step, and the splits on the device."""
     from dclang.compile import compile_graph
-    from dclang.crd import check_crd
     from dclang.data import BatchAugment
 
     seed_everything(run.seed)
@@ -325,7 +324,6 @@ def _compile(run: _Run, states: dict | None, options) -> _Training:
     data = run.graph.graph["data"]
     crop, flip = _AUGMENTS[data.augment]
     augment = BatchAugment(data.pad, crop, flip, dataset.mean, dataset.std)
-    check_crd(run.graph, train_size=len(train), plain=options is None or options.plain)
     step = compile_graph(run.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
                          image_size=dataset.image_size, device=run.device, engine=run.engine, init_states=states,
                          seed=run.seed, steps_per_epoch=run.steps_per_epoch, epochs=run.epochs, options=options,
