@@ -324,3 +324,41 @@ def test_batches_carry_their_positions_in_the_split():
         assert torch.equal(x, images[index]) and torch.equal(y, index) and torch.equal(x, x2) and torch.equal(y, y2)
         seen += index.tolist()
     assert sorted(seen) == list(range(23))
+
+
+class _Stop(Exception):
+    """Raised after an epoch's files are written: the run stops as a killed one would."""
+
+
+def _stop(epoch, record):
+    raise _Stop
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Two epochs of GRAPH straight, and stopped after the first then resumed from its
+    checkpoint in a fresh step: the same records and the same banks, bit for bit."""
+    from dclang.api import load
+    from dclang.checkpoints import load_safely
+    from dclang.data import load_dataset
+    from dclang.train import RunDir, train_graph
+    from dclang.train.metrics import TIMING_FIELDS
+
+    kt = tmp_path / "crd.kt"
+    kt.write_text(GRAPH.replace("epochs = 1", "epochs = 2"))
+    dataset = load_dataset("digits", data_dir=None, val_split=300, split_seed=0)
+
+    def run(name, **kwargs):
+        return train_graph(load(kt), run_dir=tmp_path / name, device="cpu", progress=False, dataset=dataset,
+                           teacher_cache=tmp_path / "teachers", **kwargs)
+
+    full = run("full")
+    with pytest.raises(_Stop):
+        run("stopped", on_epoch=_stop)
+    resumed = run("stopped", resume=True)
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]  # noqa: E731
+    assert untimed(resumed.records) == untimed(full.records) and len(full.records) == 2
+    a, b = (load_safely(RunDir(tmp_path / name).last)["train_step"]["models"] for name in ("stopped", "full"))
+    assert any(key.endswith("memory_target") for key in a["s"])
+    for node, state in a.items():
+        for key, value in state.items():
+            assert torch.equal(value, b[node][key]), (node, key)
