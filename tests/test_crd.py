@@ -362,3 +362,15 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     for node, state in a.items():
         for key, value in state.items():
             assert torch.equal(value, b[node][key]), (node, key)
+
+
+def test_a_search_refuses_to_pack_or_fuse_crd_trials(tmp_path):
+    template = tmp_path / "t.kt"
+    template.write_text(GRAPH.replace("t -> s : correct crd(feat_dim=8, nce_k=16, T=0.1)",
+                                      "t -> s : correct choice(crd(nce_k=16), kl(T=2))"))
+    assert check(template.read_text()).ok
+    for flags in (["--pack", "2"], ["--hfta"]):
+        result = CliRunner().invoke(main, ["search", "--template", str(template), "--trials", "2",
+                                           "-o", str(tmp_path / "out"), *flags])
+        assert result.exit_code != 0 and "cannot train in a pack of trials or fused" in result.output, result.output
+        assert not (tmp_path / "out").exists()
