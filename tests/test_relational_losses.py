@@ -349,6 +349,23 @@ def test_hfta_with_the_new_losses_equals_the_fused_engine(float64):
             torch.testing.assert_close(value, model.state_dict()[key], rtol=1e-9, atol=1e-12, msg=f"{node}.{key}")
 
 
+def test_the_accelerated_step_with_its_tensor_linear_weight_equals_the_plain_one(float64):
+    """Channels-last wraps the step (`AcceleratedStep`), which evaluates the gates at k_end and
+    scales the linear edges by a tensor: exact for a pair loss because min(c, c) = c."""
+    graph = check(HEAD + EDGES).graph
+    steps = {cl: compile_graph(graph, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
+                               seed=0, steps_per_epoch=2, epochs=2, options=StepOptions(channels_last=cl))
+             for cl in (False, True)}
+    assert type(steps[True]).__name__ == "AcceleratedStep"
+    gen = torch.Generator().manual_seed(5)
+    for k in range(1, 4):
+        x, y = torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+        stats = {cl: step.step(x, y, k) for cl, step in steps.items()}
+        for key, loss in stats[False].edge_loss.items():
+            torch.testing.assert_close(stats[True].edge_loss[key], loss, rtol=1e-9, atol=1e-12, msg=key)
+    assert stats[True].edge_loss["p.pool->s.pool"] > 0  # the linear edge did count
+
+
 def test_a_bulk_edge_with_a_loss_over_pairs_keeps_cross_entropy_from_the_label():
     text = HEAD.replace("label -> s : through\nlabel -> p : through\n", "edges * -> * : correct pkt(weight=2)\n")
     checked = check(text)
