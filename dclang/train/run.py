@@ -223,7 +223,7 @@ class Run:
         build = partial(compile_graph, self.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         image_size=dataset.image_size, device=self.device, engine=self.engine,
                         init_states=states, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
-                        epochs=self.epochs, member=member)
+                        epochs=self.epochs, member=member, train_size=len(self.train))
         if (autotune and not member and self.engine == "fused" and self.dist is None
                 and tuning.applies(self.device)):
             tuned = tuning.autotune(self.graph, lambda o: build(options=o), self._first_batches(),
@@ -233,6 +233,9 @@ class Run:
                 say(tuned.line())
         step = build(options=options)
         self.label = step.label
+        if self.dist is not None and step.needs_indices:
+            raise UserError("a `crd` edge does not train data-parallel: its memory bank would differ between the "
+                            "processes", "train it in one process (without torchrun)")
         if self.dist is not None:  # each process trains on its slice of every batch
             step = self.dist.wrap(step, train_size=len(self.train), batch=self.batch)
         self.step = step
@@ -240,15 +243,18 @@ class Run:
                                           std=dataset.std, epochs=self.epochs, batch=self.batch)
         return step
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def batches(self, epoch: int, *, indices: bool = False) -> Iterator[tuple]:
         """The epoch's (augmented images, labels, k), k the 1-based update number, in the run's
         seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
-        steps them (`train_graph` for one run, a packed worker for several) sees the same batches."""
+        steps them (`train_graph` for one run, a packed worker for several) sees the same batches.
+        With `indices` (the step's `needs_indices`: `crd`), each tuple ends with the samples'
+        positions in the training split."""
         from dclang.data.batches import BatchIterator, epoch_generator
 
         generator = epoch_generator(self.seed, epoch, self.device)
-        for i, (images, labels) in enumerate(BatchIterator(self.train, self.batch, generator)):
-            yield self.augment(images, generator), labels, (epoch - 1) * self.steps_per_epoch + i + 1
+        for i, (images, labels, index) in enumerate(BatchIterator(self.train, self.batch, generator).indexed()):
+            k = (epoch - 1) * self.steps_per_epoch + i + 1
+            yield (self.augment(images, generator), labels, k) + ((index,) if indices else ())
 
     def _first_batches(self, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to `n` full batches of the first epoch, augmented, from a generator of their own
