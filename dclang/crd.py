@@ -148,7 +148,7 @@ def check_crd(graph, *, train_size: int, options) -> None:
                             f"{train_size} training samples", f"write `crd(nce_k=N)` with N < {train_size}")
         if fast:
             raise UserError(f"{where}`{edge.key}` (crd) reads each batch's positions in the training split, which "
-                            f"{', '.join(fast)} do not pass", "train it without " + " and ".join(fast))
+                            f"{', '.join(fast)} cannot pass", "train it without " + " and ".join(fast))
 
 
 def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, int], num_classes: int,

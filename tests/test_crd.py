@@ -23,10 +23,12 @@ from test_loss_catalogue import numeric_grad
 
 from dclang.api import check, parse
 from dclang.cli import main
-from dclang.compile import StepOptions, compile_graph
+from dclang.compile import Engine, StepMember, StepOptions, compile_graph
+from dclang.compile.autotune import autotune
 from dclang.crd import CRD, add_crd, crd_edge_loss
 from dclang.data.batches import BatchIterator
 from dclang.data.dataset import Split
+from dclang.diagnostics import UserError
 from dclang.draw import to_graphviz
 from dclang.ir import EdgeSpec
 from dclang.models import build_model, parameter_counts
@@ -224,10 +226,16 @@ def train(step, data, first_k=1):
     return [step.step(x, y, k, index) for k, (x, y, index) in enumerate(data, start=first_k)]
 
 
-def test_fused_equals_reference_with_crd_edges(float64):
-    """Every weight, bank and Z, and every statistic, after four steps, to 1e-10."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_equals_reference_with_crd_edges(float64, channels_last):
+    """Every weight, bank and Z, and every statistic, after four steps, to 1e-10; the fused
+    engine in the models' own layout and in channels-last (the one fast path crd takes)."""
     data = batches()
-    reference, fused = compiled("reference"), compiled("fused")
+    reference = compiled("reference")
+    fused = compile_graph(check(GRAPH).graph, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"),
+                          seed=0, steps_per_epoch=2, epochs=2, options=StepOptions(channels_last=channels_last),
+                          train_size=40)
+    assert fused.options.channels_last == channels_last
     assert reference.needs_indices and fused.needs_indices
     for ref, fus in zip(train(reference, data), train(fused, data)):
         for field in ("node_loss", "edge_loss", "edge_gate", "edge_pass"):
@@ -263,11 +271,43 @@ def test_a_crd_step_without_indices_says_so():
         step.step(x.float(), y, 1)
 
 
+def test_an_engine_that_cannot_pass_positions_refuses_crd():
+    """A pack (several members, or one packed member) and the fast paths that cannot pass
+    positions are refused with the edges named; an engine of one plain member takes them."""
+    graph = check(GRAPH).graph
+
+    def member():
+        step = compile_graph(graph, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"), seed=0,
+                             steps_per_epoch=2, epochs=2, train_size=40, member=True)
+        return StepMember.of(step, graph)
+
+    for members, options, packed, why in [(2, None, False, "a pack of trials"), (1, None, True, "a pack of trials"),
+                                          (1, StepOptions(hfta=True), False, "--hfta"),
+                                          (1, StepOptions(compile=True), False, "--compile"),
+                                          (1, StepOptions(precision="bf16"), False, "--precision bf16")]:
+        with pytest.raises(UserError, match=f"`crd` edges .*t->s.* which {why} cannot pass"):
+            Engine([member() for _ in range(members)], options, packed=packed)
+    assert Engine([member()]).needs_indices
+
+
+def test_autotune_trains_a_crd_graph_on_the_plain_fused_engine_and_says_so():
+    """Nothing is built or timed (the timing steps pass no positions): plain fused, one line why."""
+    def build(options):
+        raise AssertionError("a crd graph is not timed")
+
+    tuned = autotune(check(GRAPH).graph, build, [], device=torch.device("cpu"))
+    assert tuned.options == StepOptions(channels_last=False) and not tuned.measured
+    assert tuned.line().startswith("autotune: fused, nothing timed: `crd` edges (") and "plain fused" in tuned.line()
+
+
 def test_check_takes_crd_and_checks_its_arguments():
     assert check(GRAPH).ok, check(GRAPH).errors
     bad = GRAPH.replace("crd(feat_dim=8, nce_k=16)", "crd(feat_dim=0.5, nce_k=16)")
     errors = check(bad).errors
-    assert [(e.code, e.span.line) for e in errors] == [("E404", 10)] and "whole number" in errors[0].message
+    assert [(e.code, e.span.line) for e in errors] == [("E400", 10)] and "whole number" in errors[0].message
+    huge = GRAPH.replace("crd(feat_dim=8, nce_k=16)", "crd(feat_dim=100000, nce_k=16)")
+    assert [(e.code, e.message) for e in check(huge).errors] == [
+        ("E404", "`feat_dim` must be from 1 to 65536, but got 100000")]
     wrong = GRAPH.replace("label -> t : through", "label -> t : through crd()")
     assert [e.code for e in check(wrong).errors] == ["E312"]
 
@@ -292,7 +332,9 @@ def test_a_tiny_digits_run_trains_crd_end_to_end(tmp_path):
     kt.write_text(GRAPH)
     refused = CliRunner().invoke(main, ["run", str(kt), "-o", str(tmp_path / "hfta"), "--no-progress", "--hfta",
                                         "--device", "cpu"])
-    assert refused.exit_code != 0 and "plain fused and reference engines" in refused.output
+    assert refused.exit_code != 0 and "line 12: `s.pool->t.pool` (crd) reads each batch's positions" in refused.output
+    assert "which --hfta cannot pass" in refused.output
+    assert "Traceback" not in refused.output
 
 
 @pytest.mark.parametrize("example", ["crd.kt", "digits_crd.kt"])
@@ -369,8 +411,9 @@ def test_a_search_refuses_to_pack_or_fuse_crd_trials(tmp_path):
     template.write_text(GRAPH.replace("t -> s : correct crd(feat_dim=8, nce_k=16, T=0.1)",
                                       "t -> s : correct choice(crd(nce_k=16), kl(T=2))"))
     assert check(template.read_text()).ok
-    for flags in (["--pack", "2"], ["--hfta"]):
+    for flags in (["--pack", "2"], ["--hfta"], ["--compile"]):
         result = CliRunner().invoke(main, ["search", "--template", str(template), "--trials", "2",
                                            "-o", str(tmp_path / "out"), *flags])
-        assert result.exit_code != 0 and "cannot train in a pack of trials or fused" in result.output, result.output
+        assert result.exit_code != 0, result.output
+        assert "cannot train in a pack of trials or with a fast path" in result.output, result.output
         assert not (tmp_path / "out").exists()

@@ -270,8 +270,8 @@ class Engine:
                                      ("--cuda-graph", o.cuda_graph)) if on]
         if why:
             raise UserError(f"`crd` edges ({', '.join(crd)}) read each batch's positions in the training split, "
-                            f"which {', '.join(why)} does not pass", "train such a graph alone, without fast paths "
-                                                                    "other than --channels-last")
+                            f"which {', '.join(why)} cannot pass", "train such a graph alone, without fast paths other "
+                                                                  "than --channels-last")
 
     def carry(self, keep: Sequence[Member]) -> Carried:
         """What the engine rebuilt for `keep` (members of this one, and new ones) takes over."""
