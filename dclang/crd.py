@@ -151,6 +151,15 @@ def check_crd(graph, *, train_size: int, options) -> None:
                             f"{', '.join(fast)} cannot pass", "train it without " + " and ".join(fast))
 
 
+def written_in(module) -> bool:
+    """Whether a parsed file or template (`ast.Module`) writes a `crd` loss anywhere, a
+    `choice(...)` option included: what a search refuses before any trial where the
+    positions cannot be passed (a pack, the cost plan's synthetic steps)."""
+    from dclang.syntax import ast
+
+    return any(call.name.text == "crd" for edge in module.of(ast.EdgeDecl) for call in edge.loss_calls())
+
+
 def add_crd(graph, models: dict[str, nn.Module], input_shape: tuple[int, int, int], num_classes: int,
             n_data: int | None) -> None:
     """Give each target of a live `crd` edge its CRD module (`connector.own`): heads sized by
@@ -189,4 +198,4 @@ def crd_edge_loss(edge: EdgeSpec, source: Tensor, target: Tensor, source_logits:
     return (edge.weight * weights * per_sample).mean(), weights
 
 
-__all__ = ["CRD", "DEFAULTS", "EPS", "MOMENTUM", "Embed", "add_crd", "check_crd", "crd_edge_loss"]
+__all__ = ["CRD", "DEFAULTS", "EPS", "MOMENTUM", "Embed", "add_crd", "check_crd", "crd_edge_loss", "written_in"]

@@ -406,7 +406,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
             assert torch.equal(value, b[node][key]), (node, key)
 
 
-def test_a_search_refuses_to_pack_or_fuse_crd_trials(tmp_path):
+def test_a_search_refuses_to_pack_fuse_or_plan_crd_trials(tmp_path):
     template = tmp_path / "t.kt"
     template.write_text(GRAPH.replace("t -> s : correct crd(feat_dim=8, nce_k=16, T=0.1)",
                                       "t -> s : correct choice(crd(nce_k=16), kl(T=2))"))
@@ -417,3 +417,6 @@ def test_a_search_refuses_to_pack_or_fuse_crd_trials(tmp_path):
         assert result.exit_code != 0, result.output
         assert "cannot train in a pack of trials or with a fast path" in result.output, result.output
         assert not (tmp_path / "out").exists()
+    planned = CliRunner().invoke(main, ["search", "--plan", "--template", str(template), "--trials", "2"])
+    assert planned.exit_code != 0 and "has `crd` edges, which --plan does not measure" in planned.output
+    assert "Traceback" not in planned.output

@@ -201,13 +201,13 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
 def _refuse_packed_crd(template: str, *, packed: bool) -> None:
     """A `crd` edge's step reads each batch's positions in the training split, which the packed
     worker loop (--pack, or any fast path) does not pass: refuse before any trial starts."""
-    from dclang.syntax import ast
+    from dclang.crd import written_in
     from dclang.syntax.parser import parse_module
 
     module, _ = parse_module(template)
     if module is None or not packed:
         return  # a template that does not parse is reported where the study is created
-    if any(call.name.text == "crd" for edge in module.of(ast.EdgeDecl) for call in edge.loss_calls()):
+    if written_in(module):
         raise UserError("the template has `crd` edges, which cannot train in a pack of trials or with a fast path "
                         "(--pack, --hfta, --compile, --precision bf16, --channels-last, --cuda-graph)",
                         "search it without --pack and the fast-path flags")
