@@ -420,3 +420,11 @@ def test_a_search_refuses_to_pack_fuse_or_plan_crd_trials(tmp_path):
     planned = CliRunner().invoke(main, ["search", "--plan", "--template", str(template), "--trials", "2"])
     assert planned.exit_code != 0 and "has `crd` edges, which --plan does not measure" in planned.output
     assert "Traceback" not in planned.output
+
+
+def test_bench_refuses_a_crd_graph_and_says_why(tmp_path):
+    kt = tmp_path / "crd.kt"
+    kt.write_text(GRAPH)
+    result = CliRunner().invoke(main, ["bench", str(kt), "--device", "cpu"])
+    assert result.exit_code != 0 and "which `dclang bench` does not time yet" in result.output, result.output
+    assert "positions in the training split" in result.output and "Traceback" not in result.output

@@ -13,7 +13,10 @@ every member's step:
 - **Losses.** One plan (`LossPlan`) for the members whose logits have one shape: the edges of
   every member with the same loss, gate and weight are one stacked computation
   (`losses.edge_losses`), each edge reading its own member's labels; an edge between layers is
-  computed alone (its layers differ in shape from any other's); every linear gate is computed
+  computed alone (its layers differ in shape from any other's), and so is a `crd` edge, with
+  the batch's positions in the training split that `step(..., indices)` passes (an engine of
+  one member, eagerly: packs and the fast paths but channels-last cannot pass them and are
+  refused, `_refuse_positions`); every linear gate is computed
   at k_end and scaled by its member's k / k_end held in a device tensor (`linear_weights`), so
   no step sees `k` as a Python number (what compile and CUDA graphs need). Node losses are one
   product of the edge losses with a 0/1 incidence matrix (eq. 3), and their sum gets one

@@ -10,7 +10,8 @@
 
 `prepare` settles everything that can be refused (the settings, the run folder, the data)
 before any work; `compile` builds the seeded step and puts the splits on the device;
-`batches` are the epoch's seeded batches; `end_epoch` checks the epoch's statistics, advances
+`batches` are the epoch's seeded batches (with each sample's position in the training split
+where the step's `needs_indices`: a `crd` edge's memory bank); `end_epoch` checks the epoch's statistics, advances
 the schedule and evaluates what selection needs (`dclang.train.evaluate`). Who takes the
 steps is the caller's: `train_graph` steps the run's own compiled step; a packed worker
 (`dclang.search.pack`) compiles its trials' steps as members of one engine (`member=True`:
