@@ -174,6 +174,7 @@ class Run:
                                 f"images of {dataset.name}): every epoch would be a single step",
                                 "lower `batch` in the train block (or --set train.batch=N), or train on more "
                                 "images (a smaller val_split)")
+            _check_crd(g, len(dataset.train), options, dist)
         except BaseException:  # refused before any work: a folder this run made is taken away again
             if fresh:
                 rundir.abandon(made=made)
@@ -234,9 +235,6 @@ class Run:
                 say(tuned.line())
         step = build(options=options)
         self.label = step.label
-        if self.dist is not None and step.needs_indices:
-            raise UserError("a `crd` edge does not train data-parallel: its memory bank would differ between the "
-                            "processes", "train it in one process (without torchrun)")
         if self.dist is not None:  # each process trains on its slice of every batch
             step = self.dist.wrap(step, train_size=len(self.train), batch=self.batch)
         self.step = step
@@ -281,6 +279,22 @@ class Run:
         figures = self.evaluation.after_epoch(epoch)
         return epoch_record(epoch, lr, means, reported_nodes(self.graph), figures, time.perf_counter() - started,
                             train_seconds)
+
+
+def _check_crd(graph: nx.DiGraph, train_size: int, options, dist) -> None:
+    """`crd` edges the run could not train, refused before any work (`crd.check_crd`: too many
+    negatives, a fast path that cannot pass the batch's positions), and under torchrun, where
+    each process would keep a memory bank of its own."""
+    from dclang.compile import StepOptions
+    from dclang.crd import check_crd
+    from dclang.ir import live_edges
+
+    crd = [e.key for e in live_edges(graph) if e.loss == "crd"]
+    if crd and dist is not None:
+        raise UserError(f"`crd` edges ({', '.join(crd)}) do not train data-parallel: each process would keep a "
+                        "memory bank of its own", "train the graph in one process (without torchrun)")
+    if crd:
+        check_crd(graph, train_size=train_size, options=options or StepOptions())
 
 
 def _load_dataset(data_spec, data_dir: str | None):
