@@ -334,7 +334,7 @@ def test_a_tiny_digits_run_trains_crd_end_to_end(tmp_path):
                                         "--device", "cpu"])
     assert refused.exit_code != 0 and "line 12: `s.pool->t.pool` (crd) reads each batch's positions" in refused.output
     assert "which --hfta cannot pass" in refused.output
-    assert "Traceback" not in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "hfta").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("example", ["crd.kt", "digits_crd.kt"])
