@@ -630,6 +630,7 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
     from dclang.compile.accelerate import quiet_cpu_compiler
     from dclang.compile.tf32 import set_tf32
     from dclang.data import DATASETS, DataError, load_dataset
+    from dclang.ir import live_edges
     from dclang.train.command import load_with_overrides
     from dclang.train.run import resolve_device, resolved_graph
 
@@ -638,6 +639,10 @@ def bench_command(file: Path, steps: int, warmup: int, device: str, batch: int |
         raise DiagnosticError(checked.diagnostics, checked.path, checked.source)
     if checked.graph.graph["sites"]:
         raise UserError(f"{file} is a search template", "fix its choices with --set to benchmark one graph")
+    crd = [e.key for e in live_edges(checked.graph) if e.loss == "crd"]
+    if crd:
+        raise UserError(f"{file} has `crd` edges ({', '.join(crd)}), which `dclang bench` does not time yet",
+                        "their step reads each batch's positions in the training split; time it with `dclang run`")
     train = checked.graph.graph["train"]
     graph = resolved_graph(checked.graph, epochs=train.epochs, seed=train.seed)  # as `dclang run` trains it
     torch_device = resolve_device(device)

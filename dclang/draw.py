@@ -212,7 +212,7 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
     if drawn.cutoff:
         rows.append(_row("&#8674;", "grey dashed: cutoff", "#999999"))
     if drawn.layers:
-        rows.append(_row("&#8674;", "between layers: source layer &#8594; target layer, feature loss (at, hint, sp)",
+        rows.append(_row("&#8674;", "between layers: source layer &#8594; target layer, then gate and loss",
                          _LAYER_COLOR))
     rows += [_row(f"<i>{gate}</i>", GATE_MEANING[gate]) for gate in GATE_MEANING if gate in drawn.gates]
     if not rows:

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from dclang.gates import gate_weights
 from dclang.ir import LABEL, EdgeSpec
+from dclang.loss_catalogue import LOSSES
+from dclang.relational_losses import pair_loss
 
 
 def ce_per_sample(logits_t: Tensor, labels: Tensor) -> Tensor:
@@ -116,7 +118,9 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     (K(K-1) of them between K nodes).
 
     L_{s,t} = mean over the batch of weight * G_{s,t}(a_n), a_n the sample's loss: `ce` from
-    `label`, `kl`, `dkd` or `lskd` between nodes (`logit_per_sample`). Eq. 2 writes a sum over the batch;
+    `label`, `kl`, `dkd` or `lskd` between nodes (`logit_per_sample`); a loss over pairs of
+    samples (`rkd`, `pkt`) weighs each pair by its samples' smallest gate weight instead
+    (`dclang.relational_losses`). Eq. 2 writes a sum over the batch;
     like the authors' reference implementation we take the mean, which only rescales the
     learning rate by the batch size.
     """
@@ -124,9 +128,11 @@ def edge_losses(edges: list[EdgeSpec], source_logits: Tensor | None, target_logi
     if any(edge_group_key(e) != edge_group_key(first) for e in edges):
         raise ValueError(f"edges of one group must share source kind, loss and its arguments, gate and weight: "
                          f"{[e.key for e in edges]}")
-    per_sample = logit_per_sample(first, source_logits, target_logits, labels)
     weights = gate_weights(first.gate, source_logits=source_logits, labels=labels, k=k, k_end=k_end,
-                           batch=labels.shape[-1], dtype=per_sample.dtype).expand(per_sample.shape)
+                           batch=labels.shape[-1], dtype=target_logits.dtype).expand(target_logits.shape[:-1])
+    if LOSSES[first.loss].pairs:  # a loss over pairs of samples weighs each pair (`dclang.relational_losses`)
+        return first.weight * pair_loss(first.loss, first.loss_args(), source_logits, target_logits, weights), weights
+    per_sample = logit_per_sample(first, source_logits, target_logits, labels)
     return (first.weight * weights * per_sample).mean(dim=-1), weights
 
 

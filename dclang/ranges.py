@@ -83,5 +83,9 @@ MILESTONE = Range(1, cli_options.EPOCHS.max)
 TEMPERATURE = Range(0, 100, open_low=True)
 #: a multiplier of a loss or of one of its terms (the paper's attention transfer is 500, SP 3000)
 MULTIPLIER = Range(0, 100_000)
+#: the size of an embedding a loss learns (crd's `feat_dim`; the paper's is 128)
+FEATURES = Range(1, 65_536)
+#: negatives drawn per sample (crd's `nce_k`; the paper's is 16384), below the training set's size
+NEGATIVES = Range(1, 1_000_000)
 #: attention transfer's power of the activations (the paper's is 2); large powers overflow
 POWER = Range(0, 8, open_low=True)

@@ -211,8 +211,9 @@ def test_catalogue_is_the_registry_and_every_loss_has_a_weight():
     for info in loss_catalogue.LOSSES.values():
         assert "weight" in info.args and info.endpoints in loss_catalogue.ENDPOINTS
         assert info.formula and info.reference and info.reduction and info.scaling
-    assert loss_catalogue.losses_for("layer") == ["at", "hint", "sp"]
-    assert set(loss_catalogue.losses_for("logits")) == {"kl", "dkd", "lskd"}
+    assert loss_catalogue.losses_for("layer") == ["at", "hint", "sp", "rkd", "pkt", "nst", "crd"]
+    assert set(loss_catalogue.losses_for("logits")) == {"kl", "dkd", "lskd", "rkd", "pkt", "crd"}
+    assert loss_catalogue.losses_for("label") == ["ce"]
 
 
 def test_docs_hold_the_catalogue_table():

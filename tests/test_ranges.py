@@ -33,7 +33,7 @@ def _numeric_sites() -> list[tuple[str, str, str, object]]:
     for block, table in (("optimizer", registry.OPTIMIZERS), ("schedule", registry.SCHEDULES)):
         sites += [(f"train.{block}.{name}.{k}", k, o.type, o.range) for name, options in table.items()
                   for k, o in options.items() if o.type in ("int", "float", "number", "int_list")]
-    sites += [(f"loss.{name}.{k}", k, "float", a.range) for name, info in loss_catalogue.LOSSES.items()
+    sites += [(f"loss.{name}.{k}", k, a.kind, a.range) for name, info in loss_catalogue.LOSSES.items()
               for k, a in info.args.items()]
     return sites
 

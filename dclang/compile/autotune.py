@@ -42,6 +42,7 @@ from torch import Tensor
 
 from dclang.compile.accelerate import CUDA_GRAPH_WARMUP, StepOptions, convolutional, hfta_groups
 from dclang.ir import live_edges, trainable_nodes
+from dclang.loss_catalogue import LOSSES
 
 #: device types on which `dclang run` and `dclang search` measure (elsewhere: the fixed rule)
 AUTOTUNE_DEVICES = ("cuda",)
@@ -64,9 +65,12 @@ class Tuned:
     seconds: dict[str, float]
     failed: dict[str, str]
     measured: bool = True
+    skipped: str = ""  # why nothing was timed (a graph no fast path can train)
 
     def line(self) -> str:
         """One line for the user: the choice, the times it was chosen on, how to skip it."""
+        if self.skipped:
+            return f"autotune: {self.options.label}, nothing timed: {self.skipped}"
         times = ", ".join(f"{label} {1e3 * s:.1f}" for label, s in sorted(self.seconds.items(), key=lambda x: x[1]))
         failed = "".join(f"; {label} failed: {why}" for label, why in self.failed.items())
         how = f"{STEPS} steps each after {WARMUP} warm-up" if self.measured else "chosen earlier in this process"
@@ -126,7 +130,15 @@ def autotune(graph: nx.DiGraph, build: Callable[[StepOptions], object], batches:
     batches of the run, on `device`).
 
     The first candidate (plain fused) must work; any other that raises is recorded as failed
-    and not chosen. The global random streams are left as they were found."""
+    and not chosen. The global random streams are left as they were found.
+
+    A graph with `crd` edges is not timed: its step reads each batch's positions in the
+    training split, which no fast path but channels-last passes (`dclang.crd.check_crd`), and
+    the timing steps pass none; it trains on the plain fused engine, and `Tuned.line` says so."""
+    crd = [e.key for e in live_edges(graph) if LOSSES[e.loss].needs_indices]
+    if crd:
+        return Tuned(StepOptions(channels_last=False, precision=precision or "fp32"), {}, {}, measured=False,
+                     skipped=f"`crd` edges ({', '.join(crd)}) train on the plain fused engine")
     key = (*_key(graph, batches, device), precision)
     if key in _CHOSEN:
         chosen = _CHOSEN[key]

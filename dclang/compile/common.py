@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dclang.compile.optim import Schedule
+from dclang.crd import add_crd, crd_edge_loss
 from dclang.ensembles import ensemble_order, ensemble_outputs
 from dclang.feature_losses import layer_edge_loss
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
+from dclang.loss_catalogue import LOSSES
 from dclang.models import build_model
 from dclang.models.connector import add_connectors, connector_of, load_node_state
 from dclang.models.taps import LayerCapture
@@ -50,6 +52,12 @@ class StepStats:
         for (f, name), value in zip(keys, [*counts.unbind(0), *means.unbind(0)]):
             out[f][name] = value
         return cls(**out)
+
+
+def computed_alone(edge: EdgeSpec) -> bool:
+    """An edge between layers (its layers' shapes are its own) or a `crd` edge (its module is
+    its own) is computed alone (`TrainStep.layer_edge_result`), never in a group of edges."""
+    return edge.on_layers or LOSSES[edge.loss].needs_indices
 
 
 #: StepStats fields that are batch means (weighted by batch size when summed); `node_correct` is a count
@@ -137,7 +145,8 @@ class StatSums:
 
 
 def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image_size: int,
-                 device: torch.device, init_states: dict[str, dict] | None, seed: int) -> dict[str, nn.Module]:
+                 device: torch.device, init_states: dict[str, dict] | None, seed: int,
+                 train_size: int | None = None) -> dict[str, nn.Module]:
     """Every model node, built in declaration order from one seed, so two engines (or two runs)
     start from identical weights; then `init_states` loaded over them; frozen nodes made
     frozen (no grad, eval mode: their BatchNorm statistics never change).
@@ -154,6 +163,8 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
         models = {n: build_model(graph.nodes[n]["spec"].model, num_classes, in_channels, image_size)
                   for n in names}
         add_connectors(graph, models, (in_channels, image_size, image_size))  # FitNets' regressors (hint)
+        if train_size is not None:  # CRD's heads and memory banks over the training set
+            add_crd(graph, models, (in_channels, image_size, image_size), num_classes, train_size)
     for name, state in (init_states or {}).items():
         load_node_state(models[name], state)
     for name in frozen_nodes(graph):
@@ -210,9 +221,16 @@ class TrainStep:
         self.layers = LayerCapture(models, self.layer_ends())
         self.train()
 
-    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
-        """Update every trainable node once on this batch; `k` is the 1-based update number."""
+    def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
+        """Update every trainable node once on this batch; `k` is the 1-based update number;
+        `indices` the samples' positions in the training split, for the edges that read them
+        (`needs_indices`)."""
         raise NotImplementedError
+
+    @property
+    def needs_indices(self) -> bool:
+        """Whether an edge reads each batch's positions in the training split (`crd`'s memory bank)."""
+        return any(LOSSES[e.loss].needs_indices for e in self.edges)
 
     def layer_ends(self) -> list[tuple[str, str]]:
         """(node, layer) of both ends of every live edge between layers: what `layers` keeps."""
@@ -237,13 +255,21 @@ class TrainStep:
         """(source logits, target logits) of an edge; the source is None for `label`."""
         return (None if edge.source == LABEL else logits[edge.source]), logits[edge.target]
 
-    def layer_edge_result(self, edge: EdgeSpec, logits: dict[str, Tensor], labels: Tensor, *, k: int
-                          ) -> tuple[Tensor, Tensor]:
-        """(L_{s,t}, gate weights) of an edge between layers, from the layers the last forward
-        captured; the target's connector (hint) is its own submodule."""
-        return layer_edge_loss(edge, self.layers.features[(edge.source, edge.source_layer)],
-                               self.layers.features[(edge.target, edge.target_layer)], logits[edge.source], labels,
-                               k=k, k_end=self.k_end, connector=connector_of(self.models[edge.target], edge))
+    def layer_edge_result(self, edge: EdgeSpec, logits: dict[str, Tensor], labels: Tensor, *, k: int,
+                          indices: Tensor | None = None, update: int | None = None) -> tuple[Tensor, Tensor]:
+        """(L_{s,t}, gate weights) of an edge computed alone (`computed_alone`): between layers,
+        from the layers the last forward captured, or a `crd` edge, on layers or logits, with
+        the batch's `indices` and the negatives of `update` (k when None); the target's
+        connector (hint) or CRD module is its own submodule."""
+        ends = [self.layers.features[(node, layer)] if edge.on_layers else logits[node]
+                for node, layer in ((edge.source, edge.source_layer), (edge.target, edge.target_layer))]
+        if edge.loss == "crd":
+            if indices is None:
+                raise ValueError(f"the `crd` edge {edge.key} needs the batch's positions in the training split")
+            return crd_edge_loss(edge, *ends, logits[edge.source], labels, indices, self.models[edge.target],
+                                 k=k, k_end=self.k_end, update=update)
+        return layer_edge_loss(edge, *ends, logits[edge.source], labels, k=k, k_end=self.k_end,
+                               connector=connector_of(self.models[edge.target], edge))
 
     def stats(self, logits: dict[str, Tensor], labels: Tensor, node_loss: dict[str, Tensor],
               edge_results: dict[str, tuple[Tensor, Tensor]]) -> StepStats:

@@ -13,7 +13,10 @@ every member's step:
 - **Losses.** One plan (`LossPlan`) for the members whose logits have one shape: the edges of
   every member with the same loss, gate and weight are one stacked computation
   (`losses.edge_losses`), each edge reading its own member's labels; an edge between layers is
-  computed alone (its layers differ in shape from any other's); every linear gate is computed
+  computed alone (its layers differ in shape from any other's), and so is a `crd` edge, with
+  the batch's positions in the training split that `step(..., indices)` passes (an engine of
+  one member, eagerly: packs and the fast paths but channels-last cannot pass them and are
+  refused, `_refuse_positions`); every linear gate is computed
   at k_end and scaled by its member's k / k_end held in a device tensor (`linear_weights`), so
   no step sees `k` as a Python number (what compile and CUDA graphs need). Node losses are one
   product of the edge losses with a 0/1 incidence matrix (eq. 3), and their sum gets one
@@ -64,6 +67,7 @@ from dclang.compile.thread_state import restored_on_failure
 from dclang.diagnostics import UserError
 from dclang.ensembles import ensemble_outputs
 from dclang.gates import gate_weights
+from dclang.loss_catalogue import LOSSES
 from dclang.models.fused import fuse_models, stack_inputs
 from dclang.models.taps import LayerCapture
 from dclang.registry import OPTIMIZER_KINDS
@@ -132,6 +136,7 @@ class Engine:
                 own_storage(step.models[node])
         models = {(m, n): model for m, step in enumerate(self.steps) for n, model in step.models.items()}
         self.options = (options or StepOptions()).resolve(self.device, models)
+        self._refuse_positions(packed)
         if self.options.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, but the step is on {self.device}")
         self.rules = [rule_of(s.optimizer_spec.name, s.optimizer_spec.args) for s in self.steps]
@@ -257,6 +262,22 @@ class Engine:
             slots.append([names for _, _, names in entries])
         return optimizers, slots
 
+    def _refuse_positions(self, packed: bool) -> None:
+        """A member with `crd` edges needs each batch's positions in the training split, which
+        only the eager step of an engine of that one member passes (`step(indices=...)`): no
+        pack, no HFTA, torch.compile, bf16 or CUDA graph."""
+        crd = [e.key for s in self.steps for e in s.edges if LOSSES[e.loss].needs_indices]
+        if not crd:
+            return
+        o = self.options
+        why = [what for what, on in (("a pack of trials", packed or len(self.members) > 1), ("--hfta", o.hfta),
+                                     ("--compile", o.compile), ("--precision bf16", o.precision == "bf16"),
+                                     ("--cuda-graph", o.cuda_graph)) if on]
+        if why:
+            raise UserError(f"`crd` edges ({', '.join(crd)}) read each batch's positions in the training split, "
+                            f"which {', '.join(why)} cannot pass", "train such a graph alone, without fast paths other "
+                                                                  "than --channels-last")
+
     def carry(self, keep: Sequence[Member]) -> Carried:
         """What the engine rebuilt for `keep` (members of this one, and new ones) takes over."""
         kept = set(map(id, keep))
@@ -289,11 +310,13 @@ class Engine:
     def optimizers(self) -> dict:
         return {"all": self.optimizer} if self.solo else {}
 
-    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
-        """One update of the one member on this batch; `k` is its 1-based update number."""
+    def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
+        """One update of the one member on this batch; `k` is its 1-based update number;
+        `indices` the samples' positions in the training split, for the edges that read them
+        (`needs_indices`: `crd`, computed alone by the loss plan)."""
         if len(self.members) != 1:
             raise ValueError(f"`step` steps an engine of one member; this one has {len(self.members)}: use `step_all`")
-        flat = self._step([(images, labels, k)])
+        flat = self._step([(images, labels, k)], None if indices is None else [(indices, k)])
         keys = self.keys[0]
         counts = sum(f == "node_correct" for f, _ in keys)
         return StepStats.from_vectors(keys, flat[:counts].to(torch.long), flat[counts:])
@@ -398,8 +421,11 @@ class Engine:
 
     # ------------------------------------------------------------ one step
 
-    def _step(self, batches: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
-        """One update of every member; its statistics (float64, member order)."""
+    def _step(self, batches: Sequence[tuple[Tensor, Tensor, int]],
+              positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
+        """One update of every member; its statistics (float64, member order). `positions`:
+        per member, (the batch's positions in the training split, k) for `crd` edges, which
+        only the eager step of one member passes (`_refuse_positions`)."""
         images = [b[0] for b in batches]
         if self.options.channels_last:
             images = [x.contiguous(memory_format=torch.channels_last) for x in images]
@@ -407,7 +433,7 @@ class Engine:
         ks = [b[2] for b in batches]
         if self.options.cuda_graph:
             return self._graph_step(images, labels, ks)
-        return self._eager_step(images, labels, ks)
+        return self._eager_step(images, labels, ks, positions)
 
     def prepare_update(self, ks: list[int]) -> None:
         """The numbers of this update on the device, refilled in place (no step sees them as
@@ -448,7 +474,8 @@ class Engine:
         for opt in self.sliced:
             opt.step()
 
-    def _eager_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int]) -> Tensor:
+    def _eager_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int],
+                    positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
         self.prepare_update(ks)
         self.zero_grad()
         shapes = tuple((tuple(x.shape), x.stride()) for x in images) + tuple(tuple(y.shape) for y in labels)
@@ -456,7 +483,8 @@ class Engine:
             stats = self._first_compiled(images, labels)  # compiles for these shapes, the only ones
             self.compiled_shapes = shapes
         else:  # other shapes (an epoch's last, partial batch) run eagerly
-            stats = self.forward_backward(images, labels, compiled=shapes == self.compiled_shapes)
+            stats = self.forward_backward(images, labels, compiled=shapes == self.compiled_shapes,
+                                          positions=positions)
         self.apply_update()
         self.eager_steps += 1
         return stats
@@ -467,7 +495,8 @@ class Engine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.options.cuda_graph)
         return contextlib.nullcontext()
 
-    def forward_backward(self, images: list[Tensor], labels: list[Tensor], *, compiled: bool = True) -> Tensor:
+    def forward_backward(self, images: list[Tensor], labels: list[Tensor], *, compiled: bool = True,
+                         positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
         """Forward, losses (compiled where they are) and backward; every gradient in the
         tensors the optimizer updates. The step's statistics."""
         split = self._split(images)
@@ -477,7 +506,7 @@ class Engine:
         self._plans_for(labels)
         weights = self.bf16_weights.in_use() if self.bf16_weights is not None else contextlib.nullcontext()
         with self._autocast(), weights:
-            total, stats = losses(images, labels, self.linear_weights)
+            total, stats = losses(images, labels, self.linear_weights, positions)
         total.backward()
         if self.bf16_weights is not None:
             self.bf16_weights.gradients_back()
@@ -553,8 +582,8 @@ class Engine:
                 param.grad = None
             fused.grad = torch.stack(grads).reshape(fused.shape)
 
-    def _forward_losses(self, images: list[Tensor], labels: list[Tensor], linear_weights: Tensor
-                        ) -> tuple[Tensor, Tensor]:
+    def _forward_losses(self, images: list[Tensor], labels: list[Tensor], linear_weights: Tensor,
+                        positions: list[tuple[Tensor, int] | None] | None = None) -> tuple[Tensor, Tensor]:
         """The forward of every member and every loss: (the sum of every node loss, the
         statistics in member order as one float64 vector). What compile compiles and a CUDA
         graph captures, with the forward of the backward."""
@@ -562,7 +591,8 @@ class Engine:
         totals, pieces, order = [], [], []
         for idx, (plan, rows) in self._plans_for(labels):
             node_losses, stats = plan([outputs[m] for m in idx], [labels[m] for m in idx],
-                                      linear_weights if rows is None else linear_weights.index_select(0, rows))
+                                      linear_weights if rows is None else linear_weights.index_select(0, rows),
+                                      None if positions is None else [positions[m] for m in idx])
             totals.append(node_losses.sum())
             pieces.append(stats)
             order += idx

@@ -3,7 +3,9 @@ one plan, whatever the number of graphs (`dclang.compile.engine`).
 
 Edges of every graph with the same loss, gate and weight are one stacked computation
 (`losses.edge_losses`), each edge reading its own graph's labels; an edge between layers is
-computed alone (its layers differ in shape from any other's); a linear gate is computed at
+computed alone (its layers differ in shape from any other's), and so is a `crd` edge (its
+module and memory bank are its own; it reads the batch's positions in the training split and
+draws the negatives of its update, `computed_alone`); a linear gate is computed at
 k_end and scaled by its graph's k / k_end, given as a device tensor; node losses are one
 product of the edge losses with a 0/1 incidence matrix (eq. 3). The statistics come out as
 one float64 vector, each graph's block laid out as its `StepStats.keys()` (`stat_keys`).
@@ -11,12 +13,13 @@ one float64 vector, each graph's block laid out as its `StepStats.keys()` (`stat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dclang.compile.common import TrainStep
+from dclang.compile.common import TrainStep, computed_alone
 from dclang.ir import LABEL
 from dclang.losses import edge_group_key, edge_losses
 
@@ -51,7 +54,7 @@ class LossPlan:
         self.layer_edges: list[tuple[int, Any]] = []  # computed alone, after the groups
         for j, step in enumerate(steps):
             for edge in step.edges:
-                if edge.on_layers:
+                if computed_alone(edge):
                     self.layer_edges.append((j, edge))
                 else:
                     grouped.setdefault(edge_group_key(edge), []).append((j, edge))
@@ -88,8 +91,10 @@ class LossPlan:
                 perm += [offset + edge_index[(j, e.key)] for e in step.edges]
         self.perm = torch.tensor(perm, device=device)
 
-    def __call__(self, outputs: list[dict[str, Tensor]], labels: list[Tensor], linear_weights: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(self, outputs: list[dict[str, Tensor]], labels: list[Tensor], linear_weights: Tensor,
+                 positions: Sequence[tuple[Tensor, int] | None] | None = None) -> tuple[Tensor, Tensor]:
+        """`positions`: per member, (the batch's positions in the training split, the update
+        number) where an edge reads them (`TrainStep.needs_indices`), else None."""
         stacked = torch.stack([outputs[j][name] for j, name in self.names])  # (R, B, C)
         detached = stacked.detach()  # sources (paper 3.1)
         label_rows = torch.stack(labels)  # (members, B)
@@ -106,7 +111,9 @@ class LossPlan:
             weights.append(w)
         for j, edge in self.layer_edges:
             step = self.steps[j]
-            loss, w = step.layer_edge_result(edge, outputs[j], labels[j], k=step.k_end)
+            indices, update = (positions[j] if positions and positions[j] is not None else (None, None))
+            loss, w = step.layer_edge_result(edge, outputs[j], labels[j], k=step.k_end, indices=indices,
+                                             update=update)
             if edge.gate == "linear":
                 scale = linear_weights[j].to(loss.dtype)
                 loss, w = loss * scale, w * scale

@@ -10,7 +10,7 @@ from __future__ import annotations
 import networkx as nx
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats, TrainStep
+from dclang.compile.common import StepStats, TrainStep, computed_alone
 from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
 
@@ -24,15 +24,15 @@ class ReferenceStep(TrainStep):
         for name in self.trainable:
             self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
 
-    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
+    def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output
         edge_results: dict[str, tuple[Tensor, Tensor]] = {}
         node_losses: dict[str, Tensor] = {}
         for target in self.trainable:
             losses = []
             for edge in self.edges:
-                if edge.target == target and edge.on_layers:
-                    edge_results[edge.key] = self.layer_edge_result(edge, logits, labels, k=k)
+                if edge.target == target and computed_alone(edge):
+                    edge_results[edge.key] = self.layer_edge_result(edge, logits, labels, k=k, indices=indices)
                     losses.append(edge_results[edge.key][0])
                 elif edge.target == target:
                     source_logits, target_logits = self.edge_inputs(edge, logits)

@@ -52,6 +52,11 @@ class BatchIterator:
         return self.num_batches - self.start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return ((images, labels) for images, labels, _ in self.indexed())
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches with each sample's position in the split, (images, labels, positions):
+        what a loss with a memory bank over the training set (`crd`) reads."""
         for b in range(self.start, self.num_batches):
             index = self.order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.split.images.index_select(0, index), self.split.labels.index_select(0, index)
+            yield self.split.images.index_select(0, index), self.split.labels.index_select(0, index), index

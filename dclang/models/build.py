@@ -101,6 +101,7 @@ def parameter_counts(graph) -> list[tuple[str, str, int]]:
     instantly. Class count and input shape come from the dataset's catalog entry (10 classes,
     3x32x32 when the dataset does not fix them).
     """
+    from dclang.crd import add_crd
     from dclang.ir import model_nodes
     from dclang.models.connector import add_connectors
     from dclang.models.taps import graph_input
@@ -111,6 +112,7 @@ def parameter_counts(graph) -> list[tuple[str, str, int]]:
         models = {name: build_model(graph.nodes[name]["spec"].model, classes, channels, size, pretrained=False)
                   for name in names}
         add_connectors(graph, models, (channels, size, size))  # a target's FitNets connectors are its parameters
+        add_crd(graph, models, (channels, size, size), classes, None)  # and CRD's heads
     return [(name, graph.nodes[name]["spec"].model, count_parameters(models[name])) for name in names]
 
 

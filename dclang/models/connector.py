@@ -1,4 +1,5 @@
-"""FitNets connectors: the 1x1 conv + BN that maps a target's layer to its source's channels.
+"""FitNets connectors: the 1x1 conv + BN that maps a target's layer to its source's channels;
+and where a target keeps any module an edge into it owns (a connector, CRD's heads and banks).
 
 A `hint()` edge regresses the target's layer onto the source's (Romero et al. 2015). Where
 the two have different channel counts the target needs a regressor; it is part of what the
@@ -52,11 +53,16 @@ def add_connectors(graph: nx.MultiDiGraph, models: dict[str, nn.Module], input_s
         target = layer_shapes(models[edge.target], input_shape, [edge.target_layer])[edge.target_layer]
         if source[0] == target[0]:
             continue
-        model = models[edge.target]
-        if not hasattr(model, CONNECTORS):
-            _skip_connectors_in_forward(model)
-            model.add_module(CONNECTORS, nn.ModuleDict())
-        getattr(model, CONNECTORS)[connector_name(edge)] = connector(target[0], source[0])
+        own(models[edge.target], edge, connector(target[0], source[0]))
+
+
+def own(model: nn.Module, edge: EdgeSpec, module: nn.Module) -> None:
+    """Make `module` the part of the target `model` that `edge` needs (a connector, a CRD
+    head): trained by its optimizer, saved in its checkpoints, never run by its forward."""
+    if not hasattr(model, CONNECTORS):
+        _skip_connectors_in_forward(model)
+        model.add_module(CONNECTORS, nn.ModuleDict())
+    getattr(model, CONNECTORS)[connector_name(edge)] = module
 
 
 def _skip_connectors_in_forward(model: nn.Module) -> None:
@@ -86,5 +92,5 @@ def load_node_state(model: nn.Module, state: dict) -> None:
         raise RuntimeError(f"the state does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-__all__ = ["CONNECTORS", "add_connectors", "connector", "connector_name", "connector_of", "load_node_state",
+__all__ = ["CONNECTORS", "add_connectors", "connector", "connector_name", "connector_of", "load_node_state", "own",
            "without_connectors"]

@@ -8,6 +8,7 @@ checked without it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dclang.diagnostics import Diagnostic, error
@@ -85,12 +86,18 @@ def _unknown_layer(node: str, model: str, layer: str, span, names: list[str]) ->
 
 
 def _check_shapes(loss: str, source, target, decl: ast.EdgeDecl) -> list[Diagnostic]:
-    """The loss must be able to compare the two layers: `at` and `hint` need one spatial size,
-    and `hint` on differing channels needs feature maps (N, C, H, W) for its 1x1 connector."""
+    """The loss must be able to compare the two layers: `at`, `hint` and `nst` need one spatial
+    size, `nst` feature maps with positions to compare its channels over, and `hint` on
+    differing channels feature maps (N, C, H, W) for its 1x1 connector."""
     (s_node, s_layer, _, s_shape), (t_node, t_layer, _, t_shape) = source, target
     both = (f"`{s_node}.{s_layer}` is {_shape_text(s_shape)} and `{t_node}.{t_layer}` is {_shape_text(t_shape)} "
             "(channels, then spatial size)")
-    if loss in ("at", "hint") and s_shape[1:] != t_shape[1:]:
+    if loss == "nst" and (len(s_shape) < 2 or math.prod(s_shape[1:]) < 2 or math.prod(t_shape[1:]) < 2):
+        return [error("E321", f"`nst` compares each channel's map over its positions, but {both}", decl.span,
+                      "no feature maps", help="pick convolutional layers (channels, height, width) before the "
+                                              "pooling, e.g. `layer3`: one position per channel leaves nothing "
+                                              "to compare")]
+    if loss in ("at", "hint", "nst") and s_shape[1:] != t_shape[1:]:
         return [error("E321", f"`{loss}` compares layers of one spatial size, but {both}", decl.span,
                       f"{_spatial(s_shape)} against {_spatial(t_shape)}",
                       help="pick layers of the same resolution (e.g. `layer3` with `layer3`), or use `sp()`, "

@@ -118,7 +118,7 @@ def _check_loss_fits(edge: ast.EdgeDecl, nodes: dict[str, ast.NodeDecl]) -> list
         if info is None:
             continue  # reported by check_names
         name = info.name
-        if info.on_layers != edge.on_layers:
+        if info.on_layers != edge.on_layers and not (edge.on_layers and info.takes("layer")):
             if info.on_layers:
                 message = f"`{name}` compares two layers, but this edge joins the nodes' outputs"
                 hint = (f"name a layer at each end, e.g. `{s}.layer3 -> {edge.target.text}.layer3`; losses between "
@@ -127,7 +127,7 @@ def _check_loss_fits(edge: ast.EdgeDecl, nodes: dict[str, ast.NodeDecl]) -> list
                 message = f"`{name}` compares outputs (logits), but this edge joins layers"
                 hint = "losses between layers: " + ", ".join(f"`{n}`" for n in loss_catalogue.losses_for("layer"))
             out.append(error("E320", message, call.name.span, "wrong kind of loss for these ends", help=hint))
-        elif edge.bulk or info.on_layers:
+        elif edge.bulk or edge.on_layers:
             continue
         elif s == LABEL and info.endpoints != "label":
             out.append(error("E312", f"an edge from `label` uses cross-entropy, not `{name}`", call.name.span,

@@ -155,8 +155,8 @@ def _check_loss(edge: ast.EdgeDecl) -> list[Diagnostic]:
         info = loss_catalogue.LOSSES.get(call.name.text)
         for arg in call.args if info is not None else ():
             if arg.name.text in info.args:
-                out += check_value(arg.value, "float", arg.name.text, f"`{arg.name.text}`",
-                                   info.args[arg.name.text].range)
+                spec = info.args[arg.name.text]
+                out += check_value(arg.value, spec.kind, arg.name.text, f"`{arg.name.text}`", spec.range)
     return out
 
 

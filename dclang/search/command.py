@@ -147,11 +147,13 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
         if study_name is None:
             raise UserError(f"{output} holds no search (no {RECORD})", "give --storage and --study")
         study, config = load_study(open_storage(storage), study_name, where=redact(storage))
+        _refuse_packed_crd(config.template, packed=pack > 1 or asked)
         if trials is not None and trials != config.trials:
             config = set_trial_budget(study, config, trials)
     else:
         if template is None or trials is None:
             raise click.UsageError("a new search needs --template T.kt and --trials N (or --resume -o OUT)")
+        _refuse_packed_crd(template.read_text(encoding="utf-8"), packed=pack > 1 or asked)
         if (output / RECORD).exists():
             raise UserError(f"{output} already holds a search", f"continue it with `dclang search --resume -o "
                                                                  f"{output}`, or choose another -o")
@@ -194,6 +196,21 @@ def search_command(ctx: click.Context, template: Path | None, trials: int | None
     if failures:
         raise UserError("; ".join(failures), f"see the worker logs in {output / 'logs'}; "
                                              f"continue with `dclang search --resume -o {output}`")
+
+
+def _refuse_packed_crd(template: str, *, packed: bool) -> None:
+    """A `crd` edge's step reads each batch's positions in the training split, which the packed
+    worker loop (--pack, or any fast path) does not pass: refuse before any trial starts."""
+    from dclang.crd import written_in
+    from dclang.syntax.parser import parse_module
+
+    module, _ = parse_module(template)
+    if module is None or not packed:
+        return  # a template that does not parse is reported where the study is created
+    if written_in(module):
+        raise UserError("the template has `crd` edges, which cannot train in a pack of trials or with a fast path "
+                        "(--pack, --hfta, --compile, --precision bf16, --channels-last, --cuda-graph)",
+                        "search it without --pack and the fast-path flags")
 
 
 def _join(ctx, storage, study_name, output, device, data, teacher_cache, trainer, slot, pack, options, *,

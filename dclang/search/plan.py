@@ -378,6 +378,7 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     import torch
 
     from dclang.api import check
+    from dclang.crd import written_in
     from dclang.search.equivalence import count_distinct, space_size
     from dclang.search.space import prepare_template, search_space
     from dclang.search.study import StudyConfig
@@ -388,6 +389,10 @@ def make_plan(template_path: Path, *, trials: int, workers: int, pack: int, epoc
     checked = check(text, str(template_path))
     if not checked.ok:
         raise DiagnosticError(checked.diagnostics, str(template_path), text)
+    if written_in(checked.module):
+        raise UserError(f"{template_path} has `crd` edges, which --plan does not measure: their step reads each "
+                        "batch's positions in the training split, which its synthetic steps do not have",
+                        "plan the search with the `crd` options replaced (e.g. by `kl`)")
     space = search_space(checked.module)
     prepared = format_module(prepare_template(checked.module, epochs=epochs, base=template_path.parent))
     graph = check(prepared, str(template_path)).graph

@@ -207,8 +207,8 @@ def _epoch_steps(run: Run, epoch: int) -> Generator[None, None, dict]:
     stats, shown = EpochStats(), time.monotonic()
     show_bar = run.progress and sys.stderr.isatty()
     with _bar(run.steps_per_epoch, f"epoch {epoch}/{run.epochs}", show_bar) as bar:
-        for images, labels, k in run.batches(epoch):
-            stats.add(step.step(images, labels, k), len(labels), k)
+        for images, labels, k, *indices in run.batches(epoch, indices=step.needs_indices):
+            stats.add(step.step(images, labels, k, *indices), len(labels), k)
             yield
             bar.update()
             if show_bar and time.monotonic() - shown > 0.5:  # the postfix reads the device: not every step

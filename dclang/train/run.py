@@ -10,7 +10,8 @@
 
 `prepare` settles everything that can be refused (the settings, the run folder, the data)
 before any work; `compile` builds the seeded step and puts the splits on the device;
-`batches` are the epoch's seeded batches; `end_epoch` checks the epoch's statistics, advances
+`batches` are the epoch's seeded batches (with each sample's position in the training split
+where the step's `needs_indices`: a `crd` edge's memory bank); `end_epoch` checks the epoch's statistics, advances
 the schedule and evaluates what selection needs (`dclang.train.evaluate`). Who takes the
 steps is the caller's: `train_graph` steps the run's own compiled step; a packed worker
 (`dclang.search.pack`) compiles its trials' steps as members of one engine (`member=True`:
@@ -173,6 +174,7 @@ class Run:
                                 f"images of {dataset.name}): every epoch would be a single step",
                                 "lower `batch` in the train block (or --set train.batch=N), or train on more "
                                 "images (a smaller val_split)")
+            _check_crd(g, len(dataset.train), options, dist)
         except BaseException:  # refused before any work: a folder this run made is taken away again
             if fresh:
                 rundir.abandon(made=made)
@@ -223,7 +225,7 @@ class Run:
         build = partial(compile_graph, self.graph, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         image_size=dataset.image_size, device=self.device, engine=self.engine,
                         init_states=states, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
-                        epochs=self.epochs, member=member)
+                        epochs=self.epochs, member=member, train_size=len(self.train))
         if (autotune and not member and self.engine == "fused" and self.dist is None
                 and tuning.applies(self.device)):
             tuned = tuning.autotune(self.graph, lambda o: build(options=o), self._first_batches(),
@@ -240,15 +242,18 @@ class Run:
                                           std=dataset.std, epochs=self.epochs, batch=self.batch)
         return step
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def batches(self, epoch: int, *, indices: bool = False) -> Iterator[tuple]:
         """The epoch's (augmented images, labels, k), k the 1-based update number, in the run's
         seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
-        steps them (`train_graph` for one run, a packed worker for several) sees the same batches."""
+        steps them (`train_graph` for one run, a packed worker for several) sees the same batches.
+        With `indices` (the step's `needs_indices`: `crd`), each tuple ends with the samples'
+        positions in the training split."""
         from dclang.data.batches import BatchIterator, epoch_generator
 
         generator = epoch_generator(self.seed, epoch, self.device)
-        for i, (images, labels) in enumerate(BatchIterator(self.train, self.batch, generator)):
-            yield self.augment(images, generator), labels, (epoch - 1) * self.steps_per_epoch + i + 1
+        for i, (images, labels, index) in enumerate(BatchIterator(self.train, self.batch, generator).indexed()):
+            k = (epoch - 1) * self.steps_per_epoch + i + 1
+            yield (self.augment(images, generator), labels, k) + ((index,) if indices else ())
 
     def _first_batches(self, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to `n` full batches of the first epoch, augmented, from a generator of their own
@@ -274,6 +279,22 @@ class Run:
         figures = self.evaluation.after_epoch(epoch)
         return epoch_record(epoch, lr, means, reported_nodes(self.graph), figures, time.perf_counter() - started,
                             train_seconds)
+
+
+def _check_crd(graph: nx.DiGraph, train_size: int, options, dist) -> None:
+    """`crd` edges the run could not train, refused before any work (`crd.check_crd`: too many
+    negatives, a fast path that cannot pass the batch's positions), and under torchrun, where
+    each process would keep a memory bank of its own."""
+    from dclang.compile import StepOptions
+    from dclang.crd import check_crd
+    from dclang.ir import live_edges
+
+    crd = [e.key for e in live_edges(graph) if e.loss == "crd"]
+    if crd and dist is not None:
+        raise UserError(f"`crd` edges ({', '.join(crd)}) do not train data-parallel: each process would keep a "
+                        "memory bank of its own", "train the graph in one process (without torchrun)")
+    if crd:
+        check_crd(graph, train_size=train_size, options=options or StepOptions())
 
 
 def _load_dataset(data_spec, data_dir: str | None):
