@@ -94,11 +94,11 @@ def _hint(word: str, known) -> str:
 def _argument_errors(call: ast.Call | None, problems) -> list[Diagnostic]:
     """E221 at each argument that `problems({name: value})` objects to; E407 for a repeat."""
     from dclang.ir import plain
-    from dclang.passes.check_names import _check_repeated_args
+    from dclang.passes.check_names import check_repeated_args
 
     if call is None or not call.args:
         return []
-    out = _check_repeated_args(call)
+    out = check_repeated_args(call)
     found = problems({a.name.text: plain(a.value, a.name.text) for a in call.args})
     for arg in call.args:
         if arg.name.text in found:

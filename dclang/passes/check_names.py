@@ -80,7 +80,7 @@ def check_names(module: ast.Module, graph) -> list[Diagnostic]:
                 out.append(error("E203", f"unknown loss `{name}`", call.name.span, "no loss with this name",
                                  help=did_you_mean(name, registry.LOSSES, "losses")))
             else:
-                out += _check_repeated_args(call)
+                out += check_repeated_args(call)
                 for arg in call.args:
                     if arg.name.text not in registry.LOSSES[name]:
                         out.append(error("E206", f"`{name}` has no option `{arg.name.text}`", arg.name.span,
@@ -133,7 +133,7 @@ def _check_blocks(module: ast.Module) -> list[Diagnostic]:
                 out.append(error("E207", f"unknown {key} `{name}`", span, f"no {key} with this name",
                                  help=did_you_mean(name, table, f"{key}s")))
             elif isinstance(value, ast.Call):
-                out += _check_repeated_args(value)
+                out += check_repeated_args(value)
                 for arg in value.args:
                     if arg.name.text not in table[name]:
                         out.append(error("E206", f"`{name}` has no option `{arg.name.text}`", arg.name.span,
@@ -141,7 +141,7 @@ def _check_blocks(module: ast.Module) -> list[Diagnostic]:
     return out
 
 
-def _check_repeated_args(call: ast.Call) -> list[Diagnostic]:
+def check_repeated_args(call: ast.Call) -> list[Diagnostic]:
     """`kl(T=2, T=3)`: only one of them could be meant, so neither silently wins."""
     out: list[Diagnostic] = []
     seen: dict[str, ast.Argument] = {}
