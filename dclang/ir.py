@@ -51,6 +51,22 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """How a network node is made from another node's: `ema(s, decay=0.999)` (kind `ema`: its
+    weights the moving average of `s`'s) or `branch(b1, from=layer3)` (kind `branch`: `b1`'s
+    modules before `layer3` shared, its own from there). `args` are the other arguments as
+    Python values (an Open where a template leaves one open), the defaults not filled in."""
+
+    kind: str
+    source: str
+    args: tuple[tuple[str, Any], ...] = ()
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def arg(self, key: str, default: Any = None) -> Any:
+        return dict(self.args).get(key, default)
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     # str (`resnet32`, `torchvision.resnet18(weights="DEFAULT")`), Open, or tuple of member names for an ensemble
@@ -62,6 +78,18 @@ class NodeSpec:
     init: str | None = None
     span: Span | None = field(default=None, compare=False)
     model_span: Span | None = field(default=None, compare=False)
+    # a network made from another node's (`ema(...)`, `branch(...)`): how; `model` is then the
+    # architecture of the network it is made from, followed to the first node that is not
+    # derived (None where that is not a network: an unknown node, an ensemble, a cycle)
+    derived: Derived | None = None
+
+    @property
+    def is_ema(self) -> bool:
+        return self.derived is not None and self.derived.kind == "ema"
+
+    @property
+    def is_branch(self) -> bool:
+        return self.derived is not None and self.derived.kind == "branch"
 
     @property
     def is_label(self) -> bool:
@@ -177,6 +205,8 @@ def _options_text(v: ast.Value) -> Any:
         return Open("?", tuple(_options_text(o) for o in v.options), v.span)
     if isinstance(v, ast.Ensemble):  # an option of a node's choice: its members
         return tuple(m.text for m in v.members)
+    if isinstance(v, ast.Derived):  # an option of a node's choice: `ema(s)`, `branch(b, from=l)`
+        return Derived(v.kind, v.source.text, tuple((a.name.text, _options_text(a.value)) for a in v.args), v.span)
     raise TypeError(v)
 
 
@@ -245,8 +275,13 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
         name = decl.name.text
         if name in g:
             continue  # reported by passes.check_names
-        model: Any
-        if isinstance(decl.model, ast.Ensemble):
+        model: Any = None
+        derived = None
+        if isinstance(decl.model, ast.Derived):  # `model` is its source's, resolved below
+            derived = Derived(decl.model.kind, decl.model.source.text,
+                              tuple((a.name.text, plain(a.value, f"{name}.{a.name.text}")) for a in decl.model.args),
+                              decl.model.span)
+        elif isinstance(decl.model, ast.Ensemble):
             model = tuple(m.text for m in decl.model.members)
         elif isinstance(decl.model, ast.Choice):
             model = plain(decl.model, f"{name}.model")
@@ -261,8 +296,9 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             combine=_combine(decl),
             declared_frozen=decl.attribute("frozen") is not None,
             init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
-            span=decl.name.span, model_span=decl.model.span,
+            span=decl.name.span, model_span=decl.model.span, derived=derived,
         ), decl=decl)
+    _resolve_derived_models(g)
 
     for decl in expand_edges(module):
         s, t = decl.source.text, decl.target.text
@@ -276,6 +312,23 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
     derive_frozen_and_target(g)
     g.graph["sites"] = tuple(collect_sites(g))
     return g
+
+
+def _resolve_derived_models(g: nx.MultiDiGraph) -> None:
+    """Give each `ema(...)` / `branch(...)` node the architecture of the network it is made
+    from (through a chain of derived nodes), or None where the chain does not end at a
+    network: the passes say why."""
+    for name, attrs in g.nodes(data=True):
+        spec: NodeSpec = attrs["spec"]
+        if spec.derived is None:
+            continue
+        seen, source = {name}, spec.derived.source
+        while source in g and source not in seen and g.nodes[source]["spec"].derived is not None:
+            seen.add(source)
+            source = g.nodes[source]["spec"].derived.source
+        root = g.nodes[source]["spec"] if source in g and source not in seen else None
+        ok = root is not None and not root.is_label and not root.is_ensemble
+        attrs["spec"] = NodeSpec(**{**spec.__dict__, "model": root.model if ok else None})
 
 
 def _combine(decl: ast.NodeDecl) -> Any:
@@ -423,7 +476,11 @@ def collect_sites(g: nx.DiGraph) -> list[Site]:
     for v in (train.epochs, train.batch, train.seed, train.optimizer.args, train.schedule.args):
         visit(v)
     for _, spec in g.nodes(data="spec"):
-        visit(spec.model)
+        if spec.derived is None:  # a derived node's model is its source's, visited there
+            visit(spec.model)
+        else:
+            for _, value in spec.derived.args:
+                visit(value)
         visit(spec.init)
         visit(spec.combine)
     for _, _, spec in g.edges(data="spec"):

@@ -256,3 +256,14 @@ def test_fmt_of_a_file_with_a_syntax_error(runner, tmp_path):
         assert "error[E100]: missing `->` between source and target" in result.stderr
         assert "Traceback" not in result.output
     assert bad.read_text(encoding="utf-8") == "graph g\nlabel a : through\n"
+
+
+def test_derived_networks_round_trip_with_their_comments():
+    text = ("node s : resnet32\nnode t : ema(s , decay = 0.999)  # mean teacher\n"
+            "node b : choice(branch(s, from=layer3), resnet20, ema(\n  s,  # the student\n  decay=0.9\n))\n")
+    once = _fmt(text)
+    assert once == ("node s : resnet32\nnode t : ema(s, decay=0.999)  # mean teacher\n"
+                    "node b : choice(\n  branch(s, from=layer3),\n  resnet20,\n  ema(\n    s,  # the student\n"
+                    "    decay=0.9\n  )\n)\n")
+    assert _fmt(once) == once
+    assert _ir(once) == _ir(text)

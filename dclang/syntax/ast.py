@@ -126,6 +126,22 @@ class Ensemble:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A network made from another node's: `ema(s, decay=0.999)`, the exponential moving
+    average of `s`'s weights (a mean teacher), or `branch(b1, from=layer3)`, a network sharing
+    `b1`'s modules before `layer3` (its trunk) with a head of its own. `kind` is `ema` or
+    `branch`, `source` the node it is made from, `args` the rest as written."""
+
+    kind: str
+    source: Name
+    args: tuple[Argument, ...]
+    span: Span = field(compare=False)
+
+    def arg(self, key: str) -> "Argument | None":
+        return next((a for a in self.args if a.name.text == key), None)
+
+
+@dataclass(frozen=True)
 class Attribute:
     """`target`, `frozen`, `init="teacher.pt"` inside a node's `[...]`."""
 
@@ -136,8 +152,8 @@ class Attribute:
 
 #: a model by name (`resnet32`, `torchvision.resnet18`: the Name's text is the dotted path),
 #: with the constructor's arguments (a Call: `torchvision.resnet18(weights="DEFAULT")`), a
-#: choice of names, or an ensemble
-ModelExpr = Union[Name, Call, Choice, Ensemble]
+#: choice of names, an ensemble, or a network made from another node's (`ema`, `branch`)
+ModelExpr = Union[Name, Call, Choice, Ensemble, Derived]
 GateExpr = Union[Name, Choice]
 #: a layer endpoint: one module path (`layer3`, `layer3.0.conv2`) or a `choice(...)` of them
 LayerExpr = Union[Name, Choice]

@@ -37,6 +37,10 @@ def format_value(v: ast.Value, notes: _Inner | None = None, indent: str = "") ->
         return _wrap(notes, id(v), "choice(", [(o, format_value(o, notes, inner)) for o in v.options], ")", indent)
     if isinstance(v, ast.Ensemble):  # an option of a node's choice
         return _wrap(notes, id(v), "ensemble(", [(m, m.text) for m in v.members], ")", indent)
+    if isinstance(v, ast.Derived):  # `ema(s, decay=0.999)`, `branch(b1, from=layer3)`
+        parts = [(v.source, v.source.text)] + [(a, f"{a.name.text}={format_value(a.value, notes, inner)}")
+                                                for a in v.args]
+        return _wrap(notes, id(v), v.kind + "(", parts, ")", indent)
     raise TypeError(f"not a value: {v!r}")
 
 
@@ -64,7 +68,7 @@ def _wrap(notes: _Inner | None, key, opening: str, parts: list[tuple[object, str
 
 
 def _model(expr: ast.ModelExpr, notes: _Inner | None = None) -> str:
-    if isinstance(expr, (ast.Ensemble, ast.Choice, ast.Call)):
+    if isinstance(expr, (ast.Ensemble, ast.Choice, ast.Call, ast.Derived)):
         return format_value(expr, notes)
     return expr.text
 
@@ -135,6 +139,8 @@ def _elements(value) -> tuple | None:
         return value.options
     if isinstance(value, ast.Ensemble):
         return value.members
+    if isinstance(value, ast.Derived):
+        return (value.source, *value.args)
     return None
 
 

@@ -133,6 +133,13 @@ class _ToAst(Transformer):
     def ensemble(self, meta, children):
         return ast.Ensemble(tuple(_name(c) for c in children), Span.from_meta(meta))
 
+    def derived(self, meta, children):
+        kind, source, *args = children
+        return ast.Derived(kind, _name(source), tuple(args), Span.from_meta(meta))
+
+    def derived_kind(self, meta, children):
+        return str(children[0])
+
     def attributes(self, meta, children):
         return tuple(children)
 
