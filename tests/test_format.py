@@ -267,3 +267,11 @@ def test_derived_networks_round_trip_with_their_comments():
                     "    decay=0.9\n  )\n)\n")
     assert _fmt(once) == once
     assert _ir(once) == _ir(text)
+
+
+def test_a_word_that_starts_with_true_or_false_is_a_word():
+    module, diags = parse_module("node a : resnet32 [x=trueish, y=false, z=falsehood, w=true]\n")
+    values = [a.value for a in module.items[0].attributes]
+    assert not diags
+    assert [type(v).__name__ for v in values] == ["Ident", "Bool", "Ident", "Bool"]
+    assert _fmt("node a : resnet32 [x=trueish]\n") == "node a : resnet32 [x=trueish]\n"
