@@ -11,7 +11,8 @@ is teal and dashed with an open arrowhead, labelled with its two layers and its 
 
 An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
 from each member; a learned one (`combine=learned`) has a double outline and says `learned`.
-Every drawing carries a legend of what it uses, and only that: the kinds of node by colour, the kinds of arrow, and what each of its gates does.
+Every drawing carries a legend of what it uses, and only that: the kinds of node by colour,
+the kinds of arrow, and what each of its gates does.
 """
 
 from __future__ import annotations
