@@ -230,9 +230,12 @@ def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float
         rundir.write_metrics(records)
         rundir.write_summary(_summary(run, records))
         if improved:
-            rundir.save_best({"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
-                              "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
-                                                           step.models[n].state_dict()) for n in run.names}})
+            best = {"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
+                    "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
+                                                 step.models[n].state_dict()) for n in run.names}}
+            if step.ensemble_weights:  # a learned ensemble's w beside its members (dclang.learned_ensembles)
+                best["ensembles"] = {n: w.state_dict() for n, w in step.ensemble_weights.items()}
+            rundir.save_best(best)
         rundir.save_last({"graph": run.text, "epoch": epoch, "train_step": step.state_dict(),
                           "rng": _rng_state(run.device), "best_val": best_val})
     if run.progress:
