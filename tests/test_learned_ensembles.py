@@ -345,3 +345,20 @@ e -> a : through
         trial = realize(template, {"e.combine": pick}, space=space)
         assert trial.problem is None, trial.problem
         assert ("label -> e" in trial.text) == has_edge, trial.text
+
+
+def test_frozen_on_a_learned_ensemble_says_how_to_freeze_its_weights():
+    checked = check("""
+graph g
+data digits { }
+node a : mlp [target]
+node b : mlp
+node e : ensemble(a, b) [frozen, combine=learned]
+label -> a : through
+label -> b : through
+label -> e : through
+e -> a : through
+""")
+    (diag,) = [d for d in checked.errors if d.code == "E333"]
+    assert diag.message == "the learned ensemble `e` is marked `frozen`" and diag.span.line == 6
+    assert "`label -> e : cutoff`" in diag.help

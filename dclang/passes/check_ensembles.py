@@ -18,6 +18,7 @@ import networkx as nx
 from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.ensembles import COMBINES, trained_ensembles
 from dclang.ir import LABEL, NO_NODE
+from dclang.passes.check_learned_ensembles import may_learn
 from dclang.syntax import ast
 
 
@@ -167,7 +168,12 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
     name = decl.name.text
     if decl.is_ensemble:
         frozen = decl.attribute("frozen")
-        if frozen is not None:
+        if frozen is not None and may_learn(decl):
+            out.append(error("E333", f"the learned ensemble `{name}` is marked `frozen`", frozen.name.span,
+                             "its weights are frozen by cutting its label edge",
+                             help=f"write `label -> {name} : cutoff` to keep them at the mean of logits; "
+                                  "to freeze its members, mark them `[frozen]`"))
+        elif frozen is not None:
             out.append(error("E333", f"the ensemble `{name}` is marked `frozen`", frozen.name.span,
                              "an ensemble has no weights to freeze",
                              help="it follows its members: mark the members `[frozen]` instead"))
