@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from test_engines import CLASSES, TIGHT, assert_models_close, batches, compiled, snapshot, train
 from test_union import EPOCHS as UNION_EPOCHS
-from test_union import STEPS_PER_EPOCH, Trial, assert_same_trials, step_both
+from test_union import HEAD, SGD, STEPS_PER_EPOCH, Trial, assert_same_trials, step_both
 
 from dclang.api import check
 from dclang.compile import Engine, StepOptions, compile_graph
@@ -243,7 +243,7 @@ e -> s : through kl(T=2)
     resumed = run("stopped", resume=True)
     untimed = [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in resumed.records]
     assert untimed == [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in full.records]
-    assert full.summary["nodes"]["e"]["test_at_best_val"] is not None
+    assert full.summary["nodes"]["e"]["test_at_best_val"] is not None and full.summary["nodes"]["e"]["params"] == 2
     for which in ("last", "best"):
         a, b = (load_safely(getattr(RunDir(tmp_path / n), which)) for n in ("stopped", "full"))
         ens_a = a["train_step"]["ensembles"] if which == "last" else a["ensembles"]
@@ -256,9 +256,7 @@ e -> s : through kl(T=2)
 def test_a_packed_trial_computes_what_it_computes_alone(float64):
     """A learned-ensemble trial packed beside another graph (HFTA across them) equals its twin
     trained alone: weights, w, statistics."""
-    import test_union
-
-    test_union.GRAPHS.setdefault("learned", test_union.HEAD.format(optimizer=test_union.SGD) + """\
+    graph = check(HEAD.format(optimizer=SGD) + """\
 node n1 : cnn_tiny [target]
 node n2 : cnn_tiny
 node e : ensemble(n1, n2) [combine=learned]
@@ -266,14 +264,17 @@ label -> n1 : through
 label -> n2 : through
 label -> e : linear
 e -> n1 : through kl(T=2)
-""")
+""").graph
+    args = dict(num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"), seed=0,
+                steps_per_epoch=STEPS_PER_EPOCH, epochs=UNION_EPOCHS)
+    learned = Trial("learned", compile_graph(graph, member=True, **args),
+                    compile_graph(graph, options=StepOptions(channels_last=False), **args), 16)
     generator = torch.Generator().manual_seed(0)
-    trials = [Trial.of("learned"), Trial.of("gates")]
+    trials = [learned, Trial.of("gates")]
     union, stats = Engine(trials, StepOptions(hfta=True, channels_last=False), packed=True), {}
     for _ in range(STEPS_PER_EPOCH * UNION_EPOCHS - 1):
         step_both(union, trials, generator, stats)
     assert_same_trials(union, trials, stats)
-    learned = trials[0]
     torch.testing.assert_close(learned.step.ensemble_weights["e"].w, learned.alone.ensemble_weights["e"].w,
                                rtol=1e-9, atol=1e-10)
     assert not torch.equal(learned.alone.ensemble_weights["e"].w, torch.zeros(2))

@@ -243,6 +243,12 @@ def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float
     return best_val
 
 
+def _params(step, name: str) -> int:
+    """A node's parameter count: a network's, a learned ensemble's w (one per member), else 0."""
+    module = step.models[name] if name in step.models else step.ensemble_weights.get(name)
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
 def _summary(run: Run, records: list[dict]) -> dict:
     """summary.json, derived from the records alone (plus constants), so a resumed run's
     summary is the one an uninterrupted run would have written."""
@@ -251,13 +257,13 @@ def _summary(run: Run, records: list[dict]) -> dict:
 
     graph, dataset, step, epochs, target = run.graph, run.dataset, run.step, run.epochs, run.target
     nodes = {}
-    for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
+    for name in reported_nodes(graph):  # networks, then ensembles (none but a learned one's w)
         spec = graph.nodes[name]["spec"]
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
             "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
-            "params": sum(p.numel() for p in step.models[name].parameters()) if name in step.models else 0,
+            "params": _params(step, name),
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,
             "best_val_acc": best["nodes"][name]["val_acc"] if best else None,
