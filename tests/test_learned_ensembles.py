@@ -363,3 +363,23 @@ e -> a : through
     (diag,) = [d for d in checked.errors if d.code == "E333"]
     assert diag.message == "the learned ensemble `e` is marked `frozen`" and diag.span.line == 6
     assert "`label -> e : cutoff`" in diag.help
+
+
+def test_a_templates_concrete_graph_leaves_the_label_edge_out_as_the_trial_does():
+    from dclang.search.equivalence import concrete
+
+    template = check("""
+graph t
+data digits { }
+train { epochs = 1 }
+node a : mlp [target]
+node b : mlp
+node e : ensemble(a, b) [combine=choice(mean_logits, learned)]
+label -> a : through
+label -> b : through
+label -> e : through
+e -> a : through
+""").graph
+    for pick, edges in (("mean_logits", []), ("learned", ["label->e"])):
+        graph = concrete(template, {"e.combine": pick})
+        assert [k for _, t, k in graph.edges(keys=True) if t == "e"] == edges
