@@ -383,3 +383,49 @@ e -> a : through
     for pick, edges in (("mean_logits", []), ("learned", ["label->e"])):
         graph = concrete(template, {"e.combine": pick})
         assert [k for _, t, k in graph.edges(keys=True) if t == "e"] == edges
+
+
+def test_a_learned_trial_in_a_search_pack_equals_the_trial_trained_alone():
+    """Through search's `Pack` and `TrialRun` (HFTA across trials), beside a mate: every
+    node's figures per epoch, the learned target ensemble's included, as `train_graph` alone,
+    to float32 rounding (losses 1e-5 relative, accuracies one image of the 300)."""
+    from test_search_pack import HEAD as PACK_HEAD
+    from test_search_pack import SHORT
+
+    from dclang.data import load_dataset
+    from dclang.search.pack import Pack, TrialRun
+    from dclang.train.loop import train_graph
+
+    trial = check(PACK_HEAD.format(seed=3) + """\
+node n1 : cnn_tiny
+node n2 : mlp
+node e : ensemble(n1, n2) [target, combine=learned]
+label -> n1 : through
+label -> n2 : through
+label -> e : through
+e -> n2 : through kl(T=2)
+""").graph
+    digits = load_dataset("digits", data_dir=None, val_split=300, split_seed=0)
+    options = StepOptions(hfta=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        alone = train_graph(trial, run_dir=None, device="cpu", dataset=digits, progress=False, options=options).records
+        seen: list[dict] = []
+        pack = Pack(2, options)
+        pack.add("short", TrialRun(check(SHORT).graph, dataset=digits, device=torch.device("cpu"),
+                                   on_epoch=lambda epoch, record: None))
+        pack.add("trial", TrialRun(trial, dataset=digits, device=torch.device("cpu"),
+                                   on_epoch=lambda epoch, record: seen.append(record)))
+        while pack.runs:
+            pack.step(on_error=lambda key, exc: pytest.fail(f"{key}: {exc}"), on_done=lambda key, r: None)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(seen) == len(alone) == 2
+    for packed, single in zip(seen, alone):
+        for node, figures in single["nodes"].items():
+            if figures["train_loss"] is not None:
+                assert math.isclose(packed["nodes"][node]["train_loss"], figures["train_loss"], rel_tol=1e-5), node
+            for key in ("val_acc", "test_acc"):
+                assert abs(packed["nodes"][node][key] - figures[key]) <= 1 / 300 + 1e-12, (node, key)
+    assert alone[-1]["nodes"]["e"]["train_loss"] is not None
