@@ -41,7 +41,8 @@ def stacked_names(step: TrainStep) -> list[str]:
 class LossPlan:
     """The losses and statistics of members whose logits have one shape, computed together:
     built once per set of members (row and edge indices, incidence matrix). A call gives
-    every trainable node's loss (members in order, each member's nodes in order) and the
+    every trainable node's loss (members in order, each member's `loss_nodes` in order: its
+    networks, then its learned ensembles, whose output rows carry w's gradient) and the
     statistics (float64, each member's block laid out as its `stat_keys`)."""
 
     def __init__(self, steps: list[TrainStep]):
