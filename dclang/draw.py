@@ -10,8 +10,9 @@ open pair keeps its own arrow, since each is a search site of its own. An edge b
 is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
 An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
-node by colour, the kinds of arrow, and what each of its gates does.
+from each member; a learned one (`combine=learned`) has a double outline and says `learned`.
+Every drawing carries a legend of what it uses, and only that: the kinds of node by colour,
+the kinds of arrow, and what each of its gates does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import networkx as nx
 
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
+from dclang.ensembles import LEARNED
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -33,15 +35,22 @@ _FROZEN = {"style": "filled", "fillcolor": "#3b6fd4", "fontcolor": "white", "col
 _PLAIN = {"style": "filled", "fillcolor": "white", "color": "black"}
 _LABEL = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f2f2f2", "color": "#555555"}
 _ENSEMBLE = {"shape": "hexagon", "style": "filled", "fillcolor": "#5aa469", "fontcolor": "white", "color": "#2f6b3a"}
+_LEARNED = {"peripheries": "2"}  # a learned ensemble: its hexagon drawn twice
 _MEMBER = {"style": "dotted", "color": "#777777", "arrowhead": "empty", "arrowsize": "0.6"}
 
 
 def _node_style(spec: NodeSpec) -> dict[str, str]:
     if spec.is_label:
         return _LABEL
-    if spec.is_ensemble:  # a hexagon whatever its role; the target's is red
-        return {**_ENSEMBLE, **({k: _TARGET[k] for k in ("fillcolor", "fontcolor", "color")} if spec.target else {})}
+    if spec.is_ensemble:  # a hexagon whatever its role (doubled when learned); the target's is red
+        return {**_ENSEMBLE, **(_LEARNED if _learned(spec) else {}),
+                **({k: _TARGET[k] for k in ("fillcolor", "fontcolor", "color")} if spec.target else {})}
     return _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+
+
+def _learned(spec: NodeSpec) -> bool:
+    """A learned ensemble, or one whose `combine` a template may pick as `learned`."""
+    return spec.combine == LEARNED or (isinstance(spec.combine, Open) and LEARNED in spec.combine.options)
 
 
 def _text(value, per_line: int = 1) -> str:
@@ -201,6 +210,9 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
             for word, style, present in kinds if present]
     if any(isinstance(s.model, Open) for s in specs):
         rows.append(_row("&#9711;", "dashed outline: a model left to search"))
+    if any(s.is_ensemble and _learned(s) for s in specs):
+        rows.append(_row("&#11042;&#11042;", "double outline: a learned ensemble, its members' weights trained "
+                                             "from the label"))
     if drawn.ensembles:
         rows.append(_row("&#8943;&#9655;", "member of an ensemble", "#777777"))
     if drawn.outputs:

@@ -387,7 +387,9 @@ def as_number(v: Any) -> Any:
 
 def derive_frozen_and_target(g: nx.DiGraph) -> None:
     """A node with no incoming edge that could be non-cutoff is a frozen teacher (paper 3.4).
-    Search's graph keys derive it again after removing dead nodes."""
+    An ensemble is never frozen: it follows its members, and a learned one's own weights train
+    exactly when a live `label` edge enters it (`dclang.ensembles.trained_ensembles`). Search's
+    graph keys derive it again after removing dead nodes."""
     targets = []
     for name, attrs in g.nodes(data=True):
         spec: NodeSpec = attrs["spec"]

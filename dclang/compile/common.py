@@ -13,9 +13,10 @@ from torch.optim import Optimizer
 
 from dclang.compile.optim import Schedule
 from dclang.crd import add_crd, crd_edge_loss
-from dclang.ensembles import ensemble_order, ensemble_outputs
+from dclang.ensembles import ensemble_order, ensemble_outputs, trained_ensembles
 from dclang.feature_losses import layer_edge_loss
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
+from dclang.learned_ensembles import learned_weights
 from dclang.loss_catalogue import LOSSES
 from dclang.models import build_model
 from dclang.models.connector import add_connectors, connector_of, load_node_state
@@ -208,7 +209,11 @@ class TrainStep:
         self.trainable = trainable_nodes(graph)
         self.frozen = frozen_nodes(graph)
         self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
-        self.ensembles = ensemble_order(graph)  # (name, members, combine), members first
+        # a learned ensemble's w (`dclang.learned_ensembles`), its combine in `ensembles`
+        self.ensemble_weights = learned_weights(graph, device)
+        self.ensembles = ensemble_order(graph, self.ensemble_weights)  # (name, members, combine), members first
+        self.learned = trained_ensembles(graph)  # learned ensembles whose w trains
+        self.loss_nodes = [*self.trainable, *self.learned]  # every node with a loss L_t (eq. 3), in this order
         self.device = device
         self.epochs = epochs
         self.k_end = steps_per_epoch * epochs
@@ -335,12 +340,15 @@ class TrainStep:
         stands alone), optimizer, and the epochs done (the schedule's position). Like
         `nn.Module.state_dict`, the tensors are the live ones: save them or `copy.deepcopy`
         them to keep a snapshot."""
-        return {
+        state = {
             "engine": self.engine,
             "models": {name: model.state_dict() for name, model in self.models.items()},
             "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()},
             "epochs_done": self.epochs_done,
         }
+        if self.ensemble_weights:
+            state["ensembles"] = {name: w.state_dict() for name, w in self.ensemble_weights.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned; optimizer state only fits the same engine."""
@@ -348,6 +356,8 @@ class TrainStep:
             raise ValueError(f"a `{state['engine']}` engine state cannot resume the `{self.engine}` engine")
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
+        for name, weights in self.ensemble_weights.items():  # in place: an optimizer keeps holding w
+            weights.load_state_dict(state["ensembles"][name])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
         # a checkpoint written when torch's schedulers kept the count holds it as their last_epoch

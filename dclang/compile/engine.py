@@ -229,10 +229,11 @@ class Engine:
 
     def _parameters(self) -> list[nn.Parameter]:
         """What a solo engine's optimizer updates: the fused groups' tensors, then those of the
-        trainable nodes left separate, in node order."""
+        trainable nodes left separate, in node order, then every learned ensemble's w."""
         step = self.steps[0]
         return [p for g in self.groups for p in g.fused.parameters()] + [
-            p for node in step.trainable if (0, node) not in self.fused_nodes for p in step.models[node].parameters()]
+            p for node in step.trainable if (0, node) not in self.fused_nodes for p in step.models[node].parameters()
+        ] + [p for node in step.learned for p in step.ensemble_weights[node].parameters()]
 
     def _sliced(self, carried: dict) -> tuple[list[SlicedOptimizer], list[list[list[tuple[Any, str, str]]]]]:
         """One `SlicedOptimizer` per optimizer rule, over the fused tensors and every trainable
@@ -247,6 +248,9 @@ class Engine:
                 if (m, node) in self.fused_nodes:
                     continue
                 for pname, param in step.models[node].named_parameters():
+                    by_rule.setdefault(self.rules[m], []).append((param, [m], [(self.members[m], node, pname)]))
+            for node in step.learned:  # a learned ensemble's w (dclang.learned_ensembles)
+                for pname, param in step.ensemble_weights[node].named_parameters():
                     by_rule.setdefault(self.rules[m], []).append((param, [m], [(self.members[m], node, pname)]))
         optimizers, slots = [], []
         for rule, entries in by_rule.items():
@@ -403,8 +407,8 @@ class Engine:
 
     def _layout(self) -> list[tuple[int, int | None, torch.Size | None]]:
         """For each parameter of the per-node layout (trainable nodes in order, each node's
-        parameters in order): (index in this optimizer, the node's slice or None when not
-        fused, the node's shape of that tensor)."""
+        parameters in order, then each learned ensemble's w): (index in this optimizer, the
+        node's slice or None when not fused, the node's shape of that tensor)."""
         step = self.steps[0]
         index = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
         where = {node: (g, s) for g in self.groups for s, (_, node) in enumerate(g.slices)}
@@ -417,6 +421,8 @@ class Engine:
                            for key, _ in step.models[node].named_parameters()]
             else:
                 layout += [(index[id(p)], None, None) for p in step.models[node].parameters()]
+        for node in step.learned:
+            layout += [(index[id(p)], None, None) for p in step.ensemble_weights[node].parameters()]
         return layout
 
     # ------------------------------------------------------------ one step
@@ -454,12 +460,12 @@ class Engine:
             self.linear_weights.copy_(torch.tensor(self._linear_host, dtype=torch.float64), non_blocking=True)
 
     def node_losses(self, images: Tensor, labels: Tensor, k: int) -> dict[str, Tensor]:
-        """Every trainable node's loss L_t (eq. 3) of the one member on this batch, as the step
-        computes it, with autograd: nothing is updated."""
+        """Every trainable node's loss L_t (eq. 3) of the one member on this batch (a learned
+        ensemble's too), as the step computes it, with autograd: nothing is updated."""
         self._set_linear_weights([k])
         (_, (plan, _)), = self._plans_for([labels])
         losses, _ = plan(self._outputs([images]), [labels], self.linear_weights)
-        return dict(zip(self.steps[0].trainable, losses.unbind(0)))
+        return dict(zip(self.steps[0].loss_nodes, losses.unbind(0)))
 
     def zero_grad(self) -> None:
         if self.solo:

@@ -28,7 +28,7 @@ def stat_keys(step: TrainStep) -> list[tuple[str, str]]:
     """The (field, name) keys of a member's `StepStats`, in `StepStats.keys()` order: correct
     counts of every network and ensemble, then the batch means."""
     edges = [e.key for e in step.edges]
-    return ([("node_correct", n) for n in stacked_names(step)] + [("node_loss", t) for t in step.trainable]
+    return ([("node_correct", n) for n in stacked_names(step)] + [("node_loss", t) for t in step.loss_nodes]
             + [(f, e) for f in ("edge_loss", "edge_gate", "edge_pass") for e in edges])
 
 
@@ -41,7 +41,8 @@ def stacked_names(step: TrainStep) -> list[str]:
 class LossPlan:
     """The losses and statistics of members whose logits have one shape, computed together:
     built once per set of members (row and edge indices, incidence matrix). A call gives
-    every trainable node's loss (members in order, each member's nodes in order) and the
+    every trainable node's loss (members in order, each member's `loss_nodes` in order: its
+    networks, then its learned ensembles, whose output rows carry w's gradient) and the
     statistics (float64, each member's block laid out as its `stat_keys`)."""
 
     def __init__(self, steps: list[TrainStep]):
@@ -72,7 +73,7 @@ class LossPlan:
                 first.gate == "linear"))
         for j, edge in self.layer_edges:
             edge_index[(j, edge.key)] = len(edge_index)
-        trainable = [(j, t) for j, step in enumerate(steps) for t in step.trainable]
+        trainable = [(j, t) for j, step in enumerate(steps) for t in step.loss_nodes]
         incidence = torch.zeros(len(trainable), len(edge_index))
         for i, (j, t) in enumerate(trainable):
             for e in steps[j].edges:
@@ -86,7 +87,7 @@ class LossPlan:
         perm = []
         for j, step in enumerate(steps):
             perm += [row[(j, n)] for n in stacked_names(step)]
-            perm += [R + node_pos[(j, t)] for t in step.trainable]
+            perm += [R + node_pos[(j, t)] for t in step.loss_nodes]
             for offset in (R + N, R + N + E, R + N + 2 * E):
                 perm += [offset + edge_index[(j, e.key)] for e in step.edges]
         self.perm = torch.tensor(perm, device=device)

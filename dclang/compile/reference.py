@@ -23,12 +23,14 @@ class ReferenceStep(TrainStep):
         train = graph.graph["train"]
         for name in self.trainable:
             self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
+        for name in self.learned:  # a learned ensemble's w, trained like a node (dclang.learned_ensembles)
+            self.optimizers[name] = build_optimizer(train.optimizer, self.ensemble_weights[name].parameters())
 
     def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output
         edge_results: dict[str, tuple[Tensor, Tensor]] = {}
         node_losses: dict[str, Tensor] = {}
-        for target in self.trainable:
+        for target in self.loss_nodes:
             losses = []
             for edge in self.edges:
                 if edge.target == target and computed_alone(edge):

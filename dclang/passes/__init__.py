@@ -12,13 +12,14 @@ from dclang.passes.check_data import check_data
 from dclang.passes.check_ensembles import check_ensembles
 from dclang.passes.check_inputs import check_inputs
 from dclang.passes.check_layers import check_layers
+from dclang.passes.check_learned_ensembles import check_learned_ensembles
 from dclang.passes.check_names import check_names
 from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_inputs, check_layers, check_reachability,
-          check_checkpoints, check_data)
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_learned_ensembles, check_inputs,
+          check_layers, check_reachability, check_checkpoints, check_data)
 
 __all__ = ["PASSES", "check_checkpoints", "check_data", "check_ensembles", "check_inputs", "check_layers",
-           "check_names", "check_reachability", "check_structure", "check_values"]
+           "check_learned_ensembles", "check_names", "check_reachability", "check_structure", "check_values"]

@@ -1,7 +1,8 @@
 """An ensemble node must be computable: declared members, at least two of them, no cycle.
 
 `node e : ensemble(a, b) [combine=mean_probs]` averages the outputs of other nodes (see
-`dclang.ensembles`). Its members are declared nodes, networks or other ensembles, each
+`dclang.ensembles`; `combine=learned`'s edge rules are `check_learned_ensembles`'). Its
+members are declared nodes, networks or other ensembles, each
 listed once; an ensemble never contains itself, directly or through other ensembles. It has
 no weights, so `frozen` and `init` mean nothing on it (and `combine` means nothing on a
 network). In a template, `choice(none, ensemble(a, b), ...)` decides whether the node exists
@@ -15,8 +16,9 @@ from __future__ import annotations
 import networkx as nx
 
 from dclang.diagnostics import Diagnostic, did_you_mean, error
-from dclang.ensembles import COMBINES
+from dclang.ensembles import COMBINES, trained_ensembles
 from dclang.ir import LABEL, NO_NODE
+from dclang.passes.check_learned_ensembles import may_learn
 from dclang.syntax import ast
 
 
@@ -61,11 +63,15 @@ def _check_frozen_target(declared: dict[str, ast.NodeDecl], graph) -> list[Diagn
     if decl is None or not isinstance(decl.model, ast.Ensemble):
         return []
 
+    learning = set(trained_ensembles(graph))  # a learned ensemble's own weights learn (not frozen)
+
     def networks(name: str) -> set[str]:
         spec = graph.nodes[name]["spec"] if name in graph else None
         if spec is None:
             return set()
-        return set().union(*(networks(m) for m in spec.members)) if spec.is_ensemble else {name}
+        if not spec.is_ensemble:
+            return {name}
+        return set().union(*(networks(m) for m in spec.members)) | ({name} & learning)
 
     members = networks(target)
     if not members or any(not graph.nodes[m]["spec"].frozen for m in members):
@@ -162,7 +168,12 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
     name = decl.name.text
     if decl.is_ensemble:
         frozen = decl.attribute("frozen")
-        if frozen is not None:
+        if frozen is not None and may_learn(decl):
+            out.append(error("E333", f"the learned ensemble `{name}` is marked `frozen`", frozen.name.span,
+                             "its weights are frozen by cutting its label edge",
+                             help=f"write `label -> {name} : cutoff` to keep them at the mean of logits; "
+                                  "to freeze its members, mark them `[frozen]`"))
+        elif frozen is not None:
             out.append(error("E333", f"the ensemble `{name}` is marked `frozen`", frozen.name.span,
                              "an ensemble has no weights to freeze",
                              help="it follows its members: mark the members `[frozen]` instead"))
@@ -180,7 +191,7 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
         return out
     if combine.value is None:
         return out + [error("E400", "`combine` needs a value", combine.span,
-                            help="write `[combine=mean_logits]` or `[combine=mean_probs]`")]
+                            help="write `[combine=mean_logits]`, `[combine=mean_probs]` or `[combine=learned]`")]
     values = combine.value.options if isinstance(combine.value, ast.Choice) else (combine.value,)
     if not values:
         out.append(error("E403", "empty `choice()` for `combine`", combine.value.span, "nothing to choose from",
@@ -188,7 +199,7 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
     for value in values:
         if not isinstance(value, ast.Ident):
             out.append(error("E400", "`combine` must be a name", value.span, "wrong kind of value",
-                             help="write `mean_logits` or `mean_probs`"))
+                             help="write `mean_logits`, `mean_probs` or `learned`"))
         elif value.name not in COMBINES:
             out.append(error("E210", f"unknown combine `{value.name}`", value.span, "no such way to combine",
                              help=did_you_mean(value.name, COMBINES, "ways")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dclang import loss_catalogue
 from dclang.diagnostics import Diagnostic, error, warning
 from dclang.ir import LABEL, Open, expand_edges
+from dclang.passes.check_learned_ensembles import may_learn
 from dclang.syntax import ast
 
 #: the most nodes a graph may declare: the paper's largest graphs have 7, every node is a
@@ -42,7 +43,7 @@ def check_structure(module: ast.Module, graph) -> list[Diagnostic]:
             out.append(error("E303", f"self-edge `{s} -> {s}`", edge.span, "a node cannot teach itself",
                              help="the KL divergence of a node with itself is always zero"))
         target = nodes.get(t)
-        if target is not None and target.is_ensemble:
+        if target is not None and target.is_ensemble and s != LABEL and not may_learn(target):  # else E370-E372
             out.append(error("E313", f"an edge into the ensemble `{t}`", edge.target.span,
                              "an ensemble is only a source",
                              help="an ensemble is the mean of its members' outputs; it has no weights to train"))

@@ -40,6 +40,7 @@ from typing import Any
 
 import networkx as nx
 
+from dclang.ensembles import LEARNED
 from dclang.ir import LABEL, NO_NODE, Open, as_number, derive_frozen_and_target
 from dclang.passes.check_reachability import influencing_nodes
 
@@ -190,6 +191,10 @@ def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     # an ensemble whose choice picked `none` is left out of the trial, with its edges
     g.remove_nodes_from([n for n, spec in template.nodes(data="spec")
                          if spec.is_ensemble and g.nodes[n]["spec"].model == NO_NODE])
+    # a `label` edge into an ensemble whose `combine` picked a mean is left out, as the trial leaves it out
+    g.remove_edges_from([(s, t, k) for s, t, k in g.edges(keys=True) if s == LABEL
+                         and isinstance(template.nodes[t]["spec"].combine, Open)
+                         and g.nodes[t]["spec"].combine != LEARNED])
     derive_frozen_and_target(g)
     return g
 

@@ -30,7 +30,8 @@ import networkx as nx
 from dclang import registry
 from dclang.api import Checked, check
 from dclang.diagnostics import Span, UserError, render_all
-from dclang.ir import NO_NODE, DataSpec, Open, TrainSpec, build_graph
+from dclang.ensembles import LEARNED
+from dclang.ir import LABEL, NO_NODE, DataSpec, Open, TrainSpec, build_graph
 from dclang.passes.check_reachability import influencing_nodes
 from dclang.syntax import ast
 from dclang.syntax.format import format_module, format_value
@@ -108,6 +109,8 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
 
     items: list[ast.Item] = []
     absent: set[str] = set()  # ensembles whose choice picked `none`: left out with their edges
+    # ensembles whose choice of `combine` picked a mean: the `label` edge that would learn it left out
+    unlearned: set[str] = set()
     for item in module.items:
         if isinstance(item, ast.DataBlock) and data is not None:
             item = dataclasses.replace(item, settings=tuple(setting(s, data) for s in item.settings))
@@ -122,6 +125,9 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             if isinstance(model, ast.Name) and model.text == NO_NODE and spec.is_ensemble:
                 absent.add(item.name.text)
                 continue
+            combine = next((a.value for a in attrs if a.name.text == "combine"), None)
+            if isinstance(spec.combine, Open) and not (isinstance(combine, ast.Ident) and combine.name == LEARNED):
+                unlearned.add(item.name.text)
             item = dataclasses.replace(item, model=model, attributes=attrs)
         elif isinstance(item, ast.EdgeDecl):
             continue  # written below, one per pair
@@ -133,7 +139,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         loss = _edge_loss(decl, spec, value, call_args)
         source_layer = _layer(decl.source_layer, spec.source_layer, value)
         target_layer = _layer(decl.target_layer, spec.target_layer, value)
-        if source in absent or target in absent:
+        if source in absent or target in absent or (source == LABEL and target in unlearned):
             continue  # picked all the same: every site is met whatever the others picked
         items.append(ast.EdgeDecl(ast.Name(source, decl.source.span), ast.Name(target, decl.target.span),
                                   gate, loss, decl.span, bulk=False, source_layer=source_layer,

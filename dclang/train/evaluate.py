@@ -32,6 +32,7 @@ import networkx as nx
 import torch
 
 from dclang.compile.evaluate import EVAL_CHUNK, evaluate_nodes
+from dclang.ensembles import trained_ensembles
 from dclang.ir import frozen_nodes, reported_nodes
 
 #: the figures of a node's record that evaluation fills
@@ -40,13 +41,15 @@ FIGURES = ("val_acc", "val_loss", "test_acc")
 
 def constant_nodes(graph: nx.DiGraph) -> set[str]:
     """Nodes whose outputs never change during a run: frozen networks, and ensembles whose
-    members (nested ones included) are all constant."""
+    members (nested ones included) are all constant, unless their own weights learn (a learned
+    ensemble, `dclang.ensembles.trained_ensembles`)."""
     constant = set(frozen_nodes(graph))
+    learning = set(trained_ensembles(graph))
     changed = True
     while changed:  # ensembles of ensembles: until nothing is added
         changed = False
         for name, spec in graph.nodes(data="spec"):
-            if spec.is_ensemble and name not in constant and all(m in constant for m in spec.model):
+            if spec.is_ensemble and name not in constant | learning and all(m in constant for m in spec.model):
                 constant.add(name)
                 changed = True
     return constant

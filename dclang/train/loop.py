@@ -230,14 +230,23 @@ def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float
         rundir.write_metrics(records)
         rundir.write_summary(_summary(run, records))
         if improved:
-            rundir.save_best({"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
-                              "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
-                                                           step.models[n].state_dict()) for n in run.names}})
+            best = {"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
+                    "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
+                                                 step.models[n].state_dict()) for n in run.names}}
+            if step.ensemble_weights:  # a learned ensemble's w beside its members (dclang.learned_ensembles)
+                best["ensembles"] = {n: w.state_dict() for n, w in step.ensemble_weights.items()}
+            rundir.save_best(best)
         rundir.save_last({"graph": run.text, "epoch": epoch, "train_step": step.state_dict(),
                           "rng": _rng_state(run.device), "best_val": best_val})
     if run.progress:
         say(_epoch_line(record, run.epochs, run.target))
     return best_val
+
+
+def _params(step, name: str) -> int:
+    """A node's parameter count: a network's, a learned ensemble's w (one per member), else 0."""
+    module = step.models[name] if name in step.models else step.ensemble_weights.get(name)
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def _summary(run: Run, records: list[dict]) -> dict:
@@ -248,13 +257,13 @@ def _summary(run: Run, records: list[dict]) -> dict:
 
     graph, dataset, step, epochs, target = run.graph, run.dataset, run.step, run.epochs, run.target
     nodes = {}
-    for name in reported_nodes(graph):  # networks, then ensembles (no parameters of their own)
+    for name in reported_nodes(graph):  # networks, then ensembles (none but a learned one's w)
         spec = graph.nodes[name]["spec"]
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
             "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
-            "params": sum(p.numel() for p in step.models[name].parameters()) if name in step.models else 0,
+            "params": _params(step, name),
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,
             "best_val_acc": best["nodes"][name]["val_acc"] if best else None,
