@@ -300,7 +300,7 @@ def test_own_view_with_no_augmentation_is_a_warning():
 
 def test_a_template_may_choose_the_view():
     from dclang.search.space import sample, search_space
-    from dclang.syntax.parser import parse
+    from dclang.api import parse
 
     text = ("data digits { }\nnode a : cnn_tiny [target, view=choice(shared, own)]\nnode b : cnn_tiny\n"
             "edges * -> * : through\n")
@@ -309,7 +309,7 @@ def test_a_template_may_choose_the_view():
     assert [s.name for s in checked.graph.graph["sites"]] == ["a.view"]
     module = parse(text)
     (param,) = search_space(module)
-    assert param.name == "a.view" and param.options == ("shared", "own")
+    assert param.name == "a.view" and param.choices == ("shared", "own")
     picked = check_module(sample(module, {"a.view": "own"}))
     assert picked.nodes["a"]["spec"].view == "own"
 
