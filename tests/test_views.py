@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import math
 
+import dataclasses
+import shutil
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
+from fresh_python import run_in_fresh_python
 
 from dclang.api import check
 from dclang.compile import StepOptions, compile_graph
@@ -23,7 +28,7 @@ from dclang.data import load_dataset
 from dclang.train import RunDir, train_graph
 from dclang.train.run import Run
 from dclang.views import own_seed, view_index, view_keys
-from tests.test_engines import (CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot,
+from test_engines import (CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot,
                                 teacher_state, train)
 
 # a, b and c (a frozen teacher) on their own views, d and f on the shared one; an ensemble of
@@ -77,11 +82,29 @@ def test_the_views_a_step_reads():
     assert view_keys(only_own) == ("a", "b", "c", "d", "f")  # nobody reads the shared view: not drawn
 
 
-@pytest.mark.parametrize("hfta", [False, True])
-def test_fused_equals_reference_with_own_views(float64, hfta):
+FAST_PATHS = {"plain": StepOptions(channels_last=False), "hfta": StepOptions(channels_last=False, hfta=True),
+              "channels_last": StepOptions(channels_last=True),
+              "hfta_channels_last": StepOptions(channels_last=True, hfta=True),
+              "cuda_graph_logic": StepOptions(channels_last=False, hfta=True)}
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fused_equals_reference_with_own_views(float64, path, monkeypatch):
+    """Every weight, buffer and statistic after 6 steps over an epoch's end. `cuda_graph_logic`:
+    the CUDA-graph path on the CPU, with test_accelerate.py's recording capture (captured after
+    the warm-up from the flat list of every view, replayed eagerly)."""
+    from test_accelerate import FakeCapture
+
+    from dclang.compile import accelerate
+
     data = view_batches()
     reference = compiled("reference")
-    fused = compiled("fused", StepOptions(channels_last=False, hfta=hfta))
+    fused = compiled("fused", FAST_PATHS[path])
+    hfta = fused.options.hfta
+    if path == "cuda_graph_logic":
+        monkeypatch.setattr(accelerate, "CapturedStep", FakeCapture)
+        FakeCapture.made = []
+        fused.options = dataclasses.replace(fused.options, cuda_graph=True)  # CUDA only otherwise
     if hfta:  # a, b and d are fused in one network reading three views side by side
         assert [sorted(n for _, n in g.slices) for g in fused.groups] == [["a", "b", "d"]]
         assert not fused.groups[0].shared
@@ -94,10 +117,61 @@ def test_fused_equals_reference_with_own_views(float64, hfta):
             assert got.keys() == want.keys()
             for key in want:
                 torch.testing.assert_close(got[key], want[key], **TIGHT)
+    if path == "cuda_graph_logic":
+        assert FakeCapture.made == [[(16, 1, 8, 8)] * 4]  # once, after 3 eager steps: the 4 views
     # the views matter: the same graph reading one batch for every view trains otherwise
     shared = compiled("reference")
     train(shared, [(views[0], labels) for views, labels in data])
     assert any(not torch.equal(v, snapshot(reference)["a"][k]) for k, v in snapshot(shared)["a"].items())
+
+
+def test_bf16_with_own_views_stays_close_to_fp32():
+    data = [(tuple(v.float() for v in views), labels) for views, labels in view_batches(2)]
+    fp32 = compiled("fused", StepOptions(channels_last=False))
+    bf16 = compiled("fused", StepOptions(channels_last=False, hfta=True, precision="bf16"))
+    for got, want in zip(train(bf16, data), train(fp32, data)):
+        for node, loss in want.node_loss.items():
+            torch.testing.assert_close(got.node_loss[node], loss, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="inductor's CPU backend needs a C compiler")
+def test_compile_with_own_views_equals_fused_SLOW():
+    # in its own Python, as test_accelerate.py's compile test: a crashing compiler fails this test only
+    run_in_fresh_python(compile_with_own_views_equals_fused)
+
+
+def compile_with_own_views_equals_fused() -> None:
+    """torch.compile of a step reading two own views and the shared one (mlps: quick to
+    compile), compiled once (the last, partial batch runs eagerly), equal to the eager step."""
+    torch.set_default_dtype(torch.float64)
+    text = """
+data digits { }
+train { epochs = 2  optimizer = sgd(lr=0.1, momentum=0.9) }
+node a : mlp [target, view=own]
+node b : mlp [view=own]
+node d : mlp
+edges * -> * : through
+"""
+    graph = graph_of(text)
+
+    def build(options):
+        return compile_graph(graph, num_classes=CLASSES, in_channels=1, image_size=8, device=torch.device("cpu"),
+                             seed=0, steps_per_epoch=STEPS, epochs=EPOCHS, options=options)
+
+    data = view_batches(views=3)
+    data[-1] = (tuple(v[:5] for v in data[-1][0]), data[-1][1][:5])
+    fused, fast = build(StepOptions(hfta=True)), build(StepOptions(hfta=True, compile=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile fallback would warn
+        got = [fast.step(*data[0], 1)]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += train(fast, data[1:], first_k=2)
+    want = train(fused, data)
+    assert_models_close(snapshot(fused), snapshot(fast), **TIGHT)
+    for g, w in zip(got, want):
+        for node, loss in w.node_loss.items():
+            torch.testing.assert_close(g.node_loss[node], loss, **TIGHT)
 
 
 @pytest.mark.parametrize("engine", ["reference", "fused"])

@@ -186,9 +186,8 @@ class CapturedStep:
     replay so that a step's statistics survive the next replay.
     """
 
-    def __init__(self, engine, images: list[tuple[Tensor, ...]], labels: list[Tensor], ks: list[int]):
-        """`images`: each member's views (`dclang.views`), each copied into a static buffer."""
-        self.images, self.labels = [tuple(x.clone() for x in v) for v in images], [y.clone() for y in labels]
+    def __init__(self, engine, images: list[Tensor], labels: list[Tensor], ks: list[int]):
+        self.images, self.labels = [x.clone() for x in images], [y.clone() for y in labels]
         engine.prepare_update(ks)
         engine.zero_grad()  # gradients are allocated inside the graph
         self.engine = engine
@@ -197,14 +196,12 @@ class CapturedStep:
             self.stats = engine.forward_backward(self.images, self.labels)
             engine.apply_update()
 
-    def fits(self, images: list[tuple[Tensor, ...]], labels: list[Tensor]) -> bool:
-        return all(x.shape == s.shape and x.stride() == s.stride()
-                   for v, w in zip(images, self.images) for x, s in zip(v, w)) and all(
+    def fits(self, images: list[Tensor], labels: list[Tensor]) -> bool:
+        return all(x.shape == s.shape and x.stride() == s.stride() for x, s in zip(images, self.images)) and all(
             y.shape == s.shape for y, s in zip(labels, self.labels))
 
-    def replay(self, images: list[tuple[Tensor, ...]], labels: list[Tensor], ks: list[int]) -> Tensor:
-        for static, x in zip([*(s for w in self.images for s in w), *self.labels],
-                             [*(x for v in images for x in v), *labels]):
+    def replay(self, images: list[Tensor], labels: list[Tensor], ks: list[int]) -> Tensor:
+        for static, x in zip([*self.images, *self.labels], [*images, *labels]):
             static.copy_(x)
         self.engine.prepare_update(ks)
         self.graph.replay()

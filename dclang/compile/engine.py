@@ -140,6 +140,8 @@ class Engine:
         self._refuse_positions(packed)
         if self.options.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, but the step is on {self.device}")
+        # where each member's views begin in a step's list of images (`_input`)
+        self.first_view = [sum(s.view_count for s in self.steps[:m]) for m in range(len(self.steps))]
         self.rules = [rule_of(s.optimizer_spec.name, s.optimizer_spec.args) for s in self.steps]
         self.groups = self._fuse() if self.options.hfta else []
         self.fused_nodes = {s for g in self.groups for s in g.slices}
@@ -427,9 +429,9 @@ class Engine:
         """One update of every member; its statistics (float64, member order). `positions`:
         per member, (the batch's positions in the training split, k) for `crd` edges, which
         only the eager step of one member passes (`_refuse_positions`)."""
-        images = [as_views(b[0], s.view_count) for b, s in zip(batches, self.steps)]  # each member's views
+        images = [x for b, s in zip(batches, self.steps) for x in as_views(b[0], s.view_count)]  # `_input`
         if self.options.channels_last:
-            images = [tuple(x.contiguous(memory_format=torch.channels_last) for x in v) for v in images]
+            images = [x.contiguous(memory_format=torch.channels_last) for x in images]
         labels = [b[1] for b in batches]
         ks = [b[2] for b in batches]
         if self.options.cuda_graph:
@@ -459,7 +461,7 @@ class Engine:
         computes it, with autograd: nothing is updated."""
         self._set_linear_weights([k])
         (_, (plan, _)), = self._plans_for([labels])
-        losses, _ = plan(self._outputs([as_views(images, self.steps[0].view_count)]), [labels], self.linear_weights)
+        losses, _ = plan(self._outputs(list(as_views(images, self.steps[0].view_count))), [labels], self.linear_weights)
         return dict(zip(self.steps[0].trainable, losses.unbind(0)))
 
     def zero_grad(self) -> None:
@@ -475,11 +477,11 @@ class Engine:
         for opt in self.sliced:
             opt.step()
 
-    def _eager_step(self, images: list[tuple[Tensor, ...]], labels: list[Tensor], ks: list[int],
+    def _eager_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int],
                     positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
         self.prepare_update(ks)
         self.zero_grad()
-        shapes = tuple((tuple(x.shape), x.stride()) for v in images for x in v) + tuple(tuple(y.shape) for y in labels)
+        shapes = tuple((tuple(x.shape), x.stride()) for x in images) + tuple(tuple(y.shape) for y in labels)
         if self.compiled is not None and self.compiled_shapes is None:
             stats = self._first_compiled(images, labels)  # compiles for these shapes, the only ones
             self.compiled_shapes = shapes
@@ -496,7 +498,7 @@ class Engine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.options.cuda_graph)
         return contextlib.nullcontext()
 
-    def forward_backward(self, images: list[tuple[Tensor, ...]], labels: list[Tensor], *, compiled: bool = True,
+    def forward_backward(self, images: list[Tensor], labels: list[Tensor], *, compiled: bool = True,
                          positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
         """Forward, losses (compiled where they are) and backward; every gradient in the
         tensors the optimizer updates. The step's statistics."""
@@ -521,7 +523,7 @@ class Engine:
             step.layers.features.clear()
         return stats
 
-    def _first_compiled(self, images: list[tuple[Tensor, ...]], labels: list[Tensor]) -> Tensor:
+    def _first_compiled(self, images: list[Tensor], labels: list[Tensor]) -> Tensor:
         """The compiled forward-backward, or, when compiling fails, the eager one (for good).
 
         Nothing is updated before the optimizer step, except BatchNorm's running statistics
@@ -551,13 +553,13 @@ class Engine:
                             f"({_first_line(exc)})", "run without --compile; `dclang --debug` shows the traceback"
                             ) from exc
 
-    def _graph_step(self, images: list[tuple[Tensor, ...]], labels: list[Tensor], ks: list[int]) -> Tensor:
+    def _graph_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int]) -> Tensor:
         """Replay the captured step; or capture it, after the warm-up, for the batch shapes of
         the engine's first step (full batches: an epoch's short last one is never captured);
         batches of other shapes run eagerly."""
         if self.graph is not None and self.graph.fits(images, labels):
             return self.graph.replay(images, labels, ks)
-        shapes = [(x.shape, x.stride()) for v in images for x in v] + [y.shape for y in labels]
+        shapes = [(x.shape, x.stride()) for x in images] + [y.shape for y in labels]
         if self.first_shapes is None:
             self.first_shapes = shapes
         if self.eager_steps >= CUDA_GRAPH_WARMUP and self.graph is None and shapes == self.first_shapes:
@@ -568,15 +570,17 @@ class Engine:
         with accelerate.side_stream(self.side):  # warm-up: what a capture must find allocated
             return self._eager_step(images, labels, ks)
 
-    def _split(self, images: list[tuple[Tensor, ...]]) -> list[_Group]:
+    def _split(self, images: list[Tensor]) -> list[_Group]:
         """Fused groups across members whose batches differ in shape this step: their slices
         run through the separate models (`_outputs`)."""
         return [g for g in self.groups if not g.shared and len({self._input(images, m, n).shape
                                                                  for m, n in g.slices}) > 1]
 
-    def _input(self, images: list[tuple[Tensor, ...]], m: int, node: str) -> Tensor:
-        """What member m's network `node` reads: its view of the member's batch (`dclang.views`)."""
-        return images[m][self.steps[m].view_index[node]]
+    def _input(self, images: list[Tensor], m: int, node: str) -> Tensor:
+        """What member m's network `node` reads: its view of the member's batch (`dclang.views`).
+        `images` holds every member's views in member order, each member's as its step lays
+        them out (one per member where no network has a view of its own)."""
+        return images[self.first_view[m] + self.steps[m].view_index[node]]
 
     def _gather_gradients(self, g: _Group) -> None:
         """Move the gradients of a group's separately run slices into its fused tensors."""
@@ -588,7 +592,7 @@ class Engine:
                 param.grad = None
             fused.grad = torch.stack(grads).reshape(fused.shape)
 
-    def _forward_losses(self, images: list[tuple[Tensor, ...]], labels: list[Tensor], linear_weights: Tensor,
+    def _forward_losses(self, images: list[Tensor], labels: list[Tensor], linear_weights: Tensor,
                         positions: list[tuple[Tensor, int] | None] | None = None) -> tuple[Tensor, Tensor]:
         """The forward of every member and every loss: (the sum of every node loss, the
         statistics in member order as one float64 vector). What compile compiles and a CUDA
@@ -624,7 +628,7 @@ class Engine:
             out.append((idx, self._plans[idx]))
         return out
 
-    def _outputs(self, images: list[tuple[Tensor, ...]]) -> list[dict[str, Tensor]]:
+    def _outputs(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Every member's outputs: networks (fused groups in one forward each), each on its
         view of its member's batch, then ensembles."""
         logits: list[dict[str, Tensor]] = [{} for _ in self.members]
