@@ -9,8 +9,9 @@ template (`choice(...)`) is drawn dashed with its options listed; each direction
 open pair keeps its own arrow, since each is a search site of its own. An edge between layers
 is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
-An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
+A network on its own view (`[view=own]`, its own augmentation of each batch) has a double
+outline and `view=own` under its model. An ensemble node is a green hexagon (red when it is
+the target) with a dotted grey arrow from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
 node by colour, the kinds of arrow, and what each of its gates does.
 """
 
@@ -25,6 +26,7 @@ import networkx as nx
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
+from dclang.views import SHARED
 
 FORMATS = ("svg", "png", "pdf", "dot")
 
@@ -42,6 +44,11 @@ def _node_style(spec: NodeSpec) -> dict[str, str]:
     if spec.is_ensemble:  # a hexagon whatever its role; the target's is red
         return {**_ENSEMBLE, **({k: _TARGET[k] for k in ("fillcolor", "fontcolor", "color")} if spec.target else {})}
     return _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+
+
+def _own_view(spec: NodeSpec) -> bool:
+    """A network on its own view (`[view=own]`), or whose view a template leaves open."""
+    return spec.view != SHARED
 
 
 def _text(value, per_line: int = 1) -> str:
@@ -95,6 +102,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
+    if _own_view(spec):
+        lines.append("view=" + _text(spec.view).replace("\n", " "))
     if params and spec.name in params:
         lines.append(f"{params[spec.name] / 1e6:.2f}M params")
     return "\n".join(lines)
@@ -111,6 +120,8 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         style = _node_style(spec)
         if isinstance(spec.model, Open):  # a model left open by a template: dashed outline
             style = {**style, "style": style["style"] + ",dashed"}
+        if _own_view(spec):  # its own augmentation of each batch: a double outline
+            style = {**style, "peripheries": "2"}
         dot.node(name, node_label(spec, params), **style)
     with dot.subgraph() as top:  # the paper draws the label source above the models
         top.attr(rank="min")
@@ -201,6 +212,9 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
             for word, style, present in kinds if present]
     if any(isinstance(s.model, Open) for s in specs):
         rows.append(_row("&#9711;", "dashed outline: a model left to search"))
+    if any(_own_view(s) for s in specs):
+        rows.append(_row("&#9678;", "double outline: view=own, its own augmentation of each batch "
+                                    "(or a view left to search)"))
     if drawn.ensembles:
         rows.append(_row("&#8943;&#9655;", "member of an ensemble", "#777777"))
     if drawn.outputs:

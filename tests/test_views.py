@@ -11,9 +11,8 @@ with own views equals the trial alone; evaluation does not depend on views; the 
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import shutil
 import warnings
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fresh_python import run_in_fresh_python
+from test_engines import CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot, teacher_state, train
 
 from dclang.api import check
 from dclang.compile import StepOptions, compile_graph
@@ -28,8 +28,6 @@ from dclang.data import load_dataset
 from dclang.train import RunDir, train_graph
 from dclang.train.run import Run
 from dclang.views import own_seed, view_index, view_keys
-from test_engines import (CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot,
-                                teacher_state, train)
 
 # a, b and c (a frozen teacher) on their own views, d and f on the shared one; an ensemble of
 # an own-view and a shared-view member teaching a; edges between layers across views
@@ -373,8 +371,8 @@ def test_own_view_with_no_augmentation_is_a_warning():
 
 
 def test_a_template_may_choose_the_view():
-    from dclang.search.space import sample, search_space
     from dclang.api import parse
+    from dclang.search.space import sample, search_space
 
     text = ("data digits { }\nnode a : cnn_tiny [target, view=choice(shared, own)]\nnode b : cnn_tiny\n"
             "edges * -> * : through\n")
@@ -392,3 +390,22 @@ def check_module(module):
     from dclang.syntax.format import format_module
 
     return graph_of(format_module(module))
+
+
+def test_draw_marks_own_views_and_fmt_keeps_them():
+    from dclang.api import parse
+    from dclang.draw import to_graphviz
+    from dclang.syntax.format import format_module
+
+    text = ("data digits {\n}\n\nnode a : cnn_tiny [target, view=own]\nnode b : cnn_tiny [view=choice(shared, own)]\n"
+            "node d : cnn_tiny [view=shared]\n\nedges * -> * : through\n")
+    assert format_module(parse(text)) == text
+    graph = check(text).graph
+    lines = {line.split()[0]: line for line in to_graphviz(graph).source.split("\n\t")
+             if line.strip() and "->" not in line}  # each node's statement
+    assert "view=own" in lines["a"] and "peripheries=2" in lines["a"]
+    assert "view=shared | own" in lines["b"] and "peripheries=2" in lines["b"]
+    assert "view" not in lines["d"] and "peripheries" not in lines["d"]
+    assert "double outline: view=own, its own augmentation of each batch" in lines["legend"]
+    plain = check(text.replace("view=own", "view=shared").replace("view=choice(shared, own)", "frozen")).graph
+    assert "double outline" not in to_graphviz(plain).source  # a legend lists only what is drawn
