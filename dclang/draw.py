@@ -11,8 +11,9 @@ is teal and dashed with an open arrowhead, labelled with its two layers and its 
 
 A network on its own view (`[view=own]`, its own augmentation of each batch) has a double
 outline and `view=own` under its model. An ensemble node is a green hexagon (red when it is
-the target) with a dotted grey arrow from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
-node by colour, the kinds of arrow, and what each of its gates does.
+the target) with a dotted grey arrow from each member. Every drawing carries a legend of what
+it uses, and only that: the kinds of node by colour, the kinds of arrow, and what each of its
+gates does.
 """
 
 from __future__ import annotations
