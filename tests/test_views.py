@@ -279,6 +279,9 @@ def test_a_run_with_own_views_resumes_bit_for_bit(tmp_path, digits):
         return train_graph(graph, run_dir=tmp_path / name, device="cpu", progress=False, dataset=digits, **kwargs)
 
     full = run("full")
+    written = (tmp_path / "full" / "graph.kt").read_text()  # the run's graph keeps its views
+    assert "node a : cnn_tiny [target, view=own]" in written and "node d : mlp\n" in written
+    assert graph_of(written).nodes["b"]["spec"].view == "own"
     with pytest.raises(Stop):
         run("stopped", on_epoch=stop)
     assert len(RunDir(tmp_path / "stopped").read_metrics()) == 1
@@ -409,3 +412,47 @@ def test_draw_marks_own_views_and_fmt_keeps_them():
     assert "double outline: view=own, its own augmentation of each batch" in lines["legend"]
     plain = check(text.replace("view=own", "view=shared").replace("view=choice(shared, own)", "frozen")).graph
     assert "double outline" not in to_graphviz(plain).source  # a legend lists only what is drawn
+
+
+DDP_GRAPH = """
+data digits { }
+train { epochs = 2  optimizer = sgd(lr=0.1, momentum=0.9) }
+node a : mlp [target, view=own]
+node b : mlp [view=own]
+node d : mlp
+edges * -> * : through
+"""
+
+
+def ddp_step():
+    return compile_graph(graph_of(DDP_GRAPH), num_classes=CLASSES, in_channels=1, image_size=8,
+                         device=torch.device("cpu"), seed=0, steps_per_epoch=STEPS, epochs=EPOCHS,
+                         options=StepOptions(hfta=True))
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from dclang.train.distributed import DistEnv
+
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        step = DistEnv(rank, 2, rank, "cpu").wrap(ddp_step(), train_size=16 * STEPS, batch=16)
+        train(step, view_batches(views=3))
+        torch.save(snapshot(step), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_split_every_view_and_equal_one(tmp_path, float64):
+    """Data-parallel (torchrun's step, gloo on the CPU): each process takes its slice of every
+    view; mlps (no BatchNorm), so two processes compute what one does."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    alone = ddp_step()
+    train(alone, view_batches(views=3))
+    assert_models_close(torch.load(tmp_path / "rank0.pt"), snapshot(alone), rtol=1e-9, atol=1e-12)
