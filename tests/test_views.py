@@ -375,7 +375,8 @@ def test_own_view_with_no_augmentation_is_a_warning():
 
 def test_a_template_may_choose_the_view():
     from dclang.api import parse
-    from dclang.search.space import sample, search_space
+    from dclang.search.equivalence import canonical_key
+    from dclang.search.space import graph_key, sample, search_space
 
     text = ("data digits { }\nnode a : cnn_tiny [target, view=choice(shared, own)]\nnode b : cnn_tiny\n"
             "edges * -> * : through\n")
@@ -387,6 +388,13 @@ def test_a_template_may_choose_the_view():
     assert param.name == "a.view" and param.choices == ("shared", "own")
     picked = check_module(sample(module, {"a.view": "own"}))
     assert picked.nodes["a"]["spec"].view == "own"
+    # two trials that differ only by a view are two trials, even up to renaming the nodes
+    shared, own = (sample(module, {"a.view": v}) for v in ("shared", "own"))
+    assert graph_key(shared) != graph_key(own)
+    assert canonical_key(check_module(shared)) != canonical_key(check_module(own))
+    swapped = graph_of(text.replace("view=choice(shared, own)", "view=shared").replace(
+        "node b : cnn_tiny", "node b : cnn_tiny [view=own]"))
+    assert canonical_key(swapped) != canonical_key(picked)  # the target's view is not another node's
 
 
 def check_module(module):
