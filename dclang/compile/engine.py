@@ -6,8 +6,9 @@ every member's step:
 
 - **Forward.** With `hfta`, trainable nodes of one architecture, batch size and optimizer rule
   are fused (`dclang.models.fused`), within a member and across members (`fusable_groups`): a
-  group inside one member reads its batch as a shared input, a group across members reads the
-  members' batches side by side in channels (`stack_inputs`). Other nodes run alone on their
+  group inside one member reads its batch as a shared input, a group across members (or
+  reading several of a member's views, `dclang.views`) reads its nodes' batches side by side
+  in channels (`stack_inputs`). Other nodes run alone on their
   member's batch; frozen ones without autograd. A fused node's model keeps views of its slice
   of the fused tensors (`alias_to_slice`), so it evaluates, counts and saves unchanged.
 - **Losses.** One plan (`LossPlan`) for the members whose logits have one shape: the edges of
