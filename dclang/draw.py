@@ -9,10 +9,11 @@ template (`choice(...)`) is drawn dashed with its options listed; each direction
 open pair keeps its own arrow, since each is a search site of its own. An edge between layers
 is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
-An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member; a learned one (`combine=learned`) has a double outline and says `learned`.
-Every drawing carries a legend of what it uses, and only that: the kinds of node by colour,
-the kinds of arrow, and what each of its gates does.
+A network on its own view (`[view=own]`, its own augmentation of each batch) has a double
+outline and `view=own` under its model. An ensemble node is a green hexagon (red when it is
+the target) with a dotted grey arrow from each member; a learned one (`combine=learned`) has
+a double outline and says `learned`. Every drawing carries a legend of what it uses, and only
+that: the kinds of node by colour, the kinds of arrow, and what each of its gates does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
 from dclang.ensembles import LEARNED
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
+from dclang.views import SHARED
 
 FORMATS = ("svg", "png", "pdf", "dot")
 
@@ -51,6 +53,11 @@ def _node_style(spec: NodeSpec) -> dict[str, str]:
 def _learned(spec: NodeSpec) -> bool:
     """A learned ensemble, or one whose `combine` a template may pick as `learned`."""
     return spec.combine == LEARNED or (isinstance(spec.combine, Open) and LEARNED in spec.combine.options)
+
+
+def _own_view(spec: NodeSpec) -> bool:
+    """A network on its own view (`[view=own]`), or whose view a template leaves open."""
+    return spec.view != SHARED
 
 
 def _text(value, per_line: int = 1) -> str:
@@ -104,6 +111,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
+    if _own_view(spec):
+        lines.append("view=" + _text(spec.view).replace("\n", " "))
     if params and spec.name in params:
         lines.append(f"{params[spec.name] / 1e6:.2f}M params")
     return "\n".join(lines)
@@ -120,6 +129,8 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         style = _node_style(spec)
         if isinstance(spec.model, Open):  # a model left open by a template: dashed outline
             style = {**style, "style": style["style"] + ",dashed"}
+        if _own_view(spec):  # its own augmentation of each batch: a double outline
+            style = {**style, "peripheries": "2"}
         dot.node(name, node_label(spec, params), **style)
     with dot.subgraph() as top:  # the paper draws the label source above the models
         top.attr(rank="min")
@@ -213,6 +224,9 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
     if any(s.is_ensemble and _learned(s) for s in specs):
         rows.append(_row("&#11042;&#11042;", "double outline: a learned ensemble, its members' weights trained "
                                              "from the label"))
+    if any(_own_view(s) for s in specs):
+        rows.append(_row("&#9678;", "double outline: view=own, its own augmentation of each batch "
+                                    "(or a view left to search)"))
     if drawn.ensembles:
         rows.append(_row("&#8943;&#9655;", "member of an ensemble", "#777777"))
     if drawn.outputs:

@@ -26,6 +26,7 @@ from dclang.diagnostics import Span
 from dclang.ensembles import DEFAULT_COMBINE
 from dclang.syntax import ast
 from dclang.syntax.format import format_call
+from dclang.views import SHARED
 
 LABEL = registry.LABEL
 #: the option of an ensemble node's `choice(...)` that leaves the node out of the trial
@@ -73,6 +74,7 @@ class NodeSpec:
     model: Any
     target: bool = False
     combine: Any = None  # an ensemble's `combine` (str or Open); None for other nodes
+    view: Any = SHARED  # a network's `view`: `shared` or `own` (str or Open), `dclang.views`
     declared_frozen: bool = False
     frozen: bool = False  # declared, or every incoming edge is cutoff (paper 3.4)
     init: str | None = None
@@ -294,6 +296,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             name, model,
             target=decl.attribute("target") is not None,
             combine=_combine(decl),
+            view=_view(decl),
             declared_frozen=decl.attribute("frozen") is not None,
             init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
             span=decl.name.span, model_span=decl.model.span, derived=derived,
@@ -339,6 +342,12 @@ def _combine(decl: ast.NodeDecl) -> Any:
     if attr is None or attr.value is None:
         return DEFAULT_COMBINE
     return plain(attr.value, f"{decl.name.text}.combine")
+
+
+def _view(decl: ast.NodeDecl) -> Any:
+    """A node's `view` (`shared` when not written, or written without a value: check_views says so)."""
+    attr = decl.attribute("view")
+    return SHARED if attr is None or attr.value is None else plain(attr.value, f"{decl.name.text}.view")
 
 
 def _layer(expr: ast.LayerExpr | None, site: str) -> Any:
@@ -485,6 +494,7 @@ def collect_sites(g: nx.DiGraph) -> list[Site]:
                 visit(value)
         visit(spec.init)
         visit(spec.combine)
+        visit(spec.view)
     for _, _, spec in g.edges(data="spec"):
         for v in (spec.source_layer, spec.target_layer, spec.gate, spec.loss, spec.T, spec.weight,
                   *(value for _, value in spec.args)):

@@ -167,6 +167,7 @@ NODE_ATTRIBUTES: dict[str, str] = {
     "frozen": "a pre-trained teacher: loaded or pre-trained on labels, never updated",
     "init": "a checkpoint (.pt) to initialise the node from",
     "combine": "how an ensemble averages its members: `mean_logits` (default) or `mean_probs`",
+    "view": "the augmented batch a network reads: `shared` (default) or `own`, its own augmentation",
 }
 
 

@@ -21,6 +21,7 @@ from dclang.loss_catalogue import LOSSES
 from dclang.models import build_model
 from dclang.models.connector import add_connectors, connector_of, load_node_state
 from dclang.models.taps import LayerCapture
+from dclang.views import as_views, view_index, view_keys
 
 
 @dataclass
@@ -214,6 +215,8 @@ class TrainStep:
         self.ensembles = ensemble_order(graph, self.ensemble_weights)  # (name, members, combine), members first
         self.learned = trained_ensembles(graph)  # learned ensembles whose w trains
         self.loss_nodes = [*self.trainable, *self.learned]  # every node with a loss L_t (eq. 3), in this order
+        # the augmented views of each batch (`dclang.views`): how many, and which one each network reads
+        self.view_count, self.view_index = len(view_keys(graph)), view_index(graph)
         self.device = device
         self.epochs = epochs
         self.k_end = steps_per_epoch * epochs
@@ -242,14 +245,17 @@ class TrainStep:
         return [end for e in self.edges if e.on_layers
                 for end in ((e.source, e.source_layer), (e.target, e.target_layer))]
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """Logits of every model node on the same batch, each node forwarded once (paper 3.4).
+    def forward(self, images: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Logits of every model node on the same batch, each node forwarded once (paper 3.4),
+        each on its view of the batch (`images`: a tensor, or the tuple of views `dclang.views`
+        lays out).
 
         Every node runs, even one that feeds no live edge, because every node's accuracy is
         reported. Frozen nodes run without autograd: nothing flows back to them.
         """
-        return {name: frozen_forward(model, images) if name in self.frozen else model(images)
-                for name, model in self.models.items()}
+        views = as_views(images, self.view_count)
+        return {name: frozen_forward(model, views[self.view_index[name]]) if name in self.frozen
+                else model(views[self.view_index[name]]) for name, model in self.models.items()}
 
     def outputs(self, images: Tensor) -> dict[str, Tensor]:
         """`forward`'s logits, then every ensemble node's output computed from them

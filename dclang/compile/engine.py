@@ -6,8 +6,9 @@ every member's step:
 
 - **Forward.** With `hfta`, trainable nodes of one architecture, batch size and optimizer rule
   are fused (`dclang.models.fused`), within a member and across members (`fusable_groups`): a
-  group inside one member reads its batch as a shared input, a group across members reads the
-  members' batches side by side in channels (`stack_inputs`). Other nodes run alone on their
+  group inside one member reads its batch as a shared input, a group across members (or
+  reading several of a member's views, `dclang.views`) reads its nodes' batches side by side
+  in channels (`stack_inputs`). Other nodes run alone on their
   member's batch; frozen ones without autograd. A fused node's model keeps views of its slice
   of the fused tensors (`alias_to_slice`), so it evaluates, counts and saves unchanged.
 - **Losses.** One plan (`LossPlan`) for the members whose logits have one shape: the edges of
@@ -71,6 +72,7 @@ from dclang.loss_catalogue import LOSSES
 from dclang.models.fused import fuse_models, stack_inputs
 from dclang.models.taps import LayerCapture
 from dclang.registry import OPTIMIZER_KINDS
+from dclang.views import as_views
 
 
 class Member(Protocol):
@@ -97,7 +99,7 @@ class StepMember:
 @dataclass
 class _Group:
     """Trainable nodes (member index, node) of one architecture computed by one fused network;
-    `shared`: all of one member, reading its batch as one shared input."""
+    `shared`: all of one member and one view, reading that batch as one shared input."""
 
     slices: list[tuple[int, str]]
     fused: nn.Module  # FusedModel
@@ -139,6 +141,8 @@ class Engine:
         self._refuse_positions(packed)
         if self.options.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, but the step is on {self.device}")
+        # where each member's views begin in a step's list of images (`_input`)
+        self.first_view = [sum(s.view_count for s in self.steps[:m]) for m in range(len(self.steps))]
         self.rules = [rule_of(s.optimizer_spec.name, s.optimizer_spec.args) for s in self.steps]
         self.groups = self._fuse() if self.options.hfta else []
         self.fused_nodes = {s for g in self.groups for s in g.slices}
@@ -185,7 +189,7 @@ class Engine:
         groups = []
         for slices in fusable_groups(signatures):
             models = [self.steps[m].models[n] for m, n in slices]
-            shared = len({m for m, _ in slices}) == 1
+            shared = len({(m, self.steps[m].view_index[n]) for m, n in slices}) == 1  # one member, one view
             try:
                 fused = fuse_models(models, shared_input=shared)
             except (NotImplementedError, ValueError) as exc:
@@ -432,7 +436,7 @@ class Engine:
         """One update of every member; its statistics (float64, member order). `positions`:
         per member, (the batch's positions in the training split, k) for `crd` edges, which
         only the eager step of one member passes (`_refuse_positions`)."""
-        images = [b[0] for b in batches]
+        images = [x for b, s in zip(batches, self.steps) for x in as_views(b[0], s.view_count)]  # `_input`
         if self.options.channels_last:
             images = [x.contiguous(memory_format=torch.channels_last) for x in images]
         labels = [b[1] for b in batches]
@@ -464,7 +468,7 @@ class Engine:
         ensemble's too), as the step computes it, with autograd: nothing is updated."""
         self._set_linear_weights([k])
         (_, (plan, _)), = self._plans_for([labels])
-        losses, _ = plan(self._outputs([images]), [labels], self.linear_weights)
+        losses, _ = plan(self._outputs(list(as_views(images, self.steps[0].view_count))), [labels], self.linear_weights)
         return dict(zip(self.steps[0].loss_nodes, losses.unbind(0)))
 
     def zero_grad(self) -> None:
@@ -576,7 +580,14 @@ class Engine:
     def _split(self, images: list[Tensor]) -> list[_Group]:
         """Fused groups across members whose batches differ in shape this step: their slices
         run through the separate models (`_outputs`)."""
-        return [g for g in self.groups if not g.shared and len({images[m].shape for m, _ in g.slices}) > 1]
+        return [g for g in self.groups if not g.shared and len({self._input(images, m, n).shape
+                                                                 for m, n in g.slices}) > 1]
+
+    def _input(self, images: list[Tensor], m: int, node: str) -> Tensor:
+        """What member m's network `node` reads: its view of the member's batch (`dclang.views`).
+        `images` holds every member's views in member order, each member's as its step lays
+        them out (one per member where no network has a view of its own)."""
+        return images[self.first_view[m] + self.steps[m].view_index[node]]
 
     def _gather_gradients(self, g: _Group) -> None:
         """Move the gradients of a group's separately run slices into its fused tensors."""
@@ -625,15 +636,17 @@ class Engine:
         return out
 
     def _outputs(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Every member's outputs: networks (fused groups in one forward each), then ensembles."""
+        """Every member's outputs: networks (fused groups in one forward each), each on its
+        view of its member's batch, then ensembles."""
         logits: list[dict[str, Tensor]] = [{} for _ in self.members]
         split = self._split(images)
         for g in self.groups:
             if g in split:
                 for m, node in g.slices:
-                    logits[m][node] = self.steps[m].models[node](images[m])
+                    logits[m][node] = self.steps[m].models[node](self._input(images, m, node))
                 continue
-            x = images[g.slices[0][0]] if g.shared else stack_inputs([images[m] for m, _ in g.slices])
+            inputs = [self._input(images, m, n) for m, n in g.slices]
+            x = inputs[0] if g.shared else stack_inputs(inputs)
             for (m, node), out in zip(g.slices, g.fused(x).unbind(0)):
                 logits[m][node] = out
         outputs = []
@@ -641,7 +654,8 @@ class Engine:
             for node, model in step.models.items():
                 if node in logits[m]:
                     continue
-                logits[m][node] = frozen_forward(model, images[m]) if node in step.frozen else model(images[m])
+                x = self._input(images, m, node)
+                logits[m][node] = frozen_forward(model, x) if node in step.frozen else model(x)
             outputs.append(ensemble_outputs({n: logits[m][n] for n in step.models}, step.ensembles))
         return outputs
 

@@ -17,9 +17,11 @@ from dclang.passes.check_names import check_names
 from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
+from dclang.passes.check_views import check_views
 
 PASSES = (check_names, check_values, check_structure, check_ensembles, check_learned_ensembles, check_inputs,
-          check_layers, check_reachability, check_checkpoints, check_data)
+          check_layers, check_reachability, check_checkpoints, check_data, check_views)
 
 __all__ = ["PASSES", "check_checkpoints", "check_data", "check_ensembles", "check_inputs", "check_layers",
-           "check_learned_ensembles", "check_names", "check_reachability", "check_structure", "check_values"]
+           "check_learned_ensembles", "check_names", "check_reachability", "check_structure", "check_values",
+           "check_views"]

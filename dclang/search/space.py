@@ -118,7 +118,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             item = dataclasses.replace(item, settings=tuple(setting(s, train) for s in item.settings))
         elif isinstance(item, ast.NodeDecl):
             spec = graph.nodes[item.name.text]["spec"]
-            lowered = {"init": spec.init, "combine": spec.combine}
+            lowered = {"init": spec.init, "combine": spec.combine, "view": spec.view}
             attrs = tuple(dataclasses.replace(a, value=value(a.value, lowered[a.name.text]))
                           if a.name.text in lowered and a.value is not None else a for a in item.attributes)
             model = name(item.model, spec.model) if isinstance(item.model, ast.Choice) else item.model
@@ -203,7 +203,7 @@ def search_space(module: ast.Module) -> list[Parameter]:
     left = next(_choices_in(first.items), None)
     if left is not None:
         raise UserError(f"line {left.span.line}, column {left.span.column}: search cannot pick this `choice(...)`",
-                        "a choice can stand for a node's model, ensemble (or `none`), `init` or `combine`, an "
+                        "a choice can stand for a node's model, ensemble (or `none`), `init`, `combine` or `view`, an "
                         "edge's gate, its loss or one argument of the loss, a layer of an edge's end, a setting's "
                         "value, or one argument of the optimizer or schedule")
     order = [site.name for site in graph.graph["sites"]]

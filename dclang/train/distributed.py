@@ -170,14 +170,16 @@ class DistributedTrainStep:
                 dist.all_reduce(flat)
                 _unflatten_into(flat, [t for t, _ in group])
 
-    def step(self, images: Tensor, labels: Tensor, k: int) -> StepStats:
+    def step(self, images: Tensor | tuple[Tensor, ...], labels: Tensor, k: int) -> StepStats:
         """Update every trainable node once on the global batch (`images`, `labels`), of
         which this process computes its slice; returns the global batch's statistics."""
         batch = len(labels)
         if batch < self.env.world_size:
             raise ValueError(f"a batch of {batch} samples cannot be split over {self.env.world_size} processes")
         r = self.env.rank
-        images, labels = images.tensor_split(self.env.world_size)[r], labels.tensor_split(self.env.world_size)[r]
+        part = lambda x: x.tensor_split(self.env.world_size)[r]  # noqa: E731
+        images = tuple(map(part, images)) if isinstance(images, tuple) else part(images)  # each view (`dclang.views`)
+        labels = part(labels)
         self.share = len(labels) / batch
         self.buffers_pending = True
         stats = self.inner.step(images, labels, k)

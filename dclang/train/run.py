@@ -247,13 +247,15 @@ class Run:
         seeded order: drawn from a generator of the run's seed and the epoch alone, so whoever
         steps them (`train_graph` for one run, a packed worker for several) sees the same batches.
         With `indices` (the step's `needs_indices`: `crd`), each tuple ends with the samples'
-        positions in the training split."""
+        positions in the training split. A graph with networks on their own view
+        (`[view=own]`) gets each batch as its tuple of views (`own_views`)."""
         from dclang.data.batches import BatchIterator, epoch_generator
 
         generator = epoch_generator(self.seed, epoch, self.device)
+        views = own_views(self.graph, self.augment, seed=self.seed, epoch=epoch, shared=generator, device=self.device)
         for i, (images, labels, index) in enumerate(BatchIterator(self.train, self.batch, generator).indexed()):
             k = (epoch - 1) * self.steps_per_epoch + i + 1
-            yield (self.augment(images, generator), labels, k) + ((index,) if indices else ())
+            yield (views(images), labels, k) + ((index,) if indices else ())
 
     def _first_batches(self, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to `n` full batches of the first epoch, augmented, from a generator of their own
@@ -279,6 +281,21 @@ class Run:
         figures = self.evaluation.after_epoch(epoch)
         return epoch_record(epoch, lr, means, reported_nodes(self.graph), figures, time.perf_counter() - started,
                             train_seconds)
+
+
+def own_views(graph: nx.DiGraph, augment, *, seed: int, epoch: int, shared: torch.Generator, device):
+    """The function from a batch's uint8 images to what the step reads: the shared augmented
+    batch, from the epoch's generator `shared` (after its permutation), as before views
+    existed, when every network reads it; else the tuple of views `dclang.views` lays out,
+    each own view from its node's generator of (seed, epoch, node) (`views.own_generator`).
+    Only the views some network reads are computed."""
+    from dclang.views import SHARED, own_generator, view_keys
+
+    keys = view_keys(graph)
+    if keys == (SHARED,):
+        return lambda images: augment(images, shared)
+    generators = [shared if key == SHARED else own_generator(seed, epoch, key, device) for key in keys]
+    return lambda images: tuple(augment(images, g) for g in generators)
 
 
 def _check_crd(graph: nx.DiGraph, train_size: int, options, dist) -> None:

@@ -52,6 +52,7 @@ from dclang.checkpoints import CheckpointError, atomic_save, atomic_write_bytes,
 from dclang.diagnostics import Span, UserError
 from dclang.syntax import ast
 from dclang.syntax.format import format_module, format_value
+from dclang.views import SHARED
 
 RUN_FORMAT = "dclang-run/1"
 MANIFEST = "dclang-run.json"
@@ -131,6 +132,8 @@ def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
             attrs.append(ast.Attribute(_name("init"), ast.String(spec.init, _NOWHERE), _NOWHERE))
         if spec.is_ensemble:
             attrs.append(ast.Attribute(_name("combine"), ast.Ident(spec.combine, _NOWHERE), _NOWHERE))
+        if spec.view != SHARED:  # written only when own: a graph without own views keeps its text
+            attrs.append(ast.Attribute(_name("view"), ast.Ident(spec.view, _NOWHERE), _NOWHERE))
         items.append(ast.NodeDecl(_name(name), model, tuple(attrs), _NOWHERE))
     for source, target, spec in graph.edges(data="spec"):
         args = {k: v for k, v in (*spec.loss_args().items(), ("weight", spec.weight)) if v != 1.0}
