@@ -32,6 +32,11 @@ def decay_of(spec: Any) -> Any:
     return spec.derived.arg("decay", DEFAULT_DECAY)
 
 
+def ema_text(spec: Any) -> str:
+    """An EMA node's model as the language writes it, the decay written out: `ema(s, decay=0.999)`."""
+    return f"ema({spec.derived.source}, decay={decay_of(spec)!r})"
+
+
 def ema_sources(graph) -> dict[str, tuple[str, float]]:
     """{EMA node: (its source, its decay)} of a concrete graph, in declaration order."""
     return {name: (spec.derived.source, float(decay_of(spec)))

@@ -18,8 +18,8 @@ from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_ema, check_inputs, check_layers, check_reachability,
-          check_checkpoints, check_data)
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_ema, check_inputs, check_layers,
+          check_reachability, check_checkpoints, check_data)
 
 __all__ = ["PASSES", "check_checkpoints", "check_data", "check_ema", "check_ensembles", "check_inputs", "check_layers",
            "check_names", "check_reachability", "check_structure", "check_values"]

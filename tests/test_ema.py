@@ -1,0 +1,246 @@
+"""A mean teacher `node t : ema(s, decay)`: its weights are the exponential moving average of
+its source's, after each optimizer update, in both engines.
+
+The update is held against the EMA sequence computed here by hand from the source's weights
+after each step (float64, to 1e-12); the fused engine (plain, HFTA, a pack of trials, the
+CUDA-graph logic on the CPU) against the reference engine or the trial alone on a graph that
+mixes mean teachers with the correct and linear gates, a layer edge from a mean teacher, an
+ensemble with one as member and a frozen teacher; a stopped run resumed against the
+uninterrupted one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import test_union
+import torch
+from test_engines import TIGHT, assert_models_close, batches, compiled, snapshot, train
+from test_union import Trial, assert_same_trials, step_both
+
+from dclang.api import check
+from dclang.compile import ENGINES, Engine, StepOptions
+from dclang.train.metrics import EpochStats
+
+# one mean teacher of `s`: the update against a hand computation
+SIMPLE = """
+graph simple
+data digits { }
+train { epochs = 2  optimizer = sgd(lr=0.1, momentum=0.9) }
+node s : cnn_tiny
+node t : ema(s, decay=0.75) [target]
+label -> s : through
+t -> s : through kl(T=2)
+"""
+
+# mean teachers among the existing constructs: `m` the target, the source of a correct gate and
+# of a layer edge, member of an ensemble with a linear gate; `mb` of another node with another
+# decay; the frozen teacher `c` (with an init state, `compiled`)
+MIXED = """
+graph mixed
+data digits { }
+train {
+  epochs = 2
+  optimizer = sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)
+  schedule = step(milestones=[1], gamma=0.1)
+}
+node a : cnn_tiny
+node b : cnn_tiny
+node c : cnn_tiny [frozen]
+node m : ema(a, decay=0.8) [target]
+node mb : ema(b, decay=0.5)
+node e : ensemble(m, b)
+label -> a : through
+label -> b : linear
+m -> a : correct kl(T=2)
+mb -> b : through
+e -> a : linear kl(T=3, weight=0.5)
+m.conv2 -> b.conv2 : correct at(p=2, weight=50)
+c -> b : correct
+a -> b : through
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_teacher_is_the_hand_computed_average_of_its_source(engine, float64):
+    """t_0 = s_0; t_k = 0.75 t_{k-1} + 0.25 s_k for every parameter and floating-point buffer
+    (BatchNorm's running statistics), s_k the source after update k; `num_batches_tracked`
+    copied. The teacher has no gradient, no optimizer, runs in eval mode, and is counted."""
+    step = compiled(SIMPLE, engine)
+    assert step.trainable == ["s"] and step.frozen == [] and step.ema == {"t": ("s", 0.75)}
+    want = {key: value.clone() for key, value in step.models["s"].state_dict().items()}
+    assert_models_close({"t": step.models["t"].state_dict()}, {"t": want}, rtol=0, atol=0)
+    for k, (x, y) in enumerate(batches(), start=1):
+        stats = step.step(x, y, k)
+        for key, value in step.models["s"].state_dict().items():
+            want[key] = 0.75 * want[key] + 0.25 * value if value.is_floating_point() else value.clone()
+        assert_models_close({"t": step.models["t"].state_dict()}, {"t": want}, rtol=1e-12, atol=1e-12)
+        assert stats.node_correct.keys() == {"s", "t"} and stats.node_loss.keys() == {"s"}
+    teacher = step.models["t"]
+    assert not teacher.training and not any(p.requires_grad or p.grad is not None for p in teacher.parameters())
+    assert int(teacher.get_buffer("1.num_batches_tracked")) == len(batches())
+
+
+@pytest.mark.parametrize("hfta", [False, True], ids=["separate", "hfta"])
+def test_fused_equals_reference_with_mean_teachers(hfta, float64):
+    """Every weight, buffer and statistic after several steps; with HFTA, `a` and `b` are one
+    fused network and their teachers average their slices of it."""
+    data = batches()
+    reference = compiled(MIXED, "reference")
+    fused = compiled(MIXED, "fused")
+    if hfta:
+        fused = Engine(fused.members, StepOptions(hfta=True, channels_last=False))
+        assert [sorted(n for _, n in g.slices) for g in fused.groups] == [["a", "b"]]
+    assert_models_close(snapshot(reference), snapshot(fused), rtol=0, atol=0)
+    ref_stats, fused_stats = train(reference, data), train(fused, data)
+    assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)
+    for ref, fus in zip(ref_stats, fused_stats):
+        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
+            got, want = getattr(fus, field), getattr(ref, field)
+            assert got.keys() == want.keys()
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    # the teachers moved away from their sources, and from where they started
+    after = snapshot(fused)
+    assert not torch.equal(after["m"]["0.weight"], after["a"]["0.weight"])
+
+
+def test_the_update_is_one_lerp_per_decay(float64):
+    """The fused engine's EMA update: one `_foreach_lerp_` per decay for all teachers, one
+    `_foreach_copy_` for the integer buffers (`dclang bench` counts them as the step's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fused = compiled(MIXED, "fused")
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fused.ema_update()
+    assert sorted(seen) == ["_foreach_copy_.default", "_foreach_lerp_.Scalar", "_foreach_lerp_.Scalar"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_state_dict_round_trip_continues_identically(engine, float64):
+    data = batches()
+    step = compiled(MIXED, engine)
+    train(step, data[:2])
+    state = copy.deepcopy(step.state_dict())
+    train(step, data[2:], first_k=3)
+    resumed = compiled(MIXED, engine, seed=99)
+    resumed.load_state_dict(state)
+    train(resumed, data[2:], first_k=3)
+    assert_models_close(snapshot(step), snapshot(resumed), rtol=0, atol=0)
+
+
+PACKED = test_union.HEAD.format(optimizer=test_union.SGD) + """\
+node n1 : cnn_tiny
+node n2 : cnn_tiny
+node t : ema(n1, decay=0.9) [target]
+node e : ensemble(t, n2)
+label -> n1 : through
+label -> n2 : through
+t -> n1 : correct kl(T=2)
+e -> n2 : linear
+t.conv1 -> n2.conv1 : through at(p=2)
+"""
+
+
+@pytest.mark.parametrize("hfta", [False, True], ids=["separate", "hfta"])
+def test_a_packed_trial_with_a_mean_teacher_computes_what_it_computes_alone(hfta, float64, monkeypatch):
+    """Two trials with mean teachers (other decays) beside a trial without, one leaving:
+    every model and summed statistic equals each trial's twin trained alone."""
+    monkeypatch.setitem(test_union.GRAPHS, "ema", PACKED)
+    monkeypatch.setitem(test_union.GRAPHS, "ema2", PACKED.replace("decay=0.9", "decay=0.5"))
+    generator = torch.Generator().manual_seed(0)
+    first = [Trial.of("ema"), Trial.of("gates"), Trial.of("ema2")]
+    stats: dict[str, EpochStats] = {}
+    union = Engine(first, StepOptions(hfta=hfta, channels_last=False), packed=True)
+    for _ in range(2):
+        step_both(union, first, generator, stats)
+    second = first[:2]
+    union = Engine(second, union.options, carried=union.carry(second), packed=True)
+    step_both(union, second, generator, stats)
+    assert_same_trials(union, second, stats)
+    test_union.assert_same_models(first[2])
+
+
+def test_the_captured_step_logic_keeps_the_teachers(float64, monkeypatch):
+    """The CUDA-graph logic on the CPU (test_accelerate's recording capture): the EMA update is
+    part of the update the capture holds (`Engine.apply_update`), so a replayed run equals the
+    plain one."""
+    from test_accelerate import FakeCapture
+
+    from dclang.compile import accelerate
+
+    monkeypatch.setattr(accelerate, "CapturedStep", FakeCapture)
+    FakeCapture.made = []
+    data = batches()
+    plain, graphed = compiled(MIXED, "fused"), compiled(MIXED, "fused")
+    graphed.options = dataclasses.replace(graphed.options, cuda_graph=True)
+    train(plain, data), train(graphed, data)
+    assert len(FakeCapture.made) >= 1
+    assert_models_close(snapshot(plain), snapshot(graphed), rtol=0, atol=0)
+
+
+def test_a_mean_teacher_is_neither_trained_nor_frozen_nor_pretrained():
+    checked = check(SIMPLE)
+    assert checked.ok and not checked.diagnostics, checked.diagnostics
+    spec = checked.graph.nodes["t"]["spec"]
+    assert spec.is_ema and not spec.frozen and spec.model == "cnn_tiny"
+    from dclang.ir import ema_nodes, frozen_nodes, model_nodes, trainable_nodes
+    from dclang.train.evaluate import constant_nodes
+
+    g = checked.graph
+    assert trainable_nodes(g) == ["s"] and frozen_nodes(g) == [] and ema_nodes(g) == ["t"]
+    assert model_nodes(g) == ["s", "t"] and constant_nodes(g) == set()
+
+
+RUN = """\
+graph mean_teacher
+data digits { val_split = 300  pad = 1 }
+train { epochs = 2  batch = 64  optimizer = sgd(lr=0.1)  schedule = cosine }
+node s : cnn_tiny
+node t : ema(s, decay=0.9) [target]
+label -> s : through
+t -> s : correct kl(T=2)
+"""
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A run stopped after epoch 1 and resumed from its checkpoint ends as the uninterrupted
+    run, bit for bit (CPU); the teacher is evaluated every epoch, as a trained node is, and
+    its figures are the ones it is reported and selected by."""
+    from test_resume import _Stop, load_text, stop_after_the_epoch, untimed
+
+    from dclang.checkpoints import load_safely
+    from dclang.data import load_dataset
+    from dclang.train import RunDir, train_graph
+
+    graph = load_text(tmp_path, RUN)
+    dataset = load_dataset("digits", data_dir=None, val_split=300, split_seed=0)
+
+    def run(name, **kwargs):
+        return train_graph(graph, run_dir=tmp_path / name, device="cpu", progress=False, dataset=dataset, **kwargs)
+
+    full = run("full")
+    with pytest.raises(_Stop):
+        run("stopped", on_epoch=stop_after_the_epoch)
+    resumed = run("stopped", resume=True)
+    assert untimed(resumed.records) == untimed(full.records)
+    val = [r["nodes"]["t"]["val_acc"] for r in full.records]
+    assert len(set(val)) > 1, val  # evaluated every epoch: it changes
+    assert full.summary["target"] == "t" and full.summary["nodes"]["t"]["model"] == "ema(s, decay=0.9)"
+    assert full.summary["nodes"]["t"]["best_val_epoch"] is not None
+    written = (tmp_path / "full" / "graph.kt").read_text()
+    assert "node t : ema(s, decay=0.9) [target]" in written, written
+    assert check(written).ok  # the graph as trained, every default written out, checks again
+    a, b = load_safely(RunDir(tmp_path / "stopped").last), load_safely(RunDir(tmp_path / "full").last)
+    for node in ("s", "t"):
+        for key, tensor in a["train_step"]["models"][node].items():
+            assert torch.equal(tensor, b["train_step"]["models"][node][key]), (node, key)
