@@ -147,7 +147,10 @@ def ema_options(spec: NodeSpec | None) -> list[Derived]:
     """The `ema(...)` a node is, or each one its template's `choice(...)` offers."""
     if spec is None:  # `label`
         return []
-    options = spec.model.options if isinstance(spec.model, Open) else (spec.derived,)
+    if spec.derived is not None:
+        options: tuple = (spec.derived,)
+    else:
+        options = spec.model.options if isinstance(spec.model, Open) else ()
     return [o for o in options if isinstance(o, Derived) and o.kind == "ema"]
 
 
@@ -315,7 +318,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
             span=decl.name.span, model_span=decl.model.span, derived=derived,
         ), decl=decl)
-    _resolve_derived_models(g)
+    resolve_derived_models(g)
 
     for decl in expand_edges(module):
         s, t = decl.source.text, decl.target.text
@@ -331,7 +334,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
     return g
 
 
-def _resolve_derived_models(g: nx.MultiDiGraph) -> None:
+def resolve_derived_models(g: nx.MultiDiGraph) -> None:
     """Give each `ema(...)` / `branch(...)` node the architecture of the network it is made
     from (through a chain of derived nodes), or None where the chain does not end at a
     network: the passes say why."""

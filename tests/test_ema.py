@@ -244,3 +244,101 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     for node in ("s", "t"):
         for key, tensor in a["train_step"]["models"][node].items():
             assert torch.equal(tensor, b["train_step"]["models"][node][key]), (node, key)
+
+
+TEMPLATE = """\
+graph online
+data digits { val_split = 300 }
+train { epochs = 1  batch = 64 }
+node s : cnn_tiny [target]
+node p : choice(cnn_tiny, mlp)
+node t : choice(ema(s, decay=0.99), none)
+node u : ema(p, decay=choice(0.9, 0.99))
+edges label -> * : through
+t -> s : choice(through, correct)
+u -> s : choice(through, cutoff)
+"""
+
+
+def test_a_template_chooses_a_mean_teacher_or_none_and_its_decay():
+    """Every sample of a template with `choice(ema(s), none)` and `decay=choice(...)`: the
+    sampled text checks (or not) as the IR the search counts on says (`concrete`, its key with
+    and without dead nodes), `none` leaves the node and its edges out, and an unreachable mean
+    teacher is dropped as a dead node with its source when nothing else needs it."""
+    import itertools
+
+    from dclang.search.equivalence import canonical_key, concrete, count_distinct, trainable_sample, without_dead_nodes
+    from dclang.search.space import realize, search_space
+
+    checked = check(TEMPLATE)
+    assert checked.ok and not checked.diagnostics, checked.diagnostics
+    space, sites = search_space(checked.module), checked.graph.graph["sites"]
+    assert [(p.name, p.choices) for p in space] == [
+        ("p.model", ("cnn_tiny", "mlp")), ("t.model", ("ema(s, decay=0.99)", "none")), ("u.decay", (0.9, 0.99)),
+        ("t->s.gate", ("through", "correct")), ("u->s.gate", ("through", "cutoff"))]
+    keys, texts = set(), {}
+    for index in itertools.product(*(range(len(s.options)) for s in sites)):
+        picks = {s.name: s.options[i] for s, i in zip(sites, index)}
+        params = {p.name: p.choices[i] for p, i in zip(space, index)}
+        realized = realize(checked.module, params)
+        graph = concrete(checked.graph, picks)
+        assert realized.ok and trainable_sample(graph), realized.problem
+        assert canonical_key(graph) == canonical_key(check(realized.text).graph)
+        assert canonical_key(without_dead_nodes(graph)) == canonical_key(check(realized.trained_text).graph)
+        keys.add(realized.key)
+        texts[tuple(params.values())] = realized
+    count = count_distinct(checked.graph)
+    assert count.trainable == 32 and count.dead_dropped == len(keys)
+    absent = texts[("mlp", "none", 0.9, "through", "cutoff")]
+    assert "node t" not in absent.text and "t ->" not in absent.text and "node u : ema(p, decay=0.9)" in absent.text
+    assert absent.dropped == ("p", "u")  # u reaches nothing live, so neither does its source
+    kept = texts[("mlp", "ema(s, decay=0.99)", 0.99, "correct", "through")]
+    assert "node t : ema(s, decay=0.99)" in kept.trained_text and kept.dropped == ()
+
+
+def test_messages_of_attributes_and_bulk_edges():
+    """`init` on a mean teacher is refused (it starts as its source's copy); `edges * -> *`
+    never points into one; the default decay is 0.999."""
+    from dclang.ema import DEFAULT_DECAY, ema_sources
+
+    text = SIMPLE.replace("[target]", '[target, init="teacher.pt"]')
+    assert [d.code for d in check(text).errors if d.code == "E346"] == ["E346"]
+    bulk = check(SIMPLE.replace("ema(s, decay=0.75)", "ema(s)").replace("t -> s : through kl(T=2)",
+                                                                          "edges * -> * : through"))
+    assert bulk.ok, bulk.errors
+    assert {(s, t) for s, t in bulk.graph.edges()} == {("label", "s"), ("t", "s")}
+    assert ema_sources(bulk.graph) == {"t": ("s", DEFAULT_DECAY)} and DEFAULT_DECAY == 0.999
+
+
+def test_drawn_with_a_dashed_arrow_from_its_source():
+    from dclang.draw import to_graphviz
+
+    source = to_graphviz(check(SIMPLE).graph).source
+    arrow = next(line for line in source.splitlines() if line.strip().startswith("s -> t"))
+    assert 'style=dashed' in arrow and 'label="ema 0.75"' in arrow
+    assert "exponential moving average of" in source and "ema of s" in source
+
+
+def test_check_params_says_the_teacher_is_not_trained(tmp_path):
+    from click.testing import CliRunner
+
+    from dclang.cli import main
+
+    kt = tmp_path / "simple.kt"
+    kt.write_text(SIMPLE)
+    result = CliRunner().invoke(main, ["check", "--params", str(kt)])
+    assert result.exit_code == 0, result.output
+    assert "mean teachers: `t`" in result.output
+    line = next(line for line in result.output.splitlines() if line.strip().startswith("t "))
+    assert "ema(s, decay=0.75)" in line and "not trained" in line
+
+
+def test_the_golden_file_formats_to_a_fixed_point():
+    from pathlib import Path
+
+    from dclang.api import parse
+    from dclang.syntax.format import format_module
+
+    text = (Path(__file__).parent / "golden" / "mean_teacher.fmt").read_text()
+    assert format_module(parse(text)) == text
+    assert check(text).ok

@@ -73,11 +73,13 @@ def _check_source(decl: ast.NodeDecl, ema: ast.Derived, declared: dict[str, ast.
                       "not supported as a mean teacher's source",
                       help="average a whole network declared by its model")]
     if spec.frozen:
-        why = ("declared `[frozen]`" if src_decl.attribute("frozen") is not None
+        declared_frozen = src_decl.attribute("frozen") is not None
+        why = ("declared `[frozen]`" if declared_frozen
                else "frozen: no live edge into it, so it is a pre-trained teacher that never changes")
+        train = f"drop `[frozen]` from `{source}`" if declared_frozen else f"train `{source}` (an edge such as " \
+            f"`label -> {source} : through`)"
         return [error("E341", f"`{source}` is {why}", span, "its average would never move",
-                      help=f"train `{source}` (an edge such as `label -> {source} : through`), or use it as a "
-                           "teacher directly")]
+                      help=f"{train}, or use `{source}` as a teacher directly")]
     return []
 
 
