@@ -342,3 +342,8 @@ def test_the_golden_file_formats_to_a_fixed_point():
     text = (Path(__file__).parent / "golden" / "mean_teacher.fmt").read_text()
     assert format_module(parse(text)) == text
     assert check(text).ok
+
+
+def test_a_choice_of_decays_is_held_to_the_range():
+    text = SIMPLE.replace("decay=0.75", "decay=choice(0.9, 1.5, 0)")
+    assert [(d.code, d.span.column) for d in check(text).errors] == [("E343", 35), ("E343", 40)]
