@@ -83,15 +83,16 @@ def test_the_teacher_is_the_hand_computed_average_of_its_source(engine, float64)
     assert int(teacher.get_buffer("1.num_batches_tracked")) == len(batches())
 
 
-@pytest.mark.parametrize("hfta", [False, True], ids=["separate", "hfta"])
-def test_fused_equals_reference_with_mean_teachers(hfta, float64):
+@pytest.mark.parametrize("hfta,channels_last", [(False, False), (True, False), (True, True)],
+                         ids=["separate", "hfta", "hfta_channels_last"])
+def test_fused_equals_reference_with_mean_teachers(hfta, channels_last, float64):
     """Every weight, buffer and statistic after several steps; with HFTA, `a` and `b` are one
-    fused network and their teachers average their slices of it."""
+    fused network and their teachers average their slices of it (in channels-last too)."""
     data = batches()
     reference = compiled(MIXED, "reference")
     fused = compiled(MIXED, "fused")
     if hfta:
-        fused = Engine(fused.members, StepOptions(hfta=True, channels_last=False))
+        fused = Engine(fused.members, StepOptions(hfta=True, channels_last=channels_last))
         assert [sorted(n for _, n in g.slices) for g in fused.groups] == [["a", "b"]]
     assert_models_close(snapshot(reference), snapshot(fused), rtol=0, atol=0)
     ref_stats, fused_stats = train(reference, data), train(fused, data)
