@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
+import warnings
 
 import pytest
 import test_union
@@ -348,3 +350,18 @@ def test_the_golden_file_formats_to_a_fixed_point():
 def test_a_choice_of_decays_is_held_to_the_range():
     text = SIMPLE.replace("decay=0.75", "decay=choice(0.9, 1.5, 0)")
     assert [(d.code, d.span.column) for d in check(text).errors] == [("E343", 35), ("E343", 40)]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="inductor's CPU backend needs a C compiler")
+def test_a_compiled_step_reads_the_teachers_new_weights_SLOW(float64):
+    """torch.compile of the forward and losses: the teacher's weights, changed in place by each
+    EMA update outside the compiled region, are read anew by every step (no constant folded)."""
+    data = batches()
+    plain = compiled(SIMPLE, "fused")
+    fast = Engine(compiled(SIMPLE, "fused").members, StepOptions(compile=True, channels_last=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile fallback would warn
+        train(plain, data), train(fast, data)
+    assert fast.compiled_shapes is not None
+    assert_models_close(snapshot(plain), snapshot(fast), rtol=1e-9, atol=1e-10)
