@@ -365,3 +365,25 @@ def test_a_compiled_step_reads_the_teachers_new_weights_SLOW(float64):
         train(plain, data), train(fast, data)
     assert fast.compiled_shapes is not None
     assert_models_close(snapshot(plain), snapshot(fast), rtol=1e-9, atol=1e-10)
+
+
+def test_bench_counts_the_average_as_two_operations(tmp_path):
+    """`dclang bench` on a graph with a mean teacher: the same graph with a frozen teacher in its
+    place runs the same forward (eval mode, no autograd), so the step's extra operations are
+    the update's: one `_foreach_lerp_` and one `_foreach_copy_`."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dclang.cli import main
+
+    ops = {}
+    for name, text in (("ema", SIMPLE), ("frozen", SIMPLE.replace("ema(s, decay=0.75) [target]", "cnn_tiny [frozen]")
+                                          .replace("node s : cnn_tiny", "node s : cnn_tiny [target]"))):
+        path = tmp_path / f"{name}.kt"
+        path.write_text(text)
+        result = CliRunner().invoke(main, ["bench", str(path), "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                           "--variants", "fused", "--json"])
+        assert result.exit_code == 0, result.output
+        ops[name] = json.loads(result.stdout)["engines"]["fused"]["ops_per_step"]
+    assert ops["ema"] - ops["frozen"] == 2, ops
