@@ -387,3 +387,13 @@ def test_bench_counts_the_average_as_two_operations(tmp_path):
         assert result.exit_code == 0, result.output
         ops[name] = json.loads(result.stdout)["engines"]["fused"]["ops_per_step"]
     assert ops["ema"] - ops["frozen"] == 2, ops
+
+
+def test_set_changes_or_adds_the_decay():
+    from dclang.api import parse
+    from dclang.train.command import apply_override
+
+    written = apply_override(SIMPLE, parse(SIMPLE), "t.decay", "0.5")
+    assert "node t : ema(s, decay=0.5) [target]" in written
+    bare = SIMPLE.replace("ema(s, decay=0.75)", "ema(s)")
+    assert "node t : ema(s, decay=0.9) [target]" in apply_override(bare, parse(bare), "t.decay", "0.9")
