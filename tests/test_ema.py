@@ -397,3 +397,21 @@ def test_set_changes_or_adds_the_decay():
     assert "node t : ema(s, decay=0.5) [target]" in written
     bare = SIMPLE.replace("ema(s, decay=0.75)", "ema(s)")
     assert "node t : ema(s, decay=0.9) [target]" in apply_override(bare, parse(bare), "t.decay", "0.9")
+
+
+def test_a_graphs_key_renames_the_teachers_source_with_the_nodes():
+    """Search's key of a graph up to renaming: the mirror of a graph (n2 and n3 swapped, the
+    teacher's source with them) is the same experiment, and the teacher of the other peer is
+    another one, although the two peers' names appear in the same places."""
+    from dclang.search.equivalence import canonical_key
+
+    head = "graph g\ndata digits { }\nnode s : cnn_tiny [target]\nnode n2 : cnn_tiny\nnode n3 : cnn_tiny\n"
+    edges = "edges label -> * : through\n{a} -> s : through\n{b} -> s : correct\nt -> s : linear\n"
+
+    def key(source: str, a: str, b: str) -> str:
+        checked = check(head + f"node t : ema({source})\n" + edges.format(a=a, b=b))
+        assert checked.ok, checked.errors
+        return canonical_key(checked.graph)
+
+    assert key("n2", "n2", "n3") == key("n3", "n3", "n2")  # the mirror
+    assert key("n2", "n2", "n3") != key("n2", "n3", "n2")  # the teacher of the `correct` peer
