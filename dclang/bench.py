@@ -164,7 +164,8 @@ def tensor_bytes(state) -> int:
 
 @dataclass
 class _Floor:
-    """Each model node alone: its own plain training step (trainable) or forward (frozen)."""
+    """Each model node alone: its own plain training step (trainable), forward (frozen), or
+    forward and moving average (a mean teacher)."""
 
     models: dict
     optimizers: dict
@@ -175,17 +176,21 @@ def _floor(graph, shape: dict, device, images, labels) -> Variant:
     import torch.nn.functional as F
 
     from dclang.compile.common import build_models
+    from dclang.compile.ema import EmaUpdate
     from dclang.compile.optim import build_optimizer
+    from dclang.ema import ema_sources
     from dclang.ir import frozen_nodes, trainable_nodes
 
     models = build_models(graph, **shape, device=device, init_states=None, seed=0)
     spec = graph.graph["train"].optimizer
     optimizers = {n: build_optimizer(spec, models[n].parameters()) for n in trainable_nodes(graph)}
     frozen = frozen_nodes(graph)
+    # a mean teacher: a forward without autograd and its own average of its source's weights
+    averages = {n: EmaUpdate([(models[n], models[source], decay)]) for n, (source, decay) in ema_sources(graph).items()}
 
     def run(k: int) -> None:
         for name, model in models.items():
-            if name in frozen:
+            if name in frozen or name in averages:
                 with torch.inference_mode():
                     model(images)
                 continue
@@ -193,6 +198,8 @@ def _floor(graph, shape: dict, device, images, labels) -> Variant:
             opt.zero_grad()
             F.cross_entropy(model(images), labels).backward()
             opt.step()
+        for update in averages.values():
+            update()
 
     return Variant("floor", run, _Floor(models, optimizers))
 

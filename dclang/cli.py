@@ -66,6 +66,9 @@ def _summary(checked) -> str:
         nodes += f" and {len(ensembles)} ensemble{'s' * (len(ensembles) != 1)} ({names})"
     parts = [nodes, f"{len(edges)} edge{'s' * (len(edges) != 1)} ({len(live)} live)",
              f"target `{g.graph['target']}`", "frozen: " + (", ".join(f"`{n}`" for n in frozen) or "none")]
+    teachers = [n for n, spec in g.nodes(data="spec") if spec is not None and spec.is_ema]
+    if teachers:
+        parts.append("mean teachers: " + ", ".join(f"`{n}`" for n in teachers))
     if sites:
         parts.append(f"template with {len(sites)} search site{'s' * (len(sites) != 1)}")
     return ", ".join(parts)
@@ -75,6 +78,7 @@ def _param_lines(graph) -> list[str]:
     """Each node's parameter count, built on torch's meta device (no memory, but torch's
     import takes seconds: hence behind `--params`). Datasets whose image shape is known only
     from the user's file (`npz`) get a note instead of counts for a guessed shape."""
+    from dclang.ema import ema_text
     from dclang.registry import dataset_info
 
     data = graph.graph["data"]
@@ -85,7 +89,11 @@ def _param_lines(graph) -> list[str]:
     from dclang.models import parameter_counts
 
     counts = parameter_counts(graph)
-    return [f"    {name:<12} {model:<14} {count:>12,} parameters" for name, model, count in counts]
+    specs = dict(graph.nodes(data="spec"))
+    # a mean teacher's parameters are its source's averaged: held, never trained
+    return [f"    {name:<12} {ema_text(specs[name]) if specs[name].is_ema else model:<14} {count:>12,} parameters"
+            + (f" (the moving average of `{specs[name].derived.source}`'s: not trained)" if specs[name].is_ema else "")
+            for name, model, count in counts]
 
 
 @main.command()

@@ -12,7 +12,9 @@ is teal and dashed with an open arrowhead, labelled with its two layers and its 
 A network on its own view (`[view=own]`, its own augmentation of each batch) has a double
 outline and `view=own` under its model. An ensemble node is a green hexagon (red when it is
 the target) with a dotted grey arrow from each member; a learned one (`combine=learned`) has
-a double outline and says `learned`. Every drawing carries a legend of what it uses, and only
+a double outline and says `learned`. A mean teacher (`ema(s)`) is lilac (red when it is the
+target), with a dashed purple arrow from its source, labelled with its decay: not an edge, its
+weights are the source's averaged. Every drawing carries a legend of what it uses, and only
 that: the kinds of node by colour, the kinds of arrow, and what each of its gates does.
 """
 
@@ -26,8 +28,9 @@ import networkx as nx
 
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
+from dclang.ema import DEFAULT_DECAY, decay_of
 from dclang.ensembles import LEARNED
-from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
+from dclang.ir import LABEL, Derived, EdgeSpec, NodeSpec, Open, ema_options
 from dclang.views import SHARED
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -39,6 +42,11 @@ _LABEL = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f2f2f2", "co
 _ENSEMBLE = {"shape": "hexagon", "style": "filled", "fillcolor": "#5aa469", "fontcolor": "white", "color": "#2f6b3a"}
 _LEARNED = {"peripheries": "2"}  # a learned ensemble: its hexagon drawn twice
 _MEMBER = {"style": "dotted", "color": "#777777", "arrowhead": "empty", "arrowsize": "0.6"}
+_EMA = {"style": "filled", "fillcolor": "#e6dcf5", "color": "#6a3fa0"}
+_EMA_COLOR = "#6a3fa0"
+#: from a mean teacher's source to it: not an edge (no loss), the weights averaged
+_AVERAGED = {"style": "dashed", "color": _EMA_COLOR, "fontcolor": _EMA_COLOR, "arrowhead": "odiamond",
+             "penwidth": "1.4"}
 
 
 def _node_style(spec: NodeSpec) -> dict[str, str]:
@@ -47,7 +55,7 @@ def _node_style(spec: NodeSpec) -> dict[str, str]:
     if spec.is_ensemble:  # a hexagon whatever its role (doubled when learned); the target's is red
         return {**_ENSEMBLE, **(_LEARNED if _learned(spec) else {}),
                 **({k: _TARGET[k] for k in ("fillcolor", "fontcolor", "color")} if spec.target else {})}
-    return _TARGET if spec.target else _FROZEN if spec.frozen else _PLAIN
+    return _TARGET if spec.target else _FROZEN if spec.frozen else _EMA if spec.is_ema else _PLAIN
 
 
 def _learned(spec: NodeSpec) -> bool:
@@ -102,9 +110,12 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
         return "Label"
     if isinstance(spec.model, tuple):
         model = "ensemble(" + ", ".join(spec.model) + ")"
-    else:  # a name, or a template's options (ensembles written as such)
-        model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple) else o
-                                                   for o in spec.model.options), spec.model.span)
+    elif spec.is_ema and not isinstance(spec.model, Open):  # its architecture, then what it averages
+        lines = [spec.name, str(spec.model), f"ema of {spec.derived.source}", f"decay={_text(decay_of(spec))}"]
+        return "\n".join(lines + ([f"{params[spec.name] / 1e6:.2f}M params"] if params and spec.name in params
+                                  else []))
+    else:  # a name, or a template's options (ensembles, mean teachers written as such)
+        model = _text(Open(spec.model.site, tuple(_option_text(o) for o in spec.model.options), spec.model.span)
                       if isinstance(spec.model, Open) else spec.model)
     # a model's arguments one per line under its name, so a circle stays small
     name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
@@ -116,6 +127,27 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     if params and spec.name in params:
         lines.append(f"{params[spec.name] / 1e6:.2f}M params")
     return "\n".join(lines)
+
+
+def _option_text(option) -> str:
+    """An option of a node's choice: a model's name, `ensemble(a, b)`, `ema(s, decay=0.99)`."""
+    if isinstance(option, tuple):
+        return f"ensemble({', '.join(option)})"
+    if isinstance(option, Derived):
+        return f"{option.kind}({', '.join([option.source, *(f'{k}={_text(v)}' for k, v in option.args)])})"
+    return option
+
+
+def _averaged(dot: graphviz.Digraph, graph: nx.DiGraph) -> bool:
+    """The dashed arrow from each mean teacher's source (every option's, in a template) to it,
+    labelled with its decay; whether there was one."""
+    found = False
+    for name, spec in graph.nodes(data="spec"):
+        for option in ema_options(spec):
+            if option.source in graph:
+                dot.edge(option.source, name, label=f"ema {_text(option.arg('decay', DEFAULT_DECAY))}", **_AVERAGED)
+                found = True
+    return found
 
 
 def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
@@ -161,6 +193,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         for member in spec.members:
             if member in graph:
                 dot.edge(member, spec.name, **_MEMBER)
+    averaged = _averaged(dot, graph)
     shown = [spec for source, target, spec in graph.edges(data="spec") if (source, target) in drawn or spec.on_layers]
     shown = [spec for spec in shown if show_cutoff or spec.gate != "cutoff"]
     _legend(dot, graph, Drawn(
@@ -169,7 +202,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         mutual=any(attrs.get("dir") == "both" for attrs in drawn.values()),
         open_edges=any(_is_open_edge(spec) for spec in shown if not spec.on_layers),
         cutoff=any(spec.gate == "cutoff" for spec in shown),
-        layers=bool(layer_edges), ensembles=bool(ensembles)))
+        layers=bool(layer_edges), ensembles=bool(ensembles), averaged=averaged))
     return dot
 
 
@@ -196,6 +229,7 @@ class Drawn:
     cutoff: bool = False  # a cutoff edge, drawn grey (--show-cutoff)
     layers: bool = False
     ensembles: bool = False
+    averaged: bool = False  # a mean teacher's arrow from its source
 
 
 #: what each gate does, in the legend's few words (docs/language.md has the equations)
@@ -213,7 +247,9 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
     colour), the kinds of arrows, and what each gate on its edges does."""
     specs = [spec for _, spec in graph.nodes(data="spec") if not spec.is_label]
     kinds = [("target: the node the run is for", _TARGET, any(s.target for s in specs)),
-             ("trained", _PLAIN, any(not (s.target or s.frozen or s.is_ensemble) for s in specs)),
+             ("trained", _PLAIN, any(not (s.target or s.frozen or s.is_ensemble or s.is_ema) for s in specs)),
+             ("mean teacher: never trained, its source's weights averaged", _EMA,
+              any(s.is_ema and not s.target for s in specs)),
              ("frozen: pre-trained, never updated", _FROZEN, any(s.frozen and not s.is_ensemble for s in specs)),
              ("hexagon: an ensemble, the mean of its members",
               _ENSEMBLE if any(s.is_ensemble and not s.target for s in specs) else _TARGET, drawn.ensembles)]
@@ -229,6 +265,9 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
                                     "(or a view left to search)"))
     if drawn.ensembles:
         rows.append(_row("&#8943;&#9655;", "member of an ensemble", "#777777"))
+    if drawn.averaged:
+        rows.append(_row("&#8674;&#9671;", "exponential moving average of (no loss: the weights averaged)",
+                         _EMA_COLOR))
     if drawn.outputs:
         rows.append(_row("&#8594;", "edge between outputs: gate, then loss when not ce / kl"))
     if drawn.mutual:

@@ -87,7 +87,8 @@ class NodeSpec:
 
     @property
     def is_ema(self) -> bool:
-        return self.derived is not None and self.derived.kind == "ema"
+        """A mean teacher `ema(s)`, or a template's node whose `choice(...)` offers one."""
+        return bool(ema_options(self))
 
     @property
     def is_branch(self) -> bool:
@@ -142,6 +143,17 @@ class EdgeSpec:
 
         info = LOSSES.get(self.loss) if isinstance(self.loss, str) else None
         return {**({"T": self.T} if info is not None and "T" in info.args else {}), **dict(self.args)}
+
+
+def ema_options(spec: NodeSpec | None) -> list[Derived]:
+    """The `ema(...)` a node is, or each one its template's `choice(...)` offers."""
+    if spec is None:  # `label`
+        return []
+    if spec.derived is not None:
+        options: tuple = (spec.derived,)
+    else:
+        options = spec.model.options if isinstance(spec.model, Open) else ()
+    return [o for o in options if isinstance(o, Derived) and o.kind == "ema"]
 
 
 def endpoint_text(node: str, layer: Any) -> str:
@@ -234,7 +246,8 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
     nodes = [n for n in module.of(ast.NodeDecl)]
     names = [n.name.text for n in nodes]
     sources = [LABEL] + names
-    targets = [n.name.text for n in nodes if n.attribute("frozen") is None and not n.is_ensemble]
+    targets = [n.name.text for n in nodes if n.attribute("frozen") is None and not n.is_ensemble
+               and not is_ema_decl(n)]
     # a layer edge never overrides the bulk edge between the same nodes' outputs
     explicit = {(e.source.text, e.target.text) for e in module.of(ast.EdgeDecl) if not e.bulk and not e.on_layers}
     out: list[ast.EdgeDecl] = []
@@ -257,6 +270,13 @@ def expand_edges(module: ast.Module) -> list[ast.EdgeDecl]:
                     bulk_index[(s, t)] = len(out)
                     out.append(pair)
     return out
+
+
+def is_ema_decl(decl: ast.NodeDecl) -> bool:
+    """A node declared `ema(...)`, or a template's node whose `choice(...)` offers one: it
+    learns from no loss, so `edges * -> *` never points into it."""
+    options = decl.model.options if isinstance(decl.model, ast.Choice) else (decl.model,)
+    return any(isinstance(o, ast.Derived) and o.kind == "ema" for o in options)
 
 
 # ---------------------------------------------------------------- lowering
@@ -301,7 +321,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
             init=plain(init.value, f"{name}.init") if init and init.value is not None else None,
             span=decl.name.span, model_span=decl.model.span, derived=derived,
         ), decl=decl)
-    _resolve_derived_models(g)
+    resolve_derived_models(g)
 
     for decl in expand_edges(module):
         s, t = decl.source.text, decl.target.text
@@ -317,7 +337,7 @@ def build_graph(module: ast.Module) -> nx.DiGraph:
     return g
 
 
-def _resolve_derived_models(g: nx.MultiDiGraph) -> None:
+def resolve_derived_models(g: nx.MultiDiGraph) -> None:
     """Give each `ema(...)` / `branch(...)` node the architecture of the network it is made
     from (through a chain of derived nodes), or None where the chain does not end at a
     network: the passes say why."""
@@ -405,7 +425,8 @@ def derive_frozen_and_target(g: nx.DiGraph) -> None:
         if spec.is_label:
             continue
         live_in = [e for _, _, e in g.in_edges(name, data="spec") if e.gate != "cutoff"]
-        frozen = spec.declared_frozen or (not live_in and not spec.is_ensemble)
+        # an EMA node (`ema(s)`) is never frozen: its weights follow its source's every update
+        frozen = spec.declared_frozen or (not live_in and not spec.is_ensemble and not spec.is_ema)
         if frozen != spec.frozen:
             attrs["spec"] = NodeSpec(**{**spec.__dict__, "frozen": frozen})
         if spec.target:
@@ -503,7 +524,15 @@ def collect_sites(g: nx.DiGraph) -> list[Site]:
 
 
 def trainable_nodes(g: nx.DiGraph) -> list[str]:
-    return [n for n, s in g.nodes(data="spec") if not s.is_label and not s.frozen and not s.is_ensemble]
+    """Every node an optimizer updates: not `label`, frozen, an ensemble or an EMA node."""
+    return [n for n, s in g.nodes(data="spec")
+            if not s.is_label and not s.frozen and not s.is_ensemble and not s.is_ema]
+
+
+def ema_nodes(g: nx.DiGraph) -> list[str]:
+    """Every `ema(...)` node (a mean teacher: its weights the moving average of its source's),
+    in declaration order."""
+    return [n for n, s in g.nodes(data="spec") if s.is_ema]
 
 
 def frozen_nodes(g: nx.DiGraph) -> list[str]:

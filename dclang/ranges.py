@@ -75,6 +75,8 @@ PAD = Range(0, 1024)
 #: images held out for validation: a count, or a fraction of the training set
 VAL_SPLIT = CountOrFraction(Range(0, 100_000_000), Range(0, 1, open_high=True))
 MOMENTUM = Range(0, 1, open_high=True)
+#: a mean teacher's `ema(s, decay=...)`: 0 would copy the source, 1 never move
+DECAY = Range(0, 1, open_low=True, open_high=True)
 WEIGHT_DECAY = Range(0, 1)
 GAMMA = Range(0, 1, open_low=True)
 #: a schedule milestone is an epoch of the run

@@ -6,8 +6,8 @@ Models run in float64.
 
 - Without BatchNorm (`mlp` nodes) the two are the same computation summed in another order:
   parameters, optimizer state and step statistics agree to rtol 1e-9 / atol 1e-12, for the
-  fused engine, the reference engine (one all-reduce per node), HFTA's fused tensors, and a
-  batch the processes split unevenly (8 + 7).
+  fused engine, the reference engine (one all-reduce per node), HFTA's fused tensors, a mean
+  teacher (`ema`, in both engines), and a batch the processes split unevenly (8 + 7).
 - With BatchNorm (`cnn_tiny` nodes) each process normalises with its own slice's statistics,
   as standard DDP does, so training really differs: after 4 SGD steps, parameters, running
   statistics and losses agree to atol 5e-3 (the correct counts differ by a few samples), while the parameters have
@@ -43,8 +43,9 @@ CLASSES, STEPS_PER_EPOCH, EPOCHS = 3, 2, 2
 WORLD = 2
 
 
-def graph_text(model: str) -> str:
-    """Every gate, a frozen teacher, a schedule step, Nesterov momentum and weight decay."""
+def graph_text(model: str, ema: bool = False) -> str:
+    """Every gate, a frozen teacher, a schedule step, Nesterov momentum and weight decay; with
+    `ema`, a mean teacher of `a` teaching `b` (its update follows the reduced optimizer step)."""
     return f"""
 graph ddp
 data digits {{ }}
@@ -61,7 +62,10 @@ label -> b : linear
 a -> b : correct kl(T=2)
 b -> a : through kl(weight=0.5)
 t -> a : linear kl(T=3)
-"""
+""" + (MEAN_TEACHER if ema else "")
+
+
+MEAN_TEACHER = "node m : ema(a, decay=0.5)\nm -> b : correct kl(T=2)\n"
 
 
 # name: (model, engine, options, global batch)
@@ -69,13 +73,15 @@ SCENARIOS = {
     "mlp_fused": ("mlp", "fused", None, 16),
     "mlp_reference_uneven": ("mlp", "reference", None, 15),
     "mlp_hfta": ("mlp", "fused", StepOptions(hfta=True), 16),
+    "mlp_ema_fused": ("mlp", "fused", None, 16),
+    "mlp_ema_reference": ("mlp", "reference", None, 16),
     "bn_fused": ("cnn_tiny", "fused", None, 16),
 }
 
 
 def build(name: str):
     model, engine, options, _ = SCENARIOS[name]
-    checked = check(graph_text(model))
+    checked = check(graph_text(model, ema="ema" in name))
     assert checked.ok, checked.errors
     return compile_graph(checked.graph, num_classes=CLASSES, in_channels=1, image_size=8,
                          device=torch.device("cpu"), engine=engine, seed=0, steps_per_epoch=STEPS_PER_EPOCH,

@@ -121,8 +121,9 @@ def ir_summary(graph, positions: bool = True) -> str:
                                  ("frozen", spec.frozen)) if on]
         init = f" init={_v(spec.init)}" if spec.init is not None else ""
         init += f" combine={_v(spec.combine)}" if spec.combine is not None else ""
-        lines.append(f"  {name}: model={_v(spec.model)}{init} "
-                     + (" ".join(flags) or ("no weights" if spec.is_ensemble else "trainable")))
+        init += f" derived={spec.derived!r}" if spec.derived is not None else ""
+        role = "no weights" if spec.is_ensemble else "averaged" if spec.is_ema else "trainable"
+        lines.append(f"  {name}: model={_v(spec.model)}{init} " + (" ".join(flags) or role))
     lines.append("edges:")
     for _, _, e in graph.edges(data="spec"):
         lines.append(f"  {e.key}: gate={_v(e.gate)} loss={e.loss} T={_v(e.T)} weight={_v(e.weight)}"

@@ -30,7 +30,7 @@ MISSPELT = {
     "misspelt_schedule_option": "`milestones`",
     "misspelt_loss": "`kl`", "misspelt_loss_option": "`T`", "misspelt_attribute": "`target`",
     "unknown_augment": "`pad_crop_flip`", "library_model_misspelt": "`resnet18`",
-    "model_bad_arguments": "`weights`",
+    "model_bad_arguments": "`weights`", "ema_unknown_source": "`student`", "ema_unknown_argument": "`decay`",
 }
 
 

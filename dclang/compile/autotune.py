@@ -175,10 +175,10 @@ _CHOSEN: dict[tuple, Tuned] = {}
 
 def _key(graph: nx.DiGraph, batches: Sequence[Batch], device: torch.device) -> tuple:
     """What decides which options are fastest: the architecture mix (every node's model and
-    whether it trains), the layers edges capture, the optimizer's kind, the batch's shape and
+    whether it trains, or is a mean teacher), the layers edges capture, the optimizer's kind, the batch's shape and
     the device. Not the gates and losses of the edges between outputs: a few operations on
     logits whichever they are, so a search's trials of one mix share one measurement."""
-    nodes = tuple(sorted((str(attrs["spec"].model), attrs["spec"].frozen)
+    nodes = tuple(sorted((str(attrs["spec"].model), attrs["spec"].frozen, attrs["spec"].is_ema)
                          for _, attrs in graph.nodes(data=True) if "spec" in attrs))
     layers = tuple(sorted((e.source_layer, e.target_layer) for e in live_edges(graph) if e.on_layers))
     images, _ = batches[0]

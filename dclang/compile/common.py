@@ -3,6 +3,7 @@ evaluation. The engines differ only in how losses become updates (`step`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,8 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from dclang.compile.ema import start_ema
 from dclang.compile.optim import Schedule
 from dclang.crd import add_crd, crd_edge_loss
+from dclang.ema import ema_sources
 from dclang.ensembles import ensemble_order, ensemble_outputs, trained_ensembles
 from dclang.feature_losses import layer_edge_loss
 from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, trainable_nodes
@@ -160,10 +163,14 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
     unknown = sorted(set(init_states or {}) - set(names))
     if unknown:
         raise ValueError(f"init_states names {unknown}, which are not model nodes; model nodes: {names}")
+    ema = ema_sources(graph)
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
-        models = {n: build_model(graph.nodes[n]["spec"].model, num_classes, in_channels, image_size)
-                  for n in names}
+        built = {n: build_model(graph.nodes[n]["spec"].model, num_classes, in_channels, image_size)
+                 for n in names if n not in ema}
+        # an EMA node is its source's network copied (before any connector joins the source):
+        # it draws no random number, so the other nodes start as they would without it
+        models = {n: copy.deepcopy(built[ema[n][0]]) if n in ema else built[n] for n in names}
         add_connectors(graph, models, (in_channels, image_size, image_size))  # FitNets' regressors (hint)
         if train_size is not None:  # CRD's heads and memory banks over the training set
             add_crd(graph, models, (in_channels, image_size, image_size), num_classes, train_size)
@@ -171,6 +178,7 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
         load_node_state(models[name], state)
     for name in frozen_nodes(graph):
         models[name].requires_grad_(False).eval()
+    start_ema(models, ema)
     return {name: model.to(device) for name, model in models.items()}
 
 
@@ -209,6 +217,8 @@ class TrainStep:
         self.num_classes = num_classes  # every output's last dimension
         self.trainable = trainable_nodes(graph)
         self.frozen = frozen_nodes(graph)
+        self.ema = ema_sources(graph)  # {EMA node: (source, decay)}: updated after each optimizer update
+        self.detached = {*self.frozen, *self.ema}  # run without autograd, in eval mode, inside the step
         self.edges: list[EdgeSpec] = live_edges(graph)  # cutoff edges are never computed (eq. 5)
         # a learned ensemble's w (`dclang.learned_ensembles`), its combine in `ensembles`
         self.ensemble_weights = learned_weights(graph, device)
@@ -251,10 +261,10 @@ class TrainStep:
         lays out).
 
         Every node runs, even one that feeds no live edge, because every node's accuracy is
-        reported. Frozen nodes run without autograd: nothing flows back to them.
+        reported. Frozen and EMA nodes run without autograd: nothing flows back to them.
         """
         views = as_views(images, self.view_count)
-        return {name: frozen_forward(model, views[self.view_index[name]]) if name in self.frozen
+        return {name: frozen_forward(model, views[self.view_index[name]]) if name in self.detached
                 else model(views[self.view_index[name]]) for name, model in self.models.items()}
 
     def outputs(self, images: Tensor) -> dict[str, Tensor]:
@@ -316,10 +326,10 @@ class TrainStep:
         return self.schedule(self.epochs_done)
 
     def train(self) -> None:
-        """Training mode for trainable nodes; frozen nodes stay in eval mode."""
+        """Training mode for trainable nodes; frozen and EMA nodes stay in eval mode."""
         self.training = True
         for name, model in self.models.items():
-            model.train(name not in self.frozen)
+            model.train(name not in self.detached)
 
     def eval(self) -> None:
         self.training = False

@@ -61,6 +61,7 @@ from dclang.compile import accelerate
 from dclang.compile.accelerate import CUDA_GRAPH_WARMUP, StepOptions, alias_to_slice, fusable_groups, own_storage
 from dclang.compile.bf16_weights import Bf16Weights
 from dclang.compile.common import StatSums, StepStats, TrainStep, frozen_forward
+from dclang.compile.ema import EmaUpdate
 from dclang.compile.loss_plan import LossPlan, stat_keys
 from dclang.compile.optim import build_optimizer
 from dclang.compile.sliced_optim import SlicedOptimizer, rule_of
@@ -149,6 +150,9 @@ class Engine:
         self._capture_layers()
         if self.options.channels_last:
             self._to_channels_last()
+        # mean teachers: their lists of tensors taken now that no source's tensors move again
+        self.ema_update = EmaUpdate((step.models[t], step.models[s], decay)
+                                    for step in self.steps for t, (s, decay) in step.ema.items())
         self.solo = len(self.members) == 1 and not packed
         if self.solo:  # every tensor is this member's, for good: torch's own optimizer
             self.optimizer = build_optimizer(self.steps[0].optimizer_spec, self._parameters(), foreach=True)
@@ -478,11 +482,14 @@ class Engine:
             opt.zero_grad()
 
     def apply_update(self) -> None:
-        """The optimizer step (after `prepare_update`)."""
+        """The optimizer step (after `prepare_update`), then every EMA node's average of its
+        source's new weights (`dclang.compile.ema`), so a CUDA graph captures both."""
         if self.solo:
             self.optimizer.step()
         for opt in self.sliced:
             opt.step()
+        if self.ema_update:
+            self.ema_update()
 
     def _eager_step(self, images: list[Tensor], labels: list[Tensor], ks: list[int],
                     positions: list[tuple[Tensor, int] | None] | None = None) -> Tensor:
@@ -655,7 +662,7 @@ class Engine:
                 if node in logits[m]:
                     continue
                 x = self._input(images, m, node)
-                logits[m][node] = frozen_forward(model, x) if node in step.frozen else model(x)
+                logits[m][node] = frozen_forward(model, x) if node in step.detached else model(x)
             outputs.append(ensemble_outputs({n: logits[m][n] for n in step.models}, step.ensembles))
         return outputs
 

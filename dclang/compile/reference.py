@@ -2,12 +2,14 @@
 
 Like the authors' code: one forward of every node, then for each trainable node its own
 loss, its own backward and its own optimizer step. All outputs are computed before any
-update, so every node learns from the same predictions (paper 3.4).
+update, so every node learns from the same predictions (paper 3.4). After the last
+optimizer step, every mean teacher (`ema(s, decay)`) averages its source's new weights.
 """
 
 from __future__ import annotations
 
 import networkx as nx
+import torch
 from torch import Tensor, nn
 
 from dclang.compile.common import StepStats, TrainStep, computed_alone
@@ -46,4 +48,17 @@ class ReferenceStep(TrainStep):
             optimizer.zero_grad()
             node_losses[target].backward()
             optimizer.step()
+        self._update_ema()
         return self.stats(logits, labels, node_losses, edge_results)
+
+    def _update_ema(self) -> None:
+        """Each mean teacher (`ema(s, decay)`) after every optimizer step, tensor by tensor:
+        p_t = decay * p_t + (1 - decay) * p_s for parameters and floating-point buffers, the
+        integer buffers copied (the oracle of `dclang.compile.ema`)."""
+        with torch.no_grad():
+            for name, (source, decay) in self.ema.items():
+                teacher, student = self.models[name], self.models[source]
+                tensors = [(p, student.get_parameter(key)) for key, p in teacher.named_parameters()]
+                tensors += [(b, student.get_buffer(key)) for key, b in teacher.named_buffers()]
+                for mine, theirs in tensors:
+                    mine.copy_(decay * mine + (1 - decay) * theirs if mine.is_floating_point() else theirs)

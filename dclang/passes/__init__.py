@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dclang.passes.check_checkpoints import check_checkpoints
 from dclang.passes.check_data import check_data
+from dclang.passes.check_ema import check_ema
 from dclang.passes.check_ensembles import check_ensembles
 from dclang.passes.check_inputs import check_inputs
 from dclang.passes.check_layers import check_layers
@@ -19,9 +20,9 @@ from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 from dclang.passes.check_views import check_views
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_learned_ensembles, check_inputs,
-          check_layers, check_reachability, check_checkpoints, check_data, check_views)
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_learned_ensembles, check_ema,
+          check_inputs, check_layers, check_reachability, check_checkpoints, check_data, check_views)
 
-__all__ = ["PASSES", "check_checkpoints", "check_data", "check_ensembles", "check_inputs", "check_layers",
+__all__ = ["PASSES", "check_checkpoints", "check_data", "check_ema", "check_ensembles", "check_inputs", "check_layers",
            "check_learned_ensembles", "check_names", "check_reachability", "check_structure", "check_values",
            "check_views"]

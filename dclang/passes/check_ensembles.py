@@ -17,7 +17,7 @@ import networkx as nx
 
 from dclang.diagnostics import Diagnostic, did_you_mean, error
 from dclang.ensembles import COMBINES, trained_ensembles
-from dclang.ir import LABEL, NO_NODE
+from dclang.ir import LABEL, NO_NODE, is_ema_decl
 from dclang.passes.check_learned_ensembles import may_learn
 from dclang.syntax import ast
 
@@ -153,7 +153,7 @@ def _check_options(decl: ast.NodeDecl) -> list[Diagnostic]:
         if absent is not None and decl.attribute("target") is not None:
             out.append(error("E335", f"the target `{name}` may be left out of a trial", absent.span,
                              "`none` leaves no target", help="drop `none`, or make another node the target"))
-    else:
+    elif not is_ema_decl(decl):  # `choice(ema(s), none)`: check_ema's
         for option in decl.model.options:
             if isinstance(option, ast.Ident) and option.name == NO_NODE:
                 out.append(error("E335", f"`none` in the choice of models for `{name}`", option.span,

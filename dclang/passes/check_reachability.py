@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 
 from dclang.diagnostics import Diagnostic, warning
-from dclang.ir import LABEL, live_edges
+from dclang.ir import LABEL, ema_options, live_edges
 
 
 def influencing_nodes(graph: nx.DiGraph) -> set[str]:
@@ -24,6 +24,9 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
     # teaches a live node or is the target, and then so are its members (of every option)
     live.add_edges_from((m, n) for n, spec in graph.nodes(data="spec") if spec.is_ensemble
                         for m in spec.members if m in live)
+    # a mean teacher's weights are its source's averaged: the source reaches what it reaches
+    live.add_edges_from((o.source, n) for n, spec in graph.nodes(data="spec") for o in ema_options(spec)
+                        if o.source in live)
     return nx.ancestors(live, target) | {target}
 
 

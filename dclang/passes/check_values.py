@@ -13,6 +13,7 @@ import math
 
 from dclang import loss_catalogue, registry
 from dclang.diagnostics import Diagnostic, clip, did_you_mean, error, warning
+from dclang.ir import is_ema_decl
 from dclang.syntax import ast
 
 _KIND_WORDS = {
@@ -112,7 +113,7 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
     out += _check_milestones(module)
     out += _check_pad(module, graph)
     for decl in module.of(ast.NodeDecl):
-        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble:  # empty, or an option not a model name
+        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble and not is_ema_decl(decl):  # check_ema's
             out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
         init = decl.attribute("init")
         if init is not None:

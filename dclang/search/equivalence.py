@@ -41,7 +41,7 @@ from typing import Any
 import networkx as nx
 
 from dclang.ensembles import LEARNED
-from dclang.ir import LABEL, NO_NODE, Open, as_number, derive_frozen_and_target
+from dclang.ir import LABEL, NO_NODE, Derived, Open, as_number, derive_frozen_and_target, resolve_derived_models
 from dclang.passes.check_reachability import influencing_nodes
 
 #: fields that name a node or edge, compared through the mapping instead of by value; and
@@ -65,6 +65,8 @@ def _plain(value: Any, rename: dict[str, str]) -> Any:
         return [[str(k), _plain(v, rename)] for k, v in sorted(value.items())]
     if isinstance(value, Open):
         return ["@open", value.site]
+    if isinstance(value, Derived):  # `ema(s)`: its source renamed with the nodes
+        return ["Derived", value.kind, ["@nodes", rename.get(value.source, value.source)], _plain(value.args, rename)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [type(value).__name__] + [[f.name, _plain(getattr(value, f.name), rename)]
                                          for f in dataclasses.fields(value) if f.compare]
@@ -168,6 +170,8 @@ def _substitute(value: Any, picks: dict[str, Any]) -> Any:
         return as_number(picks[value.site])
     if isinstance(value, dict):
         return {k: _substitute(v, picks) for k, v in value.items()}
+    if isinstance(value, Derived):  # `ema(s, decay=choice(...))`
+        return dataclasses.replace(value, args=tuple((k, _substitute(v, picks)) for k, v in value.args))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {f.name: _substitute(getattr(value, f.name), picks) for f in dataclasses.fields(value)
                    if f.name != "span"}
@@ -184,17 +188,21 @@ def concrete(template: nx.DiGraph, picks: dict[str, Any]) -> nx.DiGraph:
     g.graph["train"] = _substitute(template.graph["train"], picks)
     g.graph["sites"] = ()
     for n, spec in template.nodes(data="spec"):
-        g.add_node(n, spec=_substitute(dataclasses.replace(spec, frozen=spec.declared_frozen), picks))
+        picked = _substitute(dataclasses.replace(spec, frozen=spec.declared_frozen), picks)
+        if isinstance(picked.model, Derived):  # `choice(ema(s), none)` picked the mean teacher
+            picked = dataclasses.replace(picked, model=None, derived=picked.model)
+        g.add_node(n, spec=picked)
     for s, t, spec in template.edges(data="spec"):
         picked = _substitute(spec, picks)
         g.add_edge(s, t, key=picked.key, spec=picked)
-    # an ensemble whose choice picked `none` is left out of the trial, with its edges
+    # an ensemble or mean teacher whose choice picked `none` is left out of the trial, with its edges
     g.remove_nodes_from([n for n, spec in template.nodes(data="spec")
-                         if spec.is_ensemble and g.nodes[n]["spec"].model == NO_NODE])
+                         if (spec.is_ensemble or spec.is_ema) and g.nodes[n]["spec"].model == NO_NODE])
     # a `label` edge into an ensemble whose `combine` picked a mean is left out, as the trial leaves it out
     g.remove_edges_from([(s, t, k) for s, t, k in g.edges(keys=True) if s == LABEL
                          and isinstance(template.nodes[t]["spec"].combine, Open)
                          and g.nodes[t]["spec"].combine != LEARNED])
+    resolve_derived_models(g)
     derive_frozen_and_target(g)
     return g
 
@@ -346,11 +354,11 @@ def count_distinct(template: nx.DiGraph, *, limit: int | None = None) -> SpaceCo
     """Enumerate the template's space (an IR with sites) and count its distinct graphs.
 
     Raises ValueError when the space holds more than `limit` samples. Templates with
-    ensemble nodes are counted by `count_distinct_slowly`."""
+    ensemble or mean-teacher nodes are counted by `count_distinct_slowly`."""
     size = space_size(template)
     if limit is not None and size > limit:
         raise ValueError(f"the space holds {size:,} samples, more than the {limit:,} counted here")
-    if any(spec.is_ensemble for _, spec in template.nodes(data="spec")):
+    if any(spec.is_ensemble or spec.is_ema for _, spec in template.nodes(data="spec")):
         return count_distinct_slowly(template)
     compiled = _Compiled(template)
     sites = template.graph["sites"]

@@ -117,11 +117,12 @@ def simulate_asha(config, *, trials: int, in_flight: int, seeds: int = SIMULATIO
 
 
 def mix_of(graph: nx.DiGraph) -> tuple[str, ...]:
-    """The architectures a trained graph computes: its model nodes' models, frozen marked."""
+    """The architectures a trained graph computes: its model nodes' models, frozen and mean
+    teachers (never trained) marked."""
     from dclang.ir import model_nodes
 
     specs = [graph.nodes[n]["spec"] for n in model_nodes(graph)]
-    return tuple(sorted(f"{s.model}{' (frozen)' if s.frozen else ''}" for s in specs))
+    return tuple(sorted(f"{s.model}{' (frozen)' if s.frozen else ' (ema)' if s.is_ema else ''}" for s in specs))
 
 
 def sample_mixes(template: nx.DiGraph, *, samples: int = MIX_SAMPLES, seed: int = 0

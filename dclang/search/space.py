@@ -90,7 +90,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         """A model or gate: written as a bare name, which the AST holds as `Name`, not `Ident`
         (an `ensemble(...)` picked for a node stays one)."""
         picked = value(v, lowered)
-        if isinstance(picked, (ast.Name, ast.Choice, ast.Ensemble)):
+        if isinstance(picked, (ast.Name, ast.Choice, ast.Ensemble, ast.Derived)):
             return picked
         text = picked.name if isinstance(picked, ast.Ident) else format_value(picked)
         return ast.Name(text, picked.span)  # a number here is reported by `check` as an unknown name
@@ -108,7 +108,7 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
         return dataclasses.replace(s, value=value(s.value, getattr(spec, key, None)))
 
     items: list[ast.Item] = []
-    absent: set[str] = set()  # ensembles whose choice picked `none`: left out with their edges
+    absent: set[str] = set()  # ensembles, mean teachers whose choice picked `none`: left out with their edges
     # ensembles whose choice of `combine` picked a mean: the `label` edge that would learn it left out
     unlearned: set[str] = set()
     for item in module.items:
@@ -122,7 +122,11 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             attrs = tuple(dataclasses.replace(a, value=value(a.value, lowered[a.name.text]))
                           if a.name.text in lowered and a.value is not None else a for a in item.attributes)
             model = name(item.model, spec.model) if isinstance(item.model, ast.Choice) else item.model
-            if isinstance(model, ast.Name) and model.text == NO_NODE and spec.is_ensemble:
+            if isinstance(item.model, ast.Derived) and spec.derived is not None:  # `ema(s, decay=choice(...))`
+                args = tuple(dataclasses.replace(a, value=value(a.value, spec.derived.arg(a.name.text)))
+                             for a in item.model.args)
+                model = dataclasses.replace(item.model, args=args)
+            if isinstance(model, ast.Name) and model.text == NO_NODE and (spec.is_ensemble or spec.is_ema):
                 absent.add(item.name.text)
                 continue
             combine = next((a.value for a in attrs if a.name.text == "combine"), None)

@@ -22,7 +22,7 @@ from dclang.syntax import ast
 from dclang.syntax.parser import parse_module
 
 SET_FORMS = ("data.dataset", "data.KEY", "train.KEY", "train.optimizer.ARG", "train.schedule.ARG",
-             "NODE.model", "SOURCE->TARGET.gate")
+             "NODE.model", "NODE.decay", "SOURCE->TARGET.gate")
 
 
 # ---------------------------------------------------------------- --set
@@ -118,6 +118,12 @@ def apply_override(text: str, module: ast.Module, key: str, value: str) -> str:
     node = next((n for n in module.of(ast.NodeDecl) if n.name.text == head), None)
     if node is not None and rest == "model":
         return _replace(text, node.model, value)
+    if node is not None and rest == "decay" and isinstance(node.model, ast.Derived) and node.model.kind == "ema":
+        existing = node.model.arg("decay")  # a mean teacher's decay, written or added
+        if existing is not None:
+            return _replace(text, existing.value, value)
+        close = _end(text, node.model) - 1
+        return text[:close] + f", decay={value}" + text[close:]
     raise UserError(f"--set {key}={value}: cannot tell what `{key}` names",
                     "the keys are " + ", ".join(f"`{f}`" for f in SET_FORMS))
 

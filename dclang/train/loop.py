@@ -37,6 +37,7 @@ import torch
 
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
+from dclang.ema import ema_text
 from dclang.ir import reported_nodes
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, percent, say
 from dclang.train.run import Run
@@ -262,7 +263,8 @@ def _summary(run: Run, records: list[dict]) -> dict:
         last = records[-1]["nodes"][name] if records else {}
         best = best_epoch(records, name)
         nodes[name] = {
-            "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else spec.model, "frozen": spec.frozen,
+            "model": f"ensemble({', '.join(spec.model)})" if spec.is_ensemble else ema_text(spec) if spec.is_ema
+            else spec.model, "frozen": spec.frozen,
             "params": _params(step, name),
             "final_val_acc": last.get("val_acc"), "final_test_acc": last.get("test_acc"),
             "best_val_epoch": best["epoch"] if best else None,

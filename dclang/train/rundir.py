@@ -50,6 +50,7 @@ import networkx as nx
 
 from dclang.checkpoints import CheckpointError, atomic_save, atomic_write_bytes, atomic_write_text, load_safely
 from dclang.diagnostics import Span, UserError
+from dclang.ema import DEFAULT_DECAY
 from dclang.syntax import ast
 from dclang.syntax.format import format_module, format_value
 from dclang.views import SHARED
@@ -98,6 +99,15 @@ def _call(name: str, args: dict[str, Any]) -> ast.Value:
                     _NOWHERE)
 
 
+def _derived(derived) -> ast.Derived:
+    """`ema(s, decay=0.999)` (the default written out), `branch(b, from=layer3)`."""
+    args = dict(derived.args)
+    if derived.kind == "ema":
+        args.setdefault("decay", DEFAULT_DECAY)
+    return ast.Derived(derived.kind, _name(derived.source),
+                       tuple(ast.Argument(_name(k), _value(v), _NOWHERE) for k, v in args.items()), _NOWHERE)
+
+
 def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
     """The IR as an AST with every value resolved, for the canonical formatter.
 
@@ -125,7 +135,7 @@ def graph_module(graph: nx.DiGraph, *, with_seed: bool = True) -> ast.Module:
         if spec.is_label:
             continue
         model = (ast.Ensemble(tuple(_name(m) for m in spec.model), _NOWHERE) if spec.is_ensemble
-                 else _name(spec.model))
+                 else _derived(spec.derived) if spec.derived is not None else _name(spec.model))
         attrs = [ast.Attribute(_name(key), None, _NOWHERE)
                  for key, on in (("target", spec.target), ("frozen", spec.declared_frozen)) if on]
         if spec.init is not None:
