@@ -3,6 +3,12 @@
 Like the authors' code: one forward of every node, then for each trainable node its own
 loss, its own backward and its own optimizer step. All outputs are computed before any
 update, so every node learns from the same predictions (paper 3.4).
+
+Nodes sharing a trunk (`branch(...)`) are one *family*: the source and its branches, their
+losses summed into one backward and one optimizer over the family's parameters (each tensor
+once), so the trunk's gradient is the sum of every member's loss's. Each branch runs its whole
+forward through the shared modules (no replay: the fused engine's replay is what this checks),
+the trunk's buffers put back after it as its source's forward left them.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import networkx as nx
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats, TrainStep, computed_alone
+from dclang.compile.common import StepStats, TrainStep, computed_alone, frozen_forward
 from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
+from dclang.models.branch import source_buffers_kept, sources_of
 
 
 class ReferenceStep(TrainStep):
@@ -21,8 +28,18 @@ class ReferenceStep(TrainStep):
     def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], **kwargs):
         super().__init__(graph, models, **kwargs)
         train = graph.graph["train"]
-        for name in self.trainable:
-            self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
+        self.families = _families(self.trainable, sources_of(models))
+        for root, members in self.families.items():
+            params = [p for name in members for p in models[name].parameters()]
+            self.optimizers[root] = build_optimizer(train.optimizer, params)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Every node's logits, a branch's through its whole forward (the trunk's buffers kept)."""
+        out = {}
+        for name, model in self.models.items():
+            with source_buffers_kept(model):
+                out[name] = frozen_forward(model, images) if name in self.frozen else model(images)
+        return out
 
     def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output
@@ -40,8 +57,27 @@ class ReferenceStep(TrainStep):
                                                        k=k, k_end=self.k_end)
                     losses.append(edge_results[edge.key][0])
             node_losses[target] = node_loss(losses)
-            optimizer = self.optimizers[target]
+        for root, members in self.families.items():
+            optimizer = self.optimizers[root]
             optimizer.zero_grad()
-            node_losses[target].backward()
+            sum(node_losses[name] for name in members).backward()
             optimizer.step()
         return self.stats(logits, labels, node_losses, edge_results)
+
+
+def _families(trainable: list[str], sources: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Trainable nodes grouped by the trunk they share, keyed by the group's first node: one
+    node alone where it shares nothing."""
+    root = {}
+    def find(n: str) -> str:
+        while sources.get(n):
+            n = min(sources[n])
+        return n
+    for name in trainable:
+        root[name] = find(name)
+    families: dict[str, list[str]] = {}
+    first = {}
+    for name in trainable:
+        first.setdefault(root[name], name)
+        families.setdefault(first[root[name]], []).append(name)
+    return families
