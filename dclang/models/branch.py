@@ -163,19 +163,24 @@ def find_split(net: nn.Module, layer: str, input_shape: tuple[int, ...]) -> Spli
 
 
 @lru_cache(maxsize=64)
-def probe_split(model: str, classes: int, input_shape: tuple[int, int, int], layer: str) -> Split | str:
-    """`find_split` for a model by name, built on the meta device: the Split, or why not (the
-    UnknownLayer's or NotASplit's words). Cached, as `taps.probe`: a search checks the same
-    models for every trial."""
+def probe_split(model: str, classes: int, input_shape: tuple[int, int, int], layer: str
+                ) -> Split | Exception | None:
+    """`find_split` for a model by name, built on the meta device: the Split, why not (the
+    UnknownLayer's or NotASplit's exception), or None where the model cannot be built or run on
+    these images (`check_models` and `check_inputs` say why). Cached, as `taps.probe`: a
+    search checks the same models for every trial."""
+    from dclang.diagnostics import UserError
     from dclang.models import build_model
     from dclang.models.taps import UnknownLayer
 
-    with torch.device("meta"):
-        net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
     try:
+        with torch.device("meta"):
+            net = build_model(model, classes, input_shape[0], input_shape[1], pretrained=False)
         return find_split(net, layer, input_shape)
     except (UnknownLayer, NotASplit) as exc:
-        return str(exc)
+        return exc
+    except (KeyError, ValueError, AssertionError, RuntimeError, IndexError, UserError):
+        return None
 
 
 # ---------------------------------------------------------------- at run time

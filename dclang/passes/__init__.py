@@ -7,6 +7,7 @@ diagnostic from one pass never stops the next, so a user sees every mistake at o
 
 from __future__ import annotations
 
+from dclang.passes.check_branches import check_branches
 from dclang.passes.check_checkpoints import check_checkpoints
 from dclang.passes.check_data import check_data
 from dclang.passes.check_ensembles import check_ensembles
@@ -17,8 +18,8 @@ from dclang.passes.check_reachability import check_reachability
 from dclang.passes.check_structure import check_structure
 from dclang.passes.check_values import check_values
 
-PASSES = (check_names, check_values, check_structure, check_ensembles, check_inputs, check_layers, check_reachability,
-          check_checkpoints, check_data)
+PASSES = (check_names, check_values, check_structure, check_ensembles, check_branches, check_inputs, check_layers,
+          check_reachability, check_checkpoints, check_data)
 
-__all__ = ["PASSES", "check_checkpoints", "check_data", "check_ensembles", "check_inputs", "check_layers",
-           "check_names", "check_reachability", "check_structure", "check_values"]
+__all__ = ["PASSES", "check_branches", "check_checkpoints", "check_data", "check_ensembles", "check_inputs",
+           "check_layers", "check_names", "check_reachability", "check_structure", "check_values"]
