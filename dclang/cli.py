@@ -85,7 +85,11 @@ def _param_lines(graph) -> list[str]:
     from dclang.models import parameter_counts
 
     counts = parameter_counts(graph)
-    return [f"    {name:<12} {model:<14} {count:>12,} parameters" for name, model, count in counts]
+    def shared(name: str) -> str:  # a branch counts its head: its trunk is counted once, in its source
+        spec = graph.nodes[name]["spec"]
+        return f" (its own; the trunk is `{spec.derived.source}`'s)" if spec.is_branch else ""
+
+    return [f"    {name:<12} {model:<14} {count:>12,} parameters{shared(name)}" for name, model, count in counts]
 
 
 @main.command()

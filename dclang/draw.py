@@ -10,8 +10,10 @@ open pair keeps its own arrow, since each is a search site of its own. An edge b
 is teal and dashed with an open arrowhead, labelled with its two layers and its loss.
 
 An ensemble node is a green hexagon (red when it is the target) with a dotted grey arrow
-from each member. Every drawing carries a legend of what it uses, and only that: the kinds of
-node by colour, the kinds of arrow, and what each of its gates does.
+from each member. Networks sharing a trunk (`branch(...)`) are boxed together, each branch
+with a bold arrow from its source (`dclang.draw_trunks`). Every drawing carries a legend of
+what it uses, and only that: the kinds of node by colour, the kinds of arrow, and what each
+of its gates does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import networkx as nx
 
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
+from dclang.draw_trunks import branch_line, draw_trunks, legend_rows
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -93,6 +96,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     # a model's arguments one per line under its name, so a circle stays small
     name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
     lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
+    if branch_line(spec):  # a branch: where its own head begins (dclang.draw_trunks)
+        lines.append(branch_line(spec))
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
     if params and spec.name in params:
@@ -141,6 +146,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         for member in spec.members:
             if member in graph:
                 dot.edge(member, spec.name, **_MEMBER)
+    trunks = draw_trunks(dot, graph)  # a box per shared trunk, an arrow to each branch
     shown = [spec for source, target, spec in graph.edges(data="spec") if (source, target) in drawn or spec.on_layers]
     shown = [spec for spec in shown if show_cutoff or spec.gate != "cutoff"]
     _legend(dot, graph, Drawn(
@@ -149,7 +155,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         mutual=any(attrs.get("dir") == "both" for attrs in drawn.values()),
         open_edges=any(_is_open_edge(spec) for spec in shown if not spec.on_layers),
         cutoff=any(spec.gate == "cutoff" for spec in shown),
-        layers=bool(layer_edges), ensembles=bool(ensembles)))
+        layers=bool(layer_edges), ensembles=bool(ensembles), trunks=trunks))
     return dot
 
 
@@ -176,6 +182,7 @@ class Drawn:
     cutoff: bool = False  # a cutoff edge, drawn grey (--show-cutoff)
     layers: bool = False
     ensembles: bool = False
+    trunks: bool = False  # a shared trunk (branch(...))
 
 
 #: what each gate does, in the legend's few words (docs/language.md has the equations)
@@ -214,6 +221,8 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
     if drawn.layers:
         rows.append(_row("&#8674;", "between layers: source layer &#8594; target layer, then gate and loss",
                          _LAYER_COLOR))
+    if drawn.trunks:
+        rows += legend_rows(_row)
     rows += [_row(f"<i>{gate}</i>", GATE_MEANING[gate]) for gate in GATE_MEANING if gate in drawn.gates]
     if not rows:
         return
