@@ -31,6 +31,7 @@ MISSPELT = {
     "misspelt_loss": "`kl`", "misspelt_loss_option": "`T`", "misspelt_attribute": "`target`",
     "unknown_augment": "`pad_crop_flip`", "library_model_misspelt": "`resnet18`",
     "model_bad_arguments": "`weights`",
+    "branch_unknown_source": "`a`", "branch_arguments": "`from`", "branch_unknown_layer": "`layer3`",
 }
 
 

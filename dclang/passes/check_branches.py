@@ -78,8 +78,8 @@ def _check_args(branch: ast.Derived) -> list[Diagnostic]:
         key = arg.name.text
         if key not in ARGS:
             out.append(error("E352", f"`branch` takes no argument `{key}`", arg.name.span, "unknown argument",
-                             help=did_you_mean(key, ARGS, "arguments") + "; `from=` names the first layer of the "
-                                                                        "branch's own head"))
+                             help=f"{did_you_mean(key, ARGS, 'arguments')} `from=` names the first layer of the "
+                                  "branch's own head"))
         elif key in seen:
             out.append(error("E352", f"`{key}` given twice to `branch`", arg.name.span, "repeated", help="keep one"))
         else:
