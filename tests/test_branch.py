@@ -176,3 +176,20 @@ def test_draw_boxes_a_trunk_with_its_branches():
     assert 'subgraph cluster_trunk_0' in source and 'label="shared trunk of a"' in source
     assert 'a -> b [label="from=3"' in source and 'b -> h [label="from=6"' in source
     assert "networks sharing one trunk" in source
+
+
+def test_search_picks_a_branch_or_a_network_and_its_layer():
+    from pathlib import Path
+
+    from dclang.api import check
+    from dclang.search.space import sample, search_space
+    from dclang.syntax.format import format_module
+    from dclang.syntax.parser import parse_module
+
+    module, _ = parse_module((Path(__file__).parent / "golden" / "branches.kt").read_text(encoding="utf-8"))
+    space = search_space(module)
+    assert [(p.name, p.choices) for p in space] == [("b5.model", ("branch(b1, from=layer3)", "resnet20")),
+                                                    ("b6.from", ("layer2", "layer3"))]
+    text = format_module(sample(module, {"b5.model": "resnet20", "b6.from": "layer2"}, space))
+    assert "node b5  : resnet20" in text and "node b6  : branch(b1, from=layer2)" in text
+    assert check(text).ok
