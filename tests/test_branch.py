@@ -193,3 +193,25 @@ def test_search_picks_a_branch_or_a_network_and_its_layer():
     text = format_module(sample(module, {"b5.model": "resnet20", "b6.from": "layer2"}, space))
     assert "node b5  : resnet20" in text and "node b6  : branch(b1, from=layer2)" in text
     assert check(text).ok
+
+
+def test_a_branch_and_its_source_keep_each_other_alive():
+    """Each one's loss trains the trunk the other computes: dead-node elimination keeps both."""
+    from dclang.passes.check_reachability import influencing_nodes
+
+    graph = te.graph_of("""
+graph alive
+data digits { }
+node a : cnn_tiny
+node b : branch(a, from="3")
+node c : cnn_tiny [target]
+node d : branch(c, from=pool)
+node x : cnn_tiny
+label -> a : through
+label -> b : through
+label -> c : through
+label -> d : through
+label -> x : through
+b -> c : through
+""")
+    assert influencing_nodes(graph) - {"label"} == {"a", "b", "c", "d"}  # not x

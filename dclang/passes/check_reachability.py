@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 
 from dclang.diagnostics import Diagnostic, warning
-from dclang.ir import LABEL, live_edges
+from dclang.ir import LABEL, Derived, Open, live_edges
 
 
 def influencing_nodes(graph: nx.DiGraph) -> set[str]:
@@ -24,7 +24,18 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
     # teaches a live node or is the target, and then so are its members (of every option)
     live.add_edges_from((m, n) for n, spec in graph.nodes(data="spec") if spec.is_ensemble
                         for m in spec.members if m in live)
+    # a branch and its source share a trunk: each one's loss trains what the other computes
+    live.add_edges_from(pair for n, spec in graph.nodes(data="spec") for s in _branch_sources(spec) if s in live
+                        for pair in ((s, n), (n, s)))
     return nx.ancestors(live, target) | {target}
+
+
+def _branch_sources(spec) -> list[str]:
+    """The nodes whose trunk a node shares: its `branch(...)`'s source, or each one its choice may take."""
+    if spec.is_label:
+        return []
+    options = spec.model.options if isinstance(spec.model, Open) else [spec.derived]
+    return [o.source for o in options if isinstance(o, Derived) and o.kind == "branch"]
 
 
 def check_reachability(module, graph: nx.DiGraph) -> list[Diagnostic]:
