@@ -356,6 +356,17 @@ def source_buffers_kept(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def standalone_state(model: nn.Module) -> dict:
+    """A node's weights as a whole network of its architecture: a branch's own state with its
+    shared trunk's filled in from the source (what a node checkpoint, `best.pt`, holds, so a
+    branch can be deployed or loaded with `init` like any network)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, Shared):
+            state.update({f"{name}.{k}": v for k, v in standalone_state(module.target()).items()})
+    return state
+
+
 def layer_module(model: nn.Module, layer: str) -> nn.Module:
     """The module a layer name stands for in a node's model, following a branch's `Shared`
     trunk modules into the source's (a layer inside the shared trunk is the source's)."""
@@ -369,5 +380,6 @@ def layer_module(model: nn.Module, layer: str) -> nn.Module:
 
 
 __all__ = ["NotASplit", "Shared", "Split", "Tape", "find_split", "forward_order", "layer_module", "probe_split",
-           "share_trunk", "share_trunks", "shared_modules", "sharing_nodes", "source_buffers_kept", "tapes_of",
+           "share_trunk", "share_trunks", "shared_modules", "sharing_nodes", "source_buffers_kept",
+           "standalone_state", "tapes_of",
            "trunk_paths", "trunks_once"]

@@ -38,6 +38,7 @@ import torch
 from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
 from dclang.ir import reported_nodes
+from dclang.models.branch import standalone_state
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, percent, say
 from dclang.train.run import Run
 from dclang.train.rundir import RunDir, setting_changes
@@ -232,7 +233,7 @@ def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float
         if improved:
             rundir.save_best({"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
                               "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
-                                                           step.models[n].state_dict()) for n in run.names}})
+                                                           standalone_state(step.models[n])) for n in run.names}})
         rundir.save_last({"graph": run.text, "epoch": epoch, "train_step": step.state_dict(),
                           "rng": _rng_state(run.device), "best_val": best_val})
     if run.progress:
