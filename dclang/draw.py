@@ -26,7 +26,7 @@ import networkx as nx
 
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
-from dclang.draw_trunks import branch_line, draw_trunks, legend_rows
+from dclang.draw_trunks import branch_line, derived_text, draw_trunks, legend_rows
 from dclang.ir import LABEL, EdgeSpec, NodeSpec, Open
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -90,8 +90,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     if isinstance(spec.model, tuple):
         model = "ensemble(" + ", ".join(spec.model) + ")"
     else:  # a name, or a template's options (ensembles written as such)
-        model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple) else o
-                                                   for o in spec.model.options), spec.model.span)
+        model = _text(Open(spec.model.site, tuple(f"ensemble({', '.join(o)})" if isinstance(o, tuple)
+                                                   else derived_text(o) for o in spec.model.options), spec.model.span)
                       if isinstance(spec.model, Open) else spec.model)
     # a model's arguments one per line under its name, so a circle stays small
     name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")

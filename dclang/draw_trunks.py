@@ -20,6 +20,15 @@ def _text(value) -> str:
     return f"choice({', '.join(map(str, options))})" if options is not None else str(value)
 
 
+def derived_text(option):
+    """A model option as written: `branch(b1, from=layer3)` for a derived one (an `ir.Derived`),
+    any other option unchanged."""
+    kind, source, args = (getattr(option, a, None) for a in ("kind", "source", "args"))
+    if kind is None or source is None:
+        return option
+    return f"{kind}({', '.join([source, *(f'{k}={_text(v)}' for k, v in args)])})"
+
+
 def branch_line(spec) -> str | None:
     """The line a branch's circle adds under its model: where its own head begins."""
     if not spec.is_branch:
