@@ -215,3 +215,24 @@ label -> x : through
 b -> c : through
 """)
     assert influencing_nodes(graph) - {"label"} == {"a", "b", "c", "d"}  # not x
+
+
+def test_bench_floor_and_fused_step_compute_a_shared_trunk_once(tmp_path):
+    """`dclang bench` on peers sharing a trunk: the fused step dispatches fewer operations than
+    the same graph of separate networks, and so does the floor (the trunk counted once)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dclang.cli import main
+
+    ops = {}
+    for kind, model in (("branch", 'branch(a, from="3")'), ("separate", "cnn_tiny")):
+        path = tmp_path / f"{kind}.kt"
+        path.write_text(PLAIN.format(b=model))
+        result = CliRunner().invoke(main, ["bench", str(path), "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                           "--variants", "fused", "--json"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        ops[kind] = (out["engines"]["fused"]["ops_per_step"], out["floor_ops_per_step"])
+    assert ops["branch"][0] < ops["separate"][0] and ops["branch"][1] < ops["separate"][1]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dclang.compile.common import StepStats, TrainStep, computed_alone, frozen_forward
 from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
-from dclang.models.branch import source_buffers_kept, sources_of
+from dclang.models.branch import families, source_buffers_kept
 
 
 class ReferenceStep(TrainStep):
@@ -28,7 +28,7 @@ class ReferenceStep(TrainStep):
     def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], **kwargs):
         super().__init__(graph, models, **kwargs)
         train = graph.graph["train"]
-        self.families = _families(self.trainable, sources_of(models))
+        self.families = families(self.trainable, models)
         for root, members in self.families.items():
             params = [p for name in members for p in models[name].parameters()]
             self.optimizers[root] = build_optimizer(train.optimizer, params)
@@ -64,20 +64,3 @@ class ReferenceStep(TrainStep):
             optimizer.step()
         return self.stats(logits, labels, node_losses, edge_results)
 
-
-def _families(trainable: list[str], sources: dict[str, set[str]]) -> dict[str, list[str]]:
-    """Trainable nodes grouped by the trunk they share, keyed by the group's first node: one
-    node alone where it shares nothing."""
-    root = {}
-    def find(n: str) -> str:
-        while sources.get(n):
-            n = min(sources[n])
-        return n
-    for name in trainable:
-        root[name] = find(name)
-    families: dict[str, list[str]] = {}
-    first = {}
-    for name in trainable:
-        first.setdefault(root[name], name)
-        families.setdefault(first[root[name]], []).append(name)
-    return families

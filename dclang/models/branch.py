@@ -291,6 +291,25 @@ def sharing_nodes(models: dict[str, nn.Module]) -> set[str]:
     return {n for n, s in sources.items() if s} | {s for ss in sources.values() for s in ss}
 
 
+def families(trainable: Iterable[str], models: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Trainable nodes grouped by the trunk they share (a source and its branches, through
+    chains), keyed by the group's first node, in `trainable`'s order; a node alone where it
+    shares nothing. What one backward and one optimizer step together where each node's are
+    otherwise its own (the reference engine, the bench's floor)."""
+    sources = sources_of(models)
+
+    def root(n: str) -> str:
+        while sources.get(n):
+            n = min(sources[n])
+        return n
+
+    out: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    for name in trainable:
+        out.setdefault(first.setdefault(root(name), name), []).append(name)
+    return out
+
+
 def forward_order(models: dict[str, nn.Module], names: Iterable[str] | None = None) -> list[str]:
     """`names` (every model by default) with each branch after its source, otherwise in their
     order: a source's forward records the trunk its branches replay."""
@@ -379,7 +398,6 @@ def layer_module(model: nn.Module, layer: str) -> nn.Module:
     return module
 
 
-__all__ = ["NotASplit", "Shared", "Split", "Tape", "find_split", "forward_order", "layer_module", "probe_split",
-           "share_trunk", "share_trunks", "shared_modules", "sharing_nodes", "source_buffers_kept",
-           "standalone_state", "tapes_of",
-           "trunk_paths", "trunks_once"]
+__all__ = ["NotASplit", "Shared", "Split", "Tape", "families", "find_split", "forward_order", "layer_module",
+           "probe_split", "share_trunk", "share_trunks", "shared_modules", "sharing_nodes", "source_buffers_kept",
+           "standalone_state", "tapes_of", "trunk_paths", "trunks_once"]
