@@ -236,3 +236,29 @@ def test_bench_floor_and_fused_step_compute_a_shared_trunk_once(tmp_path):
         out = json.loads(result.stdout)
         ops[kind] = (out["engines"]["fused"]["ops_per_step"], out["floor_ops_per_step"])
     assert ops["branch"][0] < ops["separate"][0] and ops["branch"][1] < ops["separate"][1]
+
+
+def test_equivalent_graphs_share_a_key_whatever_the_source_is_named():
+    """Search's dedup: renaming a branch's source (a non-target node) keeps the key; sharing
+    another node's trunk changes it."""
+    from dclang.search.equivalence import canonical_key
+
+    text = """
+graph k
+data digits { }
+node t : cnn_tiny [target]
+node {p} : cnn_tiny
+node {q} : mlp
+node b : branch({src}, from=pool)
+label -> t : through
+label -> {p} : through
+label -> {q} : through
+label -> b : through
+b -> t : through
+{p} -> t : through
+{q} -> t : through
+"""
+    def key(p, src):
+        return canonical_key(te.graph_of(text.replace("{p}", p).replace("{q}", "q").replace("{src}", src)))
+
+    assert key("x", "x") == key("p", "p") != key("p", "t")
