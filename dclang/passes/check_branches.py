@@ -44,6 +44,11 @@ def _check_one(decl: ast.NodeDecl, branch: ast.Derived, declared: dict[str, ast.
     out = _check_args(branch)
     name, source = decl.name.text, branch.source.text
     out += _check_attributes(decl, graph)
+    own = graph.nodes[name]["spec"] if name in graph else None
+    if own is not None and own.frozen and not own.declared_frozen and own.is_branch:
+        out.append(error("E355", f"`{name}` is a branch that no edge trains: a frozen node would be pre-trained "
+                                 "alone, but a branch is trained with its trunk", decl.name.span, "frozen branch",
+                         help=f"add an edge into it (`label -> {name} : through`), or remove it"))
     if source == LABEL:
         return out + [error("E350", f"`{name}` is a branch of `label`, which is no network", branch.source.span,
                             "not a network", help="name a network node: a branch shares its modules")]

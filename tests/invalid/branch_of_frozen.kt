@@ -1,5 +1,5 @@
-# branch_of_frozen.kt: a branch trains its trunk: never of a frozen node, never frozen itself
-# expect: E355 E355
+# branch_of_frozen.kt: a branch trains its trunk: never of a frozen node, never frozen itself (declared, or by having no edge into it)
+# expect: E355 E355 E355 W503
 graph branch_of_frozen
 data digits { val_split = 300 }
 node a : resnet20 [target]
@@ -11,3 +11,5 @@ label -> a : through
 label -> b : through
 b -> a : through
 t -> a : through
+node d : branch(a, from=layer2)
+d -> a : through
