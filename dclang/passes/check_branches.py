@@ -43,7 +43,7 @@ def check_branches(module: ast.Module, graph) -> list[Diagnostic]:
 def _check_one(decl: ast.NodeDecl, branch: ast.Derived, declared: dict[str, ast.NodeDecl], graph) -> list[Diagnostic]:
     out = _check_args(branch)
     name, source = decl.name.text, branch.source.text
-    out += _check_attributes(decl, graph)
+    out += _check_attributes(decl)
     own = graph.nodes[name]["spec"] if name in graph else None
     if own is not None and own.frozen and not own.declared_frozen and own.is_branch:
         out.append(error("E355", f"`{name}` is a branch that no edge trains: a frozen node would be pre-trained "
@@ -100,7 +100,7 @@ def _check_args(branch: ast.Derived) -> list[Diagnostic]:
     return out
 
 
-def _check_attributes(decl: ast.NodeDecl, graph) -> list[Diagnostic]:
+def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
     out = []
     for attr in decl.attributes:
         if attr.name.text in ("frozen", "init"):
