@@ -165,7 +165,8 @@ def tensor_bytes(state) -> int:
 @dataclass
 class _Floor:
     """Each model node alone: its own plain training step (trainable), forward (frozen), or
-    forward and moving average (a mean teacher)."""
+    forward and moving average (a mean teacher); nodes sharing a trunk (`branch(...)`) one
+    step together, the trunk computed once."""
 
     models: dict
     optimizers: dict
@@ -180,24 +181,28 @@ def _floor(graph, shape: dict, device, images, labels) -> Variant:
     from dclang.compile.optim import build_optimizer
     from dclang.ema import ema_sources
     from dclang.ir import frozen_nodes, trainable_nodes
+    from dclang.models.branch import families, forward_order, tapes_of, trunks_once
 
     models = build_models(graph, **shape, device=device, init_states=None, seed=0)
     spec = graph.graph["train"].optimizer
-    optimizers = {n: build_optimizer(spec, models[n].parameters()) for n in trainable_nodes(graph)}
+    groups = families(trainable_nodes(graph), models)  # a shared trunk once, with its branches
+    optimizers = {root: build_optimizer(spec, [p for n in members for p in models[n].parameters()])
+                  for root, members in groups.items()}
     frozen = frozen_nodes(graph)
     # a mean teacher: a forward without autograd and its own average of its source's weights
     averages = {n: EmaUpdate([(models[n], models[source], decay)]) for n, (source, decay) in ema_sources(graph).items()}
+    tapes = tapes_of(models.values())
 
     def run(k: int) -> None:
-        for name, model in models.items():
-            if name in frozen or name in averages:
-                with torch.inference_mode():
-                    model(images)
-                continue
-            opt = optimizers[name]
-            opt.zero_grad()
-            F.cross_entropy(model(images), labels).backward()
-            opt.step()
+        for name in [*frozen, *averages]:
+            with torch.inference_mode():
+                models[name](images)
+        with trunks_once(tapes):
+            for root, members in groups.items():
+                opt = optimizers[root]
+                opt.zero_grad()
+                sum(F.cross_entropy(models[n](images), labels) for n in forward_order(models, members)).backward()
+                opt.step()
         for update in averages.values():
             update()
 

@@ -90,10 +90,17 @@ def _param_lines(graph) -> list[str]:
 
     counts = parameter_counts(graph)
     specs = dict(graph.nodes(data="spec"))
-    # a mean teacher's parameters are its source's averaged: held, never trained
+
+    def note(name: str) -> str:
+        spec = specs[name]
+        if spec.is_ema:  # a mean teacher's parameters are its source's averaged: held, never trained
+            return f" (the moving average of `{spec.derived.source}`'s: not trained)"
+        if spec.is_branch:  # a branch counts its head: its trunk is counted once, in its source
+            return f" (its own; the trunk is `{spec.derived.source}`'s)"
+        return ""
+
     return [f"    {name:<12} {ema_text(specs[name]) if specs[name].is_ema else model:<14} {count:>12,} parameters"
-            + (f" (the moving average of `{specs[name].derived.source}`'s: not trained)" if specs[name].is_ema else "")
-            for name, model, count in counts]
+            + note(name) for name, model, count in counts]
 
 
 @main.command()

@@ -14,8 +14,10 @@ outline and `view=own` under its model. An ensemble node is a green hexagon (red
 the target) with a dotted grey arrow from each member; a learned one (`combine=learned`) has
 a double outline and says `learned`. A mean teacher (`ema(s)`) is lilac (red when it is the
 target), with a dashed purple arrow from its source, labelled with its decay: not an edge, its
-weights are the source's averaged. Every drawing carries a legend of what it uses, and only
-that: the kinds of node by colour, the kinds of arrow, and what each of its gates does.
+weights are the source's averaged. Networks sharing a trunk (`branch(...)`) are boxed
+together, each branch with a bold arrow from its source (`dclang.draw_trunks`). Every drawing
+carries a legend of what it uses, and only that: the kinds of node by colour, the kinds of
+arrow, and what each of its gates does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import networkx as nx
 
 from dclang import loss_catalogue
 from dclang.diagnostics import UserError, unwritable
+from dclang.draw_trunks import branch_line, draw_trunks, legend_rows
 from dclang.ema import DEFAULT_DECAY, decay_of
 from dclang.ensembles import LEARNED
 from dclang.ir import LABEL, Derived, EdgeSpec, NodeSpec, Open, ema_options
@@ -120,6 +123,8 @@ def node_label(spec: NodeSpec, params: dict[str, int] | None = None) -> str:
     # a model's arguments one per line under its name, so a circle stays small
     name, _, args = model.partition("(") if isinstance(spec.model, str) else (model, "", "")
     lines = [spec.name, name, *(args[:-1].split(", ") if args else [])]
+    if branch_line(spec):  # a branch: where its own head begins (dclang.draw_trunks)
+        lines.append(branch_line(spec))
     if spec.is_ensemble:
         lines.append(_text(spec.combine).replace("\n", " "))
     if _own_view(spec):
@@ -194,6 +199,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
             if member in graph:
                 dot.edge(member, spec.name, **_MEMBER)
     averaged = _averaged(dot, graph)
+    trunks = draw_trunks(dot, graph)  # a box per shared trunk, an arrow to each branch
     shown = [spec for source, target, spec in graph.edges(data="spec") if (source, target) in drawn or spec.on_layers]
     shown = [spec for spec in shown if show_cutoff or spec.gate != "cutoff"]
     _legend(dot, graph, Drawn(
@@ -202,7 +208,7 @@ def to_graphviz(graph: nx.DiGraph, *, show_cutoff: bool = False,
         mutual=any(attrs.get("dir") == "both" for attrs in drawn.values()),
         open_edges=any(_is_open_edge(spec) for spec in shown if not spec.on_layers),
         cutoff=any(spec.gate == "cutoff" for spec in shown),
-        layers=bool(layer_edges), ensembles=bool(ensembles), averaged=averaged))
+        layers=bool(layer_edges), ensembles=bool(ensembles), averaged=averaged, trunks=trunks))
     return dot
 
 
@@ -230,6 +236,7 @@ class Drawn:
     layers: bool = False
     ensembles: bool = False
     averaged: bool = False  # a mean teacher's arrow from its source
+    trunks: bool = False  # a shared trunk (branch(...))
 
 
 #: what each gate does, in the legend's few words (docs/language.md has the equations)
@@ -279,6 +286,8 @@ def _legend(dot: graphviz.Digraph, graph: nx.DiGraph, drawn: Drawn) -> None:
     if drawn.layers:
         rows.append(_row("&#8674;", "between layers: source layer &#8594; target layer, then gate and loss",
                          _LAYER_COLOR))
+    if drawn.trunks:
+        rows += legend_rows(_row)
     rows += [_row(f"<i>{gate}</i>", GATE_MEANING[gate]) for gate in GATE_MEANING if gate in drawn.gates]
     if not rows:
         return

@@ -31,6 +31,7 @@ MISSPELT = {
     "misspelt_loss": "`kl`", "misspelt_loss_option": "`T`", "misspelt_attribute": "`target`",
     "unknown_augment": "`pad_crop_flip`", "library_model_misspelt": "`resnet18`",
     "model_bad_arguments": "`weights`", "ema_unknown_source": "`student`", "ema_unknown_argument": "`decay`",
+    "branch_unknown_source": "`a`", "branch_arguments": "`from`", "branch_unknown_layer": "`layer3`",
 }
 
 

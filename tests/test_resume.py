@@ -160,3 +160,45 @@ def load_text(tmp_path: Path, text: str):
     kt = tmp_path / "graph.kt"
     kt.write_text(text)
     return load(kt)
+
+
+def test_a_run_with_shared_trunks_resumes_to_the_uninterrupted_result(tmp_path):
+    """Branches (`branch(...)`): the trunk stored once in `last.pt`, restored in place; a run
+    stopped after epoch 1 and resumed ends bit for bit as the uninterrupted one. `best.pt`
+    holds each branch whole (trunk and head), loadable into a plain network."""
+    from dclang.data import load_dataset
+    from dclang.models import build_model
+
+    text = textwrap.dedent("""\
+        graph trunks
+        data digits { val_split = 600 }
+        train { epochs = 2  batch = 64  optimizer = sgd(lr=0.1)  schedule = cosine }
+        node a : cnn_tiny [target]
+        node b : branch(a, from="3")
+        node c : branch(b, from=pool)
+        label -> a : through
+        label -> b : through
+        label -> c : through
+        b -> a : through kl(T=2)
+        c -> b : correct
+        """)
+    graph = load_text(tmp_path, text)
+    dataset = load_dataset("digits", data_dir=None, val_split=600, split_seed=0)
+
+    def run(name, **kwargs):
+        return train_graph(graph, run_dir=tmp_path / name, device="cpu", progress=False, dataset=dataset, **kwargs)
+
+    full = run("full")
+    try:
+        run("stopped", on_epoch=stop_after_the_epoch)
+    except _Stop:
+        pass
+    resumed = run("stopped", resume=True)
+    assert untimed(resumed.records) == untimed(full.records)
+    last = [load_safely(RunDir(tmp_path / n).last)["train_step"]["models"] for n in ("stopped", "full")]
+    assert not any(k.startswith(("0.", "1.")) for k in last[0]["b"])  # a's trunk, stored once, in a
+    for node, state in last[0].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, last[1][node][key]), (node, key)
+    whole = load_safely(RunDir(tmp_path / "full").best)["nodes"]["c"]["state_dict"]
+    build_model("cnn_tiny", 10, 1, 8).load_state_dict(whole)  # strict: every tensor of a whole network

@@ -22,6 +22,7 @@ from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, tr
 from dclang.learned_ensembles import learned_weights
 from dclang.loss_catalogue import LOSSES
 from dclang.models import build_model
+from dclang.models.branch import forward_order, share_trunks, tapes_of
 from dclang.models.connector import add_connectors, connector_of, load_node_state
 from dclang.models.taps import LayerCapture
 from dclang.views import as_views, view_index, view_keys
@@ -171,6 +172,7 @@ def build_models(graph: nx.DiGraph, *, num_classes: int, in_channels: int, image
         # an EMA node is its source's network copied (before any connector joins the source):
         # it draws no random number, so the other nodes start as they would without it
         models = {n: copy.deepcopy(built[ema[n][0]]) if n in ema else built[n] for n in names}
+        share_trunks(graph, models)  # a branch's trunk modules become its source's (dclang.models.branch)
         add_connectors(graph, models, (in_channels, image_size, image_size))  # FitNets' regressors (hint)
         if train_size is not None:  # CRD's heads and memory banks over the training set
             add_crd(graph, models, (in_channels, image_size, image_size), num_classes, train_size)
@@ -237,6 +239,9 @@ class TrainStep:
         self.epochs_done = 0
         # the layers edges compare, kept by forward hooks during the one forward (dclang.models.taps)
         self.layers = LayerCapture(models, self.layer_ends())
+        # shared trunks (dclang.models.branch): the sources' tapes, each branch forwarded after its source
+        self.tapes = tapes_of(models.values())
+        self.order = forward_order(models)
         self.train()
 
     def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:

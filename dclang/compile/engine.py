@@ -10,7 +10,9 @@ every member's step:
   reading several of a member's views, `dclang.views`) reads its nodes' batches side by side
   in channels (`stack_inputs`). Other nodes run alone on their
   member's batch; frozen ones without autograd. A fused node's model keeps views of its slice
-  of the fused tensors (`alias_to_slice`), so it evaluates, counts and saves unchanged.
+  of the fused tensors (`alias_to_slice`), so it evaluates, counts and saves unchanged. Nodes
+  sharing a trunk (`branch(...)`) are never fused: each branch runs after its source and
+  replays the trunk the source's forward computed (`dclang.models.branch.trunks_once`).
 - **Losses.** One plan (`LossPlan`) for the members whose logits have one shape: the edges of
   every member with the same loss, gate and weight are one stacked computation
   (`losses.edge_losses`), each edge reading its own member's labels; an edge between layers is
@@ -70,6 +72,7 @@ from dclang.diagnostics import UserError
 from dclang.ensembles import ensemble_outputs
 from dclang.gates import gate_weights
 from dclang.loss_catalogue import LOSSES
+from dclang.models.branch import sharing_nodes, trunks_once
 from dclang.models.fused import fuse_models, stack_inputs
 from dclang.models.taps import LayerCapture
 from dclang.registry import OPTIMIZER_KINDS
@@ -189,7 +192,8 @@ class Engine:
         """Trainable nodes grouped by architecture (the model's repr: a node carrying a `hint`
         connector differs), batch size and optimizer rule; each group fused."""
         signatures = {(m, node): (repr(step.models[node]), self.members[m].batch, self.rules[m])
-                      for m, step in enumerate(self.steps) for node in step.trainable}
+                      for m, step in enumerate(self.steps) for node in step.trainable
+                      if node not in sharing_nodes(step.models)}  # a shared trunk is no whole network
         groups = []
         for slices in fusable_groups(signatures):
             models = [self.steps[m].models[n] for m, n in slices]
@@ -658,11 +662,13 @@ class Engine:
                 logits[m][node] = out
         outputs = []
         for m, step in enumerate(self.steps):
-            for node, model in step.models.items():
-                if node in logits[m]:
-                    continue
-                x = self._input(images, m, node)
-                logits[m][node] = frozen_forward(model, x) if node in step.detached else model(x)
+            with trunks_once(step.tapes):  # each shared trunk computed once, in its source's forward
+                for node in step.order:
+                    if node in logits[m]:
+                        continue
+                    model = step.models[node]
+                    x = self._input(images, m, node)
+                    logits[m][node] = frozen_forward(model, x) if node in step.detached else model(x)
             outputs.append(ensemble_outputs({n: logits[m][n] for n in step.models}, step.ensembles))
         return outputs
 

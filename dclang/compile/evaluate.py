@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dclang.ensembles import ensemble_outputs
+from dclang.models.branch import forward_order, trunks_once
 
 #: samples evaluated (and normalised) at a time: bounds the float copy of a split on the device
 EVAL_CHUNK = 1024
@@ -70,14 +71,15 @@ def forward_networks(step, images: Tensor, networks: list[str], slices: dict) ->
     (`slices` is `step.fused_slices()`), every other network alone."""
     logits: dict[str, Tensor] = {}
     fused_out: dict[int, tuple[Tensor, ...]] = {}
-    for name in networks:
-        if name in slices:
-            fused, k = slices[name]
-            if id(fused) not in fused_out:
-                fused_out[id(fused)] = fused(images).unbind(0)  # (K, B, classes): one forward for the group
-            logits[name] = fused_out[id(fused)][k]
-        else:
-            logits[name] = step.models[name](images)
+    with trunks_once(step.tapes):  # a shared trunk computed once, by its source (dclang.models.branch)
+        for name in forward_order(step.models, networks):
+            if name in slices:
+                fused, k = slices[name]
+                if id(fused) not in fused_out:
+                    fused_out[id(fused)] = fused(images).unbind(0)  # (K, B, classes): one forward for the group
+                logits[name] = fused_out[id(fused)][k]
+            else:
+                logits[name] = step.models[name](images)
     return logits
 
 

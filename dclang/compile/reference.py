@@ -4,6 +4,12 @@ Like the authors' code: one forward of every node, then for each trainable node 
 loss, its own backward and its own optimizer step. All outputs are computed before any
 update, so every node learns from the same predictions (paper 3.4). After the last
 optimizer step, every mean teacher (`ema(s, decay)`) averages its source's new weights.
+
+Nodes sharing a trunk (`branch(...)`) are one *family*: the source and its branches, their
+losses summed into one backward and one optimizer over the family's parameters (each tensor
+once), so the trunk's gradient is the sum of every member's loss's. Each branch runs its whole
+forward through the shared modules (no replay: the fused engine's replay is what this checks),
+the trunk's buffers put back after it as its source's forward left them.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats, TrainStep, computed_alone
+from dclang.compile.common import StepStats, TrainStep, computed_alone, frozen_forward
 from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
+from dclang.models.branch import families, source_buffers_kept
+from dclang.views import as_views
 
 
 class ReferenceStep(TrainStep):
@@ -23,10 +31,23 @@ class ReferenceStep(TrainStep):
     def __init__(self, graph: nx.DiGraph, models: dict[str, nn.Module], **kwargs):
         super().__init__(graph, models, **kwargs)
         train = graph.graph["train"]
-        for name in self.trainable:
-            self.optimizers[name] = build_optimizer(train.optimizer, models[name].parameters())
+        self.families = families(self.trainable, models)
+        for root, members in self.families.items():
+            params = [p for name in members for p in models[name].parameters()]
+            self.optimizers[root] = build_optimizer(train.optimizer, params)
         for name in self.learned:  # a learned ensemble's w, trained like a node (dclang.learned_ensembles)
             self.optimizers[name] = build_optimizer(train.optimizer, self.ensemble_weights[name].parameters())
+
+    def forward(self, images: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Every node's logits on its view, a branch's through its whole forward (the trunk's
+        buffers kept)."""
+        views = as_views(images, self.view_count)
+        out = {}
+        for name, model in self.models.items():
+            x = views[self.view_index[name]]
+            with source_buffers_kept(model):
+                out[name] = frozen_forward(model, x) if name in self.detached else model(x)
+        return out
 
     def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output
@@ -44,9 +65,10 @@ class ReferenceStep(TrainStep):
                                                        k=k, k_end=self.k_end)
                     losses.append(edge_results[edge.key][0])
             node_losses[target] = node_loss(losses)
-            optimizer = self.optimizers[target]
+        for root, members in self.families.items():
+            optimizer = self.optimizers[root]
             optimizer.zero_grad()
-            node_losses[target].backward()
+            sum(node_losses[name] for name in members).backward()
             optimizer.step()
         self._update_ema()
         return self.stats(logits, labels, node_losses, edge_results)

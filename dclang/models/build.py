@@ -95,7 +95,8 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def parameter_counts(graph) -> list[tuple[str, str, int]]:
-    """(node, model, parameters) for every model node of an IR, built on the meta device.
+    """(node, model, parameters) for every model node of an IR, built on the meta device; a
+    branch's count is its own head's (its trunk is counted once, in its source).
 
     The meta device allocates nothing, so `dclang check` can show sizes of ResNet110s
     instantly. Class count and input shape come from the dataset's catalog entry (10 classes,
@@ -103,6 +104,7 @@ def parameter_counts(graph) -> list[tuple[str, str, int]]:
     """
     from dclang.crd import add_crd
     from dclang.ir import model_nodes
+    from dclang.models.branch import share_trunks
     from dclang.models.connector import add_connectors
     from dclang.models.taps import graph_input
 
@@ -111,6 +113,7 @@ def parameter_counts(graph) -> list[tuple[str, str, int]]:
     with torch.device("meta"):
         models = {name: build_model(graph.nodes[name]["spec"].model, classes, channels, size, pretrained=False)
                   for name in names}
+        share_trunks(graph, models)  # a branch counts its own head: the shared trunk is its source's
         add_connectors(graph, models, (channels, size, size))  # a target's FitNets connectors are its parameters
         add_crd(graph, models, (channels, size, size), classes, None)  # and CRD's heads
     return [(name, graph.nodes[name]["spec"].model, count_parameters(models[name])) for name in names]

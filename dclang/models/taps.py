@@ -155,10 +155,12 @@ class LayerCapture:
         step runs it alone) is what is kept."""
         self.features: dict[tuple[str, str], Tensor] = {}
         self.handles = []
+        from dclang.models.branch import layer_module  # a branch's trunk layer is its source's module
+
         for node, layer in dict.fromkeys(wanted):
-            path = layer_path(models[node], layer)
-            hooks = [(models[node].get_submodule(path), None)]
+            hooks = [(layer_module(models[node], layer), None)]
             if fused and node in fused:
+                path = layer_path(models[node], layer)
                 network, k = fused[node]
                 hooks.append((network.net.get_submodule(path), partial(network.node_output, path, k=k)))
             for module, cut in hooks:

@@ -7,6 +7,7 @@ diagnostic from one pass never stops the next, so a user sees every mistake at o
 
 from __future__ import annotations
 
+from dclang.passes.check_branches import check_branches
 from dclang.passes.check_checkpoints import check_checkpoints
 from dclang.passes.check_data import check_data
 from dclang.passes.check_ema import check_ema
@@ -21,8 +22,8 @@ from dclang.passes.check_values import check_values
 from dclang.passes.check_views import check_views
 
 PASSES = (check_names, check_values, check_structure, check_ensembles, check_learned_ensembles, check_ema,
-          check_inputs, check_layers, check_reachability, check_checkpoints, check_data, check_views)
+          check_branches, check_inputs, check_layers, check_reachability, check_checkpoints, check_data, check_views)
 
-__all__ = ["PASSES", "check_checkpoints", "check_data", "check_ema", "check_ensembles", "check_inputs", "check_layers",
-           "check_learned_ensembles", "check_names", "check_reachability", "check_structure", "check_values",
-           "check_views"]
+__all__ = ["PASSES", "check_branches", "check_checkpoints", "check_data", "check_ema", "check_ensembles",
+           "check_inputs", "check_layers", "check_learned_ensembles", "check_names", "check_reachability",
+           "check_structure", "check_values", "check_views"]

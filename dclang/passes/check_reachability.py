@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 
 from dclang.diagnostics import Diagnostic, warning
-from dclang.ir import LABEL, ema_options, live_edges
+from dclang.ir import LABEL, Derived, Open, ema_options, live_edges
 
 
 def influencing_nodes(graph: nx.DiGraph) -> set[str]:
@@ -27,7 +27,18 @@ def influencing_nodes(graph: nx.DiGraph) -> set[str]:
     # a mean teacher's weights are its source's averaged: the source reaches what it reaches
     live.add_edges_from((o.source, n) for n, spec in graph.nodes(data="spec") for o in ema_options(spec)
                         if o.source in live)
+    # a branch and its source share a trunk: each one's loss trains what the other computes
+    live.add_edges_from(pair for n, spec in graph.nodes(data="spec") for s in _branch_sources(spec) if s in live
+                        for pair in ((s, n), (n, s)))
     return nx.ancestors(live, target) | {target}
+
+
+def _branch_sources(spec) -> list[str]:
+    """The nodes whose trunk a node shares: its `branch(...)`'s source, or each one its choice may take."""
+    if spec.is_label:
+        return []
+    options = spec.model.options if isinstance(spec.model, Open) else [spec.derived]
+    return [o.source for o in options if isinstance(o, Derived) and o.kind == "branch"]
 
 
 def check_reachability(module, graph: nx.DiGraph) -> list[Diagnostic]:

@@ -113,8 +113,13 @@ def check_values(module: ast.Module, graph) -> list[Diagnostic]:
     out += _check_milestones(module)
     out += _check_pad(module, graph)
     for decl in module.of(ast.NodeDecl):
-        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble and not is_ema_decl(decl):  # check_ema's
-            out += check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
+        # an empty choice, or an option not a model name
+        if isinstance(decl.model, ast.Choice) and not decl.is_ensemble and not is_ema_decl(decl):
+            # an `ema(...)` / `branch(...)` option is a network made from another's: its own pass checks it
+            named = [o for o in decl.model.options if not isinstance(o, ast.Derived)]
+            out += [d for o in named for d in check_value(o, "name", "model", f"the model of `{decl.name.text}`")] \
+                if len(named) < len(decl.model.options) else \
+                check_value(decl.model, "name", "model", f"the model of `{decl.name.text}`")
         init = decl.attribute("init")
         if init is not None:
             if init.value is None:

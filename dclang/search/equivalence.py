@@ -67,8 +67,10 @@ def _plain(value: Any, rename: dict[str, str]) -> Any:
         return ["@open", value.site]
     if isinstance(value, Derived):  # `ema(s)`: its source renamed with the nodes
         return ["Derived", value.kind, ["@nodes", rename.get(value.source, value.source)], _plain(value.args, rename)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [type(value).__name__] + [[f.name, _plain(getattr(value, f.name), rename)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a derived node's `source` names a node
+        return [type(value).__name__] + [[f.name, ["@node", rename[getattr(value, f.name)]]
+                                          if f.name == "source" and getattr(value, f.name) in rename
+                                          else _plain(getattr(value, f.name), rename)]
                                          for f in dataclasses.fields(value) if f.compare]
     return repr(value)
 

@@ -122,10 +122,9 @@ def _substitute(module: ast.Module, graph: nx.DiGraph, pick: Pick) -> ast.Module
             attrs = tuple(dataclasses.replace(a, value=value(a.value, lowered[a.name.text]))
                           if a.name.text in lowered and a.value is not None else a for a in item.attributes)
             model = name(item.model, spec.model) if isinstance(item.model, ast.Choice) else item.model
-            if isinstance(item.model, ast.Derived) and spec.derived is not None:  # `ema(s, decay=choice(...))`
-                args = tuple(dataclasses.replace(a, value=value(a.value, spec.derived.arg(a.name.text)))
-                             for a in item.model.args)
-                model = dataclasses.replace(item.model, args=args)
+            if isinstance(model, ast.Derived) and spec.derived is not None:  # `branch(b1, from=choice(...))`
+                model = dataclasses.replace(model, args=tuple(
+                    dataclasses.replace(a, value=value(a.value, spec.derived.arg(a.name.text))) for a in model.args))
             if isinstance(model, ast.Name) and model.text == NO_NODE and (spec.is_ensemble or spec.is_ema):
                 absent.add(item.name.text)
                 continue

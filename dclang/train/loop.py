@@ -39,6 +39,7 @@ from dclang.checkpoints import node_checkpoint
 from dclang.diagnostics import UserError
 from dclang.ema import ema_text
 from dclang.ir import reported_nodes
+from dclang.models.branch import standalone_state
 from dclang.train.metrics import EpochStats, accuracy_table, best_epoch, percent, say
 from dclang.train.run import Run
 from dclang.train.rundir import RunDir, setting_changes
@@ -233,7 +234,7 @@ def _write_epoch(run: Run, records: list[dict], best_val: float | None) -> float
         if improved:
             best = {"graph": run.text, "epoch": epoch, "target": run.target, "val_acc": best_val,
                     "nodes": {n: node_checkpoint(run.graph.nodes[n]["spec"].model, classes,
-                                                 step.models[n].state_dict()) for n in run.names}}
+                                                 standalone_state(step.models[n])) for n in run.names}}
             if step.ensemble_weights:  # a learned ensemble's w beside its members (dclang.learned_ensembles)
                 best["ensembles"] = {n: w.state_dict() for n, w in step.ensemble_weights.items()}
             rundir.save_best(best)
