@@ -9,11 +9,19 @@ epoch, mean +/- sample std over seeds, for the graphs dclang can now write:
     DML + ensemble DML with both taught by their ensemble (mean of logits) at T = 2
     ensemble       that ensemble itself (its own best validation epoch)
     peer           the cnn_small peer of those runs, for reference
+    ONE            the student and two branches on its trunk, taught by their learned ensemble
+    KDCL           the student and a cnn_small peer on their own views, taught by their mean
+    PCL            three cnn_tiny peers on their own views, taught by their mean and by each
+                   other's mean teachers; the target is peer 1's mean teacher
+    mean teacher   the moving average of a cnn_tiny's weights, teaching it (the target)
+    RKD            KD's teacher teaching distances and angles between pooled features
+    CRD            KD's teacher teaching through contrastive representation distillation
 
-The student is `cnn_tiny` throughout (1,442 parameters), every graph has the same data
+The deployed network is a `cnn_tiny` throughout (1,442 parameters), every graph has the same data
 split, training settings and seeds, and nothing is selected on the test set.
 
-    OMP_NUM_THREADS=1 python benchmarks/digits_evidence.py --epochs 10 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/digits_evidence.py --epochs 15 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/digits_evidence.py --only solo PCL   # some graphs
 
 Runs in-process with `dclang.train.train_graph` (the library `dclang run` calls), one thread,
 teachers cached in a temporary folder; it prints a markdown table and, with `--json`, writes
@@ -67,6 +75,65 @@ DML_ENSEMBLE = DML.replace("node peer    : cnn_small\n",
 ens -> student : through kl(T=2)
 ens -> peer    : through kl(T=2)
 """
+
+MEAN_TEACHER = """\
+node student : cnn_tiny
+node mean    : ema(student, decay=0.99) [target, view=own]
+label -> student : through
+mean  -> student : through kl(T=1)
+"""
+
+ONE = """\
+node student : cnn_tiny [target]
+node b2      : branch(student, from=ONE_FROM)
+node b3      : branch(student, from=ONE_FROM)
+node ens     : ensemble(student, b2, b3) [combine=learned]
+label -> student : through
+label -> b2      : through
+label -> b3      : through
+label -> ens     : through
+ens   -> student : through kl(T=3)
+ens   -> b2      : through kl(T=3)
+ens   -> b3      : through kl(T=3)
+"""
+
+KDCL = """\
+node student : cnn_tiny  [target, view=own]
+node peer    : cnn_small [view=own]
+node ens     : ensemble(student, peer)
+label -> student : through
+label -> peer    : through
+ens   -> student : through kl(T=2)
+ens   -> peer    : through kl(T=2)
+"""
+
+PCL = """\
+node p1      : cnn_tiny [view=own]
+node p2      : cnn_tiny [view=own]
+node p3      : cnn_tiny [view=own]
+node ens     : ensemble(p1, p2, p3)
+node m1      : ema(p1, decay=0.99) [target]
+node m2      : ema(p2, decay=0.99)
+node m3      : ema(p3, decay=0.99)
+label -> p1 : through
+label -> p2 : through
+label -> p3 : through
+ens   -> p1 : through kl(T=3)
+ens   -> p2 : through kl(T=3)
+ens   -> p3 : through kl(T=3)
+m2    -> p1 : through kl(T=3)
+m3    -> p1 : through kl(T=3)
+m1    -> p2 : through kl(T=3)
+m3    -> p2 : through kl(T=3)
+m1    -> p3 : through kl(T=3)
+m2    -> p3 : through kl(T=3)
+"""
+
+RKD = KD.replace("teacher -> student : through kl(T=2)\n",
+                 "teacher.pool -> student.pool : through rkd(distance=1, angle=2, weight=25)\n")
+
+CRD = KD.replace("teacher -> student : through kl(T=2)\n",
+                 "teacher.pool -> student.pool : through crd(feat_dim=64, nce_k=512, T=0.07, weight=0.8)\n")
 
 
 KD_AT = KD + """\
@@ -132,6 +199,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", type=Path, default=None, help="write every run's summary here")
+    parser.add_argument("--only", nargs="+", default=None, metavar="GRAPH", help="train only these graphs (by name)")
     args = parser.parse_args()
     graphs = {"solo": (SOLO, {"solo": "student"}), "KD": (KD, {"KD": "student"})}
     at = kd_at()
@@ -143,6 +211,15 @@ def main() -> None:
     graphs["DML + ensemble"] = (DML_ENSEMBLE, {"DML + ensemble": "student",
                                                "ensemble (of DML + ensemble)": "ens",
                                                "peer (of DML + ensemble), for reference": "peer"})
+    graphs["ONE"] = (ONE, {"ONE": "student", "learned ensemble (of ONE)": "ens"})
+    graphs["KDCL"] = (KDCL, {"KDCL": "student"})
+    graphs["PCL"] = (PCL, {"PCL (mean teacher of peer 1)": "m1", "peer 1 (of PCL)": "p1"})
+    graphs["mean teacher"] = (MEAN_TEACHER, {"mean teacher (the EMA)": "mean",
+                                             "its student (of mean teacher)": "student"})
+    graphs["RKD"] = (RKD, {"RKD": "student"})
+    graphs["CRD"] = (CRD, {"CRD": "student"})
+    only = set(args.only or graphs)
+    graphs = {name: graph for name, graph in graphs.items() if name in only}
     results = run(graphs, epochs=args.epochs, seeds=args.seeds, out=args.json)
     print(f"digits, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}:")
     print(table(results))

@@ -70,6 +70,11 @@ class ReferenceStep(TrainStep):
             optimizer.zero_grad()
             sum(node_losses[name] for name in members).backward()
             optimizer.step()
+        for name in self.learned:  # a learned ensemble's w: its own loss, its own optimizer
+            optimizer = self.optimizers[name]
+            optimizer.zero_grad()
+            node_losses[name].backward()
+            optimizer.step()
         self._update_ema()
         return self.stats(logits, labels, node_losses, edge_results)
 
