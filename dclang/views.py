@@ -26,12 +26,23 @@ OWN = "own"
 VIEWS = (SHARED, OWN)
 
 
+def reader(graph: nx.DiGraph, node: str) -> str:
+    """The network whose view `node` reads: its own, or for a `branch(...)` its trunk's
+    source's (the trunk is computed once, on that view), through a chain of branches."""
+    spec, seen = graph.nodes[node]["spec"], {node}
+    while spec.is_branch and spec.derived.source in graph and spec.derived.source not in seen:
+        node = spec.derived.source
+        seen.add(node)
+        spec = graph.nodes[node]["spec"]
+    return node
+
+
 def view_keys(graph: nx.DiGraph) -> tuple[str, ...]:
     """The views a step of `graph` needs, in the order a batch holds them: `shared` when a
     network reads it, then the name of each network on its own view."""
     from dclang.ir import model_nodes
 
-    nets = [(n, graph.nodes[n]["spec"].view) for n in model_nodes(graph)]
+    nets = [(n, graph.nodes[n]["spec"].view) for n in dict.fromkeys(reader(graph, n) for n in model_nodes(graph))]
     return ((SHARED,) if any(v != OWN for _, v in nets) else ()) + tuple(n for n, v in nets if v == OWN)
 
 
@@ -40,7 +51,8 @@ def view_index(graph: nx.DiGraph) -> dict[str, int]:
     from dclang.ir import model_nodes
 
     keys = view_keys(graph)
-    return {n: keys.index(n if graph.nodes[n]["spec"].view == OWN else SHARED) for n in model_nodes(graph)}
+    return {n: keys.index(r if graph.nodes[r]["spec"].view == OWN else SHARED)
+            for n, r in ((n, reader(graph, n)) for n in model_nodes(graph))}
 
 
 def as_views(images: Any, count: int) -> tuple:

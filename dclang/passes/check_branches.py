@@ -8,7 +8,8 @@ only argument is `from`, a layer name (`layer3`) or module path (`"layer3.1"`) o
 architecture, as `dclang models NAME --data D` lists them; one forward on the meta device
 (`find_split`) decides whether it splits the network into a trunk and a head, and says why
 not. A branch is trained with its trunk: it is never `[frozen]` and has no `init` (its trunk
-is its source's, its head starts as a separate network's). Codes E350-E355.
+is its source's, its head starts as a separate network's), and it reads its source's view (its trunk is
+computed once, on that view). Codes E350-E356.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def _check_attributes(decl: ast.NodeDecl) -> list[Diagnostic]:
                                      "initialised as a separate network's", attr.span,
                              f"`{attr.name.text}` on a branch",
                              help="declare a separate network for a frozen or loaded node"))
+        elif attr.name.text == "view":
+            out.append(error("E356", "a branch reads its source's view: its trunk is computed once, on that view",
+                             attr.span, "`view` on a branch",
+                             help="give the source `[view=own]` for the whole family, or declare a separate network "
+                                  "on its own view"))
     return out
 
 
