@@ -85,8 +85,8 @@ mean  -> student : through kl(T=1)
 
 ONE = """\
 node student : cnn_tiny [target]
-node b2      : branch(student, from=ONE_FROM)
-node b3      : branch(student, from=ONE_FROM)
+node b2      : branch(student, from="3")
+node b3      : branch(student, from="3")
 node ens     : ensemble(student, b2, b3) [combine=learned]
 label -> student : through
 label -> b2      : through

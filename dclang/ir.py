@@ -39,7 +39,7 @@ class Open:
 
     site: str
     options: tuple[Any, ...]
-    span: Span = field(compare=False)
+    span: Span = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
