@@ -153,3 +153,26 @@ def test_prepare_template_writes_epochs_and_absolute_init_paths(tmp_path):
     no_train = "\n".join(line for line in TEMPLATE.splitlines() if not line.startswith("train"))
     assert check(format_module(prepare_template(parse(no_train), epochs=3, base=tmp_path))).graph.graph[
         "train"].epochs == 3
+
+
+def test_every_sample_of_the_online_template_checks():
+    """examples/search_online.kt: branch or network, shared or own view, mean or learned
+    ensemble, a mean teacher or none; every combination (the temperatures held at their first
+    option) is a graph that checks, with the label edge into the ensemble only where it is
+    learned and the mean teacher's edges only where it exists."""
+    import itertools
+
+    template = parse((ROOT / "examples" / "search_online.kt").read_text())
+    space = search_space(template)
+    structural = [p for p in space if not p.name.endswith(".T")]
+    assert [p.name for p in structural] == ["p1.view", "p2.model", "p3.model", "ens.combine", "m1.model"]
+    fixed = first_choices(space)
+    for picks in itertools.product(*(p.choices for p in structural)):
+        params = {**fixed, **{p.name: pick for p, pick in zip(structural, picks)}}
+        text = format_module(sample(template, params, space))
+        checked = check(text)
+        assert checked.ok, (params, checked.errors)
+        g = checked.graph
+        assert g.has_edge("label", "ens") == (params["ens.combine"] == "learned")
+        assert ("m1" in g) == (params["m1.model"] != "none")
+        assert g.nodes["p2"]["spec"].is_branch == params["p2.model"].startswith("branch")
