@@ -78,7 +78,7 @@ ens -> peer    : through kl(T=2)
 
 MEAN_TEACHER = """\
 node student : cnn_tiny
-node mean    : ema(student, decay=0.99) [target, view=own]
+node mean    : ema(student, decay=DECAY) [target, view=own]
 label -> student : through
 mean  -> student : through kl(T=1)
 """
@@ -112,9 +112,9 @@ node p1      : cnn_tiny [view=own]
 node p2      : cnn_tiny [view=own]
 node p3      : cnn_tiny [view=own]
 node ens     : ensemble(p1, p2, p3)
-node m1      : ema(p1, decay=0.99) [target]
-node m2      : ema(p2, decay=0.99)
-node m3      : ema(p3, decay=0.99)
+node m1      : ema(p1, decay=DECAY) [target]
+node m2      : ema(p2, decay=DECAY)
+node m3      : ema(p3, decay=DECAY)
 label -> p1 : through
 label -> p2 : through
 label -> p3 : through
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", type=Path, default=None, help="write every run's summary here")
+    parser.add_argument("--decay", type=float, default=0.9, help="the mean teachers' decay (PCL, mean teacher)")
     parser.add_argument("--only", nargs="+", default=None, metavar="GRAPH", help="train only these graphs (by name)")
     args = parser.parse_args()
     graphs = {"solo": (SOLO, {"solo": "student"}), "KD": (KD, {"KD": "student"})}
@@ -213,15 +214,16 @@ def main() -> None:
                                                "peer (of DML + ensemble), for reference": "peer"})
     graphs["ONE"] = (ONE, {"ONE": "student", "learned ensemble (of ONE)": "ens"})
     graphs["KDCL"] = (KDCL, {"KDCL": "student"})
-    graphs["PCL"] = (PCL, {"PCL (mean teacher of peer 1)": "m1", "peer 1 (of PCL)": "p1"})
-    graphs["mean teacher"] = (MEAN_TEACHER, {"mean teacher (the EMA)": "mean",
+    graphs["PCL"] = (PCL.replace("DECAY", str(args.decay)),
+                     {"PCL (mean teacher of peer 1)": "m1", "peer 1 (of PCL)": "p1"})
+    graphs["mean teacher"] = (MEAN_TEACHER.replace("DECAY", str(args.decay)), {"mean teacher (the EMA)": "mean",
                                              "its student (of mean teacher)": "student"})
     graphs["RKD"] = (RKD, {"RKD": "student"})
     graphs["CRD"] = (CRD, {"CRD": "student"})
     only = set(args.only or graphs)
     graphs = {name: graph for name, graph in graphs.items() if name in only}
     results = run(graphs, epochs=args.epochs, seeds=args.seeds, out=args.json)
-    print(f"digits, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}:")
+    print(f"digits, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}, mean teachers' decay {args.decay}:")
     print(table(results))
 
 

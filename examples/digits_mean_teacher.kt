@@ -1,6 +1,6 @@
 # digits_mean_teacher.kt: mean_teacher.kt on 8x8 digits, minutes on a CPU: mean-teacher
 # distillation (Tarvainen and Valpola 2017, NeurIPS). The teacher is the moving average of a
-# ResNet20 student's weights (decay 0.99: digits trains for 150 updates, not 100,000), on its
+# ResNet20 student's weights (decay 0.9: digits trains for 150 updates, not 100,000), on its
 # own augmentation of each image, teaching the student; the averaged model is the target.
 graph digits_mean_teacher
 
@@ -19,7 +19,7 @@ train {
 }
 
 node s : resnet20
-node t : ema(s, decay=0.99) [target, view=own]
+node t : ema(s, decay=0.9) [target, view=own]
 
 label -> s : through
 t     -> s : through kl(T=1)

@@ -1,6 +1,6 @@
 # digits_pcl.kt: pcl.kt on 8x8 digits, minutes on a CPU: Peer Collaborative Learning (Wu and
 # Gong 2021, AAAI). Three ResNet20 peers on their own augmentations are taught by their mean
-# and by each other's mean teachers (moving averages, decay 0.99); the first peer's mean
+# and by each other's mean teachers (moving averages, decay 0.9); the first peer's mean
 # teacher is the target.
 graph digits_pcl
 
@@ -22,9 +22,9 @@ node p1  : resnet20             [view=own]
 node p2  : resnet20             [view=own]
 node p3  : resnet20             [view=own]
 node ens : ensemble(p1, p2, p3)
-node m1  : ema(p1, decay=0.99)  [target]
-node m2  : ema(p2, decay=0.99)
-node m3  : ema(p3, decay=0.99)
+node m1  : ema(p1, decay=0.9)   [target]
+node m2  : ema(p2, decay=0.9)
+node m3  : ema(p3, decay=0.9)
 
 label -> p1 : through
 label -> p2 : through
