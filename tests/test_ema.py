@@ -19,7 +19,7 @@ import warnings
 import pytest
 import test_union
 import torch
-from test_engines import TIGHT, assert_models_close, batches, compiled, snapshot, train
+from test_engines import TIGHT, assert_models_close, assert_stats_close, batches, compiled, snapshot, train
 from test_union import Trial, assert_same_trials, step_both
 
 from dclang.api import check
@@ -99,12 +99,7 @@ def test_fused_equals_reference_with_mean_teachers(hfta, channels_last, float64)
     assert_models_close(snapshot(reference), snapshot(fused), rtol=0, atol=0)
     ref_stats, fused_stats = train(reference, data), train(fused, data)
     assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)
-    for ref, fus in zip(ref_stats, fused_stats):
-        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
-            got, want = getattr(fus, field), getattr(ref, field)
-            assert got.keys() == want.keys()
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    assert_stats_close(ref_stats, fused_stats, **TIGHT)
     # the teachers moved away from their sources, and from where they started
     after = snapshot(fused)
     assert not torch.equal(after["m"]["0.weight"], after["a"]["0.weight"])

@@ -125,6 +125,17 @@ def batches(n=STEPS * EPOCHS, size=16):
              torch.randint(0, CLASSES, (size,), generator=gen)) for _ in range(n)]
 
 
+def assert_stats_close(want: list, got: list, **tol) -> None:
+    """Every statistic of two engines' steps (node losses and correct counts, edge losses,
+    gate weights and passes) equal to `tol`, step by step, key by key."""
+    for ref, fus in zip(want, got, strict=True):
+        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
+            have, expected = getattr(fus, field), getattr(ref, field)
+            assert have.keys() == expected.keys()
+            for key in expected:
+                torch.testing.assert_close(have[key], expected[key], **tol)
+
+
 def compiled(text, engine, seed=0):
     """The engine itself: the fused engine in the models' own layout (channels-last, its CPU
     default for convolutions, is held equal to it in test_accelerate.py)."""
@@ -165,12 +176,7 @@ def test_fused_equals_reference(graph, float64):
     ref_stats, fused_stats = train(reference, data), train(fused, data)
     assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)
     assert reference.lr() == fused.lr()
-    for ref, fus in zip(ref_stats, fused_stats):
-        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
-            got, want = getattr(fus, field), getattr(ref, field)
-            assert got.keys() == want.keys()
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    assert_stats_close(ref_stats, fused_stats, **TIGHT)
 
 
 def test_fused_equals_reference_in_float32():

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engines import CLASSES, TIGHT, assert_models_close, batches, compiled, snapshot, train
+from test_engines import CLASSES, TIGHT, assert_models_close, assert_stats_close, batches, compiled, snapshot, train
 from test_union import EPOCHS as UNION_EPOCHS
 from test_union import HEAD, SGD, STEPS_PER_EPOCH, Trial, assert_same_trials, step_both
 
@@ -139,12 +139,7 @@ def test_fused_equals_reference(text, float64):
     for name, w in weights_of(reference).items():
         torch.testing.assert_close(weights_of(fused)[name], w, **TIGHT)
     assert not torch.equal(weights_of(fused)["e"], torch.zeros(len(weights_of(fused)["e"])))  # it learned
-    for ref, fus in zip(ref_stats, fused_stats):
-        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
-            got, want = getattr(fus, field), getattr(ref, field)
-            assert got.keys() == want.keys()
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    assert_stats_close(ref_stats, fused_stats, **TIGHT)
     assert "e" in fused_stats[0].node_loss and "e" in fused_stats[0].node_correct
 
 

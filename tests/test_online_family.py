@@ -12,7 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engines import CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot, train
+from test_engines import (
+    CLASSES,
+    EPOCHS,
+    STEPS,
+    TIGHT,
+    assert_models_close,
+    assert_stats_close,
+    graph_of,
+    snapshot,
+    train,
+)
 
 from dclang.api import check
 from dclang.compile import StepOptions, compile_graph
@@ -92,12 +102,7 @@ def test_fused_equals_reference_on_every_construct_together(float64, hfta):
     assert ref_w.keys() == fused_w.keys() == {"ens"}
     torch.testing.assert_close(fused_w["ens"], ref_w["ens"], **TIGHT)
     assert ref_w["ens"].abs().max() > 1e-4  # the learned weights moved
-    for ref, fus in zip(ref_stats, fused_stats):
-        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
-            got, want = getattr(fus, field), getattr(ref, field)
-            assert got.keys() == want.keys()
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    assert_stats_close(ref_stats, fused_stats, **TIGHT)
 
 
 def test_view_on_a_branch_is_refused():

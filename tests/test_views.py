@@ -20,7 +20,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fresh_python import run_in_fresh_python
-from test_engines import CLASSES, EPOCHS, STEPS, TIGHT, assert_models_close, graph_of, snapshot, teacher_state, train
+from test_engines import (
+    CLASSES,
+    EPOCHS,
+    STEPS,
+    TIGHT,
+    assert_models_close,
+    assert_stats_close,
+    graph_of,
+    snapshot,
+    teacher_state,
+    train,
+)
 
 from dclang.api import check
 from dclang.compile import StepOptions, compile_graph
@@ -109,12 +120,7 @@ def test_fused_equals_reference_with_own_views(float64, path, monkeypatch):
     assert_models_close(snapshot(reference), snapshot(fused), rtol=0, atol=0)
     ref_stats, fused_stats = train(reference, data), train(fused, data)
     assert_models_close(snapshot(reference), snapshot(fused), **TIGHT)  # weights and BatchNorm statistics
-    for ref, fus in zip(ref_stats, fused_stats):
-        for field in ("node_loss", "node_correct", "edge_loss", "edge_gate", "edge_pass"):
-            got, want = getattr(fus, field), getattr(ref, field)
-            assert got.keys() == want.keys()
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], **TIGHT)
+    assert_stats_close(ref_stats, fused_stats, **TIGHT)
     if path == "cuda_graph_logic":
         assert FakeCapture.made == [[(16, 1, 8, 8)] * 4]  # once, after 3 eager steps: the 4 views
     # the views matter: the same graph reading one batch for every view trains otherwise
