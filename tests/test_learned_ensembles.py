@@ -318,12 +318,8 @@ def test_ensemble_order_puts_the_weights_in_place_of_the_name():
     assert [c for _, _, c in ensemble_order(graph, weights)] == [weights["e"], "mean_logits", weights["f"]]
 
 
-def test_a_template_may_choose_a_learned_ensemble():
-    """`combine=choice(mean_logits, learned)` with a `label -> e` edge: a trial that picks the
-    mean leaves the edge out (a mean has nothing to learn), one that picks `learned` keeps it."""
-    from dclang.search.space import realize, search_space
-
-    template = parse("""
+# a template choosing the combine, with the `label -> e` edge a learned pick needs
+COMBINE_TEMPLATE = """
 graph t
 data digits { }
 train { epochs = 1 }
@@ -334,7 +330,15 @@ label -> a : through
 label -> b : through
 label -> e : through
 e -> a : through
-""")
+"""
+
+
+def test_a_template_may_choose_a_learned_ensemble():
+    """`combine=choice(mean_logits, learned)` with a `label -> e` edge: a trial that picks the
+    mean leaves the edge out (a mean has nothing to learn), one that picks `learned` keeps it."""
+    from dclang.search.space import realize, search_space
+
+    template = parse(COMBINE_TEMPLATE)
     assert check(format_module(template)).ok
     space = search_space(template)
     for pick, has_edge in (("mean_logits", False), ("learned", True)):
@@ -363,18 +367,7 @@ e -> a : through
 def test_a_templates_concrete_graph_leaves_the_label_edge_out_as_the_trial_does():
     from dclang.search.equivalence import concrete
 
-    template = check("""
-graph t
-data digits { }
-train { epochs = 1 }
-node a : mlp [target]
-node b : mlp
-node e : ensemble(a, b) [combine=choice(mean_logits, learned)]
-label -> a : through
-label -> b : through
-label -> e : through
-e -> a : through
-""").graph
+    template = check(COMBINE_TEMPLATE).graph
     for pick, edges in (("mean_logits", []), ("learned", ["label->e"])):
         graph = concrete(template, {"e.combine": pick})
         assert [k for _, t, k in graph.edges(keys=True) if t == "e"] == edges

@@ -22,7 +22,7 @@ from dclang.ir import LABEL, EdgeSpec, frozen_nodes, live_edges, model_nodes, tr
 from dclang.learned_ensembles import learned_weights
 from dclang.loss_catalogue import LOSSES
 from dclang.models import build_model
-from dclang.models.branch import forward_order, share_trunks, tapes_of
+from dclang.models.branch import forward_order, share_trunks, source_buffers_kept, tapes_of
 from dclang.models.connector import add_connectors, connector_of, load_node_state
 from dclang.models.taps import LayerCapture
 from dclang.views import as_views, view_index, view_keys
@@ -266,11 +266,18 @@ class TrainStep:
         lays out).
 
         Every node runs, even one that feeds no live edge, because every node's accuracy is
-        reported. Frozen and EMA nodes run without autograd: nothing flows back to them.
+        reported. Frozen and EMA nodes run without autograd: nothing flows back to them. A
+        branch runs its whole forward through its source's trunk modules, leaving their
+        BatchNorm statistics as the source's forward left them (`source_buffers_kept`), so the
+        trunk tracks each batch once.
         """
         views = as_views(images, self.view_count)
-        return {name: frozen_forward(model, views[self.view_index[name]]) if name in self.detached
-                else model(views[self.view_index[name]]) for name, model in self.models.items()}
+        out = {}
+        for name, model in self.models.items():
+            x = views[self.view_index[name]]
+            with source_buffers_kept(model):
+                out[name] = frozen_forward(model, x) if name in self.detached else model(x)
+        return out
 
     def outputs(self, images: Tensor) -> dict[str, Tensor]:
         """`forward`'s logits, then every ensemble node's output computed from them

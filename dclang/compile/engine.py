@@ -191,9 +191,9 @@ class Engine:
     def _fuse(self) -> list[_Group]:
         """Trainable nodes grouped by architecture (the model's repr: a node carrying a `hint`
         connector differs), batch size and optimizer rule; each group fused."""
+        sharing = [sharing_nodes(step.models) for step in self.steps]  # a shared trunk is no whole network
         signatures = {(m, node): (repr(step.models[node]), self.members[m].batch, self.rules[m])
-                      for m, step in enumerate(self.steps) for node in step.trainable
-                      if node not in sharing_nodes(step.models)}  # a shared trunk is no whole network
+                      for m, step in enumerate(self.steps) for node in step.trainable if node not in sharing[m]}
         groups = []
         for slices in fusable_groups(signatures):
             models = [self.steps[m].models[n] for m, n in slices]

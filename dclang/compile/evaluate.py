@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dclang.ensembles import ensemble_outputs
-from dclang.models.branch import forward_order, trunks_once
+from dclang.models.branch import trunks_once
 
 #: samples evaluated (and normalised) at a time: bounds the float copy of a split on the device
 EVAL_CHUNK = 1024
@@ -72,7 +72,8 @@ def forward_networks(step, images: Tensor, networks: list[str], slices: dict) ->
     logits: dict[str, Tensor] = {}
     fused_out: dict[int, tuple[Tensor, ...]] = {}
     with trunks_once(step.tapes):  # a shared trunk computed once, by its source (dclang.models.branch)
-        for name in forward_order(step.models, networks):
+        wanted = set(networks)
+        for name in (n for n in step.order if n in wanted):  # each branch after its source
             if name in slices:
                 fused, k = slices[name]
                 if id(fused) not in fused_out:

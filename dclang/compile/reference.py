@@ -8,8 +8,8 @@ optimizer step, every mean teacher (`ema(s, decay)`) averages its source's new w
 Nodes sharing a trunk (`branch(...)`) are one *family*: the source and its branches, their
 losses summed into one backward and one optimizer over the family's parameters (each tensor
 once), so the trunk's gradient is the sum of every member's loss's. Each branch runs its whole
-forward through the shared modules (no replay: the fused engine's replay is what this checks),
-the trunk's buffers put back after it as its source's forward left them.
+forward through the shared modules (`TrainStep.forward`: no replay, the fused engine's replay
+is what this checks), the trunk's buffers left as its source's forward left them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from dclang.compile.common import StepStats, TrainStep, computed_alone, frozen_forward
+from dclang.compile.common import StepStats, TrainStep, computed_alone
 from dclang.compile.optim import build_optimizer
 from dclang.losses import edge_loss, node_loss
-from dclang.models.branch import families, source_buffers_kept
-from dclang.views import as_views
+from dclang.models.branch import families
 
 
 class ReferenceStep(TrainStep):
@@ -37,17 +36,6 @@ class ReferenceStep(TrainStep):
             self.optimizers[root] = build_optimizer(train.optimizer, params)
         for name in self.learned:  # a learned ensemble's w, trained like a node (dclang.learned_ensembles)
             self.optimizers[name] = build_optimizer(train.optimizer, self.ensemble_weights[name].parameters())
-
-    def forward(self, images: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
-        """Every node's logits on its view, a branch's through its whole forward (the trunk's
-        buffers kept)."""
-        views = as_views(images, self.view_count)
-        out = {}
-        for name, model in self.models.items():
-            x = views[self.view_index[name]]
-            with source_buffers_kept(model):
-                out[name] = frozen_forward(model, x) if name in self.detached else model(x)
-        return out
 
     def step(self, images: Tensor, labels: Tensor, k: int, indices: Tensor | None = None) -> StepStats:
         logits = self.outputs(images)  # every node's logits, then every ensemble's output
